@@ -1,0 +1,34 @@
+"""tier3's message contracts: the types on each topic, their codec, task definitions, shared settings.
+
+Imports nothing of tier3's and nothing of Faust or torch.
+"""
+
+from schemas.codec import decode, encode
+from schemas.errors import (
+    InvalidAnswer,
+    InvalidMessage,
+    MessageTooLarge,
+    NotJSON,
+    SchemaError,
+    UnknownSchemaVersion,
+    UnknownTask,
+)
+from schemas.messages import (
+    ChatMessage,
+    DeadLetter,
+    EnrichedTrace,
+    Experience,
+    ServedBy,
+    SourceOffset,
+    TeacherInfo,
+    TrainingRun,
+)
+from schemas.settings import RELIABLE_CONSUMER, RELIABLE_PRODUCER, KafkaSettings, TopicSpec
+from schemas.tasks import TaskDefinition, get_task, load_tasks
+
+__all__ = [
+    "RELIABLE_CONSUMER", "RELIABLE_PRODUCER", "ChatMessage", "DeadLetter", "EnrichedTrace", "Experience",
+    "InvalidAnswer", "InvalidMessage", "KafkaSettings", "MessageTooLarge", "NotJSON", "SchemaError", "ServedBy",
+    "SourceOffset", "TaskDefinition", "TeacherInfo", "TopicSpec", "TrainingRun", "UnknownSchemaVersion",
+    "UnknownTask", "decode", "encode", "get_task", "load_tasks",
+]

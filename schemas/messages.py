@@ -1,0 +1,149 @@
+"""The four message types on tier3's topics (DESIGN.md, "Topics").
+
+They are frozen pydantic models: typed, validated on construction, and the source of the JSON Schema files in
+``schemas/json/`` (``python -m schemas.export`` writes them; a test checks they are up to date).
+
+Times are Unix epoch milliseconds (``*_ms``); durations carry their unit in the name.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION: Literal[1] = 1
+
+# Bounds that keep one bad producer from filling the log with garbage.
+MAX_ID_LEN = 200
+MAX_TEXT_LEN = 200_000
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=False, populate_by_name=True)
+
+
+class ChatMessage(_Frozen):
+    """One chat message exactly as it was sent to (or returned by) a model."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=MAX_TEXT_LEN)
+
+
+class ServedBy(_Frozen):
+    """Which arm and model produced the production response (the router fills this)."""
+
+    arm: Literal["teacher", "student", "baseline"] = "baseline"
+    model: str = Field(default="unknown", max_length=MAX_ID_LEN)
+    model_version: str | None = Field(default=None, max_length=MAX_ID_LEN)
+
+
+class Experience(_Frozen):
+    """What the RL / LLM application saw and did for one request."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    experience_id: str = Field(min_length=1, max_length=MAX_ID_LEN)
+    task: str = Field(min_length=1, max_length=MAX_ID_LEN)
+    created_at_ms: int = Field(ge=0)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    response: str = Field(max_length=MAX_TEXT_LEN)
+    served_by: ServedBy = ServedBy()
+    confidence: float = Field(ge=0.0, le=1.0)
+    reward: float | None = None
+    latency_ms: float | None = Field(default=None, ge=0.0)
+    user_id: str | None = Field(default=None, max_length=MAX_ID_LEN)
+    session_id: str | None = Field(default=None, max_length=MAX_ID_LEN)
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class TeacherInfo(_Frozen):
+    """Who answered and what it cost."""
+
+    kind: str = Field(max_length=MAX_ID_LEN)  # anthropic | claude_cli | openai | recorded
+    model: str = Field(max_length=MAX_ID_LEN)
+    latency_ms: float = Field(ge=0.0)
+    input_tokens: int | None = Field(default=None, ge=0)
+    output_tokens: int | None = Field(default=None, ge=0)
+    attempts: int = Field(ge=1)
+    recorded: bool = False
+
+
+class SourceOffset(_Frozen):
+    topic: str
+    partition: int = Field(ge=0)
+    offset: int = Field(ge=0)
+
+
+class EnrichedTrace(_Frozen):
+    """An experience plus the teacher's reasoning and validated answer: one SFT example's source."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    experience_id: str = Field(min_length=1, max_length=MAX_ID_LEN)
+    task: str = Field(min_length=1, max_length=MAX_ID_LEN)
+    enriched_at_ms: int = Field(ge=0)
+    sample_reason: Literal["random", "high_confidence"]
+    experience: Experience
+    teacher: TeacherInfo
+    reasoning: str = Field(max_length=MAX_TEXT_LEN)
+    answer: dict[str, Any]
+    source: SourceOffset | None = None
+
+
+DeadLetterStage = Literal["decode", "validate", "sample", "enrich", "teacher", "publish", "train", "redrive"]
+
+
+class DeadLetter(_Frozen):
+    """A message that could not be processed, with its original bytes and why."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    stage: DeadLetterStage
+    reason: str = Field(max_length=10_000)
+    error_kind: str = Field(max_length=MAX_ID_LEN)
+    failed_at_ms: int = Field(ge=0)
+    source_topic: str | None = None
+    source_partition: int | None = None
+    source_offset: int | None = None
+    key_b64: str | None = None
+    original_b64: str  # base64 of the original bytes, exactly as read
+    experience_id: str | None = None
+    attempts: int = 1
+
+
+TrainingEvent = Literal[
+    "started",
+    "heartbeat",
+    "succeeded",
+    "failed",
+    "evaluated",
+    "promoted",
+    "rejected",
+    "exported",
+    "rollback",
+]
+
+
+class TrainingRun(_Frozen):
+    """One lifecycle event of a training run (or of the trainer itself, for heartbeats)."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    run_id: str = Field(min_length=1, max_length=MAX_ID_LEN)
+    event: TrainingEvent
+    at_ms: int = Field(ge=0)
+    model_name: str | None = None
+    model_version: int | None = None
+    base_model: str | None = None
+    # heartbeat / status fields (the original system's trainer.tier3_sft block)
+    training_in_progress: bool | None = None
+    last_check_time_ms: int | None = None
+    check_interval_s: float | None = None
+    next_check_in_s: float | None = None
+    # everything else: metrics, offsets, errors, reasons, export paths
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+MESSAGE_TYPES: dict[str, type[_Frozen]] = {
+    "experience": Experience,
+    "enriched_trace": EnrichedTrace,
+    "dead_letter": DeadLetter,
+    "training_run": TrainingRun,
+}
