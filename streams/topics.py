@@ -1,0 +1,44 @@
+"""Create tier3's topics up front, idempotently (Faust will not consume a topic that did not exist at start)."""
+
+from __future__ import annotations
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from schemas.settings import KafkaSettings, TopicSpec
+from streams.errors import StreamsError
+
+
+def ensure_topics(settings: KafkaSettings, specs: list[TopicSpec] | None = None,
+                  timeout_s: float = 30.0) -> dict[str, str]:
+    """Create the missing topics; return ``{name: "created" | "exists"}``.
+
+    An existing topic with a different partition count is an error, not a silent mismatch: a Faust table's
+    source topic and its changelog must agree.
+    """
+    specs = specs if specs is not None else settings.topic_specs()
+    admin = AdminClient(settings.client_config())
+    existing = admin.list_topics(timeout=timeout_s).topics
+    result: dict[str, str] = {}
+    new: list[NewTopic] = []
+    for spec in specs:
+        if spec.name in existing:
+            have = len(existing[spec.name].partitions)
+            if have != spec.partitions:
+                raise StreamsError(f"topic {spec.name} exists with {have} partitions, settings say "
+                                   f"{spec.partitions}: use another TIER3_TOPIC_PREFIX or fix the setting")
+            result[spec.name] = "exists"
+        else:
+            new.append(NewTopic(spec.name, num_partitions=spec.partitions,
+                                replication_factor=settings.tier3_replication_factor, config=spec.config))
+    if new:
+        for name, fut in admin.create_topics(new, operation_timeout=timeout_s).items():
+            try:
+                fut.result(timeout=timeout_s)
+                result[name] = "created"
+            except KafkaException as exc:
+                if exc.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS:  # a racing creator won
+                    result[name] = "exists"
+                else:
+                    raise StreamsError(f"could not create topic {name}: {exc.args[0].str()}") from None
+    return result

@@ -1,0 +1,72 @@
+"""Small real-broker helpers for tests: produce raw values, consume a topic from the beginning."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable
+
+from confluent_kafka import Consumer, Message, Producer, TopicPartition
+
+from schemas.settings import RELIABLE_PRODUCER, KafkaSettings
+
+
+def produce_values(settings: KafkaSettings, topic: str, items: Iterable[tuple[bytes | str | None, bytes]],
+                   timeout_s: float = 60.0) -> int:
+    """Produce (key, value) pairs and wait until every one is acknowledged; return the count."""
+    producer = Producer({**settings.client_config(), **RELIABLE_PRODUCER, "linger.ms": 5})
+    errors: list[str] = []
+    n = 0
+
+    def on_delivery(err: object, _msg: Message) -> None:
+        if err is not None:
+            errors.append(str(err))
+
+    for key, value in items:
+        while True:
+            try:
+                producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
+                break
+            except BufferError:
+                producer.poll(0.05)
+        n += 1
+        producer.poll(0)
+    left = producer.flush(timeout_s)
+    assert left == 0, f"{left} messages not delivered"
+    assert not errors, errors[:5]
+    return n
+
+
+def consume_values(settings: KafkaSettings, topic: str, expected: int | None = None, timeout_s: float = 60.0,
+                   idle_s: float = 3.0) -> list[Message]:
+    """Read ``topic`` from the beginning (no group commits) until ``expected`` messages or ``idle_s`` of quiet."""
+    consumer = Consumer({**settings.client_config(), "group.id": f"test-reader-{uuid.uuid4().hex}",
+                         "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+    md = consumer.list_topics(topic, timeout=10)
+    parts = [TopicPartition(topic, p, 0) for p in md.topics[topic].partitions]
+    consumer.assign(parts)
+    out: list[Message] = []
+    deadline = time.monotonic() + timeout_s
+    last = time.monotonic()
+    try:
+        while time.monotonic() < deadline:
+            if expected is not None and len(out) >= expected:
+                # a short extra read catches duplicates beyond the expected count
+                extra_until = time.monotonic() + 0.5
+                while time.monotonic() < extra_until:
+                    msg = consumer.poll(0.1)
+                    if msg is not None and msg.error() is None:
+                        out.append(msg)
+                break
+            msg = consumer.poll(0.2)
+            if msg is None:
+                if expected is None and time.monotonic() - last > idle_s:
+                    break
+                continue
+            if msg.error() is not None:
+                continue
+            out.append(msg)
+            last = time.monotonic()
+    finally:
+        consumer.close()
+    return out
