@@ -1,0 +1,216 @@
+"""The capture library: what the RL / LLM application calls to put an experience into the log.
+
+Contract (DESIGN.md, "Capture never hurts the caller"):
+
+- ``publish()`` returns in microseconds and never raises into the caller (unless strict mode is on);
+- it never blocks when the broker is down: librdkafka keeps the messages in its bounded in-memory queue and
+  delivers them when the broker is back; only when that queue is full is an experience dropped, and counted;
+- idempotent producer, ``acks=all``, compression (``schemas.settings.RELIABLE_PRODUCER``);
+- a bad experience gets a clear error, logged once per kind of error, counted, and optionally raised;
+- ``ENABLE_TIER3_CAPTURE=false`` turns it into a no-op; buffered experiences are flushed on ``close()`` and
+  at interpreter exit.
+
+Usage::
+
+    from streams.producer import publish
+    publish(experience)          # an Experience, or a dict with the same fields
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import KafkaError, Message, Producer
+from pydantic import Field, ValidationError
+
+from schemas.codec import decode, encode
+from schemas.errors import SchemaError
+from schemas.messages import Experience
+from schemas.settings import RELIABLE_PRODUCER, KafkaSettings
+from streams.errors import CaptureError
+
+log = logging.getLogger("tier3.capture")
+
+
+class CaptureSettings(KafkaSettings):
+    enable_tier3_capture: bool = Field(True, description="false makes publish() a no-op (the seed's name)")
+    tier3_capture_buffer_messages: int = Field(100_000, ge=1, description="bounded in-memory buffer: "
+                                               "experiences beyond it are dropped (and counted)")
+    tier3_capture_buffer_kbytes: int = Field(256 * 1024, ge=1, description="buffer bound in KiB")
+    tier3_capture_delivery_timeout_ms: int = Field(30 * 60 * 1000, ge=0, description="how long an experience "
+                                                   "is retried while the broker is down before it counts as "
+                                                   "failed (0 = forever)")
+    tier3_capture_linger_ms: float = Field(5.0, ge=0, description="batching delay before a send")
+    tier3_capture_strict: bool = Field(False, description="raise CaptureError on an invalid experience")
+    tier3_capture_flush_timeout_s: float = Field(10.0, ge=0, description="flush wait on close / exit")
+
+
+@dataclass
+class CaptureStats:
+    sent: int = 0  # accepted into the buffer
+    delivered: int = 0  # acknowledged by the broker (acks=all)
+    failed: int = 0  # the broker refused it or delivery timed out
+    dropped: int = 0  # buffer full
+    invalid: int = 0  # not a valid Experience
+    queue_depth: int = 0  # in the buffer, not yet acknowledged
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class Capture:
+    """A capture client. One per process is plenty (see :func:`get_capture`)."""
+
+    def __init__(self, settings: CaptureSettings | None = None) -> None:
+        self.settings = settings or CaptureSettings()
+        self.enabled = self.settings.enable_tier3_capture
+        self.topic = self.settings.experiences_topic
+        self._stats = CaptureStats()
+        self._seen_errors: set[str] = set()
+        self._lock = threading.Lock()  # guards the counters updated from librdkafka's callback thread
+        self._closed = False
+        self._producer: Producer | None = None
+        if self.enabled:
+            self._producer = Producer({
+                **self.settings.client_config(),
+                **RELIABLE_PRODUCER,
+                "linger.ms": self.settings.tier3_capture_linger_ms,
+                "queue.buffering.max.messages": self.settings.tier3_capture_buffer_messages,
+                "queue.buffering.max.kbytes": self.settings.tier3_capture_buffer_kbytes,
+                "message.timeout.ms": self.settings.tier3_capture_delivery_timeout_ms,
+                # the Java client's (and aiokafka's, so Faust's) partitioner: a key lands on one partition
+                # whichever client wrote it
+                "partitioner": "murmur2_random",
+                "logger": logging.getLogger("tier3.capture.librdkafka"),
+            })
+            atexit.register(self.close)
+
+    # -- the hot path ------------------------------------------------------------------------------------------
+    def publish(self, experience: Experience | Mapping[str, Any]) -> bool:
+        """Buffer one experience for delivery. Returns True if accepted; never raises (unless strict)."""
+        producer = self._producer
+        if producer is None or self._closed:
+            return False
+        try:
+            if isinstance(experience, Experience):
+                value = encode(experience)
+                key = experience.experience_id
+            else:
+                exp = Experience.model_validate(experience, strict=True)
+                value, key = encode(exp), exp.experience_id
+        except (ValidationError, SchemaError, TypeError, ValueError) as exc:
+            self._bad_input(exc)
+            return False
+        try:
+            producer.produce(self.topic, value=value, key=key, on_delivery=self._on_delivery)
+        except BufferError:
+            self._stats.dropped += 1  # buffer full: the broker has been away for a long time
+            self._note_once("buffer_full", "capture buffer is full; experiences are being dropped (counted in "
+                            "stats().dropped). Is the broker reachable?")
+            producer.poll(0)
+            return False
+        except Exception as exc:  # e.g. message too large: never into the RL loop
+            self._stats.failed += 1
+            self._note_once(type(exc).__name__, f"capture could not buffer an experience: {exc}")
+            return False
+        self._stats.sent += 1
+        producer.poll(0)  # serve delivery callbacks; does not block
+        return True
+
+    # -- callbacks and bookkeeping -----------------------------------------------------------------------------
+    def _on_delivery(self, err: KafkaError | None, _msg: Message) -> None:
+        with self._lock:
+            if err is None:
+                self._stats.delivered += 1
+            else:
+                self._stats.failed += 1
+        if err is not None:
+            self._note_once(f"delivery:{err.name()}", f"an experience could not be delivered: {err.str()}")
+
+    def _bad_input(self, exc: Exception) -> None:
+        self._stats.invalid += 1
+        if isinstance(exc, ValidationError):
+            e = exc.errors(include_url=False)[0]
+            where = ".".join(str(p) for p in e["loc"])
+            reason, kind = f"{where}: {e['msg']}", f"invalid:{where}:{e['type']}"
+        else:
+            reason, kind = str(exc), f"invalid:{type(exc).__name__}"
+        self._note_once(kind, f"an invalid experience was not captured ({reason})")
+        if self.settings.tier3_capture_strict:
+            raise CaptureError(f"invalid experience: {reason}") from exc
+
+    def _note_once(self, kind: str, message: str) -> None:
+        if kind not in self._seen_errors:  # log once per kind of error: a hot loop must not flood the logs
+            self._seen_errors.add(kind)
+            log.warning("%s (further errors of this kind are only counted)", message)
+
+    def stats(self) -> CaptureStats:
+        s = CaptureStats(**asdict(self._stats))
+        s.queue_depth = len(self._producer) if self._producer is not None else 0
+        return s
+
+    def flush(self, timeout_s: float | None = None) -> int:
+        """Wait until buffered experiences are acknowledged; return how many are still buffered."""
+        if self._producer is None:
+            return 0
+        t = self.settings.tier3_capture_flush_timeout_s if timeout_s is None else timeout_s
+        return int(self._producer.flush(t))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        left = self.flush()
+        self._closed = True
+        if left:
+            log.warning("capture closed with %d experiences not delivered", left)
+
+
+_default: Capture | None = None
+_default_lock = threading.Lock()
+
+
+def get_capture() -> Capture:
+    """The process-wide capture client, created on first use from the environment."""
+    global _default
+    if _default is None:
+        with _default_lock:
+            if _default is None:
+                _default = Capture()
+    return _default
+
+
+def publish(experience: Experience | Mapping[str, Any]) -> bool:
+    """Capture one experience with the process-wide client (what the RL loop calls)."""
+    return get_capture().publish(experience)
+
+
+def publish_jsonl(path: Path, rate_per_s: float = 0.0, capture: Capture | None = None) -> dict[str, int]:
+    """Publish every Experience in a JSONL file (e.g. the shipped examples), optionally at a steady rate."""
+    cap = capture or get_capture()
+    start = time.monotonic()
+    with path.open("rb") as fh:
+        for i, line in enumerate(fh):
+            if not line.strip():
+                continue
+            try:
+                exp = decode(line, Experience)
+            except SchemaError as exc:
+                log.warning("%s line %d skipped: %s", path, i + 1, exc)
+                continue
+            cap.publish(exp)
+            if rate_per_s > 0:
+                delay = start + (i + 1) / rate_per_s - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+    cap.flush(60.0)
+    return cap.stats().as_dict()
+
+
+__all__ = ["Capture", "CaptureSettings", "CaptureStats", "get_capture", "publish", "publish_jsonl"]
