@@ -1,0 +1,120 @@
+"""Evaluation metrics on hand-checked cases (a stub generator), and the report files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from schemas import get_task
+from trainer.errors import EvaluationError
+from trainer.evaluate import HoldoutExample, evaluate_examples, percentile, score_output, write_report
+
+TASK = get_task("widget_selector")
+SYS = [{"role": "system", "content": TASK.system_prompt}]
+
+
+def _ex(i: int, teacher: dict, baseline: str) -> HoldoutExample:
+    return HoldoutExample(experience_id=f"e{i}", messages=[*SYS, {"role": "user", "content": f"question {i}"}],
+                          teacher_answer=teacher, baseline_response=baseline)
+
+
+REF = {"widgets": ["cpu_usage", "memory_usage", "disk_io"], "time_range": "24h"}
+
+# (student output, latency_s, n_tokens) per example; every number below is worked out by hand in the comments
+CASES = [
+    # 1. exact: widgets set F1 1, time_range 1 -> field F1 1.0, exact
+    ('<reasoning>\nhosts\n</reasoning>\n<answer>\n{"widgets": ["cpu_usage", "memory_usage", "disk_io"], '
+     '"time_range": "24h"}\n</answer>', 0.1, 10),
+    # 2. partial overlap: pred {cpu_usage, error_rate} vs ref {cpu, memory, disk}: P=1/2, R=1/3, F1=0.4;
+    #    time_range 7d != 24h -> 0; field F1 = (0.4 + 0) / 2 = 0.2; schema valid, not exact
+    ('<answer>{"widgets": ["cpu_usage", "error_rate"], "time_range": "7d"}</answer>', 0.2, 20),
+    # 3. not JSON -> everything 0
+    ('<answer>{"widgets": [cpu_usage</answer>', 0.3, 30),
+    # 4. valid JSON, off-schema (unknown widget): widgets {cpu, memory, disk, bogus} vs ref: P=3/4, R=1 -> 6/7;
+    #    time_range 24h ok -> field F1 = (6/7 + 1) / 2 = 13/14; json valid, schema invalid, not exact
+    ('<answer>{"widgets": ["cpu_usage", "memory_usage", "disk_io", "bogus"], "time_range": "24h"}</answer>',
+     0.4, 40),
+]
+BASELINES = [
+    '{"widgets": ["cpu_usage", "memory_usage", "disk_io"], "time_range": "24h"}',  # bare JSON, exact
+    '{"widgets": ["memory_usage"], "time_range": "24h"}',  # P=1, R=1/3 -> 0.5; tr 1 -> 0.75
+    "I think you want CPU charts",  # not JSON
+    '["cpu_usage"]',  # JSON but not an object: valid JSON, invalid schema, 0
+]
+
+
+def _stub(outputs: list[tuple[str, float, int]]):  # type: ignore[no-untyped-def]
+    it = iter(outputs)
+    seen: list[list[dict[str, str]]] = []
+
+    def gen(messages: list[dict[str, str]]) -> tuple[str, int, float]:
+        seen.append(messages)
+        text, lat, n = next(it)
+        return text, n, lat
+
+    return gen, seen
+
+
+def test_score_output_cases() -> None:
+    s = score_output(TASK, CASES[1][0], REF)
+    assert (s.json_valid, s.schema_valid, s.exact) == (True, True, False)
+    assert s.set_f1["widgets"] == pytest.approx(0.4)
+    assert s.f1 == pytest.approx(0.2)
+    bad = score_output(TASK, CASES[2][0], REF)
+    assert (bad.json_valid, bad.schema_valid, bad.f1) == (False, False, 0.0)
+    off = score_output(TASK, CASES[3][0], REF)
+    assert (off.json_valid, off.schema_valid, off.exact) == (True, False, False)
+    assert off.f1 == pytest.approx(13 / 14)
+    # order of the widget list matters for exact match, not for F1
+    swapped = score_output(TASK, '{"widgets": ["memory_usage", "cpu_usage", "disk_io"], "time_range": "24h"}', REF)
+    assert swapped.f1 == 1.0 and not swapped.exact
+
+
+def test_evaluate_examples_exact_metrics(tmp_path: Path) -> None:
+    examples = [_ex(i, REF, b) for i, b in enumerate(BASELINES)]
+    gen, seen = _stub(CASES)
+    res = evaluate_examples(TASK, examples, gen, prompt=lambda m: TASK.messages_for_model(m, reasoning=True))
+    m = res.metrics
+    assert m["n_examples"] == 4
+    assert m["json_valid_rate"] == pytest.approx(3 / 4)
+    assert m["schema_valid_rate"] == pytest.approx(2 / 4)
+    assert m["exact_match"] == pytest.approx(1 / 4)
+    assert m["f1"] == pytest.approx((1.0 + 0.2 + 0.0 + 13 / 14) / 4)
+    assert m["set_f1_widgets"] == pytest.approx((1.0 + 0.4 + 0.0 + 6 / 7) / 4)
+    assert m["baseline_json_valid_rate"] == pytest.approx(3 / 4)
+    assert m["baseline_schema_valid_rate"] == pytest.approx(2 / 4)
+    assert m["baseline_exact_match"] == pytest.approx(1 / 4)
+    assert m["baseline_f1"] == pytest.approx((1.0 + 0.75 + 0.0 + 0.0) / 4)
+    # latencies 100, 200, 300, 400 ms: p50 = 250, p95 = 100 + 3*0.95 -> 385 (linear interpolation)
+    assert m["latency_ms_p50"] == pytest.approx(250.0)
+    assert m["latency_ms_p95"] == pytest.approx(385.0)
+    assert m["generated_tokens"] == 100
+    assert m["tokens_per_s"] == pytest.approx(100 / 1.0)
+    # the student saw the production messages unchanged plus the one format instruction
+    assert seen[0][:2] == examples[0].messages and seen[0][-1]["role"] == "user" and len(seen[0]) == 3
+
+    paths = write_report(tmp_path / "rep", run_id="r1", model_version=3, result=res,
+                         history=[(1, {"f1": 0.1, "json_valid_rate": 0.5}), (2, {"f1": 0.3})])
+    for key in ("report_md", "metrics", "examples", "agreement_png", "validity_png", "latency_png"):
+        assert paths[key].exists() and paths[key].stat().st_size > 0, key
+    assert paths["agreement_png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    doc = json.loads(paths["metrics"].read_text())
+    assert doc["model_version"] == 3 and sorted(doc["history"]) == ["1", "2", "3"]
+    assert len(paths["examples"].read_text().splitlines()) == 4
+    assert "| f1 |" in paths["report_md"].read_text()
+
+
+def test_percentile_and_empty() -> None:
+    assert percentile([], 50) is None
+    assert percentile([5.0], 95) == 5.0
+    assert percentile([1.0, 2.0, 3.0], 50) == 2.0
+
+
+def test_generation_error_is_evaluation_error() -> None:
+    def boom(_m: list[dict[str, str]]) -> tuple[str, int, float]:
+        raise RuntimeError("cuda oom")
+
+    with pytest.raises(EvaluationError):
+        evaluate_examples(TASK, [_ex(0, REF, "")], boom, prompt=lambda m: m)

@@ -1,0 +1,61 @@
+"""Settings of the close-the-loop steps: evaluation, the promotion gate, GGUF export and Ollama registration.
+
+Field name == environment variable name (``tier3_gate_min_json_valid`` reads ``TIER3_GATE_MIN_JSON_VALID``).
+A subclass of the trainer's settings (``tier3_student_name`` names the Ollama model, versions are tagged
+``<name>:v<N>``; ``runs_dir`` holds the run folders), so the ``tier3 eval|promote|rollback|export`` commands build one object per
+process; the trainer process can build this one instead of its own to run the gate after each run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from trainer.settings import TrainerSettings
+
+
+class CloseLoopSettings(TrainerSettings):
+    # --- evaluation --------------------------------------------------------------------------------------
+    tier3_eval_max_new_tokens: int = Field(256, ge=1, le=8192, description="generation bound per holdout "
+                                           "example (tokens); greedy decoding")
+    tier3_eval_max_examples: int = Field(0, ge=0, description="evaluate at most this many holdout examples "
+                                         "(0 = all); the first ones in holdout order")
+    tier3_task: str = Field("widget_selector", description="task whose answer schema scores the outputs")
+
+    # --- promotion gate ----------------------------------------------------------------------------------
+    tier3_gate_min_examples: int = Field(5, ge=0, description="a candidate evaluated on fewer holdout examples "
+                                         "is rejected (too little evidence)")
+    tier3_gate_min_json_valid: float = Field(0.95, ge=0.0, le=1.0, description="minimum JSON validity rate")
+    tier3_gate_min_schema_valid: float = Field(0.90, ge=0.0, le=1.0, description="minimum answer-schema "
+                                               "validity rate")
+    tier3_gate_baseline_margin: float = Field(0.05, ge=0.0, le=1.0, description="the candidate's field F1 vs "
+                                              "the teacher must be >= the production baseline's F1 minus this")
+    tier3_gate_require_beat_promoted: bool = Field(True, description="the candidate's F1 must be >= the "
+                                                   "currently promoted student's F1")
+    tier3_gate_max_latency_p95_ms: float = Field(5000.0, gt=0.0, description="maximum generation latency p95 "
+                                                 "(ms) on the holdout")
+    tier3_auto_export: bool = Field(True, description="export (merge, GGUF, Ollama) right after a promotion")
+
+    # --- export ------------------------------------------------------------------------------------------
+    tier3_ollama_stable_tag: str = Field("latest", description="tag moved to each newly exported version "
+                                         "(<name>:<tag>); empty = none")
+    tier3_ollama_host: str = Field("http://127.0.0.1:11434", description="Ollama server for registration")
+    tier3_gguf_quant: str = Field("q8_0", description="quantised GGUF type written beside f16 (converter "
+                                  "--outtype: q8_0, bf16, tq1_0, tq2_0)")
+    tier3_gguf_pre_tokenizer: str | None = Field(None, description="llama.cpp pre-tokenizer name to declare when "
+                                                 "the converter does not recognise the tokenizer (tiny test "
+                                                 "models); real upstream tokenizers need none")
+    tier3_llama_cpp_dir: Path | None = Field(None, description="folder with convert_hf_to_gguf.py, conversion/ "
+                                             "and gguf-py/; default: extracted once from the llama-cpp-python "
+                                             "source distribution into <data_dir>/tools")
+    tier3_llama_cpp_python_version: str = Field("0.3.36", description="llama-cpp-python sdist that carries the "
+                                                "converter (pip download, never built)")
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.tier3_data_dir / "reports"
+
+    @property
+    def exports_dir(self) -> Path:
+        return self.tier3_data_dir / "exports"

@@ -1,0 +1,351 @@
+"""Evaluate a student on its run's holdout: agreement with the teacher, validity, latency; and a report.
+
+For every holdout example the student answers the inference-time prompt (the production messages plus the
+output-format instruction, exactly what it was trained on) with greedy decoding and a bounded length. Each
+output is scored against the teacher's validated answer:
+
+- **JSON validity**: the ``<answer>`` block (or the whole text, for a bare JSON reply) parses as JSON;
+- **schema validity**: that JSON matches the task's answer schema;
+- **exact match**: the answer equals the teacher's answer (same JSON value; list order counts);
+- **field F1**: :func:`schemas.tasks.field_f1` (mean over the teacher's fields of set-F1 for set fields such
+  as the widget list, exact match for the others); plus ``set_f1_<field>`` per set field (the widget-set F1).
+
+The production baseline (the ``response`` recorded in each experience, i.e. what the application actually
+answered) is scored the same way, so the gate can ask "is the student at least as close to the teacher as
+what production serves today?". An output that is not a JSON object scores 0 on agreement.
+
+Latency is the wall time of one ``generate`` call (ms); p50/p95 use linear interpolation between order
+statistics (numpy's default); tokens/s is generated tokens over total generation time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from schemas import EnrichedTrace, InvalidAnswer, TaskDefinition, get_task
+from schemas.tasks import field_f1, parse_json_answer, set_f1
+from trainer.errors import EvaluationError
+
+#: ``generate(messages) -> (text, n_generated_tokens, latency_s)``; the trainer's ``sft_trainer.generate`` bound
+#: to a loaded model, or a stub in tests.
+Generate = Callable[[list[dict[str, str]]], tuple[str, int, float]]
+
+
+@dataclass(frozen=True)
+class HoldoutExample:
+    """What evaluation needs from one held-out trace."""
+
+    experience_id: str
+    messages: list[dict[str, str]]  # the production messages (system first), unchanged
+    teacher_answer: dict[str, Any]
+    baseline_response: str  # experience.response: what production answered
+
+
+def examples_from_traces(traces: Iterable[EnrichedTrace]) -> list[HoldoutExample]:
+    """Project enriched traces into holdout examples (first occurrence of an experience id wins)."""
+    seen: set[str] = set()
+    out: list[HoldoutExample] = []
+    for t in traces:
+        if t.experience_id in seen:
+            continue
+        seen.add(t.experience_id)
+        out.append(HoldoutExample(
+            experience_id=t.experience_id,
+            messages=[{"role": m.role, "content": m.content} for m in t.experience.messages],
+            teacher_answer=dict(t.answer),
+            baseline_response=t.experience.response,
+        ))
+    return out
+
+
+@dataclass(frozen=True)
+class OutputScore:
+    json_valid: bool
+    schema_valid: bool
+    exact: bool
+    f1: float
+    set_f1: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+
+def score_output(task: TaskDefinition, text: str, reference: Mapping[str, Any]) -> OutputScore:
+    """Score one model output against the reference (teacher) answer."""
+    zero_sets = {k: 0.0 for k in task.set_fields if k in reference}
+    try:
+        _, value = parse_json_answer(text)
+    except InvalidAnswer as exc:
+        return OutputScore(False, False, False, 0.0, zero_sets, error=str(exc))
+    if not isinstance(value, dict):
+        return OutputScore(True, False, False, 0.0, zero_sets, error=f"answer is a {type(value).__name__}, "
+                           "not an object")
+    error = None
+    try:
+        task.validate_answer(value)
+        schema_valid = True
+    except InvalidAnswer as exc:
+        schema_valid, error = False, str(exc)
+    sets = {}
+    for k in task.set_fields:
+        if k not in reference:
+            continue
+        pred, ref = value.get(k), reference[k]
+        sets[k] = set_f1(pred, ref) if isinstance(pred, list) and isinstance(ref, list) else 0.0
+    return OutputScore(
+        json_valid=True, schema_valid=schema_valid,
+        exact=_canonical(value) == _canonical(reference),
+        f1=field_f1(task, value, reference), set_f1=sets, error=error,
+    )
+
+
+def _canonical(v: Any) -> bytes:
+    return orjson.dumps(v, option=orjson.OPT_SORT_KEYS)
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The q-th percentile (0..100) by linear interpolation between order statistics; None when empty."""
+    if not values:
+        return None
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+@dataclass(frozen=True)
+class EvalRow:
+    """One holdout example's outcome (kept in the report for inspection)."""
+
+    experience_id: str
+    output: str
+    n_tokens: int
+    latency_ms: float
+    student: OutputScore
+    baseline: OutputScore
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    metrics: dict[str, Any]
+    rows: list[EvalRow]
+
+
+def _rates(prefix: str, scores: Sequence[OutputScore], set_fields: Sequence[str]) -> dict[str, float | None]:
+    n = len(scores)
+
+    def mean(xs: Iterable[float]) -> float | None:
+        vals = list(xs)
+        return sum(vals) / n if n else None
+
+    out: dict[str, float | None] = {
+        f"{prefix}json_valid_rate": mean(float(s.json_valid) for s in scores),
+        f"{prefix}schema_valid_rate": mean(float(s.schema_valid) for s in scores),
+        f"{prefix}exact_match": mean(float(s.exact) for s in scores),
+        f"{prefix}f1": mean(s.f1 for s in scores),
+    }
+    for k in set_fields:
+        out[f"{prefix}set_f1_{k}"] = mean(s.set_f1.get(k, 0.0) for s in scores)
+    return out
+
+
+def default_prompt(task: TaskDefinition) -> Callable[[list[dict[str, str]]], list[dict[str, str]]]:
+    """The inference-time prompt: the dataset projection's, so evaluation asks what training taught."""
+    try:
+        from trainer.dataset import inference_messages  # type: ignore[attr-defined]
+    except ImportError:  # before the dataset module exists: the task's own reasoned-format instruction
+        return lambda msgs: task.messages_for_model(msgs, reasoning=True)
+    return lambda msgs: inference_messages(msgs, task)  # type: ignore[no-any-return]
+
+
+def evaluate_examples(task: TaskDefinition, examples: Sequence[HoldoutExample], generate: Generate, *,
+                      prompt: Callable[[list[dict[str, str]]], list[dict[str, str]]] | None = None
+                      ) -> EvalResult:
+    """Generate an answer for each example and compute the metrics (see the module docstring)."""
+    build_prompt = prompt or default_prompt(task)
+    rows: list[EvalRow] = []
+    for ex in examples:
+        try:
+            text, n_tokens, latency_s = generate(build_prompt(ex.messages))
+        except Exception as exc:  # one failing generation fails the evaluation: metrics must cover the holdout
+            raise EvaluationError(f"generation failed on {ex.experience_id}: {exc}") from exc
+        rows.append(EvalRow(
+            experience_id=ex.experience_id, output=text, n_tokens=int(n_tokens), latency_ms=latency_s * 1000.0,
+            student=score_output(task, text, ex.teacher_answer),
+            baseline=score_output(task, ex.baseline_response, ex.teacher_answer),
+        ))
+    latencies_ms = [r.latency_ms for r in rows]
+    total_tokens = sum(r.n_tokens for r in rows)
+    total_s = sum(latencies_ms) / 1000.0
+    metrics: dict[str, Any] = {"task": task.name, "n_examples": len(rows)}
+    metrics.update(_rates("", [r.student for r in rows], task.set_fields))
+    metrics.update(_rates("baseline_", [r.baseline for r in rows], task.set_fields))
+    metrics.update({
+        "latency_ms_p50": percentile(latencies_ms, 50),
+        "latency_ms_p95": percentile(latencies_ms, 95),
+        "latency_ms_mean": (sum(latencies_ms) / len(rows)) if rows else None,
+        "generated_tokens": total_tokens,
+        "tokens_per_s": (total_tokens / total_s) if total_s > 0 else None,
+    })
+    return EvalResult(metrics=metrics, rows=rows)
+
+
+def evaluate_traces(traces: Iterable[EnrichedTrace], generate: Generate, *, task_name: str | None = None,
+                    max_examples: int = 0,
+                    prompt: Callable[[list[dict[str, str]]], list[dict[str, str]]] | None = None) -> EvalResult:
+    """Evaluate on held-out traces (all of one task); ``max_examples`` > 0 caps the count."""
+    examples = examples_from_traces(traces)
+    if max_examples:
+        examples = examples[:max_examples]
+    if not examples:
+        raise EvaluationError("the holdout is empty: nothing to evaluate on", retryable=False)
+    return evaluate_examples(get_task(task_name or "widget_selector"), examples, generate, prompt=prompt)
+
+
+def model_generator(adapter_dir: Path, max_new_tokens: int) -> Generate:
+    """Load the student (base + LoRA adapter) once and return a greedy ``Generate`` bound to it."""
+    from trainer.sft_trainer import generate, load_student
+
+    model, tokenizer = load_student(adapter_dir)
+
+    def gen(messages: list[dict[str, str]]) -> tuple[str, int, float]:
+        return generate(model, tokenizer, messages, max_new_tokens)  # type: ignore[no-any-return]
+
+    return gen
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, rename: a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def write_report(report_dir: Path, *, run_id: str, model_version: int | None, result: EvalResult,
+                 history: Sequence[tuple[int, Mapping[str, Any]]] = ()) -> dict[str, Path]:
+    """Write ``report.md``, ``metrics.json``, ``examples.jsonl`` and PNG plots into ``report_dir``.
+
+    ``history`` is (model_version, metrics) of earlier evaluated versions; the plots show them with this one.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers; must precede pyplot's import
+    import matplotlib.pyplot as plt
+
+    report_dir.mkdir(parents=True, exist_ok=True)
+    m = result.metrics
+    versions: dict[int, Mapping[str, Any]] = {int(v): hm for v, hm in history}
+    if model_version is not None:
+        versions[model_version] = m
+    order = sorted(versions)
+    paths: dict[str, Path] = {}
+
+    paths["metrics"] = report_dir / "metrics.json"
+    _atomic_write(paths["metrics"], json.dumps({"run_id": run_id, "model_version": model_version, "metrics": m,
+                                                "history": {str(v): dict(versions[v]) for v in order}},
+                                               indent=2, sort_keys=True).encode())
+    paths["examples"] = report_dir / "examples.jsonl"
+    _atomic_write(paths["examples"], b"".join(orjson.dumps(asdict(r)) + b"\n" for r in result.rows))
+
+    def series(key: str) -> list[float]:
+        return [float(versions[v].get(key) or 0.0) for v in order]
+
+    if not order:  # no version number yet: plot this run alone
+        versions, order = {0: m}, [0]
+    labels = [f"v{v}" if v else "this run" for v in order]
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key, name in [("f1", "student F1 vs teacher"), ("exact_match", "student exact match"),
+                      ("baseline_f1", "production baseline F1")]:
+        ax.plot(labels, series(key), marker="o", label=name)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("model version")
+    ax.set_ylabel("agreement with teacher")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("Agreement per model version")
+    fig.tight_layout()
+    paths["agreement_png"] = report_dir / "agreement.png"
+    fig.savefig(paths["agreement_png"], dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key, name in [("json_valid_rate", "JSON valid"), ("schema_valid_rate", "schema valid")]:
+        ax.plot(labels, series(key), marker="o", label=name)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("model version")
+    ax.set_ylabel("rate")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("Output validity per model version")
+    fig.tight_layout()
+    paths["validity_png"] = report_dir / "validity.png"
+    fig.savefig(paths["validity_png"], dpi=100)
+    plt.close(fig)
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax1.hist([r.latency_ms for r in result.rows] or [0.0], bins=20)
+    ax1.set_xlabel("generation latency (ms)")
+    ax1.set_ylabel("examples")
+    ax1.set_title("This run")
+    ax2.plot(labels, series("latency_ms_p50"), marker="o", label="p50")
+    ax2.plot(labels, series("latency_ms_p95"), marker="o", label="p95")
+    ax2.set_xlabel("model version")
+    ax2.set_ylabel("ms")
+    ax2.legend(fontsize=8)
+    ax2.set_title("Latency per model version")
+    fig.tight_layout()
+    paths["latency_png"] = report_dir / "latency.png"
+    fig.savefig(paths["latency_png"], dpi=100)
+    plt.close(fig)
+
+    lines = [
+        f"# Evaluation of run `{run_id}`" + (f" (model version v{model_version})" if model_version else ""),
+        "",
+        f"Task `{m.get('task')}`, {m.get('n_examples')} holdout examples, greedy decoding.",
+        "",
+        "| metric | student | production baseline |",
+        "|---|---|---|",
+    ]
+    for key in ["json_valid_rate", "schema_valid_rate", "exact_match", "f1",
+                *[k for k in m if k.startswith("set_f1_")]]:
+        lines.append(f"| {key} | {_fmt(m.get(key))} | {_fmt(m.get('baseline_' + key))} |")
+    lines += [
+        "",
+        f"Latency p50 {_fmt(m.get('latency_ms_p50'))} ms, p95 {_fmt(m.get('latency_ms_p95'))} ms; "
+        f"{_fmt(m.get('tokens_per_s'))} tokens/s ({m.get('generated_tokens')} tokens generated).",
+        "",
+        "Agreement is measured against the teacher's validated answer on the run's holdout (never trained on).",
+        "",
+        "![agreement](agreement.png)",
+        "![validity](validity.png)",
+        "![latency](latency.png)",
+        "",
+    ]
+    paths["report_md"] = report_dir / "report.md"
+    _atomic_write(paths["report_md"], "\n".join(lines).encode())
+    return paths
