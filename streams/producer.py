@@ -37,6 +37,8 @@ from schemas.settings import RELIABLE_PRODUCER, KafkaSettings
 from streams.errors import CaptureError
 
 log = logging.getLogger("tier3.capture")
+_LIBRDKAFKA_LOG = logging.getLogger("tier3.capture.librdkafka")
+_LIBRDKAFKA_LOG.setLevel(logging.CRITICAL)  # lower it to debug the client itself
 
 
 class CaptureSettings(KafkaSettings):
@@ -88,7 +90,10 @@ class Capture:
                 # the Java client's (and aiokafka's, so Faust's) partitioner: a key lands on one partition
                 # whichever client wrote it
                 "partitioner": "murmur2_random",
-                "logger": logging.getLogger("tier3.capture.librdkafka"),
+                # librdkafka repeats connection errors many times a second while the broker is away; they
+                # reach the application's log once per kind through error_cb
+                "logger": _LIBRDKAFKA_LOG,
+                "error_cb": self._on_error,
             })
             atexit.register(self.close)
 
@@ -133,6 +138,10 @@ class Capture:
                 self._stats.failed += 1
         if err is not None:
             self._note_once(f"delivery:{err.name()}", f"an experience could not be delivered: {err.str()}")
+
+    def _on_error(self, err: KafkaError) -> None:
+        self._note_once(f"client:{err.name()}", f"capture: Kafka client error ({err.str()}); experiences stay "
+                        "buffered and are retried")
 
     def _bad_input(self, exc: Exception) -> None:
         self._stats.invalid += 1

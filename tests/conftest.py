@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def broker_settings() -> broker.BrokerSettings:
-    return broker.BrokerSettings(tier3_broker_dir=ROOT / ".tier3" / "test-broker")
+    return broker.BrokerSettings(tier3_broker_dir=ROOT / ".tier3" / "broker")
 
 
 @pytest.fixture(scope="session")
@@ -31,8 +31,10 @@ def kafka_bootstrap(broker_settings: broker.BrokerSettings) -> Iterator[str]:
     if external and external != broker_settings.bootstrap:
         yield external
         return
-    started_here = broker._our_pid(broker_settings) is None
-    broker.up(broker_settings)  # raises BrokerError (a failure) if it cannot start
+    # a broker already answering (e.g. `tier3 broker up` by the developer) is used and left running
+    started_here = broker.list_topics(broker_settings.bootstrap) is None
+    if started_here:
+        broker.up(broker_settings)  # raises BrokerError (a failure) if it cannot start
     os.environ["KAFKA_BOOTSTRAP_SERVERS"] = broker_settings.bootstrap  # subprocesses inherit it
     yield broker_settings.bootstrap
     if started_here and not os.environ.get("TIER3_KEEP_BROKER"):
