@@ -2,8 +2,9 @@
 
 Field name == environment variable name (``tier3_gate_min_json_valid`` reads ``TIER3_GATE_MIN_JSON_VALID``).
 A subclass of the trainer's settings (``tier3_student_name`` names the Ollama model, versions are tagged
-``<name>:v<N>``; ``runs_dir`` holds the run folders), so the ``tier3 eval|promote|rollback|export`` commands build one object per
-process; the trainer process can build this one instead of its own to run the gate after each run.
+``<name>:v<N>``; ``runs_dir`` holds the run folders), so the ``tier3 eval|promote|rollback|export`` commands
+build one object per process; the trainer process can build this one instead of its own to run the gate after
+each run.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ statistics (numpy's default); tokens/s is generated tokens over total generation
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -31,8 +32,9 @@ from typing import Any
 
 import orjson
 
-from schemas import EnrichedTrace, InvalidAnswer, TaskDefinition, get_task
+from schemas import EnrichedTrace, InvalidAnswer, TaskDefinition, TrainingRun, get_task
 from schemas.tasks import field_f1, parse_json_answer, set_f1
+from trainer.close_loop_settings import CloseLoopSettings
 from trainer.errors import EvaluationError
 
 #: ``generate(messages) -> (text, n_generated_tokens, latency_s)``; the trainer's ``sft_trainer.generate`` bound
@@ -45,26 +47,39 @@ class HoldoutExample:
     """What evaluation needs from one held-out trace."""
 
     experience_id: str
-    messages: list[dict[str, str]]  # the production messages (system first), unchanged
+    prompt: list[dict[str, str]]  # the inference-time messages (trainer.dataset.inference_messages)
     teacher_answer: dict[str, Any]
     baseline_response: str  # experience.response: what production answered
 
 
 def examples_from_traces(traces: Iterable[EnrichedTrace]) -> list[HoldoutExample]:
     """Project enriched traces into holdout examples (first occurrence of an experience id wins)."""
+    from trainer.dataset import inference_messages
+
     seen: set[str] = set()
     out: list[HoldoutExample] = []
     for t in traces:
         if t.experience_id in seen:
             continue
         seen.add(t.experience_id)
-        out.append(HoldoutExample(
-            experience_id=t.experience_id,
-            messages=[{"role": m.role, "content": m.content} for m in t.experience.messages],
-            teacher_answer=dict(t.answer),
-            baseline_response=t.experience.response,
-        ))
+        out.append(HoldoutExample(experience_id=t.experience_id,
+                                  prompt=inference_messages(t.experience, reasoning=True),
+                                  teacher_answer=dict(t.answer), baseline_response=t.experience.response))
     return out
+
+
+def examples_from_holdout(path: Path) -> tuple[str | None, list[HoldoutExample]]:
+    """(task name, examples) from a run's ``holdout.jsonl`` (written by trainer.dataset.build_dataset)."""
+    task: str | None = None
+    out: list[HoldoutExample] = []
+    for line in Path(path).read_bytes().splitlines():
+        if not line.strip():
+            continue
+        r = orjson.loads(line)
+        task = task or r.get("task")
+        out.append(HoldoutExample(experience_id=r["experience_id"], prompt=r["messages"],
+                                  teacher_answer=r["teacher_answer"], baseline_response=r["production_response"]))
+    return task, out
 
 
 @dataclass(frozen=True)
@@ -156,24 +171,12 @@ def _rates(prefix: str, scores: Sequence[OutputScore], set_fields: Sequence[str]
     return out
 
 
-def default_prompt(task: TaskDefinition) -> Callable[[list[dict[str, str]]], list[dict[str, str]]]:
-    """The inference-time prompt: the dataset projection's, so evaluation asks what training taught."""
-    try:
-        from trainer.dataset import inference_messages  # type: ignore[attr-defined]
-    except ImportError:  # before the dataset module exists: the task's own reasoned-format instruction
-        return lambda msgs: task.messages_for_model(msgs, reasoning=True)
-    return lambda msgs: inference_messages(msgs, task)  # type: ignore[no-any-return]
-
-
-def evaluate_examples(task: TaskDefinition, examples: Sequence[HoldoutExample], generate: Generate, *,
-                      prompt: Callable[[list[dict[str, str]]], list[dict[str, str]]] | None = None
-                      ) -> EvalResult:
+def evaluate_examples(task: TaskDefinition, examples: Sequence[HoldoutExample], generate: Generate) -> EvalResult:
     """Generate an answer for each example and compute the metrics (see the module docstring)."""
-    build_prompt = prompt or default_prompt(task)
     rows: list[EvalRow] = []
     for ex in examples:
         try:
-            text, n_tokens, latency_s = generate(build_prompt(ex.messages))
+            text, n_tokens, latency_s = generate(ex.prompt)
         except Exception as exc:  # one failing generation fails the evaluation: metrics must cover the holdout
             raise EvaluationError(f"generation failed on {ex.experience_id}: {exc}") from exc
         rows.append(EvalRow(
@@ -195,18 +198,6 @@ def evaluate_examples(task: TaskDefinition, examples: Sequence[HoldoutExample], 
         "tokens_per_s": (total_tokens / total_s) if total_s > 0 else None,
     })
     return EvalResult(metrics=metrics, rows=rows)
-
-
-def evaluate_traces(traces: Iterable[EnrichedTrace], generate: Generate, *, task_name: str | None = None,
-                    max_examples: int = 0,
-                    prompt: Callable[[list[dict[str, str]]], list[dict[str, str]]] | None = None) -> EvalResult:
-    """Evaluate on held-out traces (all of one task); ``max_examples`` > 0 caps the count."""
-    examples = examples_from_traces(traces)
-    if max_examples:
-        examples = examples[:max_examples]
-    if not examples:
-        raise EvaluationError("the holdout is empty: nothing to evaluate on", retryable=False)
-    return evaluate_examples(get_task(task_name or "widget_selector"), examples, generate, prompt=prompt)
 
 
 def model_generator(adapter_dir: Path, max_new_tokens: int) -> Generate:
@@ -349,3 +340,66 @@ def write_report(report_dir: Path, *, run_id: str, model_version: int | None, re
     paths["report_md"] = report_dir / "report.md"
     _atomic_write(paths["report_md"], "\n".join(lines).encode())
     return paths
+
+
+# --------------------------------------------------------------------------------------------- a run
+
+
+@dataclass(frozen=True)
+class RunEvaluation:
+    run_id: str
+    model_version: int | None
+    metrics: dict[str, Any]
+    report_paths: dict[str, Path]
+
+
+def evaluate_holdout(holdout_path: Path, generate: Generate, *, task_name: str | None = None,
+                     max_examples: int = 0) -> EvalResult:
+    """Evaluate on a run's ``holdout.jsonl``; ``max_examples`` > 0 evaluates only the first ones."""
+    file_task, examples = examples_from_holdout(holdout_path)
+    if max_examples:
+        examples = examples[:max_examples]
+    if not examples:
+        raise EvaluationError(f"the holdout {holdout_path} is empty: nothing to evaluate on", retryable=False)
+    return evaluate_examples(get_task(file_task or task_name or "widget_selector"), examples, generate)
+
+
+def evaluate_run(settings: CloseLoopSettings, run_id: str, *, generate: Generate | None = None,
+                 publish: bool = True) -> RunEvaluation:
+    """``tier3 eval RUN_ID``: evaluate a trained run, store the metrics in its manifest (atomically), write the
+    report folder and publish an ``evaluated`` event. ``generate`` defaults to the run's adapter, greedy."""
+    from trainer.gate import fold_runs, now_ms, publish_run_events, read_run_events
+    from trainer.manifest import find_manifest, write_manifest
+
+    run_dir = settings.runs_dir / run_id
+    manifest = find_manifest(settings.runs_dir, run_id)
+    holdout = Path(manifest.dataset.holdout_path)
+    holdout = holdout if holdout.is_absolute() else run_dir / holdout
+    if generate is None:
+        generate = model_generator(run_dir / manifest.adapter_dir, settings.tier3_eval_max_new_tokens)
+    result = evaluate_holdout(holdout, generate, task_name=settings.tier3_task,
+                              max_examples=settings.tier3_eval_max_examples)
+    metrics = {**result.metrics, "evaluated_at_ms": now_ms(), "holdout_sha256": _sha256_file(holdout)}
+    write_manifest(run_dir, manifest.model_copy(update={"metrics": {**manifest.metrics, "eval": metrics}}))
+
+    history = []
+    if publish:
+        history = [(v, m) for v, m in fold_runs(read_run_events(settings)).history() if v != manifest.model_version]
+    paths = write_report(settings.reports_dir / run_id, run_id=run_id, model_version=manifest.model_version,
+                         result=EvalResult(metrics=metrics, rows=result.rows), history=history)
+    if publish:
+        publish_run_events(settings, [TrainingRun(
+            run_id=run_id, event="evaluated", at_ms=now_ms(), model_name=manifest.model_name,
+            model_version=manifest.model_version, base_model=manifest.base_model,
+            details={"metrics": metrics, "report_dir": str(paths["report_md"].parent),
+                     "report": {k: str(v) for k, v in paths.items()}},
+        )])
+    return RunEvaluation(run_id=run_id, model_version=manifest.model_version, metrics=metrics, report_paths=paths)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -16,7 +16,8 @@ SYS = [{"role": "system", "content": TASK.system_prompt}]
 
 
 def _ex(i: int, teacher: dict, baseline: str) -> HoldoutExample:
-    return HoldoutExample(experience_id=f"e{i}", messages=[*SYS, {"role": "user", "content": f"question {i}"}],
+    prompt = TASK.messages_for_model([*SYS, {"role": "user", "content": f"question {i}"}])
+    return HoldoutExample(experience_id=f"e{i}", prompt=prompt,
                           teacher_answer=teacher, baseline_response=baseline)
 
 
@@ -75,7 +76,7 @@ def test_score_output_cases() -> None:
 def test_evaluate_examples_exact_metrics(tmp_path: Path) -> None:
     examples = [_ex(i, REF, b) for i, b in enumerate(BASELINES)]
     gen, seen = _stub(CASES)
-    res = evaluate_examples(TASK, examples, gen, prompt=lambda m: TASK.messages_for_model(m, reasoning=True))
+    res = evaluate_examples(TASK, examples, gen)
     m = res.metrics
     assert m["n_examples"] == 4
     assert m["json_valid_rate"] == pytest.approx(3 / 4)
@@ -92,8 +93,7 @@ def test_evaluate_examples_exact_metrics(tmp_path: Path) -> None:
     assert m["latency_ms_p95"] == pytest.approx(385.0)
     assert m["generated_tokens"] == 100
     assert m["tokens_per_s"] == pytest.approx(100 / 1.0)
-    # the student saw the production messages unchanged plus the one format instruction
-    assert seen[0][:2] == examples[0].messages and seen[0][-1]["role"] == "user" and len(seen[0]) == 3
+    assert seen[0] == examples[0].prompt  # the inference-time prompt, as built by the dataset projection
 
     paths = write_report(tmp_path / "rep", run_id="r1", model_version=3, result=res,
                          history=[(1, {"f1": 0.1, "json_valid_rate": 0.5}), (2, {"f1": 0.3})])
@@ -117,4 +117,4 @@ def test_generation_error_is_evaluation_error() -> None:
         raise RuntimeError("cuda oom")
 
     with pytest.raises(EvaluationError):
-        evaluate_examples(TASK, [_ex(0, REF, "")], boom, prompt=lambda m: m)
+        evaluate_examples(TASK, [_ex(0, REF, "")], boom)

@@ -1,0 +1,77 @@
+"""The promotion gate decides by the rule; verdicts and rollbacks are events on training-runs (real broker)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from schemas import TrainingRun
+from trainer.close_loop_settings import CloseLoopSettings
+from trainer.gate import decide, fold_runs, gate_run, now_ms, publish_run_events, read_run_events, rollback
+
+GOOD: dict[str, Any] = {"n_examples": 20, "json_valid_rate": 1.0, "schema_valid_rate": 0.95, "f1": 0.80,
+                        "baseline_f1": 0.82, "latency_ms_p95": 900.0}
+
+
+def _settings(**kw: Any) -> CloseLoopSettings:
+    return CloseLoopSettings(tier3_gate_min_examples=10, tier3_gate_min_json_valid=0.95,
+                             tier3_gate_min_schema_valid=0.9, tier3_gate_baseline_margin=0.05,
+                             tier3_gate_max_latency_p95_ms=1000.0, **kw)
+
+
+def _evaluated(run_id: str, version: int, **metrics: Any) -> TrainingRun:
+    return TrainingRun(run_id=run_id, event="evaluated", at_ms=now_ms(), model_name="m", model_version=version,
+                       details={"metrics": {**GOOD, **metrics}})
+
+
+def test_rule_each_check() -> None:
+    s = _settings()
+    assert decide(GOOD, s, None).promote
+    # F1 0.80 >= baseline 0.82 - 0.05 passes; 0.76 does not
+    v = decide({**GOOD, "f1": 0.76}, s, None)
+    assert not v.promote and [r.split(":")[0] for r in v.reasons] == ["f1_vs_baseline"]
+    assert not decide({**GOOD, "json_valid_rate": 0.94}, s, None).promote
+    assert not decide({**GOOD, "schema_valid_rate": 0.5}, s, None).promote
+    assert not decide({**GOOD, "latency_ms_p95": 1000.1}, s, None).promote
+    assert not decide({**GOOD, "n_examples": 9}, s, None).promote
+    # must not be worse than the promoted student
+    assert not decide(GOOD, s, {"f1": 0.81}).promote
+    assert decide(GOOD, s, {"f1": 0.80}).promote
+    assert decide(GOOD, _settings(tier3_gate_require_beat_promoted=False), {"f1": 0.9}).promote
+    # a missing metric fails its check; a missing baseline does not block
+    assert not decide({k: v for k, v in GOOD.items() if k != "json_valid_rate"}, s, None).promote
+    assert decide({k: v for k, v in GOOD.items() if k != "baseline_f1"}, s, None).promote
+
+
+def test_fold_promotions_and_rollback() -> None:
+    def ev(run: str, kind: str) -> TrainingRun:
+        return TrainingRun(run_id=run, event=kind, at_ms=1, model_version=int(run[1:]))  # type: ignore[arg-type]
+
+    view = fold_runs([ev("r1", "promoted"), ev("r2", "rejected"), ev("r3", "promoted"), ev("r3", "rollback")])
+    assert view.current is not None and view.current.run_id == "r1"
+    view = fold_runs([ev("r1", "promoted"), ev("r1", "rollback")])
+    assert view.current is None
+
+
+def test_gate_promotes_rejects_and_rolls_back_on_the_log(make_settings: Callable[..., CloseLoopSettings]) -> None:
+    s = make_settings(cls=CloseLoopSettings, tier3_gate_min_examples=10, tier3_gate_max_latency_p95_ms=1000.0)
+    publish_run_events(s, [_evaluated("run-1", 1), _evaluated("run-2", 2, f1=0.70),
+                           _evaluated("run-3", 3, f1=0.85)])
+    v1 = gate_run(s, "run-1")
+    assert v1.event == "promoted" and v1.model_version == 1 and v1.details["reasons"] == []
+    v2 = gate_run(s, "run-2")  # worse than v1 and than the baseline - margin
+    assert v2.event == "rejected"
+    assert {r.split(":")[0] for r in v2.details["reasons"]} == {"f1_vs_baseline", "f1_vs_promoted"}
+    v3 = gate_run(s, "run-3")
+    assert v3.event == "promoted" and v3.details["previous_version"] == 1
+
+    rb = rollback(s)
+    assert rb.event == "rollback" and rb.run_id == "run-3" and rb.model_version == 1
+    events = read_run_events(s)
+    assert [e.event for e in events] == ["evaluated"] * 3 + ["promoted", "rejected", "promoted", "rollback"]
+    view = fold_runs(events)
+    assert view.current is not None and view.current.model_version == 1
+
+    forced = gate_run(s, "run-2", force=True, reason="operator says so")
+    assert forced.event == "promoted" and forced.details["rule_passed"] is False
+    assert forced.details["reasons"][0] == "operator says so"
