@@ -13,6 +13,7 @@ import pytest
 
 from schemas import Experience, decode, get_task
 from schemas.tasks import field_f1, parse_json_answer
+from streams.teachers import prompt_hash
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "widget_selector"
@@ -35,7 +36,7 @@ def experiences() -> list[Experience]:
 @pytest.fixture(scope="module")
 def recorded() -> dict[str, dict[str, object]]:
     rows = [orjson.loads(line) for line in (EXAMPLES / "recorded_teacher.jsonl").read_bytes().splitlines()]
-    return {r["key"]: r for r in rows}
+    return {r["prompt_hash"]: r for r in rows}
 
 
 def test_committed_files_are_what_the_generator_writes(tmp_path: Path) -> None:
@@ -73,6 +74,7 @@ def test_every_experience_has_a_valid_recorded_teacher_answer(
     for e in experiences:
         sent = task.messages_for_model([m.model_dump() for m in e.messages])
         row = recorded[gen.prompt_key(sent)]
+        assert gen.prompt_key(sent) == prompt_hash(sent)  # the key the worker's RecordedTeacher looks up
         reasoning, answer = task.parse_output(str(row["text"]))
         assert reasoning and answer["widgets"]
         # the production response is scored against the teacher exactly as its label says
@@ -87,3 +89,20 @@ def test_every_experience_has_a_valid_recorded_teacher_answer(
         f1 = field_f1(task, prod, answer)
         assert (f1 == 1.0) == (quality == "correct"), (e.experience_id, quality, f1)
     assert invalid_responses > 30
+
+
+def test_recorded_teacher_answers_every_example(experiences: list[Experience]) -> None:
+    import asyncio
+
+    from streams.teachers import RecordedTeacher
+
+    teacher = RecordedTeacher(EXAMPLES / "recorded_teacher.jsonl")
+    task = get_task("widget_selector")
+
+    async def ask_all() -> int:
+        for e in experiences:
+            reply = await teacher.complete(task.messages_for_model([m.model_dump() for m in e.messages]))
+            task.parse_output(reply.text)
+        return len(experiences)
+
+    assert asyncio.run(ask_all()) == len(teacher) == len(experiences)

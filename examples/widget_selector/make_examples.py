@@ -467,7 +467,7 @@ def build(n: int, seed: int) -> tuple[list[Experience], list[dict[str, Any]]]:
         text = task.format_output(answer, reasoning)
         task.parse_output(text)  # the recorded answer must parse and validate, like a live teacher's
         recorded.setdefault(key, {
-            "key": key,
+            "prompt_hash": key,
             "task": TASK_NAME,
             "model": TEACHER_MODEL,
             "text": text,
