@@ -1,0 +1,39 @@
+# tier3 — the two commands of the README, and what they need.
+#   make demo   the main job on embedded defaults (local Kafka, worker, trainer, tiny student on CPU)
+#   make test   lint, type check and the whole test suite against a real local Kafka broker
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint typecheck pytest bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/tier3 demo
+
+lint: setup
+	$(BIN)/ruff check schemas streams trainer tests bench examples
+
+typecheck: setup
+	$(BIN)/mypy
+
+pytest: setup
+	bash .ci/install_system_deps.sh
+	$(BIN)/pytest tests
+
+test: lint typecheck pytest
+
+bench: setup
+	$(BIN)/python bench/producer.py
+
+clean:
+	-$(BIN)/tier3 broker down
+	rm -rf .tier3
