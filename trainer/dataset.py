@@ -1,0 +1,216 @@
+"""Dataset projection: enriched traces -> chat-format SFT examples (JSONL with a sha256), holdout split, phases.
+
+Prompt parity: the prompt of every training example is :func:`inference_messages`, the exact message list the
+student gets at inference (the production messages unchanged, plus the task's one output-format instruction);
+the evaluator builds its prompts with the same function. The assistant turn is ``task.format_output(answer,
+reasoning)``: the teacher's reasoning then its answer for a ``reasoning`` phase, the answer alone (and the
+answer-only instruction in the prompt) for an ``answer`` phase.
+
+Reproducibility: traces are ordered by (partition, offset) of their source record, deduplicated by experience_id
+(enrichment is at-least-once: the first copy wins), split by a hash of the experience_id, and written as JSONL
+with sorted keys. The same traces therefore always give the same bytes and the same sha256, whatever order
+they were handed over in: a replay up to a run's offsets rebuilds that run's dataset hash.
+
+Files written to ``out_dir``:
+
+- ``train.jsonl``: one line per (phase kind, trace), phase kinds in curriculum order, then source order:
+  ``{"experience_id", "messages", "phase", "task"}``;
+- ``holdout.jsonl``: one line per holdout trace: the inference prompt (reasoning format), the teacher's answer
+  and reasoning, and the production response, for evaluation only;
+- ``dataset.json``: counts, ids, sha256s (for people; the run manifest carries the same numbers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from schemas.errors import SchemaError
+from schemas.messages import EnrichedTrace, Experience
+from schemas.tasks import get_task
+from trainer.sft_config import Phase, PhaseKind, SFTConfig
+
+TRAIN_FILE = "train.jsonl"
+HOLDOUT_FILE = "holdout.jsonl"
+SUMMARY_FILE = "dataset.json"
+
+# 2**64 buckets: the split is a pure function of the id, stable across processes, machines and Python versions
+# (unlike hash(), which is salted per process).
+_BUCKETS = 1 << 64
+
+
+def is_holdout(experience_id: str, fraction: float) -> bool:
+    """True when ``experience_id`` belongs to the evaluation-only holdout (a deterministic hash split)."""
+    if fraction <= 0.0:
+        return False
+    digest = hashlib.sha256(b"tier3-holdout\x00" + experience_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * _BUCKETS
+
+
+def inference_messages(experience: Experience, reasoning: bool = True) -> list[dict[str, str]]:
+    """The messages the student is given for ``experience``: in training, in evaluation and in production."""
+    task = get_task(experience.task)
+    return task.messages_for_model([{"role": m.role, "content": m.content} for m in experience.messages],
+                                   reasoning=reasoning)
+
+
+def training_messages(trace: EnrichedTrace, reasoning: bool) -> list[dict[str, str]]:
+    """One SFT example: the inference prompt plus the teacher's output as the assistant turn."""
+    task = get_task(trace.task)
+    answer = task.validate_answer(trace.answer)
+    completion = task.format_output(answer, trace.reasoning if reasoning else None)
+    return [*inference_messages(trace.experience, reasoning=reasoning), {"role": "assistant", "content": completion}]
+
+
+@dataclass(frozen=True)
+class BuiltDataset:
+    """What :func:`build_dataset` wrote, and what the run manifest records."""
+
+    train_path: Path
+    holdout_path: Path
+    sha256: str  # of train.jsonl then holdout.jsonl: the dataset's identity
+    n_train: int  # traces in training (each appears once per phase kind in train.jsonl)
+    n_holdout: int
+    holdout_ids: list[str]
+    phases: tuple[Phase, ...]
+    train_ids: list[str] = field(default_factory=list)
+    n_duplicates: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (experience_id, reason): cannot be trained
+    train_sha256: str = ""
+    holdout_sha256: str = ""
+
+    @property
+    def n_examples(self) -> int:
+        """Lines in train.jsonl."""
+        return self.n_train * len({p.kind for p in self.phases})
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "sha256": self.sha256, "train_sha256": self.train_sha256, "holdout_sha256": self.holdout_sha256,
+            "n_train": self.n_train, "n_holdout": self.n_holdout, "n_duplicates": self.n_duplicates,
+            "n_examples": self.n_examples, "phases": [str(p) for p in self.phases],
+            "holdout_ids": self.holdout_ids, "train_ids": self.train_ids,
+            "skipped": [list(s) for s in self.skipped],
+        }
+
+
+def order_and_dedup(traces: Iterable[EnrichedTrace]) -> tuple[list[EnrichedTrace], int]:
+    """Traces in log order ((partition, offset); those without a source keep their given order, after the
+    others), one per experience_id (the first wins). Returns (traces, number of duplicates dropped)."""
+    indexed = list(enumerate(traces))
+
+    def key(item: tuple[int, EnrichedTrace]) -> tuple[int, str, int, int, int]:
+        i, t = item
+        if t.source is None:
+            return (1, "", 0, 0, i)
+        return (0, t.source.topic, t.source.partition, t.source.offset, i)
+
+    seen: set[str] = set()
+    out: list[EnrichedTrace] = []
+    for _, t in sorted(indexed, key=key):
+        if t.experience_id in seen:
+            continue
+        seen.add(t.experience_id)
+        out.append(t)
+    return out, len(indexed) - len(out)
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS) + b"\n"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves a torn file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def build_dataset(traces: Iterable[EnrichedTrace], cfg: SFTConfig, out_dir: Path) -> BuiltDataset:
+    """Project ``traces`` into ``out_dir/train.jsonl`` and ``out_dir/holdout.jsonl`` (see the module doc).
+
+    A trace whose task is unknown or whose answer fails the task's schema is not trained on; it is listed in
+    ``BuiltDataset.skipped`` with the reason (the caller may dead-letter it). Nothing here raises for an empty
+    result: ``n_train == 0`` is for the caller to judge (``train`` raises :class:`EmptyDataset`).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    phases = cfg.phases
+    kinds: list[PhaseKind] = list(dict.fromkeys(p.kind for p in phases))  # curriculum order, once each
+
+    ordered, n_dup = order_and_dedup(traces)
+    train_ids: list[str] = []
+    holdout_ids: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    per_kind: dict[str, list[bytes]] = {k: [] for k in kinds}
+    holdout_lines: list[bytes] = []
+    for t in ordered:
+        try:
+            task = get_task(t.task)
+            answer = task.validate_answer(t.answer)
+            if is_holdout(t.experience_id, cfg.tier3_holdout_fraction):
+                holdout_lines.append(_line({
+                    "experience_id": t.experience_id, "task": t.task,
+                    "messages": inference_messages(t.experience, reasoning=True),
+                    "answer_only_messages": inference_messages(t.experience, reasoning=False),
+                    "teacher_answer": answer, "teacher_reasoning": t.reasoning,
+                    "production_response": t.experience.response,
+                    "served_by": t.experience.served_by.model_dump(mode="json"),
+                }))
+                holdout_ids.append(t.experience_id)
+                continue
+            lines = {k: _line({"experience_id": t.experience_id, "task": t.task, "phase": k,
+                               "messages": training_messages(t, reasoning=(k == "reasoning"))}) for k in kinds}
+        except SchemaError as exc:
+            skipped.append((t.experience_id, f"{exc.kind}: {exc}"))
+            continue
+        for k in kinds:
+            per_kind[k].append(lines[k])
+        train_ids.append(t.experience_id)
+
+    train_bytes = b"".join(b"".join(per_kind[k]) for k in kinds)
+    holdout_bytes = b"".join(holdout_lines)
+    train_path, holdout_path = out_dir / TRAIN_FILE, out_dir / HOLDOUT_FILE
+    _write_atomic(train_path, train_bytes)
+    _write_atomic(holdout_path, holdout_bytes)
+    train_sha = hashlib.sha256(train_bytes).hexdigest()
+    holdout_sha = hashlib.sha256(holdout_bytes).hexdigest()
+    # one hash for the pair, unambiguous because each part's length is fixed (hex digests)
+    sha = hashlib.sha256(f"tier3-dataset-v1\n{train_sha}\n{holdout_sha}\n".encode()).hexdigest()
+    built = BuiltDataset(
+        train_path=train_path, holdout_path=holdout_path, sha256=sha, n_train=len(train_ids),
+        n_holdout=len(holdout_ids), holdout_ids=holdout_ids, phases=phases, train_ids=train_ids,
+        n_duplicates=n_dup, skipped=skipped, train_sha256=train_sha, holdout_sha256=holdout_sha,
+    )
+    _write_atomic(out_dir / SUMMARY_FILE, orjson.dumps(built.summary(), option=orjson.OPT_SORT_KEYS |
+                                                       orjson.OPT_INDENT_2))
+    return built
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSONL file written here."""
+    return [orjson.loads(line) for line in Path(path).read_bytes().splitlines() if line.strip()]
+
+
+def phase_examples(dataset: BuiltDataset, kind: PhaseKind) -> list[dict[str, Any]]:
+    """The ``{"messages": [...]}`` examples of one phase kind, in file order."""
+    return [{"messages": r["messages"]} for r in read_jsonl(dataset.train_path) if r["phase"] == kind]
+
+
+def holdout_records(dataset: BuiltDataset) -> Sequence[dict[str, Any]]:
+    """The holdout records (for the evaluator)."""
+    return read_jsonl(dataset.holdout_path)

@@ -1,0 +1,136 @@
+"""Hyper-parameters of one SFT run: the base model, the backend, LoRA, the optimiser and the curriculum.
+
+A frozen pydantic-settings object; every field is named after its environment variable (``tier3_lora_r`` reads
+``TIER3_LORA_R``), is validated when the object is built (before any training starts), and is recorded in the run
+manifest through :meth:`SFTConfig.hyperparameters`, so a run can be reproduced from its manifest.
+
+Curriculum (``TIER3_PHASES``): a comma-separated list of ``kind:epochs``. ``answer`` trains the student to give
+only the final answer, ``reasoning`` to give the teacher's reasoning and then the answer (rationale-augmented
+distillation: the answer first, then the harder reasoned format). Phases run in order on the same LoRA weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PhaseKind = Literal["answer", "reasoning"]
+PHASE_KINDS: tuple[PhaseKind, ...] = ("answer", "reasoning")
+
+#: what ``tier3_lora_target_modules=all-linear`` means for backends that need explicit names (unsloth): the
+#: attention and MLP projections of Llama / Qwen2 / Mistral / Gemma style decoders
+ALL_LINEAR_LLAMA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One curriculum phase: which assistant format is trained, for how many epochs."""
+
+    kind: PhaseKind
+    epochs: float
+
+    @property
+    def reasoning(self) -> bool:
+        return self.kind == "reasoning"
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.epochs:g}"
+
+
+def parse_phases(spec: str) -> tuple[Phase, ...]:
+    """Parse ``"answer:1,reasoning:2"``; raise ValueError with what to change."""
+    phases: list[Phase] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        kind, sep, epochs_s = part.partition(":")
+        kind = kind.strip()
+        if kind not in PHASE_KINDS:
+            raise ValueError(f"phase {part!r}: kind must be one of {', '.join(PHASE_KINDS)}")
+        try:
+            epochs = float(epochs_s) if sep else 1.0
+        except ValueError:
+            raise ValueError(f"phase {part!r}: epochs must be a number, e.g. {kind}:2") from None
+        if not 0 < epochs <= 100:
+            raise ValueError(f"phase {part!r}: epochs must be in (0, 100]")
+        phases.append(Phase(kind, epochs))  # type: ignore[arg-type]
+    if not phases:
+        raise ValueError("at least one phase is needed, e.g. 'answer:1,reasoning:2'")
+    return tuple(phases)
+
+
+class SFTConfig(BaseSettings):
+    """Everything that decides what a training run produces. Field name == environment variable name."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="ignore", case_sensitive=False, env_prefix="")
+
+    tier3_base_model: str = Field(
+        "Qwen/Qwen2.5-0.5B-Instruct",
+        description="base model: a hub name or a local folder (tests and the demo use the tiny model folder)")
+    tier3_backend: Literal["auto", "unsloth", "trl"] = Field(
+        "auto", description="auto = unsloth when CUDA is available and unsloth is installed, else TRL + PEFT")
+
+    tier3_lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank")
+    tier3_lora_alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r)")
+    tier3_lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA path")
+    tier3_lora_target_modules: str = Field(
+        "all-linear", description="'all-linear' or a comma-separated list of module names, e.g. q_proj,v_proj")
+
+    tier3_learning_rate: float = Field(2e-4, gt=0.0, le=1.0, description="peak learning rate (AdamW)")
+    tier3_lr_scheduler: str = Field("linear", description="transformers scheduler name, per phase")
+    tier3_warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="share of a phase's steps spent warming up")
+    tier3_weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
+    tier3_batch_size: int = Field(4, ge=1, le=4096, description="examples per device per optimiser micro-step")
+    tier3_grad_accum: int = Field(1, ge=1, le=1024, description="micro-steps per optimiser step")
+    tier3_max_seq_len: int = Field(2048, ge=16, le=131072, description="longest example in tokens (truncated)")
+    tier3_packing: bool = Field(False, description="pack examples into full sequences (needs flash attention "
+                                "to keep examples apart; off by default)")
+    tier3_gradient_checkpointing: bool = Field(False, description="trade compute for memory (big models)")
+    tier3_load_in_4bit: bool = Field(False, description="QLoRA: load the base model in 4-bit (unsloth only)")
+    tier3_seed: int = Field(42, description="seed of data order, LoRA init and dropout")
+
+    tier3_phases: str = Field("answer:1,reasoning:2", description="curriculum: kind:epochs,... with kind "
+                              "answer (answer only) or reasoning (reasoning then answer); run in this order")
+    tier3_holdout_fraction: float = Field(0.10, ge=0.0, lt=1.0, description="share of experience ids kept for "
+                                          "evaluation only (deterministic hash split)")
+    tier3_scope: Literal["all", "new"] = Field(
+        "all", description="train on all traces up to now (as the original system did) or only on new ones")
+
+    @field_validator("tier3_phases")
+    @classmethod
+    def _check_phases(cls, v: str) -> str:
+        parse_phases(v)
+        return v
+
+    @field_validator("tier3_lora_target_modules")
+    @classmethod
+    def _check_targets(cls, v: str) -> str:
+        if v.strip() != "all-linear" and not [m for m in v.split(",") if m.strip()]:
+            raise ValueError("give 'all-linear' or a comma-separated list of module names")
+        return v.strip()
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> SFTConfig:
+        if self.tier3_load_in_4bit and self.tier3_backend == "trl":
+            raise ValueError("TIER3_LOAD_IN_4BIT needs the unsloth backend; set TIER3_BACKEND=unsloth or auto")
+        if not self.tier3_base_model.strip():
+            raise ValueError("TIER3_BASE_MODEL is empty: give a hub name or a local model folder")
+        return self
+
+    @property
+    def phases(self) -> tuple[Phase, ...]:
+        return parse_phases(self.tier3_phases)
+
+    @property
+    def target_modules(self) -> str | list[str]:
+        """PEFT's ``target_modules``: the string ``all-linear`` or a list of names."""
+        if self.tier3_lora_target_modules == "all-linear":
+            return "all-linear"
+        return [m.strip() for m in self.tier3_lora_target_modules.split(",") if m.strip()]
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """Every field, JSON-ready, for the run manifest (nothing secret lives here)."""
+        return self.model_dump(mode="json")

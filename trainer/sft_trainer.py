@@ -1,0 +1,537 @@
+"""LoRA SFT of the student: one interface, two backends, curriculum phases, an atomically published adapter.
+
+``train(dataset, cfg, out_dir)`` trains a LoRA adapter on ``dataset`` (see :mod:`trainer.dataset`) and moves it
+into ``out_dir/adapter`` only when training succeeded. Backends, chosen at run time (:func:`choose_backend`):
+
+- **unsloth** (the production path) when CUDA is available and unsloth is installed (the ``gpu`` extra):
+  ``FastLanguageModel`` + LoRA, optional 4-bit (QLoRA), loss on the assistant turns via unsloth's
+  ``train_on_responses_only``. unsloth is imported only on that path: on a machine without CUDA it would refuse
+  or fall back to a slow CPU mode, and it patches transformers/TRL/PEFT globally when imported.
+- **TRL ``SFTTrainer`` + PEFT** otherwise (CPU, tests, laptops; also CUDA without unsloth), with
+  ``assistant_only_loss=True``: the chat template's ``{% generation %}`` markers (the tiny model's own, or TRL's
+  training variant of a known template such as Qwen2.5's) select the assistant tokens, end-of-turn included.
+
+Both check before training that the end-of-turn (eos) token is inside the loss mask, because a student that is
+never trained on it never learns to stop, and the training loss would not show it.
+
+Curriculum: phases run in order on the same LoRA weights, each with its own optimiser and schedule.
+Heavy libraries are imported inside functions, so importing this module is cheap and never imports unsloth.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from trainer.dataset import BuiltDataset, phase_examples
+from trainer.errors import (
+    AdapterError,
+    BackendUnavailable,
+    BaseModelError,
+    EmptyDataset,
+    TrainerError,
+    TrainingFailed,
+)
+from trainer.sft_config import ALL_LINEAR_LLAMA, Phase, SFTConfig
+
+if TYPE_CHECKING:  # imported lazily at run time: torch/transformers take seconds to import
+    import torch
+
+ADAPTER_DIR = "adapter"
+ADAPTER_META = "tier3_adapter.json"
+IGNORE_INDEX = -100  # label value that the loss skips (transformers' convention)
+MAX_NEW_TOKENS_LIMIT = 4096  # generate() never runs longer than this, whatever it is asked
+
+OnStep = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a successful :func:`train` produced (the run manifest records all of it)."""
+
+    adapter_dir: Path
+    backend: str  # "unsloth" | "trl"
+    steps: int  # optimiser steps over all phases
+    train_loss: float  # mean training loss of the last phase
+    tokens: int  # tokens fed to the model over all phases and epochs (prompt + completion, no padding)
+    wall_s: float  # model load + training + adapter write
+    hyperparameters: dict[str, Any]
+    phase_losses: dict[str, float] = field(default_factory=dict)  # "1:answer" -> mean loss of that phase
+    eot_in_loss: bool = True  # the end-of-turn token is a training target (checked before training)
+    train_wall_s: float = 0.0  # optimiser loop only (what tokens/s is measured against)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.train_wall_s if self.train_wall_s > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------- backends
+
+
+def unsloth_installed() -> bool:
+    """Whether unsloth can be imported, without importing it (importing it patches other libraries)."""
+    return importlib.util.find_spec("unsloth") is not None
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def choose_backend(cfg: SFTConfig) -> str:
+    """``unsloth`` or ``trl`` for this machine and config; raise BackendUnavailable if the choice cannot run."""
+    if cfg.tier3_backend == "trl":
+        return "trl"
+    has_cuda = cuda_available()
+    if cfg.tier3_backend == "unsloth":
+        if not has_cuda:
+            raise BackendUnavailable("TIER3_BACKEND=unsloth needs a CUDA GPU and none is visible; "
+                                     "use TIER3_BACKEND=trl or auto on this machine")
+        if not unsloth_installed():
+            raise BackendUnavailable("TIER3_BACKEND=unsloth but unsloth is not installed: "
+                                     "pip install 'tier3[gpu]', or use TIER3_BACKEND=trl")
+        return "unsloth"
+    if has_cuda and unsloth_installed():
+        return "unsloth"
+    if cfg.tier3_load_in_4bit:
+        raise BackendUnavailable("TIER3_LOAD_IN_4BIT needs unsloth on a CUDA GPU; this machine has "
+                                 f"{'no unsloth' if has_cuda else 'no CUDA'}: unset TIER3_LOAD_IN_4BIT")
+    return "trl"
+
+
+def _import_unsloth() -> Any:
+    """Import unsloth first (it patches transformers/TRL/PEFT), never letting it install anything."""
+    # Without this, unsloth's GGUF/llama.cpp helpers run apt-get as root and clone llama.cpp from the internet.
+    os.environ["UNSLOTH_AUTO_INSTALL"] = "0"
+    # Never let it fall back to its slow CPU mode: we only get here with CUDA, and a silent fallback would hide it.
+    os.environ.setdefault("UNSLOTH_DISABLE_CPU_FALLBACK", "1")
+    import unsloth
+
+    return unsloth
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def _resolve_base(name: str) -> str:
+    """A local folder becomes an absolute path (the adapter records it); a hub name stays as it is."""
+    p = Path(name).expanduser()
+    return str(p.resolve()) if p.exists() else name
+
+
+def _steps_per_phase(n_examples: int, phase: Phase, cfg: SFTConfig) -> int:
+    batches = math.ceil(n_examples / cfg.tier3_batch_size)
+    return max(1, math.ceil(math.ceil(batches / cfg.tier3_grad_accum) * phase.epochs))
+
+
+def _torch_dtype(on_cuda: bool) -> torch.dtype:
+    import torch
+
+    if on_cuda:
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32  # CPU: bf16 matmuls are slow or missing on many CPUs
+
+
+def _trl_args(cfg: SFTConfig, phase: Phase, scratch: Path, *, on_cuda: bool, assistant_only: bool,
+              text_field: str | None = None) -> Any:
+    from trl import SFTConfig as TRLSFTConfig
+
+    dtype = _torch_dtype(on_cuda)
+    import torch
+
+    kwargs: dict[str, Any] = {}
+    if text_field is not None:
+        kwargs["dataset_text_field"] = text_field
+    return TRLSFTConfig(
+        output_dir=str(scratch),
+        num_train_epochs=phase.epochs,
+        per_device_train_batch_size=cfg.tier3_batch_size,
+        gradient_accumulation_steps=cfg.tier3_grad_accum,
+        learning_rate=cfg.tier3_learning_rate,
+        lr_scheduler_type=cfg.tier3_lr_scheduler,
+        warmup_steps=cfg.tier3_warmup_ratio,  # a float in [0, 1) is a ratio of the phase's steps
+        weight_decay=cfg.tier3_weight_decay,
+        max_length=cfg.tier3_max_seq_len,
+        packing=cfg.tier3_packing,
+        assistant_only_loss=assistant_only,
+        gradient_checkpointing=cfg.tier3_gradient_checkpointing,
+        seed=cfg.tier3_seed,
+        data_seed=cfg.tier3_seed,
+        bf16=on_cuda and dtype == torch.bfloat16,
+        fp16=on_cuda and dtype == torch.float16,
+        use_cpu=not on_cuda,
+        logging_steps=1,
+        save_strategy="no",  # the adapter is written once, atomically, by train()
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        **kwargs,
+    )
+
+
+class _Progress:
+    """A transformers TrainerCallback (built lazily) that reports (step, total) across all phases."""
+
+    @staticmethod
+    def make(on_step: OnStep | None, offset: int, total: int) -> Any:
+        from transformers import TrainerCallback
+
+        class Cb(TrainerCallback):  # type: ignore[misc]
+            def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                if on_step is not None:
+                    on_step(min(offset + int(state.global_step), total), total)
+
+        return Cb()
+
+
+def eot_label_check(trainer: Any, tokenizer: Any) -> bool:
+    """True when the eos (end-of-turn) token is a training target in the first batch the trainer builds.
+
+    Runs the trainer's own dataset preparation and collator on the first examples, so it checks exactly what
+    the loss will see.
+    """
+    eos_id = tokenizer.eos_token_id
+    ds = trainer.train_dataset
+    n = min(len(ds), 4)
+    if n == 0 or eos_id is None:
+        return False
+    features = [ds[i] for i in range(n)]
+    batch = trainer.data_collator(features)
+    labels = batch["labels"]
+    return bool(((labels == eos_id)).any().item())
+
+
+def _dataset_tokens(trainer: Any) -> int:
+    """Tokens in the trainer's prepared (tokenized, truncated) dataset: one epoch, no padding."""
+    ds = trainer.train_dataset
+    if "input_ids" not in ds.column_names:
+        return 0
+    return int(sum(len(ids) for ids in ds["input_ids"]))
+
+
+def _write_adapter(model: Any, tokenizer: Any, out_dir: Path, meta: dict[str, Any]) -> Path:
+    """Save the adapter (+ tokenizer + metadata) to a temp folder, fsync it, then move it into place."""
+    final = out_dir / ADAPTER_DIR
+    tmp = Path(tempfile.mkdtemp(prefix=f".{ADAPTER_DIR}.tmp-", dir=out_dir))
+    try:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+        for p in tmp.iterdir():
+            if p.is_file():
+                with open(p, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if final.exists():  # a previous attempt in the same folder: rename it away first (rename is atomic)
+            old = out_dir / f".{ADAPTER_DIR}.old-{os.getpid()}-{time.monotonic_ns()}"
+            os.replace(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, final)
+        dfd = os.open(out_dir, os.O_RDONLY)  # make the rename itself durable
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as exc:
+        raise AdapterError(f"could not write the adapter to {final}: {exc}") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+# ---------------------------------------------------------------------------------------------------- TRL backend
+
+
+def load_base_for_training(cfg: SFTConfig, on_cuda: bool) -> tuple[Any, Any]:
+    """Base model + tokenizer for the TRL backend (raises BaseModelError with what to change)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = _resolve_base(cfg.tier3_base_model)
+    try:
+        tokenizer: Any = AutoTokenizer.from_pretrained(base)
+        model: Any = AutoModelForCausalLM.from_pretrained(base, dtype=_torch_dtype(on_cuda))
+    except (OSError, ValueError) as exc:
+        raise BaseModelError(f"cannot load base model {base!r} (TIER3_BASE_MODEL): {exc}") from exc
+    if on_cuda:
+        model = model.to("cuda")
+    if tokenizer.chat_template is None:
+        raise BaseModelError(f"base model {base!r} has no chat template: use an instruct/chat model")
+    return model, tokenizer
+
+
+def make_lora_model(model: Any, cfg: SFTConfig) -> Any:
+    from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
+
+    set_seed(cfg.tier3_seed)  # the LoRA A matrices are random: same seed, same start
+    lora = LoraConfig(r=cfg.tier3_lora_r, lora_alpha=cfg.tier3_lora_alpha, lora_dropout=cfg.tier3_lora_dropout,
+                      target_modules=cfg.target_modules, bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def make_trl_trainer(model: Any, tokenizer: Any, examples: list[dict[str, Any]], cfg: SFTConfig, phase: Phase,
+                     scratch: Path, *, on_cuda: bool, callbacks: list[Any] | None = None) -> Any:
+    """A TRL SFTTrainer for one phase, with loss on the assistant turns only."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    args = _trl_args(cfg, phase, scratch, on_cuda=on_cuda, assistant_only=True)
+    cls = SFTTrainer if on_cuda else _cpu_sft_trainer_class()
+    try:
+        return cls(model=model, args=args, train_dataset=Dataset.from_list(examples),
+                          processing_class=tokenizer, callbacks=callbacks)
+    except ValueError as exc:
+        if "chat template" in str(exc).lower():
+            raise BaseModelError(f"the base model's chat template cannot mask the assistant turn: {exc}. Use a "
+                                 "template with {% generation %} markers (TRL knows Qwen2.5/3, Llama 3, Gemma, "
+                                 "Phi, ...)") from exc
+        raise
+
+
+def _cpu_sft_trainer_class() -> Any:
+    """TRL's SFTTrainer with the plain transformers loss.
+
+    TRL 1.15 computes the loss with a fused, chunked LM head whose kernel is written in Triton, and Triton has no
+    CPU driver ("0 active drivers"), so on CPU every training step fails. The model's own causal-LM loss over the
+    same labels (assistant tokens only, -100 elsewhere) is the same quantity; only TRL's entropy/accuracy
+    metrics are lost.
+    """
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    class CpuSFTTrainer(SFTTrainer):  # type: ignore[misc]
+        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids",
+                                                                  "labels")}
+            inputs["use_cache"] = False
+            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+    return CpuSFTTrainer
+
+
+def _train_trl(dataset: BuiltDataset, cfg: SFTConfig, scratch: Path, on_step: OnStep | None) -> dict[str, Any]:
+    on_cuda = cuda_available()
+    model, tokenizer = load_base_for_training(cfg, on_cuda)
+    model = make_lora_model(model, cfg)
+    return _run_phases(model, tokenizer, dataset, cfg, scratch, on_step, on_cuda=on_cuda,
+                       make=lambda ex, ph, cbs: make_trl_trainer(model, tokenizer, ex, cfg, ph, scratch,
+                                                                 on_cuda=on_cuda, callbacks=cbs))
+
+
+# ---------------------------------------------------------------------------------------------------- unsloth
+
+
+#: (instruction_part, response_part) for unsloth's train_on_responses_only, by a marker of the chat template
+_TURN_MARKERS = (
+    ("<|im_start|>", ("<|im_start|>user\n", "<|im_start|>assistant\n")),  # ChatML: Qwen2/2.5/3, the tiny model
+    ("<|start_header_id|>", ("<|start_header_id|>user<|end_header_id|>\n\n",
+                             "<|start_header_id|>assistant<|end_header_id|>\n\n")),  # Llama 3.x
+    ("<start_of_turn>", ("<start_of_turn>user\n", "<start_of_turn>model\n")),  # Gemma
+    ("<|user|>", ("<|user|>\n", "<|assistant|>\n")),  # Phi-3
+)
+
+
+def turn_markers(chat_template: str) -> tuple[str, str]:
+    for marker, parts in _TURN_MARKERS:
+        if marker in chat_template:
+            return parts
+    raise BaseModelError("unsloth backend: unknown chat template, cannot find the user/assistant turn markers; "
+                         "use a ChatML, Llama 3, Gemma or Phi-3 model, or TIER3_BACKEND=trl")
+
+
+def _train_unsloth(dataset: BuiltDataset, cfg: SFTConfig, scratch: Path, on_step: OnStep | None) -> dict[str, Any]:
+    _import_unsloth()  # first: it patches transformers/TRL/PEFT
+    from unsloth import FastLanguageModel
+    from unsloth.chat_templates import train_on_responses_only
+
+    base = _resolve_base(cfg.tier3_base_model)
+    try:
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=base, max_seq_length=cfg.tier3_max_seq_len, load_in_4bit=cfg.tier3_load_in_4bit,
+            dtype=None)  # None: bf16 where the GPU has it
+    except (OSError, ValueError) as exc:
+        raise BaseModelError(f"unsloth cannot load base model {base!r} (TIER3_BASE_MODEL): {exc}") from exc
+    targets = cfg.target_modules
+    model = FastLanguageModel.get_peft_model(
+        model, r=cfg.tier3_lora_r, lora_alpha=cfg.tier3_lora_alpha, lora_dropout=cfg.tier3_lora_dropout,
+        target_modules=list(ALL_LINEAR_LLAMA) if targets == "all-linear" else targets, bias="none",
+        use_gradient_checkpointing="unsloth" if cfg.tier3_gradient_checkpointing else False,
+        random_state=cfg.tier3_seed)
+    instruction_part, response_part = turn_markers(tokenizer.chat_template or "")
+    bos = tokenizer.bos_token or ""
+
+    def make(examples: list[dict[str, Any]], phase: Phase, cbs: list[Any]) -> Any:
+        from datasets import Dataset
+        from trl import SFTTrainer
+
+        texts = []
+        for ex in examples:
+            text = tokenizer.apply_chat_template(ex["messages"], tokenize=False)
+            # the tokenizer adds its own BOS when it tokenizes; a template that writes one too would double it
+            texts.append(text.removeprefix(bos) if bos else text)
+        args = _trl_args(cfg, phase, scratch, on_cuda=True, assistant_only=False, text_field="text")
+        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list([{"text": t} for t in texts]),
+                             processing_class=tokenizer, callbacks=cbs)
+        # masks everything outside the assistant turns; the turn's end-of-turn token stays a target
+        return train_on_responses_only(trainer, instruction_part=instruction_part, response_part=response_part)
+
+    return _run_phases(model, tokenizer, dataset, cfg, scratch, on_step, on_cuda=True, make=make)
+
+
+# ---------------------------------------------------------------------------------------------------- shared loop
+
+
+def _run_phases(model: Any, tokenizer: Any, dataset: BuiltDataset, cfg: SFTConfig, scratch: Path,
+                on_step: OnStep | None, *, on_cuda: bool,
+                make: Callable[[list[dict[str, Any]], Phase, list[Any]], Any]) -> dict[str, Any]:
+    """Train the curriculum phases in order on the same LoRA model; return counters for TrainResult."""
+    from transformers import PrinterCallback
+
+    examples = {p.kind: phase_examples(dataset, p.kind) for p in dataset.phases}
+    total = sum(_steps_per_phase(len(examples[p.kind]), p, cfg) for p in dataset.phases)
+    steps = 0
+    tokens = 0
+    train_wall_s = 0.0
+    phase_losses: dict[str, float] = {}
+    last_loss = float("nan")
+    for i, phase in enumerate(dataset.phases, start=1):
+        trainer = make(examples[phase.kind], phase, [_Progress.make(on_step, steps, total)])
+        trainer.remove_callback(PrinterCallback)  # progress goes to on_step, not to stdout
+        if not eot_label_check(trainer, tokenizer):
+            raise BaseModelError(f"phase {i} ({phase}): the end-of-turn token {tokenizer.eos_token!r} is not in "
+                                 "the loss mask, so the student would never learn to stop; fix the chat template "
+                                 "(end-of-turn inside {% generation %}) or the tokenizer's eos token")
+        t0 = time.perf_counter()
+        try:
+            out = trainer.train()
+        except (RuntimeError, ValueError, FloatingPointError) as exc:  # OOM is a RuntimeError subclass
+            raise TrainingFailed(f"phase {i} ({phase}) failed: {type(exc).__name__}: {exc}") from exc
+        train_wall_s += time.perf_counter() - t0
+        last_loss = float(out.training_loss)
+        if not math.isfinite(last_loss):
+            raise TrainingFailed(f"phase {i} ({phase}): training loss is {last_loss}")
+        phase_losses[f"{i}:{phase.kind}"] = last_loss
+        steps += int(trainer.state.global_step)
+        tokens += round(_dataset_tokens(trainer) * phase.epochs)
+    if on_step is not None:
+        on_step(total, total)
+    return {"model": model, "tokenizer": tokenizer, "steps": steps, "tokens": tokens, "train_wall_s": train_wall_s,
+            "phase_losses": phase_losses, "train_loss": last_loss, "on_cuda": on_cuda,
+            "n_examples": {p.kind: len(examples[p.kind]) for p in dataset.phases}}
+
+
+def train(dataset: BuiltDataset, cfg: SFTConfig, out_dir: Path, *, on_step: OnStep | None = None) -> TrainResult:
+    """Train a LoRA adapter on ``dataset`` and publish it atomically as ``out_dir/adapter``.
+
+    ``on_step(step, total_steps)`` is called after every optimiser step (from the training thread). Raises a
+    :class:`trainer.errors.TrainerError` leaf; nothing is left at ``out_dir/adapter`` by a failed run unless a
+    previous successful run left it there.
+    """
+    t_start = time.perf_counter()
+    if dataset.n_train == 0:
+        raise EmptyDataset("no training example (all traces were holdout, duplicates or unusable)")
+    backend = choose_backend(cfg)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".scratch-", dir=out_dir))
+    try:
+        run = (_train_unsloth if backend == "unsloth" else _train_trl)(dataset, cfg, scratch, on_step)
+        hyper = _hyperparameters(cfg, backend, run, dataset)
+        adapter = _write_adapter(run["model"], run["tokenizer"], out_dir, {
+            "base_model": _resolve_base(cfg.tier3_base_model), "backend": backend, "dataset_sha256": dataset.sha256,
+            "hyperparameters": hyper, "phase_losses": run["phase_losses"]})
+    except TrainerError:
+        raise
+    except MemoryError as exc:
+        raise TrainingFailed(f"out of memory: {exc}") from exc
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return TrainResult(
+        adapter_dir=adapter, backend=backend, steps=run["steps"], train_loss=run["train_loss"],
+        tokens=run["tokens"], wall_s=time.perf_counter() - t_start, hyperparameters=hyper,
+        phase_losses=run["phase_losses"], eot_in_loss=True, train_wall_s=run["train_wall_s"])
+
+
+def _hyperparameters(cfg: SFTConfig, backend: str, run: dict[str, Any], dataset: BuiltDataset) -> dict[str, Any]:
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    return {
+        **cfg.hyperparameters(),
+        "tier3_base_model": _resolve_base(cfg.tier3_base_model),
+        "backend": backend,
+        "device": "cuda" if run["on_cuda"] else "cpu",
+        "dtype": str(_torch_dtype(run["on_cuda"])).removeprefix("torch."),
+        "phases": [{"kind": p.kind, "epochs": p.epochs} for p in dataset.phases],
+        "n_examples": run["n_examples"],
+        "assistant_only_loss": True,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
+                     "peft": peft.__version__},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- inference
+
+
+def load_student(adapter_dir: Path) -> tuple[Any, Any]:
+    """Base model + LoRA adapter (not merged) and the tokenizer saved with it, ready for :func:`generate`."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter_dir = Path(adapter_dir)
+    try:
+        meta_path = adapter_dir / ADAPTER_META
+        if meta_path.exists():
+            base = json.loads(meta_path.read_text())["base_model"]
+        else:  # an adapter written by something else: PEFT records its base
+            base = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+        on_cuda = cuda_available()
+        model: Any = AutoModelForCausalLM.from_pretrained(base, dtype=_torch_dtype(on_cuda))
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+        tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+    except (OSError, KeyError, ValueError) as exc:
+        raise AdapterError(f"cannot load the student from {adapter_dir}: {exc}", retryable=False) from exc
+    if on_cuda:
+        model = model.to("cuda")
+    model.eval()
+    return model, tokenizer
+
+
+def generate(model: Any, tokenizer: Any, messages: list[dict[str, str]], max_new_tokens: int) -> tuple[str, int, float]:
+    """Greedy decoding of the assistant turn for ``messages`` (the chat template with a generation prompt).
+
+    Stops at the eos (end-of-turn) token or after ``max_new_tokens``. Returns (text without special tokens,
+    number of new tokens including the end-of-turn token, latency in seconds).
+    """
+    import torch
+    from transformers import GenerationConfig
+
+    max_new_tokens = max(1, min(int(max_new_tokens), MAX_NEW_TOKENS_LIMIT))
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True)
+    inputs = {k: v.to(model.device) for k, v in inputs.items()}
+    eos = tokenizer.eos_token_id
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos,
+                           pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**inputs, generation_config=gen)
+    latency_s = time.perf_counter() - t0
+    new_ids = out[0, inputs["input_ids"].shape[1]:].tolist()
+    if eos in new_ids:  # anything after eos would be padding
+        new_ids = new_ids[: new_ids.index(eos) + 1]
+    text = tokenizer.decode(new_ids, skip_special_tokens=True)
+    return text, len(new_ids), latency_s
