@@ -70,7 +70,8 @@ class TaskDefinition:
             raise InvalidAnswer(f"does not match the {self.name} answer schema: {err.message}", field=where)
         return dict(answer)
 
-    def messages_for_model(self, messages: Sequence[Mapping[str, str]], *, reasoning: bool = True) -> list[dict[str, str]]:
+    def messages_for_model(self, messages: Sequence[Mapping[str, str]], *,
+                           reasoning: bool = True) -> list[dict[str, str]]:
         """The production messages unchanged, plus the one output-format instruction."""
         out = [{"role": m["role"], "content": m["content"]} for m in messages]
         out.append({"role": "user", "content": REASONED_INSTRUCTION if reasoning else ANSWER_ONLY_INSTRUCTION})
@@ -150,7 +151,7 @@ def _load_file(path: Path) -> TaskDefinition:
         raise UnknownTask(f"task file {path} lacks {exc.args[0]!r}") from None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_tasks(extra_dir: str | None = None) -> dict[str, TaskDefinition]:
     """All task definitions: the built-in ones plus those in ``extra_dir`` (or ``$TIER3_TASKS_DIR``)."""
     dirs = [BUILTIN_TASKS_DIR]

@@ -21,6 +21,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from confluent_kafka.admin import AdminClient
 from pydantic import Field
@@ -213,7 +214,7 @@ def list_topics(bootstrap: str, timeout_s: float = 3.0) -> list[str] | None:
     return sorted(t for t in md.topics if not t.startswith("__"))
 
 
-def _silent_logger() -> object:
+def _silent_logger() -> Any:
     import logging
 
     log = logging.getLogger("tier3.broker.librdkafka")
@@ -251,7 +252,7 @@ def up(s: BrokerSettings | None = None) -> BrokerStatus:
                               "--ignore-formatted"], capture_output=True, text=True)
         if fmt.returncode != 0:
             raise BrokerError(f"formatting the broker storage failed:\n{(fmt.stdout + fmt.stderr)[-3000:]}")
-    out = open(data / "stdout.log", "ab")  # noqa: SIM115 - handed to the child, closed below
+    out = open(data / "stdout.log", "ab")  # handed to the child, closed below
     proc = subprocess.Popen([*jvm, "kafka.Kafka", str(props)], stdout=out, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True, cwd=data)
     out.close()

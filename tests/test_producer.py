@@ -63,7 +63,7 @@ def test_invalid_experience_is_counted_not_raised(make_settings: Callable[..., K
     warnings = [r for r in caplog.records if "invalid experience" in r.getMessage()]
     assert len(warnings) == 1  # logged once per kind, then only counted
     strict = Capture(CaptureSettings(**{**settings.model_dump(), "tier3_capture_strict": True}))
-    with pytest.raises(CaptureError, match="confidence|created_at_ms|messages"):
+    with pytest.raises(CaptureError, match=r"confidence|created_at_ms|messages"):
         strict.publish(bad)
     cap.close()
     strict.close()
