@@ -1,0 +1,427 @@
+"""The Faust worker: sample and enrich experiences, count traces per window, serve /status, /metrics and /.
+
+Agents are a few lines; the work is in :mod:`streams.enrich` (plain functions) and :mod:`streams.inflight`
+(in-order acknowledgement). How no offset is committed before its trace or dead letter is written:
+``docs/guarantees.md``.
+
+Extension points for other parts of ``streams`` (e.g. the router): :data:`STATUS_BLOCKS` (name -> callable
+returning a JSON-able dict, merged into /status) and :data:`APP_HOOKS` (called with the app, settings and state
+when the app is built, to add agents or pages).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import faust
+import orjson
+from faust.types import EventT, StreamT
+
+from schemas import DeadLetter, EnrichedTrace, SchemaError, TrainingRun, decode, encode
+from schemas.settings import TopicSpec
+from streams.enrich import Source, TeacherStats, ToEnrich, dead_letter, enrich, triage
+from streams.inflight import InOrderAcker
+from streams.settings import StreamsSettings
+from streams.teachers import Teacher, make_teacher
+
+log = logging.getLogger("tier3.worker")
+
+STATIC_DIR = Path(__file__).parent / "static"
+COUNT_TABLE = "trace_counts"
+RECENT_RUNS = 20
+
+#: name -> callable returning a JSON-able dict, merged into /status (and /metrics, for numeric leaves)
+STATUS_BLOCKS: dict[str, Callable[[], dict[str, Any]]] = {}
+#: callables run when the app is built: ``hook(app, settings, state)``; they may add agents, timers, pages
+APP_HOOKS: list[Callable[[faust.App, StreamsSettings, WorkerState], None]] = []
+
+
+def _placeholder_router() -> dict[str, Any]:
+    return {"mode": "teacher", "promoted_version": None,
+            "arms": {"teacher": {"count": 0, "confidence_mean": None, "reward_mean": None, "latency_ms_mean": None}}}
+
+
+def changelog_spec(settings: StreamsSettings) -> TopicSpec:
+    """The count table's changelog, created up front with the source's partition count (Faust's rule)."""
+    keep_ms = settings.tier3_window_s * (settings.tier3_recent_windows + 2) * 1000
+    return TopicSpec(f"{settings.faust_app_id}-{COUNT_TABLE}-changelog", settings.tier3_partitions,
+                     {"cleanup.policy": "compact,delete", "retention.ms": str(keep_ms)})
+
+
+class TrainerView:
+    """The trainer block of /status, projected from the training-runs topic."""
+
+    def __init__(self) -> None:
+        self.heartbeat: TrainingRun | None = None
+        self.training_in_progress: bool | None = None
+        self.runs: deque[dict[str, Any]] = deque(maxlen=RECENT_RUNS)
+
+    def apply(self, run: TrainingRun) -> None:
+        if run.event == "heartbeat" or run.training_in_progress is not None:
+            self.heartbeat = run
+            if run.training_in_progress is not None:
+                self.training_in_progress = run.training_in_progress
+        if run.event == "started":
+            self.training_in_progress = True
+        elif run.event in ("succeeded", "failed"):
+            self.training_in_progress = False
+        if run.event != "heartbeat":
+            self.runs.append({"run_id": run.run_id, "event": run.event, "at_ms": run.at_ms,
+                              "model_version": run.model_version,
+                              "metrics": run.details.get("metrics", {}) if isinstance(run.details, dict) else {}})
+
+    def block(self, now_ms: int) -> dict[str, Any]:
+        hb = self.heartbeat
+        next_in: float | None = None
+        if hb is not None and hb.next_check_in_s is not None:
+            next_in = round(max(0.0, hb.next_check_in_s - (now_ms - hb.at_ms) / 1000), 1)
+        return {
+            "tier3_sft": {
+                "training_in_progress": self.training_in_progress,
+                "last_check_time": (hb.last_check_time_ms / 1000 if hb and hb.last_check_time_ms else None),
+                "check_interval_s": hb.check_interval_s if hb else None,
+                "next_check_in_s": next_in,
+            },
+            "runs": list(self.runs),
+        }
+
+
+class WorkerState:
+    """Everything /status and /metrics report; updated by the agents (one asyncio loop, no locks)."""
+
+    def __init__(self, settings: StreamsSettings, teacher: Teacher) -> None:
+        self.settings = settings
+        self.teacher = teacher
+        self.started = time.monotonic()
+        self.counts: Counter[str] = Counter(
+            {"consumed": 0, "sampled": 0, "enriched": 0, "dead_lettered": 0, "not_sampled": 0})
+        self.dead_by_reason: Counter[str] = Counter()
+        self.teacher_stats = TeacherStats()
+        self.trainer = TrainerView()
+        # next offset to commit per experiences partition: one past the last acknowledged message
+        self.acked_offset: dict[int, int] = {}
+        self.lag: Callable[[], dict[str, int]] = dict
+        self.windows: Callable[[], dict[str, Any]] = lambda: {}
+
+    def status(self) -> dict[str, Any]:
+        ts = self.teacher_stats
+        now_ms = int(time.time() * 1000)
+        out: dict[str, Any] = {
+            "app": "tier3-worker",
+            "worker_id": self.settings.worker_id,
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "counts": dict(self.counts),
+            "windows": self.windows(),
+            "lag": {"experiences": self.lag()},
+            "teacher": {"kind": self.teacher.kind, "model": self.teacher.model, "in_flight": ts.in_flight,
+                        "calls": ts.calls, "errors": ts.errors, "error_rate": ts.error_rate,
+                        "latency_ms_p50": ts.percentile_ms(0.50), "latency_ms_p95": ts.percentile_ms(0.95)},
+            "dead_letters": {"count": self.counts["dead_lettered"], "by_reason": dict(self.dead_by_reason)},
+            "trainer": self.trainer.block(now_ms),
+            "router": _placeholder_router(),
+        }
+        for name, fn in STATUS_BLOCKS.items():
+            try:
+                out[name] = fn()
+            except Exception as exc:  # a broken extension must not take /status down
+                out[name] = {"error": type(exc).__name__}
+        return out
+
+
+def metrics_text(status: dict[str, Any]) -> str:
+    """Prometheus text exposition of the /status numbers."""
+    wid = _label(status["worker_id"])
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float | int | None]]) -> None:
+        lines.append(f"# HELP {name} {help_}")
+        lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            if value is None:
+                continue
+            lab = f'worker_id="{wid}"' + (f",{labels}" if labels else "")
+            lines.append(f"{name}{{{lab}}} {float(value):g}" if isinstance(value, float) else
+                         f"{name}{{{lab}}} {value}")
+
+    metric("tier3_worker_uptime_seconds", "gauge", "seconds since the worker started",
+           [("", status["uptime_s"])])
+    for key, value in status["counts"].items():
+        metric(f"tier3_worker_{key}_total", "counter", f"experiences {key.replace('_', ' ')} since start",
+               [("", value)])
+    metric("tier3_worker_dead_letters_total", "counter", "dead letters written since start, by reason",
+           [(f'reason="{_label(r)}"', n) for r, n in status["dead_letters"]["by_reason"].items()])
+    metric("tier3_worker_consumer_lag", "gauge", "messages behind the end of the experiences topic",
+           [(f'partition="{p}"', n) for p, n in status["lag"]["experiences"].items()])
+    cur = status["windows"].get("current") or {}
+    metric("tier3_window_enriched_traces", "gauge", "enriched traces in the current tumbling window, by task",
+           [(f'task="{_label(t)}"', n) for t, n in (cur.get("by_task") or {}).items()])
+    t = status["teacher"]
+    tl = f'kind="{_label(t["kind"])}",model="{_label(t["model"])}"'
+    metric("tier3_teacher_in_flight", "gauge", "teacher calls in flight", [(tl, t["in_flight"])])
+    metric("tier3_teacher_calls_total", "counter", "teacher call attempts", [(tl, t["calls"])])
+    metric("tier3_teacher_errors_total", "counter", "failed teacher call attempts", [(tl, t["errors"])])
+    metric("tier3_teacher_error_rate", "gauge", "failed / all teacher call attempts", [(tl, t["error_rate"])])
+    metric("tier3_teacher_latency_ms", "gauge", "teacher call latency (recent calls)",
+           [(tl + ',quantile="0.5"', t["latency_ms_p50"]), (tl + ',quantile="0.95"', t["latency_ms_p95"])])
+    sft = status["trainer"]["tier3_sft"]
+    metric("tier3_trainer_training_in_progress", "gauge", "1 while the trainer trains (from training-runs)",
+           [("", None if sft["training_in_progress"] is None else int(sft["training_in_progress"]))])
+    metric("tier3_trainer_next_check_in_seconds", "gauge", "seconds to the trainer's next check",
+           [("", sft["next_check_in_s"])])
+    return "\n".join(lines) + "\n"
+
+
+def _label(value: object) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
+
+
+def _window_block(table: Any, settings: StreamsSettings) -> dict[str, Any]:
+    """Current and recent windows of the count table, summed over this worker's partitions. Display only."""
+    size_s = settings.tier3_window_s
+    now = time.time()
+    cur_start = int(now // size_s) * size_s
+    by_window: dict[int, Counter[str]] = {}
+    # keys of a windowed table's store are (key, (window_start, window_end)); key is "<task>@<partition>"
+    for key, value in list(table.data.items()):
+        try:
+            (name, (start, _end)) = key
+            task = str(name).rsplit("@", 1)[0]
+            by_window.setdefault(int(start), Counter())[task] += int(value)
+        except (TypeError, ValueError):
+            continue
+
+    def window(start: int) -> dict[str, Any]:
+        return {"start_ms": start * 1000, "end_ms": (start + size_s) * 1000,
+                "by_task": dict(by_window.get(start, {}))}
+
+    recent = [window(cur_start - i * size_s) for i in range(1, settings.tier3_recent_windows + 1)]
+    return {"size_s": size_s, "current": window(cur_start), "recent": recent}
+
+
+def create_app(settings: StreamsSettings, teacher: Teacher | None = None) -> tuple[faust.App, WorkerState]:
+    """Build the Faust app and its state. Topics must exist already (``streams.topics.ensure_topics``)."""
+    teacher = teacher if teacher is not None else make_teacher(settings)
+    state = WorkerState(settings, teacher)
+    data_dir = settings.tier3_data_dir / "faust" / settings.worker_id
+    data_dir.mkdir(parents=True, exist_ok=True)
+    app = faust.App(
+        settings.faust_app_id,
+        broker=settings.faust_broker_url(),
+        broker_credentials=settings.faust_credentials(),
+        store="memory://",  # the count table is display-only (DESIGN.md); its changelog restores it
+        datadir=str(data_dir),
+        autodiscover=False,
+        topic_partitions=settings.tier3_partitions,
+        topic_replication_factor=settings.tier3_replication_factor,
+        topic_disable_leader=True,
+        processing_guarantee="at_least_once",  # never exactly_once: see docs/guarantees.md
+        producer_acks=-1,  # a trace or dead letter counts as written only when every in-sync replica has it
+        consumer_auto_offset_reset="earliest",
+        broker_commit_interval=settings.tier3_commit_interval_s,
+        web_host=settings.tier3_web_host,
+        web_bind=settings.tier3_web_host,
+        web_port=settings.tier3_web_port,
+        web_stats_enabled=False,
+        web_graph_enabled=False,
+        web_router_enabled=False,
+        web_tables_enabled=False,
+        web_metrics_enabled=False,
+        table_standby_replicas=0,
+    )
+    # raw bytes in: bad input must reach schemas.decode (and the dead letter) exactly as it was written
+    experiences = app.topic(settings.experiences_topic, partitions=settings.tier3_partitions, key_type=bytes,
+                            value_type=bytes, key_serializer="raw", value_serializer="raw")
+    traces = app.topic(settings.traces_topic, partitions=settings.tier3_partitions, key_type=bytes,
+                       value_type=bytes, key_serializer="raw", value_serializer="raw")
+
+    counts = app.Table(COUNT_TABLE, default=int, partitions=settings.tier3_partitions, key_type=str,
+                       value_type=int).tumbling(
+        timedelta(seconds=settings.tier3_window_s),
+        expires=timedelta(seconds=settings.tier3_window_s * (settings.tier3_recent_windows + 2)),
+    ).relative_to_stream()
+    state.windows = lambda: _window_block(counts.table if hasattr(counts, "table") else counts, settings)
+    state.lag = lambda: _lag(app, settings, state)
+
+    @app.agent(experiences, concurrency=1)
+    async def process_experiences(stream: StreamT) -> None:
+        # concurrency=1 on purpose: this one instance acknowledges in offset order (streams/inflight.py)
+        await _process(app, stream.noack(), settings, state)  # type: ignore[attr-defined]
+
+    @app.agent(traces)
+    async def count_traces(stream: StreamT) -> None:
+        async for event in stream.events():
+            task = _task_of(event.value)
+            if task is not None:
+                # keyed per source partition: one partition's writes never overwrite another's count
+                counts[f"{task}@{event.message.partition}"] += 1
+
+    @app.task
+    async def follow_training_runs() -> None:
+        await _follow_training_runs(settings, state)
+
+    @app.page("/status")
+    async def status_view(web: Any, request: Any) -> Any:
+        return web.json(state.status())
+
+    @app.page("/metrics")
+    async def metrics_view(web: Any, request: Any) -> Any:
+        return web.text(metrics_text(state.status()), content_type="text/plain; version=0.0.4")
+
+    # Faust mounts a placeholder index ({"status": "OK"}) at "/" when its statistics pages are off; the
+    # dashboard replaces it (aiohttp refuses two GET handlers for one path)
+    bps = app.web.blueprints
+    bps._enabled = [(p, bp) for p, bp in bps._enabled if "production_index" not in str(bp)]
+
+    @app.page("/")
+    async def index_view(web: Any, request: Any) -> Any:
+        page = STATIC_DIR / "dashboard.html"
+        if page.is_file():
+            return web.html(page.read_text(encoding="utf-8"))
+        return web.json({"app": "tier3-worker", "views": ["/status", "/metrics"]})
+
+    for hook in APP_HOOKS:
+        hook(app, settings, state)
+    return app, state
+
+
+def _task_of(value: bytes | None) -> str | None:
+    try:
+        task = orjson.loads(value or b"").get("task")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return task if isinstance(task, str) else None
+
+
+def _lag(app: faust.App, settings: StreamsSettings, state: WorkerState) -> dict[str, int]:
+    out: dict[str, int] = {}
+    try:
+        assigned = sorted(tp for tp in app.consumer.assignment() if tp.topic == settings.experiences_topic)
+    except Exception:  # not started yet
+        return out
+    committed = getattr(app.consumer, "_committed_offset", {})
+    for tp in assigned:
+        try:
+            hw = app.consumer.highwater(tp)
+        except Exception:
+            continue
+        if hw is None or hw < 0:
+            continue
+        pos = state.acked_offset.get(tp.partition)
+        if pos is None:
+            c = committed.get(tp)
+            pos = c + 1 if c is not None else 0  # Faust stores the last committed offset, not the next one
+        out[str(tp.partition)] = max(0, hw - pos)
+    return out
+
+
+async def _process(app: faust.App, stream: StreamT, settings: StreamsSettings, state: WorkerState) -> None:
+    """Read experiences; start each one's work; acknowledge in order when its output is written."""
+    slots = asyncio.Semaphore(settings.tier3_teacher_concurrency)
+    counts = state.counts
+
+    async def fatal(exc: BaseException) -> None:
+        # e.g. a wrong API key: every experience would fail. Stop without acknowledging: the committed
+        # offsets stay before the failed message, which is redelivered once the configuration is fixed.
+        log.critical("stopping the worker: %s: %s", type(exc).__name__, exc)
+        await app.crash(exc)
+
+    def on_acked(_partition: Any, event: EventT) -> None:
+        state.acked_offset[event.message.partition] = event.message.offset + 1
+
+    acker: InOrderAcker[EventT] = InOrderAcker(stream.ack, settings.max_pending, fatal, on_acked)
+    acker_task = asyncio.ensure_future(acker.run())
+
+    async def write_dead_letter(dl: DeadLetter, source: Source) -> None:
+        fut = await app.producer.send(settings.dead_letters_topic, source.dead_letter_key(), encode(dl),
+                                      None, None, None)
+        await fut  # acknowledged by the broker: only now may the source offset be committed
+        counts["dead_lettered"] += 1
+        state.dead_by_reason[dl.error_kind] += 1
+
+    async def enrich_and_write(item: ToEnrich, raw: bytes, source: Source) -> None:
+        async with slots:
+            out = await enrich(item, raw, source, state.teacher, settings, state.teacher_stats)
+        if isinstance(out, EnrichedTrace):
+            # same partition number as the experience: traces stay co-partitioned with their source
+            fut = await app.producer.send(settings.traces_topic, out.experience_id.encode(), encode(out),
+                                          source.partition, None, None)
+            await fut
+            counts["enriched"] += 1
+        else:
+            await write_dead_letter(out, source)
+
+    try:
+        async for event in stream.events():
+            msg = event.message
+            raw: bytes = msg.value if isinstance(msg.value, bytes) else bytes(msg.value or b"")
+            source = Source(msg.topic, msg.partition, msg.offset, msg.key)
+            counts["consumed"] += 1
+            try:
+                decision = triage(raw, source, settings)
+            except Exception as exc:  # a bug must not stop the stream: dead-letter the message, say why
+                log.exception("triage failed for %s/%s/%s", msg.topic, msg.partition, msg.offset)
+                decision = dead_letter(raw, source, stage="decode", error_kind="internal",
+                                       reason=f"{type(exc).__name__}: {exc}")
+            work: Any
+            if decision is None:
+                counts["not_sampled"] += 1
+                work = None
+            elif isinstance(decision, DeadLetter):
+                work = write_dead_letter(decision, source)
+            else:
+                counts["sampled"] += 1
+                work = enrich_and_write(decision, raw, source)
+            await acker.add(msg.partition, event, work)
+    finally:
+        acker.cancel_all()
+        acker_task.cancel()
+
+
+async def _follow_training_runs(settings: StreamsSettings, state: WorkerState) -> None:
+    """Read training-runs from the beginning, outside the consumer group: every worker sees every event."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    kwargs: dict[str, Any] = {"bootstrap_servers": settings.kafka_bootstrap_servers, "group_id": None,
+                              "enable_auto_commit": False, "auto_offset_reset": "earliest",
+                              "security_protocol": settings.kafka_security_protocol}
+    if settings.kafka_security_protocol.startswith("SASL"):
+        kwargs.update(sasl_mechanism=settings.kafka_sasl_mechanism or "PLAIN",
+                      sasl_plain_username=settings.kafka_sasl_username,
+                      sasl_plain_password=(settings.kafka_sasl_password.get_secret_value()
+                                           if settings.kafka_sasl_password else None))
+    creds = settings.faust_credentials()
+    if creds is not None and getattr(creds, "context", None) is not None:
+        kwargs["ssl_context"] = creds.context
+    while True:
+        consumer = AIOKafkaConsumer(**kwargs)
+        try:
+            await consumer.start()
+            parts = consumer.partitions_for_topic(settings.training_runs_topic) or {0}
+            consumer.assign([TopicPartition(settings.training_runs_topic, p) for p in sorted(parts)])
+            await consumer.seek_to_beginning()
+            while True:
+                batch = await consumer.getmany(timeout_ms=1000)
+                for records in batch.values():
+                    for rec in records:
+                        try:
+                            state.trainer.apply(decode(rec.value or b"", TrainingRun,
+                                                       max_bytes=settings.tier3_max_message_bytes))
+                        except SchemaError as exc:  # not ours to dead-letter (the trainer owns the topic)
+                            log.warning("skipping bad training-runs record at offset %s: %s", rec.offset, exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("training-runs reader: %s: %s; retrying in 5 s", type(exc).__name__, exc)
+            await asyncio.sleep(5)
+        finally:
+            await consumer.stop()
+
+
+__all__ = ["APP_HOOKS", "STATUS_BLOCKS", "WorkerState", "changelog_spec", "create_app", "metrics_text"]

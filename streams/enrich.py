@@ -1,0 +1,205 @@
+"""Enrichment as plain functions: decode and sample one message, ask the teacher (with retries), and build the
+EnrichedTrace or the DeadLetter. No Faust and no Kafka here; :mod:`streams.app` wires these into an agent.
+
+Retry policy (tenacity), per experience:
+
+- 429 / 5xx / timeouts / connection errors (``retryable``): exponential back-off with jitter, for up to
+  ``tier3_teacher_retry_max_s`` seconds. While one experience waits, its slot stays taken, so a teacher outage
+  slows consumption (back-pressure) instead of dropping anything; only after that long is it dead-lettered.
+- an answer that does not parse or does not match the task's answer schema: up to ``tier3_teacher_max_attempts``
+  attempts, then dead-lettered with the parser's reason.
+- 400-class rejections of this prompt, or a prompt the recorded teacher lacks: dead-lettered at once.
+- a wrong key / model / URL (401 / 403 / 404): raised, because every other experience would fail the same way;
+  the worker stops without committing (see docs/guarantees.md).
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
+
+from schemas import DeadLetter, EnrichedTrace, Experience, SchemaError, SourceOffset, TeacherInfo, decode, get_task
+from schemas.messages import DeadLetterStage
+from schemas.tasks import TaskDefinition
+from streams.errors import InvalidTeacherOutput, TeacherConfigError, TeacherError
+from streams.sampling import SampleReason, sample_reason
+from streams.settings import StreamsSettings
+from streams.teachers import Teacher, TeacherReply
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a message was read: dead letters are keyed by it, traces record it."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None = None
+
+    def dead_letter_key(self) -> bytes:
+        return f"{self.topic}/{self.partition}/{self.offset}".encode()
+
+
+@dataclass(frozen=True)
+class ToEnrich:
+    """A valid, sampled experience on its way to the teacher."""
+
+    experience: Experience
+    task: TaskDefinition
+    reason: SampleReason
+
+
+@dataclass
+class TeacherStats:
+    """Live numbers for /status and /metrics (one per worker process; single-threaded asyncio, no locks)."""
+
+    calls: int = 0  # attempts, successful or not
+    errors: int = 0  # attempts that failed, for any reason (transport or invalid output)
+    in_flight: int = 0
+    errors_by_kind: dict[str, int] = field(default_factory=dict)
+    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
+
+    def percentile_ms(self, q: float) -> float | None:
+        if not self.latencies_ms:
+            return None
+        data = sorted(self.latencies_ms)
+        return round(data[min(len(data) - 1, int(q * len(data)))], 3)
+
+    @property
+    def error_rate(self) -> float:
+        return round(self.errors / self.calls, 6) if self.calls else 0.0
+
+
+def dead_letter(raw: bytes, source: Source, *, stage: DeadLetterStage, error_kind: str, reason: str,
+                experience_id: str | None = None, attempts: int = 1) -> DeadLetter:
+    return DeadLetter(
+        stage=stage, reason=reason[:10_000], error_kind=error_kind[:200], failed_at_ms=now_ms(),
+        source_topic=source.topic, source_partition=source.partition, source_offset=source.offset,
+        key_b64=base64.b64encode(source.key).decode() if source.key is not None else None,
+        original_b64=base64.b64encode(raw).decode(), experience_id=experience_id, attempts=attempts)
+
+
+def triage(raw: bytes, source: Source, settings: StreamsSettings) -> ToEnrich | DeadLetter | None:
+    """Decode, validate and sample one message: a ToEnrich, a DeadLetter (bad input), or None (not sampled).
+
+    Never raises on bad bytes: every SchemaError becomes a dead letter with the original bytes.
+    """
+    try:
+        exp = decode(raw, Experience, max_bytes=settings.tier3_max_message_bytes)
+    except SchemaError as exc:
+        return dead_letter(raw, source, stage="decode", error_kind=exc.kind, reason=str(exc))
+    try:
+        task = get_task(exp.task)
+    except SchemaError as exc:
+        return dead_letter(raw, source, stage="validate", error_kind=exc.kind, reason=str(exc),
+                           experience_id=exp.experience_id)
+    reason = sample_reason(exp.experience_id, exp.confidence, rate=settings.tier3_sample_rate,
+                           threshold=settings.tier3_confidence_threshold)
+    if reason is None:
+        return None
+    return ToEnrich(exp, task, reason)
+
+
+@dataclass(frozen=True)
+class TeacherAnswer:
+    reply: TeacherReply
+    reasoning: str
+    answer: dict[str, Any]
+    attempts: int
+    latency_ms: float  # of the successful call
+
+
+class TeacherGaveUp(Exception):
+    """Retries are exhausted (or cannot help); carries the last error and the attempt count."""
+
+    def __init__(self, last: TeacherError, attempts: int, elapsed_s: float) -> None:
+        super().__init__(str(last))
+        self.last = last
+        self.attempts = attempts
+        self.elapsed_s = elapsed_s
+
+
+async def ask_teacher(teacher: Teacher, task: TaskDefinition, experience: Experience, settings: StreamsSettings,
+                      stats: TeacherStats) -> TeacherAnswer:
+    """One experience's teacher call with the retry policy above; raises TeacherGaveUp or TeacherConfigError."""
+    messages = task.messages_for_model([m.model_dump() for m in experience.messages], reasoning=True)
+    invalid_outputs = 0
+    attempts = 0
+    started = time.monotonic()
+
+    async def attempt() -> TeacherAnswer:
+        nonlocal invalid_outputs, attempts
+        attempts += 1
+        stats.calls += 1
+        stats.in_flight += 1
+        t0 = time.perf_counter()
+        try:
+            reply = await teacher.complete(messages)
+            try:
+                reasoning, answer = task.parse_output(reply.text)
+            except SchemaError as exc:
+                invalid_outputs += 1
+                raise InvalidTeacherOutput(f"{exc.kind}: {exc}") from None
+        except TeacherError as exc:
+            stats.errors += 1
+            stats.errors_by_kind[exc.kind] = stats.errors_by_kind.get(exc.kind, 0) + 1
+            raise
+        finally:
+            stats.in_flight -= 1
+        latency_ms = (time.perf_counter() - t0) * 1000
+        stats.latencies_ms.append(latency_ms)
+        return TeacherAnswer(reply, reasoning, answer, attempts, latency_ms)
+
+    def should_stop(state: RetryCallState) -> bool:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, InvalidTeacherOutput):
+            return invalid_outputs >= settings.tier3_teacher_max_attempts
+        return time.monotonic() - started >= settings.tier3_teacher_retry_max_s
+
+    retrying = AsyncRetrying(
+        retry=retry_if_exception(lambda e: isinstance(e, TeacherError) and e.retryable),
+        stop=should_stop,
+        wait=wait_exponential_jitter(initial=settings.tier3_teacher_backoff_initial_s,
+                                     max=settings.tier3_teacher_backoff_max_s,
+                                     jitter=settings.tier3_teacher_backoff_initial_s),
+        reraise=True,
+    )
+    try:
+        return await retrying(attempt)
+    except TeacherConfigError:
+        raise
+    except TeacherError as exc:
+        raise TeacherGaveUp(exc, attempts, time.monotonic() - started) from None
+
+
+async def enrich(item: ToEnrich, raw: bytes, source: Source, teacher: Teacher, settings: StreamsSettings,
+                 stats: TeacherStats) -> EnrichedTrace | DeadLetter:
+    """The trace for one sampled experience, or its dead letter. Raises only TeacherConfigError (fatal)."""
+    exp = item.experience
+    try:
+        got = await ask_teacher(teacher, item.task, exp, settings, stats)
+    except TeacherGaveUp as gave_up:
+        last = gave_up.last
+        stage: DeadLetterStage = "enrich" if isinstance(last, InvalidTeacherOutput) else "teacher"
+        return dead_letter(raw, source, stage=stage, error_kind=last.kind, experience_id=exp.experience_id,
+                           attempts=gave_up.attempts,
+                           reason=f"gave up after {gave_up.attempts} attempt(s) in {gave_up.elapsed_s:.1f} s; "
+                                  f"last error: {last}")
+    return EnrichedTrace(
+        experience_id=exp.experience_id, task=exp.task, enriched_at_ms=now_ms(), sample_reason=item.reason,
+        experience=exp, reasoning=got.reasoning, answer=got.answer,
+        teacher=TeacherInfo(kind=teacher.kind, model=got.reply.model or teacher.model,
+                            latency_ms=round(got.latency_ms, 3), input_tokens=got.reply.input_tokens,
+                            output_tokens=got.reply.output_tokens, attempts=got.attempts,
+                            recorded=teacher.recorded),
+        source=SourceOffset(topic=source.topic, partition=source.partition, offset=source.offset),
+    )

@@ -1,0 +1,102 @@
+"""Bounded work in flight, acknowledged in arrival order per partition (no Faust, no Kafka: unit-testable).
+
+Why: Faust commits, per partition, the highest offset below which every message was acknowledged; but it
+trusts the acknowledgements it is given. With ``concurrency > 1`` two agent instances acknowledge out of
+order, and a crash can then lose the slower message's work. Here one agent instance reads the stream, starts
+the work for each message (teacher call + trace send, or dead-letter send), and hands the message to this
+class; a message is acknowledged only when its own work *and the work of every earlier message of the same
+partition* is finished, i.e. its trace or dead letter has been acknowledged by Kafka. So the committed offset
+never passes a message whose output is not durable, whatever the number of calls in flight.
+
+``max_pending`` bounds the messages read but not yet acknowledged: when a slow or failing teacher holds the
+head of a partition, :meth:`InOrderAcker.add` blocks, the agent stops reading, Faust's stream buffer fills and
+Faust pauses fetching (back-pressure, nothing dropped).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any, Generic, TypeVar
+
+E = TypeVar("E")
+
+
+class InOrderAcker(Generic[E]):
+    def __init__(self, ack: Callable[[E], Awaitable[Any]], max_pending: int,
+                 on_fatal: Callable[[BaseException], Awaitable[None]],
+                 on_acked: Callable[[Hashable, E], None] | None = None) -> None:
+        self._ack = ack
+        self._on_fatal = on_fatal
+        self._on_acked = on_acked
+        self.max_pending = max_pending
+        self._queues: dict[Hashable, deque[tuple[E, asyncio.Future[Any] | None]]] = {}
+        self.pending = 0
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self.failed: BaseException | None = None
+
+    async def add(self, partition: Hashable, event: E, work: Awaitable[Any] | None) -> None:
+        """Register ``event`` (with its work, or None when there is nothing to write); wait while full."""
+        if self.failed is not None:
+            raise RuntimeError("acker stopped after a fatal error") from self.failed
+        q = self._queues.get(partition)
+        if q is None:
+            q = self._queues[partition] = deque()
+        if work is None and not q:
+            # fast path: nothing to write and nothing earlier outstanding, e.g. a message not sampled
+            await self._ack(event)
+            if self._on_acked is not None:
+                self._on_acked(partition, event)
+            return
+        fut = asyncio.ensure_future(work) if work is not None else None
+        q.append((event, fut))
+        self.pending += 1
+        if fut is not None:
+            fut.add_done_callback(self._wake_up)
+        else:
+            self._wake.set()  # it may already be at the head of a queue whose earlier work just finished
+        if self.pending >= self.max_pending:
+            self._room.clear()
+            await self._room.wait()
+            if self.failed is not None:
+                raise RuntimeError("acker stopped after a fatal error") from self.failed
+
+    def _wake_up(self, _fut: asyncio.Future[Any]) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Acknowledge finished heads of each partition's queue; runs as a task beside the agent."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            for partition, q in list(self._queues.items()):
+                while q:
+                    event, fut = q[0]
+                    if fut is not None:
+                        if not fut.done():
+                            break
+                        exc = fut.exception() if not fut.cancelled() else asyncio.CancelledError()
+                        if exc is not None:
+                            # never acknowledge a message whose output was not written: stop here, so the
+                            # committed offset stays before it and it is redelivered after a restart
+                            self.failed = exc
+                            self._room.set()
+                            await self._on_fatal(exc)
+                            return
+                    q.popleft()
+                    self.pending -= 1
+                    await self._ack(event)
+                    if self._on_acked is not None:
+                        self._on_acked(partition, event)
+            if self.pending < self.max_pending:
+                self._room.set()
+
+    def cancel_all(self) -> None:
+        """Cancel outstanding work (shutdown); none of it is acknowledged."""
+        for q in self._queues.values():
+            for _event, fut in q:
+                if fut is not None:
+                    fut.cancel()
