@@ -355,45 +355,73 @@ class RunEvaluation:
 
 def evaluate_holdout(holdout_path: Path, generate: Generate, *, task_name: str | None = None,
                      max_examples: int = 0) -> EvalResult:
-    """Evaluate on a run's ``holdout.jsonl``; ``max_examples`` > 0 evaluates only the first ones."""
+    """Evaluate on a run's ``holdout.jsonl``; ``max_examples`` > 0 evaluates only the first ones. An empty holdout
+    gives ``n_examples == 0`` (the gate rejects it) rather than an error, so the run itself can still commit."""
     file_task, examples = examples_from_holdout(holdout_path)
     if max_examples:
         examples = examples[:max_examples]
-    if not examples:
-        raise EvaluationError(f"the holdout {holdout_path} is empty: nothing to evaluate on", retryable=False)
     return evaluate_examples(get_task(file_task or task_name or "widget_selector"), examples, generate)
+
+
+def evaluate_and_report(settings: CloseLoopSettings, run_id: str, model_version: int | None, adapter_dir: Path,
+                        holdout_path: Path, *, generate: Generate | None = None, read_history: bool = True
+                        ) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Evaluate an adapter on a holdout file and write the report folder; return (metrics, report paths)."""
+    from trainer.gate import fold_runs, now_ms, read_run_events
+
+    if generate is None:
+        generate = model_generator(adapter_dir, settings.tier3_eval_max_new_tokens)
+    result = evaluate_holdout(holdout_path, generate, task_name=settings.tier3_task,
+                              max_examples=settings.tier3_eval_max_examples)
+    metrics = {**result.metrics, "evaluated_at_ms": now_ms(), "holdout_sha256": _sha256_file(holdout_path),
+               "max_new_tokens": settings.tier3_eval_max_new_tokens}
+    history: list[tuple[int, dict[str, Any]]] = []
+    if read_history:
+        history = [(v, m) for v, m in fold_runs(read_run_events(settings)).history() if v != model_version]
+    paths = write_report(settings.reports_dir / run_id, run_id=run_id, model_version=model_version,
+                         result=EvalResult(metrics=metrics, rows=result.rows), history=history)
+    metrics["report_dir"] = str(paths["report_md"].parent)
+    return metrics, paths
+
+
+def evaluation_hook(settings: CloseLoopSettings) -> Callable[[Path, Any, Any], dict[str, Any]]:
+    """The commit protocol's ``RunContext.evaluate``: (adapter dir, BuiltDataset, SFTConfig) -> metrics, stored
+    in the manifest as ``metrics["evaluation"]`` before the offsets are committed."""
+    from trainer.protocol import next_model_version
+
+    def hook(adapter_dir: Path, built: Any, _cfg: Any) -> dict[str, Any]:
+        run_id = Path(adapter_dir).parent.name  # <runs_dir>/<run_id>/adapter
+        version = next_model_version(settings.runs_dir)  # the number train_and_commit gave this run at start
+        metrics, _ = evaluate_and_report(settings, run_id, version, Path(adapter_dir), Path(built.holdout_path))
+        return metrics
+
+    return hook
+
+
+def evaluated_event(run_id: str, manifest: Any, metrics: dict[str, Any]) -> TrainingRun:
+    from trainer.gate import now_ms
+
+    return TrainingRun(run_id=run_id, event="evaluated", at_ms=now_ms(), model_name=manifest.model_name,
+                       model_version=manifest.model_version, base_model=manifest.base_model,
+                       details={"metrics": metrics, "report_dir": metrics.get("report_dir")})
 
 
 def evaluate_run(settings: CloseLoopSettings, run_id: str, *, generate: Generate | None = None,
                  publish: bool = True) -> RunEvaluation:
-    """``tier3 eval RUN_ID``: evaluate a trained run, store the metrics in its manifest (atomically), write the
-    report folder and publish an ``evaluated`` event. ``generate`` defaults to the run's adapter, greedy."""
-    from trainer.gate import fold_runs, now_ms, publish_run_events, read_run_events
+    """``tier3 eval RUN_ID``: evaluate a trained run, store the metrics in its manifest (atomically, as
+    ``metrics["evaluation"]``), write the report folder and publish an ``evaluated`` event."""
+    from trainer.gate import publish_run_events
     from trainer.manifest import find_manifest, write_manifest
 
     run_dir = settings.runs_dir / run_id
     manifest = find_manifest(settings.runs_dir, run_id)
     holdout = Path(manifest.dataset.holdout_path)
     holdout = holdout if holdout.is_absolute() else run_dir / holdout
-    if generate is None:
-        generate = model_generator(run_dir / manifest.adapter_dir, settings.tier3_eval_max_new_tokens)
-    result = evaluate_holdout(holdout, generate, task_name=settings.tier3_task,
-                              max_examples=settings.tier3_eval_max_examples)
-    metrics = {**result.metrics, "evaluated_at_ms": now_ms(), "holdout_sha256": _sha256_file(holdout)}
-    write_manifest(run_dir, manifest.model_copy(update={"metrics": {**manifest.metrics, "eval": metrics}}))
-
-    history = []
+    metrics, paths = evaluate_and_report(settings, run_id, manifest.model_version, run_dir / manifest.adapter_dir,
+                                         holdout, generate=generate, read_history=publish)
+    write_manifest(run_dir, manifest.model_copy(update={"metrics": {**manifest.metrics, "evaluation": metrics}}))
     if publish:
-        history = [(v, m) for v, m in fold_runs(read_run_events(settings)).history() if v != manifest.model_version]
-    paths = write_report(settings.reports_dir / run_id, run_id=run_id, model_version=manifest.model_version,
-                         result=EvalResult(metrics=metrics, rows=result.rows), history=history)
-    if publish:
-        publish_run_events(settings, [TrainingRun(
-            run_id=run_id, event="evaluated", at_ms=now_ms(), model_name=manifest.model_name,
-            model_version=manifest.model_version, base_model=manifest.base_model,
-            details={"metrics": metrics, "report_dir": str(paths["report_md"].parent),
-                     "report": {k: str(v) for k, v in paths.items()}},
-        )])
+        publish_run_events(settings, [evaluated_event(run_id, manifest, metrics)])
     return RunEvaluation(run_id=run_id, model_version=manifest.model_version, metrics=metrics, report_paths=paths)
 
 

@@ -1,0 +1,357 @@
+"""Export a promoted student: merge LoRA, write GGUF (f16 and a quantised type), register it with Ollama.
+
+1. **Merge**: base + adapter (``sft_trainer.load_student``), ``merge_and_unload()``, saved with its tokenizer as
+   safetensors into ``<exports>/<run_id>/merged``.
+2. **GGUF**: llama.cpp's ``convert_hf_to_gguf.py`` writes ``<name>-v<N>-f16.gguf`` and ``<name>-v<N>-<quant>.gguf``
+   (default q8_0, the converter's own ``--outtype``; no compiled llama.cpp is needed). The converter and its
+   ``gguf-py`` are taken from the llama-cpp-python *source* distribution on PyPI (``vendor/llama.cpp``):
+   ``pip download --no-deps --no-binary :all:`` once, only those files extracted into a cache, never built
+   (building llama-cpp-python takes ~10 min on 2 cores). PyPI's ``gguf`` package is too old for the current
+   converter, so the converter runs in a subprocess with its own ``gguf-py`` first on ``sys.path``.
+   A tokenizer trained locally has a pre-tokenizer hash the converter does not know; the model may declare a
+   known name (``tier3_gguf_pre_tokenizer`` in its tokenizer_config.json / config.json, or the setting
+   ``TIER3_GGUF_PRE_TOKENIZER``), used only when the converter's own detection fails.
+3. **Ollama**: when a server answers at ``TIER3_OLLAMA_HOST``, the quantised GGUF is uploaded with the ``ollama``
+   client (``create_blob``: ``POST /api/blobs/sha256:<hex>``) and created as ``<name>:v<N>`` (``create`` with
+   ``files={file name: digest}``), then the stable tag ``<name>:<TIER3_OLLAMA_STABLE_TAG>`` is moved to the same
+   blob. A Modelfile is always written beside the GGUF; without a server the exact ``ollama create`` commands
+   are returned (and printed by the CLI).
+4. An ``exported`` event on training-runs records paths, sizes and sha256 digests.
+
+unsloth's own GGUF saver is not used (it needs a compiled ``llama-quantize`` and, by default, installs system
+packages and clones llama.cpp); ``UNSLOTH_AUTO_INSTALL=0`` is set anyway before anything may import unsloth.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("UNSLOTH_AUTO_INSTALL", "0")  # never let unsloth apt-get / git clone on our behalf
+
+from schemas import TrainingRun
+from trainer.close_loop_settings import CloseLoopSettings
+from trainer.errors import ExportError
+
+PRE_TOKENIZER_KEY = "tier3_gguf_pre_tokenizer"
+CONVERTER_SCRIPT = "convert_hf_to_gguf.py"
+_VENDOR = "vendor/llama.cpp/"
+_CONVERTER_PARTS = (CONVERTER_SCRIPT, "conversion/", "gguf-py/")
+CONVERT_TIMEOUT_S = 3600.0  # a 7B model takes minutes; a hung converter must not hang the trainer forever
+
+# ChatML in Ollama's Go-template syntax (Ollama does not run Jinja chat templates)
+CHATML_OLLAMA_TEMPLATE = (
+    "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
+)
+
+
+def default_tools_dir() -> Path:
+    """A per-user cache shared by every data dir and test (the converter is ~2 MB, its sdist ~75 MB)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "tier3" / "tools"
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # concurrent exports / test workers fetch the converter once
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def ensure_converter(settings: CloseLoopSettings) -> Path:
+    """The folder holding convert_hf_to_gguf.py, conversion/ and gguf-py/ (fetched and extracted once)."""
+    if settings.tier3_llama_cpp_dir is not None:
+        d = Path(settings.tier3_llama_cpp_dir)
+        if not (d / CONVERTER_SCRIPT).is_file():
+            raise ExportError(f"TIER3_LLAMA_CPP_DIR={d} has no {CONVERTER_SCRIPT}")
+        return d
+    version = settings.tier3_llama_cpp_python_version
+    tools = default_tools_dir()
+    target = tools / f"llama.cpp-converter-{version}"
+    if (target / CONVERTER_SCRIPT).is_file():
+        return target
+    with _file_lock(tools / f".llama.cpp-converter-{version}.lock"):
+        if (target / CONVERTER_SCRIPT).is_file():
+            return target
+        with tempfile.TemporaryDirectory(dir=tools, prefix=".fetch-") as tmp:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                   "--disable-pip-version-check", "-q", "-d", tmp, f"llama-cpp-python=={version}"]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+            sdists = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
+            if proc.returncode != 0 or not sdists:
+                raise ExportError(f"could not download the llama-cpp-python {version} source distribution "
+                                  f"(it carries llama.cpp's GGUF converter): {proc.stderr.strip()[-800:]}; "
+                                  "set TIER3_LLAMA_CPP_DIR to a llama.cpp checkout instead", retryable=True)
+            staging = Path(tmp) / "converter"
+            with tarfile.open(sdists[0]) as tar:
+                members = []
+                for m in tar.getmembers():
+                    _, _, rel = m.name.partition(_VENDOR)
+                    if rel and (m.isfile() or m.isdir()) and rel.startswith(_CONVERTER_PARTS):
+                        m.name = rel
+                        members.append(m)
+                tar.extractall(staging, members=members, filter="data")
+            if not (staging / CONVERTER_SCRIPT).is_file():
+                raise ExportError(f"{sdists[0].name} has no {_VENDOR}{CONVERTER_SCRIPT}")
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging, target)  # atomic: a half-extracted converter is never used
+    return target
+
+
+# The converter runs in its own process: its gguf-py must shadow the installed (older) gguf package, and a
+# pre-tokenizer the converter does not know is replaced by the declared one only when detection fails.
+_RUNNER = r"""
+import runpy, sys
+conv_dir, pre = sys.argv[1], sys.argv[2]
+sys.argv = [conv_dir + "/convert_hf_to_gguf.py", *sys.argv[3:]]
+sys.path[:0] = [conv_dir + "/gguf-py", conv_dir]
+import conversion.base as base
+_orig = base.TextModel.get_vocab_base_pre
+def _declared(self, tokenizer):
+    try:
+        return _orig(self, tokenizer)
+    except NotImplementedError:
+        if not pre:
+            raise
+        print(f"tier3: tokenizer hash unknown to the converter; using the declared pre-tokenizer {pre!r}",
+              file=sys.stderr)
+        return pre
+base.TextModel.get_vocab_base_pre = _declared
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def declared_pre_tokenizer(override: str | None, *dirs: Path) -> str:
+    """The setting when given, else ``tier3_gguf_pre_tokenizer`` from the first model folder declaring it."""
+    if override:
+        return override
+    for d in dirs:
+        for name in ("tokenizer_config.json", "config.json"):
+            p = d / name
+            if p.is_file():
+                with contextlib.suppress(ValueError, OSError):
+                    value = json.loads(p.read_text()).get(PRE_TOKENIZER_KEY)
+                    if value:
+                        return str(value)
+    return ""
+
+
+def convert_to_gguf(model_dir: Path, outfile: Path, outtype: str, converter_dir: Path, *,
+                    pre_tokenizer: str = "", model_name: str | None = None) -> Path:
+    """Run llama.cpp's converter on a Hugging Face model folder; write ``outfile`` atomically."""
+    outfile.parent.mkdir(parents=True, exist_ok=True)
+    tmp = outfile.with_name(f".{outfile.name}.tmp")
+    cmd = [sys.executable, "-c", _RUNNER, str(converter_dir), pre_tokenizer, str(model_dir),
+           "--outfile", str(tmp), "--outtype", outtype]
+    if model_name:
+        cmd += ["--model-name", model_name]
+    env = {**os.environ, "NO_LOCAL_GGUF": "1"}  # we put gguf-py on the path ourselves, first
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=CONVERT_TIMEOUT_S, env=env)
+    except subprocess.TimeoutExpired:
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"GGUF conversion ({outtype}) took longer than {CONVERT_TIMEOUT_S:.0f} s",
+                          retryable=True) from None
+    if proc.returncode != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"GGUF conversion ({outtype}) of {model_dir} failed: {proc.stderr.strip()[-1500:]}")
+    os.replace(tmp, outfile)
+    return outfile
+
+
+def merge_adapter(adapter_dir: Path, out_dir: Path) -> Path:
+    """Merge the LoRA adapter into its base model and save both model and tokenizer to ``out_dir``."""
+    from trainer.sft_trainer import load_student
+
+    model, tokenizer = load_student(adapter_dir)
+    merged = model.merge_and_unload()
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    merged.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    # keep the declared GGUF pre-tokenizer with the merged model (the converter reads this folder)
+    pre = declared_pre_tokenizer(None, adapter_dir, *_base_dirs(adapter_dir))
+    if pre:
+        cfg_path = tmp / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        cfg[PRE_TOKENIZER_KEY] = pre
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def _base_dirs(adapter_dir: Path) -> list[Path]:
+    """The base model's folder when the adapter names a local one (for its declared pre-tokenizer)."""
+    out: list[Path] = []
+    for name, key in (("tier3_adapter.json", "base_model"), ("adapter_config.json", "base_model_name_or_path")):
+        p = adapter_dir / name
+        if p.is_file():
+            with contextlib.suppress(ValueError, OSError, KeyError):
+                base = Path(json.loads(p.read_text())[key])
+                if base.is_dir():
+                    out.append(base)
+    return out
+
+
+def file_info(path: Path) -> dict[str, Any]:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return {"path": str(path), "size_bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def gguf_summary(path: Path) -> dict[str, Any]:
+    """Architecture, tensor count and vocabulary size, read back with the GGUF reader."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(path))
+    arch_field = r.get_field("general.architecture")
+    arch = arch_field.contents() if arch_field is not None else None
+    tokens = r.get_field("tokenizer.ggml.tokens")
+    return {"architecture": arch, "n_tensors": len(r.tensors),
+            "vocab_size": len(tokens.data) if tokens is not None else None}
+
+
+# ------------------------------------------------------------------------------------------------ Ollama
+
+
+def ollama_reachable(host: str, timeout_s: float = 2.0) -> str | None:
+    """The server's version when ``GET /api/version`` answers, else None."""
+    import httpx
+
+    try:
+        resp = httpx.get(f"{host.rstrip('/')}/api/version", timeout=timeout_s)
+        resp.raise_for_status()
+        return str(resp.json().get("version", "unknown"))
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def ollama_template(model_dir: Path) -> str | None:
+    """Ollama's Go template for a ChatML model; None lets Ollama use what the GGUF declares."""
+    for name in ("tokenizer_config.json", "chat_template.jinja"):
+        p = model_dir / name
+        if p.is_file() and "<|im_start|>" in p.read_text():
+            return CHATML_OLLAMA_TEMPLATE
+    return None
+
+
+def write_modelfile(path: Path, gguf_file: Path, template: str | None, stop: list[str]) -> Path:
+    lines = [f"FROM ./{gguf_file.name}", "PARAMETER temperature 0"]
+    lines += [f'PARAMETER stop "{s}"' for s in stop]
+    if template:
+        lines.append(f'TEMPLATE """{template}"""')
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class Registration:
+    registered: bool
+    host: str
+    tags: list[str]
+    modelfile: str
+    files: dict[str, str] = field(default_factory=dict)  # GGUF file name -> digest sent to Ollama
+    server_version: str | None = None
+    commands: list[str] = field(default_factory=list)  # what to run by hand when no server answered
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"registered": self.registered, "host": self.host, "tags": self.tags, "modelfile": self.modelfile,
+                "files": self.files, "server_version": self.server_version, "commands": self.commands}
+
+
+def register_with_ollama(settings: CloseLoopSettings, gguf_file: Path, version: int, model_dir: Path
+                         ) -> Registration:
+    """Create ``<name>:v<N>`` (and move the stable tag) on the Ollama server, or say how to do it by hand."""
+    name = settings.tier3_student_name
+    tags = [f"{name}:v{version}"] + ([f"{name}:{settings.tier3_ollama_stable_tag}"]
+                                     if settings.tier3_ollama_stable_tag else [])
+    template = ollama_template(model_dir)
+    stop = ["<|im_end|>"] if template else []
+    modelfile = write_modelfile(gguf_file.parent / "Modelfile", gguf_file, template, stop)
+    server_version = ollama_reachable(settings.tier3_ollama_host)
+    if server_version is None:
+        commands = [f"ollama create {t} -f {modelfile}" for t in tags]
+        return Registration(False, settings.tier3_ollama_host, tags, str(modelfile), commands=commands)
+
+    import ollama
+
+    client = ollama.Client(host=settings.tier3_ollama_host)
+    try:
+        digest = client.create_blob(gguf_file)  # POST /api/blobs/sha256:<hex of the file>
+        files = {gguf_file.name: digest}
+        params: dict[str, Any] = {"temperature": 0, **({"stop": stop} if stop else {})}
+        for tag in tags:  # the stable tag points at the same blob: moving it is one more create
+            client.create(model=tag, files=files, template=template, parameters=params, stream=False)
+    except (ollama.ResponseError, ollama.RequestError, OSError) as exc:
+        raise ExportError(f"Ollama at {settings.tier3_ollama_host} refused {tags[0]}: {exc}", retryable=True
+                          ) from exc
+    return Registration(True, settings.tier3_ollama_host, tags, str(modelfile), files=files,
+                        server_version=server_version)
+
+
+# ------------------------------------------------------------------------------------------------ a run
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    run_id: str
+    model_version: int
+    merged_dir: Path
+    files: dict[str, dict[str, Any]]  # outtype -> {path, size_bytes, sha256}
+    gguf: dict[str, Any]
+    ollama: Registration
+    event: TrainingRun
+
+
+def export_run(settings: CloseLoopSettings, run_id: str, *, publish: bool = True) -> ExportResult:
+    """``tier3 export RUN_ID``: merge, GGUF f16 + quantised, Ollama (or a Modelfile), ``exported`` event."""
+    from trainer.gate import now_ms, publish_run_events
+    from trainer.manifest import find_manifest
+
+    manifest = find_manifest(settings.runs_dir, run_id)
+    version = manifest.model_version
+    adapter_dir = settings.runs_dir / run_id / manifest.adapter_dir
+    out = settings.exports_dir / run_id
+    merged = merge_adapter(adapter_dir, out / "merged")
+    converter = ensure_converter(settings)
+    pre = declared_pre_tokenizer(settings.tier3_gguf_pre_tokenizer, merged, adapter_dir)
+    stem = f"{settings.tier3_student_name.replace('/', '_')}-v{version}"
+    files: dict[str, dict[str, Any]] = {}
+    paths: dict[str, Path] = {}
+    for outtype in dict.fromkeys(["f16", settings.tier3_gguf_quant]):
+        paths[outtype] = convert_to_gguf(merged, out / f"{stem}-{outtype}.gguf", outtype, converter,
+                                         pre_tokenizer=pre, model_name=f"{settings.tier3_student_name}:v{version}")
+        files[outtype] = file_info(paths[outtype])
+    summary = gguf_summary(paths[settings.tier3_gguf_quant])
+    reg = register_with_ollama(settings, paths[settings.tier3_gguf_quant], version, merged)
+    event = TrainingRun(
+        run_id=run_id, event="exported", at_ms=now_ms(), model_name=settings.tier3_student_name,
+        model_version=version, base_model=manifest.base_model,
+        details={"merged_dir": str(merged), "files": files, "gguf": summary, "ollama": reg.as_dict(),
+                 "converter": str(converter), "pre_tokenizer": pre or None},
+    )
+    if publish:
+        publish_run_events(settings, [event])
+    return ExportResult(run_id, version, merged, files, summary, reg, event)
