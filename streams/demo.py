@@ -1,0 +1,773 @@
+"""``tier3 demo``: the whole flywheel on this machine, with the shipped widget-selector example.
+
+What it does, in order:
+
+1. Kafka: brings up the local broker (``tier3 broker up``), unless ``KAFKA_BOOTSTRAP_SERVERS`` names a cluster;
+   creates the four topics under a fresh prefix (``demo-<time>-<id>.``), so running it twice never mixes runs.
+2. The student: ``TIER3_BASE_MODEL`` if set, else the tiny offline Llama that ``trainer/`` builds (a subprocess:
+   ``streams`` never imports ``trainer``).
+3. Starts ``tier3 worker`` (recorded teacher: ``examples/widget_selector/recorded_teacher.jsonl``) and
+   ``tier3 trainer`` as subprocesses, each in its own process group with its log in the demo folder.
+4. Publishes the example experiences through the capture library, spread over ``--publish-seconds``, as the
+   production app would (each stamped with the time it is published).
+5. Follows every stage by reading the topics (experiences, enriched-traces, dead-letters, training-runs), the
+   trainer group's committed offsets and the worker's ``/status``, with one progress bar per stage.
+6. When every sampled experience is enriched (or dead-lettered), every trace is inside a trained model (the
+   trainer's committed offsets reach the end of enriched-traces) and every run has its verdict, it prints a
+   summary table, the evaluation report's path and the status URL, writes ``summary.json``, and stops what it
+   started (unless ``--keep-running``). Ctrl-C at any point stops everything cleanly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import orjson
+import typer
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from schemas import DeadLetter, EnrichedTrace, Experience, TrainingRun, decode
+from schemas.errors import SchemaError
+from schemas.settings import KafkaSettings
+from streams.sampling import sample_reason
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES_DIR = REPO_ROOT / "examples" / "widget_selector"
+STAGES = ("published", "sampled", "enriched", "counted", "training", "evaluated", "promoted/rejected", "exported")
+VERDICTS = ("promoted", "rejected")
+
+console = Console()
+
+
+class DemoError(Exception):
+    """The demo cannot go on (missing example files, a process that died at start, ...)."""
+
+
+# --------------------------------------------------------------------------------------------------- setup
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _available_commands() -> set[str]:
+    """The ``tier3`` commands installed here (the trainer's arrive through an entry-point plugin)."""
+    from streams.cli import app
+
+    names: set[str] = set()
+    for cmd in app.registered_commands:
+        name = cmd.name or (cmd.callback.__name__.replace("_", "-") if cmd.callback else "")
+        names.add(name)
+    return names
+
+
+def load_examples(path: Path, limit: int) -> list[Experience]:
+    if not path.exists():
+        raise DemoError(f"no example experiences at {path} (run examples/widget_selector/make_examples.py)")
+    out = [decode(line, Experience) for line in path.read_bytes().splitlines() if line.strip()]
+    return out[:limit] if limit > 0 else out
+
+
+def _settings_env(settings: KafkaSettings) -> dict[str, str]:
+    """The environment that makes a subprocess use ``settings`` (same names: field == env var)."""
+    env: dict[str, str] = {}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        env[name.upper()] = str(value)
+    return env
+
+
+def build_student(log_path: Path, timeout_s: float = 600.0) -> str:
+    """``TIER3_BASE_MODEL`` if the user set one, else the tiny offline model (built once, cached), by path."""
+    configured = os.environ.get("TIER3_BASE_MODEL")
+    if configured:
+        return configured
+    code = "from trainer.tiny_model import cached_tiny_model; print(cached_tiny_model())"
+    with log_path.open("ab") as log:
+        proc = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=log, timeout=timeout_s,
+                              check=False)
+    if proc.returncode != 0:
+        raise DemoError(f"building the tiny student model failed (exit {proc.returncode}); see {log_path}")
+    return proc.stdout.decode().strip().splitlines()[-1]
+
+
+@dataclass
+class Child:
+    """A process the demo started, in its own process group (so Ctrl-C reaches the demo first, which then stops
+    its children in order)."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        """SIGTERM the group (both the worker and the trainer shut down cleanly on it), SIGKILL after timeout."""
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        # anything left in the group (a helper the child forked) goes too
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        return self.proc.returncode
+
+    def log_tail(self, n: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+def start_child(name: str, args: list[str], env: dict[str, str], log_dir: Path) -> Child:
+    log_path = log_dir / f"{name}.log"
+    log = log_path.open("ab")
+    proc = subprocess.Popen([sys.executable, "-m", "streams.cli", *args], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                            cwd=str(REPO_ROOT))
+    log.close()  # the child holds its own descriptor
+    return Child(name, proc, log_path)
+
+
+# --------------------------------------------------------------------------------------------- monitoring
+
+@dataclass
+class RunInfo:
+    run_id: str
+    events: list[str] = field(default_factory=list)
+    model_version: int | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    report: str | None = None
+    reasons: Any = None
+    error: str | None = None
+    first_ms: int = 0
+
+    @property
+    def verdict(self) -> str | None:
+        for e in reversed(self.events):
+            if e in VERDICTS:
+                return e
+        return None
+
+
+@dataclass
+class Observed:
+    """What the demo has seen so far (written by the monitor thread, read by the display)."""
+
+    experiences: int = 0
+    trace_ids: set[str] = field(default_factory=set)
+    trace_messages: int = 0
+    dead_letters: int = 0
+    dead_by_reason: dict[str, int] = field(default_factory=dict)
+    runs: dict[str, RunInfo] = field(default_factory=dict)
+    heartbeat: TrainingRun | None = None
+    traces_end: dict[int, int] = field(default_factory=dict)  # partition -> end offset (high watermark)
+    committed: dict[int, int] = field(default_factory=dict)  # partition -> the trainer group's committed offset
+    status: dict[str, Any] | None = None
+    status_error: str | None = None
+    errors: list[str] = field(default_factory=list)
+
+    def runs_with(self, event: str) -> list[RunInfo]:
+        return [r for r in self.runs.values() if event in r.events]
+
+    @property
+    def traces_committed(self) -> int:
+        return sum(min(self.committed.get(p, 0), end) for p, end in self.traces_end.items())
+
+    @property
+    def traces_total(self) -> int:
+        return sum(self.traces_end.values())
+
+    def counted(self) -> int:
+        """Enriched traces in the worker's tumbling count table (all windows /status shows)."""
+        w = (self.status or {}).get("windows") or {}
+        wins: dict[Any, dict[str, Any]] = {}
+        for win in [*(w.get("recent") or []), *([w["current"]] if w.get("current") else [])]:
+            wins[win.get("start_ms")] = win
+        return int(sum(sum(v for v in (win.get("by_task") or {}).values() if isinstance(v, (int, float)))
+                       for win in wins.values()))
+
+
+class Monitor(threading.Thread):
+    """Reads the four topics from the beginning, the trainer group's committed offsets and /status."""
+
+    def __init__(self, settings: KafkaSettings, trainer_group: str, status_url: str, obs: Observed) -> None:
+        super().__init__(name="tier3-demo-monitor", daemon=True)
+        self.s, self.group, self.status_url, self.obs = settings, trainer_group, status_url, obs
+        self.stop_event = threading.Event()
+        self.lock = threading.Lock()
+
+    def run(self) -> None:
+        conf = {**self.s.client_config(), "group.id": f"{self.s.tier3_topic_prefix}demo-monitor",
+                "enable.auto.commit": False, "auto.offset.reset": "earliest", "isolation.level": "read_committed"}
+        consumer = Consumer(conf)
+        # the committed-offsets probe: the trainer's group id, but it never subscribes, so it never joins the group
+        probe = Consumer({**self.s.client_config(), "group.id": self.group, "enable.auto.commit": False})
+        http = httpx.Client(timeout=2.0)
+        try:
+            topics = [self.s.experiences_topic, self.s.traces_topic, self.s.dead_letters_topic,
+                      self.s.training_runs_topic]
+            md = consumer.list_topics(timeout=10)
+            assignment = [TopicPartition(t, p, OFFSET_BEGINNING) for t in topics if t in md.topics
+                          for p in md.topics[t].partitions]
+            trace_parts = sorted(md.topics[self.s.traces_topic].partitions) if self.s.traces_topic in md.topics else []
+            consumer.assign(assignment)
+            next_probe = 0.0
+            while not self.stop_event.is_set():
+                for msg in consumer.consume(500, timeout=0.2):
+                    err = msg.error()
+                    if err is not None:
+                        if err.code() != KafkaError._PARTITION_EOF:
+                            self._error(f"monitor: {err}")
+                        continue
+                    self._apply(msg.topic() or "", msg.value() or b"")
+                if time.monotonic() >= next_probe:
+                    next_probe = time.monotonic() + 1.0
+                    self._probe(probe, trace_parts)
+                    self._poll_status(http)
+        except Exception as exc:  # the display must go on: say what broke
+            self._error(f"monitor stopped: {exc!r}")
+        finally:
+            consumer.close()
+            probe.close()
+            http.close()
+
+    def _error(self, text: str) -> None:
+        with self.lock:
+            if text not in self.obs.errors:
+                self.obs.errors.append(text)
+
+    def _apply(self, topic: str, value: bytes) -> None:
+        obs = self.obs
+        try:
+            with self.lock:
+                if topic == self.s.experiences_topic:
+                    obs.experiences += 1
+                elif topic == self.s.traces_topic:
+                    trace = decode(value, EnrichedTrace, max_bytes=self.s.tier3_max_message_bytes * 4)
+                    obs.trace_ids.add(trace.experience_id)
+                    obs.trace_messages += 1
+                elif topic == self.s.dead_letters_topic:
+                    dl = decode(value, DeadLetter, max_bytes=self.s.tier3_max_message_bytes * 4)
+                    obs.dead_letters += 1
+                    obs.dead_by_reason[dl.error_kind] = obs.dead_by_reason.get(dl.error_kind, 0) + 1
+                elif topic == self.s.training_runs_topic:
+                    self._apply_run(decode(value, TrainingRun))
+        except SchemaError as exc:
+            self._error(f"{topic}: undecodable message ({exc.kind})")
+
+    def _apply_run(self, ev: TrainingRun) -> None:
+        if ev.event == "heartbeat":
+            self.obs.heartbeat = ev
+            return
+        run = self.obs.runs.setdefault(ev.run_id, RunInfo(ev.run_id, first_ms=ev.at_ms))
+        run.events.append(ev.event)
+        if ev.model_version is not None:
+            run.model_version = ev.model_version
+        d = ev.details or {}
+        if ev.event == "evaluated":
+            run.metrics = dict(d.get("metrics") or {})
+            report = d.get("report")
+            run.report = (report.get("report_md") if isinstance(report, dict) else None) or d.get("report_dir")
+        if ev.event in VERDICTS:
+            run.reasons = d.get("reasons")
+        if ev.event == "failed":
+            run.error = str(d.get("error") or d.get("reason") or "")[:300]
+
+    def _probe(self, probe: Consumer, parts: list[int]) -> None:
+        if not parts:
+            return
+        try:
+            ends = {p: probe.get_watermark_offsets(TopicPartition(self.s.traces_topic, p), timeout=2)[1]
+                    for p in parts}
+            committed = probe.committed([TopicPartition(self.s.traces_topic, p) for p in parts], timeout=5)
+        except Exception as exc:
+            self._error(f"offset probe: {exc!r}")
+            return
+        with self.lock:
+            self.obs.traces_end = ends
+            self.obs.committed = {tp.partition: max(tp.offset, 0) for tp in committed}
+
+    def _poll_status(self, http: httpx.Client) -> None:
+        try:
+            resp = http.get(self.status_url)
+            resp.raise_for_status()
+            st = resp.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            with self.lock:
+                self.obs.status_error = type(exc).__name__
+            return
+        with self.lock:
+            self.obs.status, self.obs.status_error = st, None
+
+
+# ------------------------------------------------------------------------------------------------ display
+
+class Display:
+    """One progress bar per stage, plus a line of what is happening."""
+
+    def __init__(self, n_examples: int, expected_sampled: int, have_worker: bool, have_trainer: bool) -> None:
+        self.progress = Progress(TextColumn("[bold]{task.description:>18}"), BarColumn(bar_width=36),
+                                 MofNCompleteColumn(), TextColumn("{task.fields[note]}"), TimeElapsedColumn(),
+                                 console=console, expand=False)
+        self.tasks: dict[str, TaskID] = {}
+        totals = {"published": n_examples, "sampled": expected_sampled, "enriched": expected_sampled,
+                  "counted": expected_sampled, "training": None, "evaluated": None, "promoted/rejected": None,
+                  "exported": None}
+        for stage in STAGES:
+            note = ""
+            if not have_worker and stage in ("sampled", "enriched", "counted"):
+                note = "[yellow]worker not installed"
+            if not have_trainer and stage in ("training", "evaluated", "promoted/rejected", "exported"):
+                note = "[yellow]trainer not installed"
+            self.tasks[stage] = self.progress.add_task(stage, total=totals[stage], note=note)
+        self.have_worker, self.have_trainer = have_worker, have_trainer
+        self.line = ""
+        self.last_events: list[str] = []
+
+    def renderable(self) -> Group:
+        return Group(self.progress, *(f"  [dim]{e}[/]" for e in self.last_events[-4:]))
+
+    def update(self, published: int, obs: Observed, expected_sampled: int) -> None:
+        p = self.progress
+        p.update(self.tasks["published"], completed=published)
+        if self.have_worker:
+            counts = (obs.status or {}).get("counts") or {}
+            sampled = int(counts.get("sampled", 0)) if obs.status else len(obs.trace_ids) + obs.dead_letters
+            p.update(self.tasks["sampled"], completed=min(sampled, expected_sampled) if expected_sampled else sampled,
+                     note=f"{counts.get('consumed', '?')} consumed, {counts.get('not_sampled', '?')} not sampled"
+                     if obs.status else f"[yellow]/status: {obs.status_error or 'waiting'}")
+            p.update(self.tasks["enriched"], completed=len(obs.trace_ids),
+                     note=f"{obs.dead_letters} dead-lettered" if obs.dead_letters else "")
+            p.update(self.tasks["counted"], completed=obs.counted(),
+                     note=f"{len(((obs.status or {}).get('windows') or {}).get('recent') or []) + 1} windows"
+                     if obs.status else "")
+        if not self.have_trainer:
+            return
+        hb = obs.heartbeat
+        total = obs.traces_total
+        note = ""
+        if hb is not None and hb.training_in_progress and hb.details.get("total_steps"):
+            run_id = str(hb.details.get("run_id"))[:18]
+            note = f"run {run_id}: step {hb.details.get('step')}/{hb.details['total_steps']}"
+        elif hb is not None and hb.next_check_in_s is not None:
+            note = (f"{hb.details.get('pending_traces', '?')} new traces waiting (>= "
+                    f"{hb.details.get('min_traces', '?')} or {hb.next_check_in_s:.0f} s)")
+        p.update(self.tasks["training"], total=max(total, 1), completed=obs.traces_committed,
+                 note=(note + " · " if note else "") + "traces inside a trained model")
+        ok = obs.runs_with("succeeded")
+        evaluated = obs.runs_with("evaluated")
+        verdicts = [r for r in obs.runs.values() if r.verdict]
+        promoted = obs.runs_with("promoted")
+        exported = obs.runs_with("exported")
+        failed = obs.runs_with("failed")
+        p.update(self.tasks["evaluated"], total=max(len(ok), 1), completed=len(evaluated),
+                 note=f"{len(ok)} runs succeeded" + (f", {len(failed)} failed" if failed else ""))
+        p.update(self.tasks["promoted/rejected"], total=max(len(evaluated), 1), completed=len(verdicts),
+                 note=" · ".join(f"{_version(r)} {r.verdict}" for r in verdicts[-4:]))
+        p.update(self.tasks["exported"], total=max(len(promoted), 1), completed=len(exported),
+                 note="" if promoted else "only promoted versions are exported")
+
+
+def _version(run: RunInfo) -> str:
+    return f"v{run.model_version}" if run.model_version is not None else run.run_id[:12]
+
+
+# ---------------------------------------------------------------------------------------------- the demo
+
+@dataclass
+class DemoState:
+    children: list[Child] = field(default_factory=list)
+    started_broker: bool = False
+    broker_settings: Any = None
+    monitor: Monitor | None = None
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (e.g. from a CI runner) stops the demo like Ctrl-C does."""
+
+    def handler(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def demo(
+    examples: Annotated[int, typer.Option(help="publish only the first N example experiences (0 = all)")] = 0,
+    publish_seconds: Annotated[float, typer.Option(help="spread publishing over this many seconds")] = 60.0,
+    keep_running: Annotated[bool, typer.Option(help="leave the broker, worker and trainer running at the end")]
+    = False,
+    timeout_s: Annotated[float, typer.Option(help="give up waiting for the pipeline after this many seconds")]
+    = 900.0,
+    sample_rate: Annotated[float, typer.Option(help="hash-sampled share of experiences (TIER3_SAMPLE_RATE); "
+                                               "higher than production's 0.15 so the short demo has data")] = 0.3,
+    window_s: Annotated[int, typer.Option(help="tumbling count window (TIER3_WINDOW_S), short for the demo")] = 15,
+    examples_file: Annotated[Path | None, typer.Option(help="Experience JSONL to publish")] = None,
+    recorded_teacher: Annotated[Path | None, typer.Option(help="recorded teacher JSONL (the demo's teacher)")]
+    = None,
+    summary_json: Annotated[Path | None, typer.Option(help="also write the summary here (default: in the demo "
+                                                      "folder)")] = None,
+) -> None:
+    """Run the whole flywheel on this machine: broker, worker, trainer, the example traffic, every stage live."""
+    examples_path = examples_file or EXAMPLES_DIR / "experiences.jsonl"
+    recorded_path = recorded_teacher or EXAMPLES_DIR / "recorded_teacher.jsonl"
+    state = DemoState()
+    exit_code = 0
+    with _sigterm_as_interrupt():
+        try:
+            exit_code = _run(state, examples_path, recorded_path, examples, publish_seconds, keep_running,
+                             timeout_s, sample_rate, window_s, summary_json)
+        except KeyboardInterrupt:
+            console.print("\n[yellow]interrupted: stopping everything the demo started…[/]")
+            exit_code = 130
+            keep_running = False
+        except DemoError as exc:
+            console.print(f"[bold red]demo failed:[/] {exc}")
+            exit_code = 1
+            keep_running = False
+        finally:
+            # a second Ctrl-C must not leave half-stopped processes behind: ignore it while cleaning up
+            old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                _cleanup(state, keep_running)
+            finally:
+                signal.signal(signal.SIGINT, old)
+    if exit_code:
+        raise typer.Exit(exit_code)
+
+
+def _cleanup(state: DemoState, keep_running: bool) -> None:
+    if state.monitor is not None:
+        state.monitor.stop_event.set()
+        state.monitor.join(10)
+    if keep_running:
+        return
+    for child in reversed(state.children):  # trainer first, then the worker
+        if child.alive():
+            console.print(f"stopping {child.name} (pid {child.pid})")
+        child.stop()
+    if state.started_broker:
+        from streams import broker as broker_mod
+
+        console.print("stopping the local broker the demo started")
+        broker_mod.down(state.broker_settings)
+
+
+def _run(state: DemoState, examples_path: Path, recorded_path: Path, limit: int, publish_seconds: float,
+         keep_running: bool, timeout_s: float, sample_rate: float, window_s: int, summary_json: Path | None) -> int:
+    from streams.producer import Capture, CaptureSettings
+    from streams.topics import ensure_topics
+
+    t_start = time.monotonic()
+    experiences = load_examples(examples_path, limit)
+    if not recorded_path.exists():
+        raise DemoError(f"no recorded teacher answers at {recorded_path}")
+    base = KafkaSettings()
+    run_name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    prefix = f"{run_name}."
+    demo_dir = (base.tier3_data_dir / "demo" / run_name).resolve()
+    demo_dir.mkdir(parents=True, exist_ok=True)
+    settings = base.model_copy(update={"tier3_topic_prefix": prefix, "tier3_data_dir": demo_dir})
+    console.rule(f"[bold]tier3 demo[/] · {len(experiences)} widget-selector experiences over {publish_seconds:.0f} s")
+
+    # 1. Kafka
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        console.print(f"Kafka: the configured cluster at [bold]{settings.kafka_bootstrap_servers}[/]")
+    else:
+        from streams import broker as broker_mod
+
+        state.broker_settings = broker_mod.BrokerSettings()
+        st = broker_mod.status(state.broker_settings)
+        if st.running:  # ours from an earlier `tier3 broker up`, or another broker on that port: use it, leave it
+            console.print(f"Kafka: a broker already answers at [bold]{st.bootstrap}[/]; using it")
+        else:
+            with console.status("starting the local Kafka broker (the first time resolves its jars with Maven)…"):
+                st = broker_mod.up(state.broker_settings)
+            state.started_broker = True
+            console.print(f"Kafka {st.version}: started a local broker at [bold]{st.bootstrap}[/]")
+        settings = settings.model_copy(update={"kafka_bootstrap_servers": st.bootstrap})
+    ensure_topics(settings)
+    console.print(f"topics: [bold]{prefix}[/]{{experiences, enriched-traces, dead-letters, training-runs}}")
+
+    # which experiences the worker will sample: the same pure function it uses
+    expected_sampled = sum(sample_reason(e.experience_id, e.confidence, rate=sample_rate) is not None
+                           for e in experiences)
+    commands = _available_commands()
+    have_worker, have_trainer = "worker" in commands, "trainer" in commands
+    missing = [c for c, ok in (("tier3 worker", have_worker), ("tier3 trainer", have_trainer)) if not ok]
+    if missing:
+        console.print(f"[yellow]not installed here: {', '.join(missing)} — those stages are skipped[/]")
+
+    env = {**os.environ, **_settings_env(settings), "PYTHONUNBUFFERED": "1"}
+    web_port = _free_port()
+    status_url = f"http://127.0.0.1:{web_port}/status"
+    trainer_group = f"{prefix}trainer"
+
+    # 2. the student, 3. the processes
+    student = None
+    if have_trainer:
+        with console.status("building the tiny student model (cached after the first time)…"):
+            student = build_student(demo_dir / "student-build.log")
+        console.print(f"student base model: [bold]{student}[/]")
+    if have_worker:
+        worker_env = {**env, "TIER3_TEACHER": "recorded", "TIER3_TEACHER_RECORDED_PATH": str(recorded_path.resolve()),
+                      "TIER3_WEB_HOST": "127.0.0.1", "TIER3_WEB_PORT": str(web_port),
+                      "TIER3_WORKER_ID": f"{run_name}-worker", "TIER3_SAMPLE_RATE": str(sample_rate),
+                      "TIER3_WINDOW_S": str(window_s), "TIER3_RECENT_WINDOWS": "40"}
+        state.children.append(start_child("worker", ["worker"], worker_env, demo_dir))
+    if have_trainer:
+        assert student is not None
+        # Two runs in a typical demo: the first when half the traces are there, the second for the rest (by
+        # count or by the check interval, whichever comes first), so the flywheel shows two model versions.
+        min_traces = max(8, (expected_sampled + 1) // 2)
+        trainer_env = {**env, "TIER3_BASE_MODEL": student, "TIER3_TRAINER_GROUP": trainer_group,
+                       "TIER3_MIN_TRACES": str(min_traces),
+                       "TIER3_CHECK_INTERVAL_S": str(max(10.0, publish_seconds / 2 + 5)),
+                       "TIER3_TRAINER_STATUS_INTERVAL_S": "1", "TIER3_TRAINER_BACKOFF_INITIAL_S": "2",
+                       "TIER3_TRAINER_BACKOFF_MAX_S": "10"}
+        state.children.append(start_child("trainer", ["trainer"], trainer_env, demo_dir))
+    for child in state.children:
+        console.print(f"started {child.name} (pid {child.pid}), log: {child.log_path}")
+    if have_worker:
+        console.print(f"status: [bold]{status_url}[/]   dashboard: [bold]http://127.0.0.1:{web_port}/[/]")
+
+    obs = Observed()
+    state.monitor = Monitor(settings, trainer_group, status_url, obs)
+    state.monitor.start()
+    display = Display(len(experiences), expected_sampled, have_worker, have_trainer)
+
+    # 4. publish, 5. follow
+    capture = Capture(CaptureSettings.model_validate(settings.model_dump()))
+    seen_events = 0
+    deadline = time.monotonic() + publish_seconds + timeout_s
+    done_reason = "timed out"
+    with Live(display.renderable(), console=console, refresh_per_second=4, transient=False) as live:
+        t0 = time.monotonic()
+        i = 0
+        while True:
+            now = time.monotonic()
+            # publish the ones that are due: evenly spread over publish_seconds
+            due = len(experiences) if publish_seconds <= 0 else int(len(experiences) * (now - t0) / publish_seconds)
+            while i < min(due, len(experiences)):
+                e = experiences[i]
+                capture.publish(e.model_copy(update={"created_at_ms": int(time.time() * 1000)}))
+                i += 1
+            if i == len(experiences):
+                capture.flush(0)
+            for child in state.children:
+                if not child.alive():
+                    raise DemoError(f"{child.name} exited with code {child.proc.returncode}; its log "
+                                    f"({child.log_path}) ends with:\n{child.log_tail()}")
+            with state.monitor.lock:
+                display.update(capture.stats().delivered, obs, expected_sampled)
+                seen_events = _narrate(display, obs, seen_events)
+                finished, why = _finished(obs, i == len(experiences), capture.stats().delivered, len(experiences),
+                                          expected_sampled, have_worker, have_trainer)
+            live.update(display.renderable())
+            if finished:
+                done_reason = why
+                break
+            if now > deadline:
+                break
+            time.sleep(0.25)
+        capture.close()
+        display.update(capture.stats().delivered, obs, expected_sampled)
+        live.update(display.renderable())
+
+    # 6. summary
+    with state.monitor.lock:
+        summary = _summary(obs, settings, run_name, demo_dir, status_url, trainer_group, len(experiences),
+                           capture.stats().as_dict(), expected_sampled, state, done_reason, missing,
+                           time.monotonic() - t_start, keep_running, have_worker)
+    _print_summary(summary, obs)
+    path = summary_json or demo_dir / "summary.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+    if path != demo_dir / "summary.json":
+        (demo_dir / "summary.json").write_bytes(path.read_bytes())
+    console.print(f"summary: {path}")
+    if keep_running:
+        pids = ", ".join(f"{c.name} {c.pid}" for c in state.children)
+        console.print(f"[bold]still running[/] ({pids}); stop them with `kill <pid>`"
+                      + (" and the broker with `tier3 broker down`" if state.started_broker else ""))
+    return 0 if done_reason == "complete" else 1
+
+
+def _narrate(display: Display, obs: Observed, seen: int) -> int:
+    """One line per lifecycle event (also what a non-terminal log shows)."""
+    events = sorted(((r.first_ms, r) for r in obs.runs.values()), key=lambda x: x[0])
+    lines: list[str] = []
+    for _, r in events:
+        for ev in r.events:
+            text = f"{_version(r)} {ev}"
+            if ev == "evaluated" and r.metrics:
+                text += " · " + ", ".join(f"{k} {v:.2f}" for k, v in _headline_metrics(r.metrics).items())
+            if ev == "failed" and r.error:
+                text += f" · {r.error[:100]}"
+            lines.append(f"{r.run_id[:24]}: {text}")
+    for line in lines[seen:]:
+        display.last_events.append(line)
+        if not console.is_terminal:
+            console.print(line)
+    return len(lines)
+
+
+def _headline_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    flat: dict[str, float] = {}
+
+    def walk(d: dict[str, Any], prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                flat[f"{prefix}{k}"] = float(v)
+
+    walk(metrics, "")
+    wanted = ("json_valid_rate", "schema_valid_rate", "f1", "field_f1", "exact_match", "baseline_f1",
+              "baseline_field_f1", "latency_ms_p95")
+    out = {}
+    for w in wanted:
+        for k, v in flat.items():
+            if k == w or k.endswith("." + w):
+                out[k] = v
+                break
+    return out
+
+
+def _finished(obs: Observed, all_published: bool, delivered: int, n: int, expected_sampled: int,
+              have_worker: bool, have_trainer: bool) -> tuple[bool, str]:
+    """Is every stage done? (A run that started is waited for to its verdict; exported only when promoted.)"""
+    if not all_published or delivered < n:
+        return False, ""
+    if not have_worker:
+        return True, "complete"
+    if len(obs.trace_ids) + obs.dead_letters < expected_sampled:
+        return False, ""
+    if not have_trainer:
+        return True, "complete"
+    if obs.traces_total == 0 or obs.traces_committed < obs.traces_total:
+        return False, ""
+    for r in obs.runs.values():
+        if "started" in r.events and not {"succeeded", "failed"} & set(r.events):
+            return False, ""  # still training
+        if "succeeded" in r.events:
+            if "evaluated" in r.events and r.verdict is None:
+                return False, ""  # waiting for the gate
+            if r.verdict == "promoted" and "exported" not in r.events and "failed" not in r.events[-1:]:
+                return False, ""  # waiting for the export
+    hb = obs.heartbeat
+    if hb is not None and hb.training_in_progress:
+        return False, ""
+    return True, "complete"
+
+
+def _summary(obs: Observed, settings: KafkaSettings, run_name: str, demo_dir: Path, status_url: str,
+             trainer_group: str, n: int, capture_stats: dict[str, int], expected_sampled: int, state: DemoState,
+             done_reason: str, missing: list[str], wall_s: float, keep_running: bool, have_worker: bool
+             ) -> dict[str, Any]:
+    runs = sorted(obs.runs.values(), key=lambda r: r.first_ms)
+    reports = [r.report for r in runs if r.report]
+    counts = (obs.status or {}).get("counts") or {}
+    return {
+        "result": done_reason,
+        "run_name": run_name,
+        "topic_prefix": settings.tier3_topic_prefix,
+        "bootstrap": settings.kafka_bootstrap_servers,
+        "demo_dir": str(demo_dir),
+        "status_url": status_url if have_worker else None,
+        "dashboard_url": status_url.removesuffix("status") if have_worker else None,
+        "wall_s": round(wall_s, 1),
+        "missing": missing,
+        "published": capture_stats,
+        "experiences_in_log": obs.experiences,
+        "expected_sampled": expected_sampled,
+        "worker_counts": counts,
+        "traces": {"distinct": len(obs.trace_ids), "messages": obs.trace_messages},
+        "counted_in_windows": obs.counted(),
+        "dead_letters": {"count": obs.dead_letters, "by_reason": obs.dead_by_reason},
+        "trainer_group": trainer_group,
+        "offsets": {"topic": settings.traces_topic, "end": {str(p): o for p, o in sorted(obs.traces_end.items())},
+                    "committed": {str(p): o for p, o in sorted(obs.committed.items())},
+                    "all_committed": bool(obs.traces_end) and obs.traces_committed == obs.traces_total},
+        "runs": [{"run_id": r.run_id, "model_version": r.model_version, "events": r.events, "verdict": r.verdict,
+                  "metrics": r.metrics, "report": r.report, "reasons": r.reasons, "error": r.error} for r in runs],
+        "evaluation_report": reports[-1] if reports else None,
+        "processes": [{"name": c.name, "pid": c.pid, "log": str(c.log_path)} for c in state.children],
+        "kept_running": keep_running,
+        "errors": obs.errors,
+    }
+
+
+def _print_summary(s: dict[str, Any], obs: Observed) -> None:
+    table = Table(title="tier3 demo: summary", show_header=True, header_style="bold")
+    table.add_column("stage")
+    table.add_column("result", justify="right")
+    table.add_column("detail")
+    pub = s["published"]
+    table.add_row("published", str(pub.get("delivered", 0)), f"of {pub.get('sent', 0)} sent; "
+                  f"{pub.get('dropped', 0)} dropped, {pub.get('failed', 0)} failed")
+    wc = s["worker_counts"]
+    table.add_row("sampled", str(wc.get("sampled", "?")), f"expected {s['expected_sampled']} "
+                  f"(hash share + confidence > 0.8); {wc.get('not_sampled', '?')} not sampled")
+    table.add_row("enriched", str(s["traces"]["distinct"]), f"{s['traces']['messages']} trace messages (recorded "
+                  "teacher)")
+    table.add_row("dead letters", str(s["dead_letters"]["count"]),
+                  ", ".join(f"{k} {v}" for k, v in s["dead_letters"]["by_reason"].items()) or "-")
+    table.add_row("counted", str(s["counted_in_windows"]), "enriched traces in the worker's tumbling windows")
+    off = s["offsets"]
+    table.add_row("committed", f"{sum(min(off['committed'].get(p, 0), e) for p, e in off['end'].items())}"
+                  f"/{sum(off['end'].values())}", "traces inside a trained model (trainer group's offsets)")
+    for r in s["runs"]:
+        m = _headline_metrics(r["metrics"])
+        detail = ", ".join(f"{k} {v:.2f}" for k, v in m.items()) or (r["error"] or "")
+        table.add_row(f"run {r['model_version'] if r['model_version'] is not None else '?'}",
+                      r["verdict"] or r["events"][-1] if r["events"] else "-", detail)
+    console.print(table)
+    if s["result"] != "complete":
+        console.print(f"[yellow]the pipeline did not finish: {s['result']}[/]")
+    if s["missing"]:
+        console.print(f"[yellow]not installed: {', '.join(s['missing'])}[/]")
+    for e in s["errors"]:
+        console.print(f"[yellow]{e}[/]")
+    console.print(f"evaluation report: [bold]{s['evaluation_report'] or '(none yet)'}[/]")
+    if s["status_url"]:
+        alive = " (still running)" if s["kept_running"] else " (the worker has been stopped)"
+        console.print(f"status: [bold]{s['status_url']}[/]{alive}   dashboard: {s['dashboard_url']}")
+    console.print(f"logs and state: {s['demo_dir']}")
