@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -53,7 +54,7 @@ def test_ids_round_trip_after_save_and_load(tiny: Path) -> None:
 def test_special_tokens_chat_template_and_gguf_declaration(tiny: Path) -> None:
     from transformers import AutoConfig, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tiny)
+    tok: Any = AutoTokenizer.from_pretrained(tiny)
     cfg = AutoConfig.from_pretrained(tiny)
     assert cfg.model_type == "llama"
     assert tok.eos_token == EOT_TOKEN and cfg.eos_token_id == tok.eos_token_id
@@ -61,11 +62,11 @@ def test_special_tokens_chat_template_and_gguf_declaration(tiny: Path) -> None:
     assert len(tok) <= cfg.vocab_size
     msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
             {"role": "assistant", "content": "<answer>\n{}\n</answer>"}]
-    out = tok.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    out: Any = tok.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     masked = [i for i, m in zip(out["input_ids"], out["assistant_masks"], strict=True) if m]
     assert masked[-1] == tok.eos_token_id  # the end-of-turn token is a training target
     assert tok.decode(masked) == "<answer>\n{}\n</answer>" + EOT_TOKEN
-    prompt = tok.apply_chat_template(msgs[:2], tokenize=False, add_generation_prompt=True)
+    prompt: Any = tok.apply_chat_template(msgs[:2], tokenize=False, add_generation_prompt=True)
     assert prompt.endswith("<|im_start|>assistant\n")
     # llama.cpp's GGUF converter cannot recognise a freshly trained pre-tokenizer: the folder declares one
     assert json.loads((tiny / "tokenizer_config.json").read_text())["tier3_gguf_pre_tokenizer"] == GGUF_PRE_TOKENIZER

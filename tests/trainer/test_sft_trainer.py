@@ -1,0 +1,172 @@
+"""LoRA SFT on the tiny model: weights, loss mask, curriculum, atomic adapter, load + generate.
+
+One full run (100 traces, the default curriculum answer:1 + reasoning:2) is shared by the module's tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from trainer.dataset import BuiltDataset, build_dataset, inference_messages, phase_examples
+from trainer.errors import BackendUnavailable, EmptyDataset
+from trainer.sft_config import Phase, SFTConfig
+from trainer.sft_trainer import (
+    ADAPTER_DIR,
+    IGNORE_INDEX,
+    TrainResult,
+    choose_backend,
+    generate,
+    load_student,
+    make_lora_model,
+    make_trl_trainer,
+    train,
+)
+from trainer.synthetic import synthetic_traces
+from trainer.tiny_model import cached_tiny_model
+
+
+@dataclass
+class Run:
+    base: Path
+    base_sha256: str
+    cfg: SFTConfig
+    dataset: BuiltDataset
+    result: TrainResult
+    steps_seen: list[tuple[int, int]]
+    out_dir: Path
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    base = cached_tiny_model()
+    base_sha = _sha(base / "model.safetensors")
+    cfg = SFTConfig(tier3_base_model=str(base), tier3_backend="auto", tier3_learning_rate=2e-3)
+    out = tmp_path_factory.mktemp("run")
+    ds = build_dataset(synthetic_traces(100), cfg, out / "data")
+    steps: list[tuple[int, int]] = []
+    result = train(ds, cfg, out, on_step=lambda s, t: steps.append((s, t)))
+    return Run(base, base_sha, cfg, ds, result, steps, out)
+
+
+@pytest.mark.slow
+def test_result_progress_and_curriculum(run: Run) -> None:
+    r = run.result
+    assert r.backend == "trl"  # no CUDA here
+    assert "unsloth" not in sys.modules  # never imported without CUDA
+    assert r.adapter_dir == run.out_dir / ADAPTER_DIR and r.adapter_dir.is_dir()
+    assert list(r.phase_losses) == ["1:answer", "2:reasoning"]
+    total = run.steps_seen[-1][1]
+    assert run.steps_seen[-1] == (total, total) and r.steps == total
+    assert [s for s, _ in run.steps_seen] == sorted(s for s, _ in run.steps_seen)
+    assert r.tokens > 0 and r.train_loss > 0 and r.wall_s > 0
+    hp = r.hyperparameters
+    assert hp["tier3_lora_r"] == 16 and hp["tier3_lora_target_modules"] == "all-linear"
+    assert hp["phases"] == [{"kind": "answer", "epochs": 1.0}, {"kind": "reasoning", "epochs": 2.0}]
+    assert hp["n_examples"] == {"answer": run.dataset.n_train, "reasoning": run.dataset.n_train}
+    assert hp["tier3_base_model"] == str(run.base)
+    # published atomically: nothing but the adapter and the dataset is left in the run folder
+    assert sorted(p.name for p in run.out_dir.iterdir()) == sorted([ADAPTER_DIR, "data"])
+
+
+@pytest.mark.slow
+def test_lora_weights_changed_and_base_weights_did_not(run: Run) -> None:
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    assert _sha(run.base / "model.safetensors") == run.base_sha256  # the base folder is untouched
+    saved = load_file(str(run.result.adapter_dir / "adapter_model.safetensors"))
+    assert saved and all("lora_" in k for k in saved)  # the adapter holds LoRA weights only
+    # what LoRA started from: the same seed gives the same initial A (and B is zero at init)
+    init = make_lora_model(AutoModelForCausalLM.from_pretrained(run.base), run.cfg)
+    init_sd = {k: v for k, v in init.state_dict().items() if "lora_" in k}
+    model, _ = load_student(run.result.adapter_dir)
+    trained = model.state_dict()
+    lora_keys = [k for k in trained if "lora_" in k]
+    assert len(lora_keys) == len(init_sd) > 0
+    assert all(not torch.equal(trained[k], init_sd[k]) for k in lora_keys if "lora_B" in k)
+    assert any(not torch.equal(trained[k], init_sd[k]) for k in lora_keys if "lora_A" in k)
+    base = AutoModelForCausalLM.from_pretrained(run.base).state_dict()
+    for k, v in trained.items():
+        if "lora_" in k:
+            continue
+        base_key = k.replace("base_model.model.", "", 1).replace(".base_layer", "")
+        assert torch.equal(v, base[base_key]), k
+
+
+@pytest.mark.slow
+def test_adapter_loads_and_generates_greedily(run: Run) -> None:
+    model, tok = load_student(run.result.adapter_dir)
+    exp = synthetic_traces(1, seed=99)[0].experience
+    msgs = inference_messages(exp, reasoning=True)
+    text, n_tokens, latency_s = generate(model, tok, msgs, max_new_tokens=12)
+    assert isinstance(text, str) and 1 <= n_tokens <= 12 and latency_s > 0
+    assert (text, n_tokens) == generate(model, tok, msgs, max_new_tokens=12)[:2]  # greedy: deterministic
+    assert tok.chat_template == cached_tiny_model_template()
+
+
+def cached_tiny_model_template() -> str:
+    from transformers import AutoTokenizer
+
+    return str(AutoTokenizer.from_pretrained(cached_tiny_model()).chat_template)
+
+
+@pytest.mark.slow
+def test_end_of_turn_token_is_in_the_loss_mask(run: Run, tmp_path: Path) -> None:
+    """The labels the trainer really builds: assistant tokens (end-of-turn included) are targets, the prompt
+    is not, so the student learns to stop."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok: Any = AutoTokenizer.from_pretrained(run.base)
+    model = make_lora_model(AutoModelForCausalLM.from_pretrained(run.base), run.cfg)
+    for kind in ("answer", "reasoning"):
+        examples = phase_examples(run.dataset, kind)[:6]
+        trainer = make_trl_trainer(model, tok, examples, run.cfg, Phase(kind, 1.0), tmp_path, on_cuda=False)
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(examples))])
+        for ids, labels, ex in zip(batch["input_ids"].tolist(), batch["labels"].tolist(), examples, strict=True):
+            targets = [(i, t) for i, t in zip(ids, labels, strict=True) if t != IGNORE_INDEX]
+            assert all(i == t for i, t in targets)
+            target_ids = [i for i, _ in targets]
+            assert target_ids[-1] == tok.eos_token_id  # the last target is the end-of-turn token
+            assert tok.decode(target_ids) == ex["messages"][-1]["content"] + tok.eos_token
+            assert ids.count(tok.eos_token_id) > target_ids.count(tok.eos_token_id)  # prompt turns: not targets
+
+
+def test_empty_dataset_and_unavailable_backend_fail_before_training(tmp_path: Path) -> None:
+    cfg = SFTConfig(tier3_base_model="unused", tier3_holdout_fraction=0.999)
+    ds = build_dataset(synthetic_traces(3), cfg, tmp_path / "data")
+    with pytest.raises(EmptyDataset) as e:
+        train(ds, cfg, tmp_path)
+    assert e.value.retryable is False
+    assert not (tmp_path / ADAPTER_DIR).exists()
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailable, match="CUDA"):
+            choose_backend(SFTConfig(tier3_base_model="unused", tier3_backend="unsloth"))
+        assert choose_backend(SFTConfig(tier3_base_model="unused")) == "trl"
+        assert "unsloth" not in sys.modules
+
+
+@pytest.mark.slow
+def test_a_failed_run_leaves_the_previous_adapter_in_place(run: Run, tmp_path: Path) -> None:
+    """A run whose base model cannot load raises a fatal error and publishes nothing."""
+    from trainer.errors import BaseModelError
+
+    cfg = run.cfg.model_copy(update={"tier3_base_model": str(tmp_path / "missing-model")})
+    ds = replace(run.dataset)
+    with pytest.raises(BaseModelError) as e:
+        train(ds, cfg, tmp_path)
+    assert e.value.retryable is False
+    assert not (tmp_path / ADAPTER_DIR).exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".adapter", ".scratch"))]
