@@ -1,0 +1,122 @@
+"""``tier3 dlq``: look at dead letters, and re-drive the ones a retry can fix.
+
+A dead letter carries the original bytes exactly as read, the stage that failed and the reason. Re-driving
+publishes those bytes again, with their original key, to the topic they came from (an experience whose teacher
+was down for too long goes back to ``experiences`` and is sampled and enriched again: sampling is deterministic,
+and the trainer deduplicates by experience_id). Re-driving does not delete anything: the dead-letter log is
+kept for its retention, and each re-drive is itself visible in the source topic.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from typing import Annotated
+
+import typer
+from confluent_kafka import Consumer, Producer, TopicPartition
+from rich.console import Console
+from rich.table import Table
+
+from schemas.codec import decode
+from schemas.errors import SchemaError
+from schemas.messages import DeadLetter
+from schemas.settings import RELIABLE_PRODUCER, KafkaSettings
+
+console = Console()
+
+
+@dataclass(frozen=True)
+class Letter:
+    partition: int
+    offset: int
+    letter: DeadLetter | None  # None: the dead letter itself is unreadable (shown, never re-driven)
+    raw: bytes
+
+
+def read_dead_letters(settings: KafkaSettings, timeout_s: float = 10.0) -> list[Letter]:
+    """Every dead letter currently in the topic, read with assign() (no group, no commits)."""
+    topic = settings.dead_letters_topic
+    consumer = Consumer({**settings.client_config(), "group.id": f"tier3-dlq-{uuid.uuid4().hex}",
+                         "enable.auto.commit": False})
+    try:
+        md = consumer.list_topics(topic, timeout=timeout_s)
+        if topic not in md.topics or md.topics[topic].error is not None:
+            return []
+        ends: dict[int, int] = {}
+        for p in md.topics[topic].partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)
+            if high > low:
+                ends[p] = high
+        consumer.assign([TopicPartition(topic, p, 0) for p in ends])
+        out: list[Letter] = []
+        done: set[int] = set()
+        deadline = time.monotonic() + timeout_s + len(ends)
+        while len(done) < len(ends) and time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is None or msg.error() is not None:
+                continue
+            raw = msg.value() or b""
+            try:
+                letter: DeadLetter | None = decode(raw, DeadLetter)
+            except SchemaError:
+                letter = None
+            out.append(Letter(msg.partition() or 0, msg.offset() or 0, letter, raw))
+            if (msg.offset() or 0) + 1 >= ends[msg.partition() or 0]:
+                done.add(msg.partition() or 0)
+        return out
+    finally:
+        consumer.close()
+
+
+def redrive(settings: KafkaSettings, letters: list[Letter]) -> int:
+    """Publish the original bytes of ``letters`` back to their source topics; return how many."""
+    producer = Producer({**settings.client_config(), **RELIABLE_PRODUCER, "partitioner": "murmur2_random"})
+    n = 0
+    for item in letters:
+        dl = item.letter
+        if dl is None or not dl.source_topic:
+            continue
+        key = base64.b64decode(dl.key_b64) if dl.key_b64 else None
+        producer.produce(dl.source_topic, value=base64.b64decode(dl.original_b64), key=key,
+                         headers={"tier3-redriven-from": f"{settings.dead_letters_topic}/{item.partition}/"
+                                                         f"{item.offset}"})
+        n += 1
+        producer.poll(0)
+    left = producer.flush(60)
+    if left:
+        raise RuntimeError(f"{left} re-driven messages were not acknowledged")
+    return n
+
+
+def dlq(
+    stage: Annotated[list[str] | None, typer.Option(help="only dead letters of this stage (repeatable)")] = None,
+    kind: Annotated[list[str] | None, typer.Option(help="only this error kind, e.g. rate_limited (repeatable)")]
+    = None,
+    limit: Annotated[int, typer.Option(help="rows to show")] = 20,
+    do_redrive: Annotated[bool, typer.Option("--redrive", help="publish the selected originals back to their "
+                                             "source topic")] = False,
+) -> None:
+    """Dead letters: counts by stage and reason, the latest ones, and re-drive."""
+    settings = KafkaSettings()
+    letters = read_dead_letters(settings)
+    selected = [item for item in letters if item.letter is not None
+                and (not stage or item.letter.stage in stage) and (not kind or item.letter.error_kind in kind)]
+    counts = Counter((i.letter.stage, i.letter.error_kind) for i in letters if i.letter is not None)
+    table = Table("stage", "kind", "count", title=f"{settings.dead_letters_topic}: {len(letters)} dead letters")
+    for (st, kd), c in counts.most_common():
+        table.add_row(st, kd, str(c))
+    console.print(table)
+    latest = Table("partition/offset", "stage", "kind", "source", "reason", title="latest selected")
+    for item in selected[-limit:]:
+        dl = item.letter
+        assert dl is not None
+        latest.add_row(f"{item.partition}/{item.offset}", dl.stage, dl.error_kind,
+                       f"{dl.source_topic}/{dl.source_partition}/{dl.source_offset}", dl.reason[:80])
+    console.print(latest)
+    if do_redrive:
+        n = redrive(settings, selected)
+        console.print(f"re-drove {n} dead letters to their source topics")
