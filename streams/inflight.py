@@ -78,7 +78,9 @@ class InOrderAcker(Generic[E]):
                     if fut is not None:
                         if not fut.done():
                             break
-                        exc = fut.exception() if not fut.cancelled() else asyncio.CancelledError()
+                        if fut.cancelled():  # shutting down: acknowledge nothing more
+                            return
+                        exc = fut.exception()
                         if exc is not None:
                             # never acknowledge a message whose output was not written: stop here, so the
                             # committed offset stays before it and it is redelivered after a restart

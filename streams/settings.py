@@ -55,7 +55,8 @@ class StreamsSettings(KafkaSettings):
     tier3_teacher_record_to: Path | None = Field(None, description="append every live teacher output to this "
                                                  "JSONL file, for later recorded runs")
     tier3_teacher_max_tokens: int = Field(2048, ge=16, description="max output tokens per teacher call")
-    tier3_teacher_temperature: float = Field(0.0, ge=0.0, le=2.0, description="teacher sampling temperature")
+    tier3_teacher_temperature: float = Field(0.0, ge=0.0, le=2.0, description="teacher sampling temperature "
+                                             "(OpenAI-compatible teachers)")
     tier3_teacher_concurrency: int = Field(32, ge=1, le=4096, description="teacher calls in flight per worker")
     tier3_teacher_timeout_s: float = Field(120.0, gt=0, description="timeout of one teacher call (s); the "
                                            "Claude CLI process is killed when it passes")
@@ -71,6 +72,8 @@ class StreamsSettings(KafkaSettings):
     # --- processing ---------------------------------------------------------------------------------------
     tier3_max_pending: int = Field(0, ge=0, description="experiences read but not yet finished, per worker; "
                                    "bounds memory while the teacher is slow (0 = 8 x tier3_teacher_concurrency)")
+    tier3_session_timeout_s: float = Field(30.0, ge=3, description="consumer group session timeout (s): how "
+                                           "soon the group gives a dead worker's partitions to the others")
     tier3_commit_interval_s: float = Field(1.0, gt=0, description="how often Faust commits acknowledged offsets")
     tier3_window_s: int = Field(1800, ge=1, description="tumbling window of the trace count table (s); default "
                                 "is the original trainer's 30 min check interval")

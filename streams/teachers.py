@@ -104,7 +104,6 @@ class AnthropicTeacher:
         self._anthropic = anthropic
         self.model = settings.tier3_teacher_model
         self._max_tokens = settings.tier3_teacher_max_tokens
-        self._temperature = settings.tier3_teacher_temperature
         key = settings.anthropic_api_key.get_secret_value() if settings.anthropic_api_key else None
         if not key:
             raise TeacherConfigError("tier3_teacher=anthropic needs ANTHROPIC_API_KEY")
@@ -114,8 +113,8 @@ class AnthropicTeacher:
     async def complete(self, messages: list[dict[str, str]]) -> TeacherReply:
         a = self._anthropic
         system, turns = _split_system(messages)
-        kwargs: dict[str, Any] = {"model": self.model, "max_tokens": self._max_tokens, "messages": turns,
-                                  "temperature": self._temperature}
+        # no temperature: recent anthropic SDKs no longer accept it on messages.create
+        kwargs: dict[str, Any] = {"model": self.model, "max_tokens": self._max_tokens, "messages": turns}
         if system:
             kwargs["system"] = system
         try:

@@ -90,6 +90,7 @@ class FakeTeacherServer:
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
+        self._stopping = False
 
     # ---- control -----------------------------------------------------------------------------------------
     @property
@@ -132,7 +133,8 @@ class FakeTeacherServer:
         if self.latency_ms:
             await asyncio.sleep(self.latency_ms / 1000)
         if mode == "hang":
-            await asyncio.sleep(3600)
+            while not self._stopping:  # until the client gives up, or the server stops
+                await asyncio.sleep(0.05)
         if mode == "reset":
             if request.transport is not None:
                 request.transport.close()
@@ -198,6 +200,7 @@ class FakeTeacherServer:
             self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
     async def stop_async(self) -> None:
+        self._stopping = True
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -1,0 +1,133 @@
+"""In-order acknowledgement: nothing is acknowledged before the work of every earlier message of its partition."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from streams.inflight import InOrderAcker
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+def test_acks_in_offset_order_per_partition_despite_random_completion() -> None:
+    async def main() -> dict[int, list[int]]:
+        acked: dict[int, list[int]] = {0: [], 1: []}
+        done: set[tuple[int, int]] = set()
+
+        async def ack(ev: tuple[int, int]) -> None:
+            p, off = ev
+            # the invariant: everything earlier in this partition is finished
+            assert all((p, o) in done for o in range(off) if o % 3 != 0), (p, off)
+            acked[p].append(off)
+
+        async def fatal(exc: BaseException) -> None:
+            raise AssertionError(exc)
+
+        acker: InOrderAcker[tuple[int, int]] = InOrderAcker(ack, max_pending=16, on_fatal=fatal)
+        task = asyncio.ensure_future(acker.run())
+        rng = random.Random(1)
+
+        async def work(p: int, off: int) -> None:
+            await asyncio.sleep(rng.random() * 0.01)
+            done.add((p, off))
+
+        for off in range(200):
+            for p in (0, 1):
+                # every third message needs no work (not sampled)
+                await acker.add(p, (p, off), None if off % 3 == 0 else work(p, off))
+                assert acker.pending <= 16
+        while acker.pending:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        return acked
+
+    acked = run(main())
+    assert acked[0] == list(range(200)) and acked[1] == list(range(200))
+
+
+def test_failed_work_is_never_acknowledged_nor_anything_after_it() -> None:
+    async def main() -> tuple[list[int], BaseException | None]:
+        acked: list[int] = []
+        fatal_seen: list[BaseException] = []
+
+        async def ack(ev: int) -> None:
+            acked.append(ev)
+
+        async def fatal(exc: BaseException) -> None:
+            fatal_seen.append(exc)
+
+        acker: InOrderAcker[int] = InOrderAcker(ack, max_pending=100, on_fatal=fatal)
+        task = asyncio.ensure_future(acker.run())
+
+        async def ok() -> None:
+            await asyncio.sleep(0.001)
+
+        async def boom() -> None:
+            await asyncio.sleep(0.005)
+            raise RuntimeError("wrong API key")
+
+        for i in range(10):
+            await acker.add(0, i, boom() if i == 4 else ok())
+        await asyncio.sleep(0.1)
+        task.cancel()
+        return acked, fatal_seen[0] if fatal_seen else None
+
+    acked, exc = run(main())
+    assert acked == [0, 1, 2, 3]
+    assert isinstance(exc, RuntimeError)
+
+
+def test_add_blocks_when_full_back_pressure() -> None:
+    async def main() -> None:
+        release = asyncio.Event()
+
+        async def ack(ev: int) -> None:
+            return None
+
+        async def fatal(exc: BaseException) -> None:
+            raise AssertionError(exc)
+
+        acker: InOrderAcker[int] = InOrderAcker(ack, max_pending=3, on_fatal=fatal)
+        task = asyncio.ensure_future(acker.run())
+
+        async def slow() -> None:
+            await release.wait()
+
+        for i in range(2):
+            await acker.add(0, i, slow())
+        third = asyncio.ensure_future(acker.add(0, 2, slow()))
+        await asyncio.sleep(0.05)
+        assert not third.done()  # the reader stops: the teacher is slow
+        release.set()
+        await asyncio.wait_for(third, 1)
+        task.cancel()
+
+    run(main())
+
+
+@pytest.mark.parametrize("n", [1, 50])
+def test_cancel_all_acknowledges_nothing(n: int) -> None:
+    async def main() -> list[int]:
+        acked: list[int] = []
+
+        async def ack(ev: int) -> None:
+            acked.append(ev)
+
+        async def fatal(exc: BaseException) -> None:
+            return None
+
+        acker: InOrderAcker[int] = InOrderAcker(ack, max_pending=1000, on_fatal=fatal)
+        task = asyncio.ensure_future(acker.run())
+        for i in range(n):
+            await acker.add(0, i, asyncio.sleep(10))
+        acker.cancel_all()
+        await asyncio.sleep(0.05)
+        task.cancel()
+        return acked
+
+    assert run(main()) == []

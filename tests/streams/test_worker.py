@@ -1,0 +1,180 @@
+"""The worker end to end: real broker, `tier3 worker` as a subprocess, the fake teacher on 127.0.0.1."""
+
+from __future__ import annotations
+
+import base64
+import re
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import httpx
+import orjson
+
+from schemas import DeadLetter, EnrichedTrace, decode, encode
+from streams.settings import StreamsSettings
+from tests.fakes.teacher_server import FakeTeacherServer, expected_answer, question_of
+from tests.kafka_utils import consume_values, produce_values
+from tests.streams.conftest import API_KEY
+from tests.streams.helpers import WorkerProcess, as_records, expected_sampled, experiences, make_experience
+
+MAX_BYTES = 20_000
+
+
+def poison_messages(n: int) -> list[tuple[bytes, bytes, str]]:
+    """(key, bytes, expected error kind): five kinds of bad input, n in all."""
+    good = orjson.loads(encode(make_experience(0, 0.95)))
+    out: list[tuple[bytes, bytes, str]] = []
+    for i in range(n):
+        kind = i % 5
+        if kind == 0:
+            raw, why = f"this is not json {i}".encode(), "not_json"
+        elif kind == 1:
+            raw, why = orjson.dumps({**good, "experience_id": f"bad-{i}", "confidence": "high"}), "invalid"
+        elif kind == 2:
+            raw, why = orjson.dumps({**good, "experience_id": f"bad-{i}", "schema_version": 7}), "unknown_version"
+        elif kind == 3:
+            raw, why = orjson.dumps({**good, "experience_id": f"bad-{i}", "response": "x" * MAX_BYTES}), "oversize"
+        else:
+            raw, why = b'{"experience_id": "bad-\xff\xfe", "schema_version": 1}', "not_json"
+        out.append((f"poison-{i}".encode(), raw, why))
+    return out
+
+
+def test_sampled_set_poison_status_and_metrics(streams_settings: Callable[..., StreamsSettings],
+                                               start_worker: Callable[..., WorkerProcess],
+                                               teacher_server: FakeTeacherServer) -> None:
+    s = streams_settings(tier3_max_message_bytes=MAX_BYTES)
+    exps = experiences(1000)
+    expected = expected_sampled(exps)
+    poison = poison_messages(500)
+    # interleave: one poison message after every second experience
+    records: list[tuple[bytes, bytes]] = []
+    good = as_records(exps)
+    for i, rec in enumerate(good):
+        records.append(rec)
+        if i % 2 == 1:
+            key, raw, _ = poison[i // 2]
+            records.append((key, raw))
+    produce_values(s, s.experiences_topic, records)
+
+    w = start_worker(s)
+    w.wait_ready()
+    st = w.wait_for(lambda st: st["counts"]["consumed"] >= 1500 and st["teacher"]["in_flight"] == 0
+                    and st["counts"]["enriched"] + st["counts"]["dead_lettered"] >= len(expected) + 500, 120)
+
+    traces = [decode(m.value(), EnrichedTrace) for m in consume_values(s, s.traces_topic, len(expected), 60)]
+    ids = [t.experience_id for t in traces]
+    assert set(ids) == expected and len(ids) == len(expected)  # no more, no less, no duplicate
+    by_id = {e.experience_id: e for e in exps}
+    for t in traces:
+        prod = [m.model_dump() for m in by_id[t.experience_id].messages]
+        assert t.answer == expected_answer(question_of(prod))
+        assert t.sample_reason == ("high_confidence" if by_id[t.experience_id].confidence > 0.8 else "random")
+        assert t.teacher.kind == "openai" and t.teacher.attempts == 1 and not t.teacher.recorded
+
+    dls = [decode(m.value(), DeadLetter) for m in consume_values(s, s.dead_letters_topic, 500, 60)]
+    assert len(dls) == 500
+    sent = {key.decode(): (raw, why) for key, raw, why in poison}
+    for d in dls:
+        assert d.key_b64 is not None
+        raw, why = sent[base64.b64decode(d.key_b64).decode()]
+        assert base64.b64decode(d.original_b64) == raw and d.error_kind == why and d.stage == "decode"
+    assert w.proc.poll() is None  # still running
+
+    # /status: exactly the known counts
+    st = w.wait_for(lambda st: sum(st["windows"]["current"]["by_task"].values()) == len(expected)
+                    and all(v == 0 for v in st["lag"]["experiences"].values()), 30)
+    assert st["counts"] == {"consumed": 1500, "sampled": len(expected), "enriched": len(expected),
+                            "dead_lettered": 500, "not_sampled": 1000 - len(expected)}
+    assert st["dead_letters"] == {"count": 500, "by_reason": dict(Counter(why for _, _, why in poison))}
+    assert st["windows"]["current"]["by_task"] == {"widget_selector": len(expected)}
+    assert st["windows"]["size_s"] == 1800 and len(st["windows"]["recent"]) == 5
+    assert set(st["lag"]["experiences"]) == {"0", "1", "2"}
+    assert st["teacher"]["calls"] == len(expected) and st["teacher"]["errors"] == 0
+    assert st["teacher"]["latency_ms_p50"] is not None and st["teacher"]["in_flight"] == 0
+    assert set(st["trainer"]["tier3_sft"]) == {"training_in_progress", "last_check_time", "check_interval_s",
+                                               "next_check_in_s"}
+    assert st["worker_id"] == "w1" and st["app"] == "tier3-worker" and "router" in st
+
+    metrics = httpx.get(f"{w.url}/metrics", timeout=5).text
+    assert re.search(rf'^tier3_worker_enriched_total{{worker_id="w1"}} {len(expected)}$', metrics, re.M)
+    assert re.search(r'^tier3_worker_consumed_total{worker_id="w1"} 1500$', metrics, re.M)
+    assert re.search(r'^tier3_worker_dead_letters_total{worker_id="w1",reason="oversize"} 100$', metrics, re.M)
+    assert re.search(rf'^tier3_window_enriched_traces{{worker_id="w1",task="widget_selector"}} {len(expected)}$',
+                     metrics, re.M)
+    index = httpx.get(f"{w.url}/", timeout=5)
+    assert index.status_code == 200
+
+    # the key reached the teacher, and nowhere else
+    assert API_KEY in teacher_server.keys_seen
+    assert API_KEY not in orjson.dumps(st).decode() and API_KEY not in metrics
+    w.stop()
+    assert API_KEY not in w.log_text()
+
+
+def test_teacher_faults_retried_then_dead_lettered(streams_settings: Callable[..., StreamsSettings],
+                                                   start_worker: Callable[..., WorkerProcess],
+                                                   teacher_server: FakeTeacherServer) -> None:
+    s = streams_settings(tier3_teacher_max_attempts=3, tier3_teacher_retry_max_s=2.0)
+    w = start_worker(s)
+    w.wait_ready()
+    batches: dict[str, list[str]] = {}
+
+    def publish(name: str, n: int) -> None:
+        exps = [make_experience(i, 0.95, prefix=name) for i in range(n)]  # all sampled (high confidence)
+        batches[name] = [e.experience_id for e in exps]
+        produce_values(s, s.experiences_topic, as_records(exps))
+
+    phases = [("off_schema", None, "invalid_answer", "enrich"), ("invalid_json", None, "invalid_answer", "enrich"),
+              ("500", None, "server_error", "teacher")]
+    total_dead = 0
+    for mode, count, kind, stage in phases:
+        teacher_server.set_mode(mode, count)
+        publish(mode, 8)
+        total_dead += 8
+        w.wait_for(lambda st, n=total_dead: st["counts"]["dead_lettered"] == n, 60)
+    # transient faults that clear: retried, then enriched
+    teacher_server.set_mode("429", count=6)
+    publish("flaky", 8)
+    st = w.wait_for(lambda st: st["counts"]["enriched"] == 8, 60)
+    assert st["counts"]["dead_lettered"] == total_dead and st["teacher"]["errors"] > 6
+
+    dls = [decode(m.value(), DeadLetter) for m in consume_values(s, s.dead_letters_topic, total_dead, 30)]
+    by_id = {d.experience_id: d for d in dls}
+    assert len(dls) == total_dead == len(by_id)
+    for mode, _count, kind, stage in phases:
+        for eid in batches[mode]:
+            d = by_id[eid]
+            assert (d.error_kind, d.stage) == (kind, stage), d
+            assert d.reason and "gave up after" in d.reason
+            if kind == "invalid_answer":
+                assert d.attempts == 3
+            else:
+                assert d.attempts >= 2
+    traces = [decode(m.value(), EnrichedTrace) for m in consume_values(s, s.traces_topic, 8, 30)]
+    assert sorted(t.experience_id for t in traces) == sorted(batches["flaky"])
+    assert sum(t.teacher.attempts for t in traces) == 8 + 6
+    assert st["dead_letters"]["by_reason"] == {"invalid_answer": 16, "server_error": 8}
+
+
+def test_status_trainer_block_from_training_runs(streams_settings: Callable[..., StreamsSettings],
+                                                 start_worker: Callable[..., WorkerProcess]) -> None:
+    from schemas import TrainingRun
+
+    s = streams_settings()
+    now = int(time.time() * 1000)
+    runs = [TrainingRun(run_id="trainer", event="heartbeat", at_ms=now, training_in_progress=False,
+                        last_check_time_ms=now - 1000, check_interval_s=1800.0, next_check_in_s=1799.0),
+            TrainingRun(run_id="run-1", event="started", at_ms=now + 1),
+            TrainingRun(run_id="run-1", event="evaluated", at_ms=now + 2, model_version=1,
+                        details={"metrics": {"json_valid": 1.0}})]
+    produce_values(s, s.training_runs_topic, [(r.run_id.encode(), encode(r)) for r in runs])
+    w = start_worker(s)
+    w.wait_ready()
+    st = w.wait_for(lambda st: len(st["trainer"]["runs"]) == 2, 30)
+    sft = st["trainer"]["tier3_sft"]
+    assert sft["training_in_progress"] is True and sft["check_interval_s"] == 1800.0
+    assert sft["last_check_time"] == (now - 1000) / 1000 and 0 < sft["next_check_in_s"] <= 1799.0
+    assert st["trainer"]["runs"][-1] == {"run_id": "run-1", "event": "evaluated", "at_ms": now + 2,
+                                         "model_version": 1, "metrics": {"json_valid": 1.0}}
