@@ -22,6 +22,7 @@ The rule (every check must pass; the verdict event lists each check with its val
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -35,6 +36,8 @@ from schemas.errors import SchemaError
 from schemas.settings import RELIABLE_PRODUCER, KafkaSettings
 from trainer.close_loop_settings import CloseLoopSettings
 from trainer.errors import ConfigError, TrainerError
+
+log = logging.getLogger("tier3.trainer.gate")
 
 
 class EventLogError(TrainerError):
@@ -255,4 +258,32 @@ def rollback(settings: KafkaSettings, *, reason: str = "manual rollback (tier3 r
     )
     if publish:
         publish_run_events(settings, [out])
+    return out
+
+
+# ------------------------------------------------------------------------------------------- after a run
+
+
+def after_run(settings: CloseLoopSettings, run_id: str) -> dict[str, Any]:
+    """Close the loop for one trained run: ``evaluated`` event (evaluating now if the commit protocol's hook did
+    not), the gate's verdict, and the export when promoted and ``tier3_auto_export``. Meant to be called by the
+    trainer after ``succeeded``; an export failure is reported, never undoes the verdict."""
+    from trainer.evaluate import evaluate_run, evaluated_event
+    from trainer.export import export_run
+    from trainer.manifest import find_manifest
+
+    manifest = find_manifest(settings.runs_dir, run_id)
+    metrics = manifest.metrics.get("evaluation")
+    if metrics is None:
+        evaluate_run(settings, run_id)
+    else:
+        publish_run_events(settings, [evaluated_event(run_id, manifest, dict(metrics))])
+    verdict = gate_run(settings, run_id)
+    out: dict[str, Any] = {"verdict": verdict, "exported": None, "export_error": None}
+    if verdict.event == "promoted" and settings.tier3_auto_export:
+        try:
+            out["exported"] = export_run(settings, run_id).event
+        except TrainerError as exc:
+            log.error("run %s promoted but its export failed: %s", run_id, exc)
+            out["export_error"] = str(exc)
     return out

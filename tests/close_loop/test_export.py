@@ -82,7 +82,7 @@ def test_export_gguf_matches_merged_model_and_registers_with_ollama(
     assert res.ollama.registered and res.ollama.tags == ["cc-ws:v7", "cc-ws:latest"]
 
     # --- the exported event on training-runs ------------------------------------------------------------------
-    events = [decode(m.value(), TrainingRun) for m in consume_values(s, s.training_runs_topic, expected=1)]
+    events = [decode(m.value() or b"", TrainingRun) for m in consume_values(s, s.training_runs_topic, expected=1)]
     ev = next(e for e in events if e.event == "exported")
     assert ev.run_id == run_id and ev.model_version == 7
     assert ev.details["files"]["q8_0"]["sha256"] == res.files["q8_0"]["sha256"]

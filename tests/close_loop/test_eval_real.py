@@ -1,0 +1,58 @@
+"""Evaluation of a really trained tiny student, through the CLI command's code path, and the loop after a run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+
+import pytest
+
+from schemas import TrainingRun, decode
+from tests.close_loop.conftest import ROOT, TrainedRun
+from tests.conftest import settings_env
+from tests.kafka_utils import consume_values
+from trainer.close_loop_settings import CloseLoopSettings
+from trainer.gate import after_run, fold_runs, read_run_events
+from trainer.manifest import read_manifest
+
+
+@pytest.mark.slow
+def test_eval_cli_on_a_trained_tiny_model_then_the_gate(trained_run: TrainedRun,
+                                                         make_settings: Callable[..., CloseLoopSettings]) -> None:
+    s = make_settings(cls=CloseLoopSettings, tier3_eval_max_examples=6, tier3_eval_max_new_tokens=48,
+                      tier3_gate_min_examples=5)
+    run_id = trained_run.install(s.runs_dir, model_version=4)
+    env = {**settings_env(s), "TIER3_RUNS_DIR": str(s.runs_dir)}
+    proc = subprocess.run([sys.executable, "-m", "trainer.close_loop_cli", "eval", run_id], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    m = out["metrics"]
+    assert out["model_version"] == 4 and m["n_examples"] == 6
+    for key in ("json_valid_rate", "schema_valid_rate", "exact_match", "f1", "baseline_f1"):
+        assert 0.0 <= m[key] <= 1.0, key
+    assert m["schema_valid_rate"] <= m["json_valid_rate"]
+    assert m["latency_ms_p50"] > 0 and m["latency_ms_p95"] >= m["latency_ms_p50"]
+    assert m["generated_tokens"] > 0 and m["tokens_per_s"] > 0
+    # the production baseline of the synthetic traces answers valid JSON
+    assert m["baseline_json_valid_rate"] == 1.0
+    # metrics are in the manifest, the report is on disk, the event is on the log
+    assert read_manifest(s.runs_dir / run_id).metrics["evaluation"]["n_examples"] == 6
+    report = s.reports_dir / run_id
+    assert {p.name for p in report.iterdir()} >= {"report.md", "metrics.json", "examples.jsonl", "agreement.png",
+                                                  "validity.png", "latency.png"}
+    events = [decode(msg.value() or b"", TrainingRun) for msg in consume_values(s, s.training_runs_topic, 1)]
+    assert [(e.event, e.run_id, e.model_version) for e in events] == [("evaluated", run_id, 4)]
+
+    # after a run: the evaluation from the manifest is announced and judged; a student that does not answer
+    # valid JSON yet (a tiny model trained for seconds) is rejected with the reasons, and nothing is exported
+    if m["json_valid_rate"] < s.tier3_gate_min_json_valid:
+        result = after_run(s, run_id)
+        verdict = result["verdict"]
+        assert verdict.event == "rejected" and verdict.model_version == 4
+        assert any(r.startswith("json_valid_rate") for r in verdict.details["reasons"])
+        assert result["exported"] is None
+        view = fold_runs(read_run_events(s))
+        assert view.current is None and view.verdicts[run_id].event == "rejected"

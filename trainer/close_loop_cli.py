@@ -1,0 +1,138 @@
+"""``tier3 eval | promote | rollback | export``: the close-the-loop steps by hand (entry point ``close_loop``).
+
+- ``tier3 eval RUN_ID``: evaluate the run's adapter on its holdout again; metrics into its manifest, a report
+  folder (markdown, JSON, PNG) and an ``evaluated`` event.
+- ``tier3 promote RUN_ID``: apply the promotion rule to the run's latest evaluation and publish the verdict
+  (``promoted`` / ``rejected`` with the reasons); ``--force`` promotes regardless and says so in the event.
+- ``tier3 rollback``: withdraw the promoted model in force; the router goes back to the one before (or the
+  teacher).
+- ``tier3 export RUN_ID``: merge, GGUF f16 + quantised, Ollama registration (or a Modelfile and the command).
+- ``tier3 close-loop RUN_ID``: all of it as the trainer does after a run (evaluated, verdict, export).
+
+``python -m trainer.close_loop_cli ...`` runs them without the streams CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+
+from trainer.errors import TrainerError
+
+
+def _settings(**overrides: Any) -> Any:
+    from trainer.close_loop_settings import CloseLoopSettings
+
+    try:
+        return CloseLoopSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        typer.echo(f"error: invalid settings:\n{exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    typer.echo(f"error: {exc}", err=True)
+    return typer.Exit(1)
+
+
+def _print(doc: Any) -> None:
+    typer.echo(json.dumps(doc, indent=2, sort_keys=True, default=str))
+
+
+def eval_cmd(
+    run_id: Annotated[str, typer.Argument(help="the run to evaluate (a folder under the runs dir)")],
+    max_examples: Annotated[int | None, typer.Option(help="evaluate only the first N holdout examples")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="generation bound per example (tokens)")] = None,
+) -> None:
+    """Re-run the holdout evaluation of a run: metrics into its manifest, a report, an `evaluated` event."""
+    from trainer.evaluate import evaluate_run
+
+    s = _settings(tier3_eval_max_examples=max_examples, tier3_eval_max_new_tokens=max_new_tokens)
+    try:
+        res = evaluate_run(s, run_id)
+    except TrainerError as exc:
+        raise _fail(exc) from None
+    _print({"run_id": run_id, "model_version": res.model_version, "metrics": res.metrics,
+            "report": str(res.report_paths["report_md"])})
+
+
+def promote_cmd(
+    run_id: Annotated[str, typer.Argument(help="an evaluated run")],
+    force: Annotated[bool, typer.Option("--force", help="promote even if the rule says no")] = False,
+    reason: Annotated[str | None, typer.Option(help="why (recorded in the event)")] = None,
+) -> None:
+    """Apply the promotion rule to an evaluated run and publish `promoted` or `rejected` with the reasons."""
+    from trainer.gate import gate_run
+
+    s = _settings()
+    try:
+        ev = gate_run(s, run_id, force=force, reason=reason)
+    except TrainerError as exc:
+        raise _fail(exc) from None
+    _print({"run_id": run_id, "event": ev.event, "model_version": ev.model_version,
+            "reasons": ev.details["reasons"]})
+    if ev.event != "promoted":
+        raise typer.Exit(3)  # scripts can tell a rejection from an error (1) and a config mistake (2)
+
+
+def rollback_cmd(
+    reason: Annotated[str, typer.Option(help="why (recorded in the event)")] = "manual rollback (tier3 rollback)",
+) -> None:
+    """Withdraw the promoted student in force; the previous one (or the teacher) serves again."""
+    from trainer.gate import rollback
+
+    s = _settings()
+    try:
+        ev = rollback(s, reason=reason)
+    except TrainerError as exc:
+        raise _fail(exc) from None
+    _print({"rolled_back_run_id": ev.run_id, **ev.details, "version_in_force": ev.model_version})
+
+
+def export_cmd(run_id: Annotated[str, typer.Argument(help="the run to export")]) -> None:
+    """Merge the run's LoRA adapter, write GGUF (f16 and the quantised type), register with Ollama."""
+    from trainer.export import export_run
+
+    s = _settings()
+    try:
+        res = export_run(s, run_id)
+    except TrainerError as exc:
+        raise _fail(exc) from None
+    _print({"run_id": run_id, "model_version": res.model_version, "files": res.files, "gguf": res.gguf,
+            "ollama": res.ollama.as_dict()})
+    if not res.ollama.registered:
+        typer.echo(f"no Ollama server answered at {res.ollama.host}; to register by hand run:", err=True)
+        for cmd in res.ollama.commands:
+            typer.echo(f"  {cmd}", err=True)
+
+
+def close_loop_cmd(run_id: Annotated[str, typer.Argument(help="a trained run")]) -> None:
+    """Evaluated event, the gate's verdict and (when promoted) the export, as the trainer does after a run."""
+    from trainer.gate import after_run
+
+    s = _settings()
+    try:
+        out = after_run(s, run_id)
+    except TrainerError as exc:
+        raise _fail(exc) from None
+    _print({"verdict": out["verdict"].event, "reasons": out["verdict"].details["reasons"],
+            "exported": out["exported"].details if out["exported"] else None, "export_error": out["export_error"]})
+
+
+def register(app: typer.Typer) -> None:
+    """Entry point of the ``tier3.commands`` group."""
+    app.command("eval")(eval_cmd)
+    app.command("promote")(promote_cmd)
+    app.command("rollback")(rollback_cmd)
+    app.command("export")(export_cmd)
+    app.command("close-loop")(close_loop_cmd)
+
+
+if __name__ == "__main__":
+    _app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
+    register(_app)
+    sys.exit(_app())
