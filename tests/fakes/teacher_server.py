@@ -197,7 +197,7 @@ class FakeTeacherServer:
         await site.start()
         server = site._server
         if self.port == 0 and server is not None:
-            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr,attr-defined]
 
     async def stop_async(self) -> None:
         self._stopping = True

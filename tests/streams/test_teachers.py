@@ -16,6 +16,7 @@ from schemas import get_task
 from streams.errors import (
     RecordedAnswerMissing,
     TeacherConfigError,
+    TeacherError,
     TeacherRateLimited,
     TeacherServerError,
     TeacherTimeout,
@@ -85,7 +86,7 @@ def test_faults_map_to_retryable_errors_without_the_key(kind: str, mode: str, ex
 
     with pytest.raises(exc) as info:
         asyncio.run(go())
-    assert info.value.retryable
+    assert isinstance(info.value, TeacherError) and info.value.retryable
     assert KEY not in str(info.value)
     server.set_mode("ok")
 
@@ -103,9 +104,10 @@ def _fake_cli(tmp_path: Path, body: str) -> Path:
 
 
 def test_claude_cli_print_mode_json(tmp_path: Path) -> None:
-    exe = _fake_cli(tmp_path, """
+    root = str(Path(__file__).resolve().parents[2])
+    exe = _fake_cli(tmp_path, f"sys_path = {root!r}\n" + """
 import json, sys
-sys.path.insert(0, %r)
+sys.path.insert(0, sys_path)
 from tests.fakes.teacher_server import answer_text
 args = sys.argv[1:]
 assert args[:3] == ["-p", "--output-format", "json"], args
@@ -114,7 +116,7 @@ prompt = sys.stdin.read()
 q = prompt.split("\\n\\n")[0]
 print(json.dumps({"type": "result", "subtype": "success", "is_error": False, "result": answer_text(q, "ok"),
                   "usage": {"input_tokens": 11, "output_tokens": 22}}))
-""" % str(Path(__file__).resolve().parents[2]))
+""")
     t = make_teacher(StreamsSettings(tier3_teacher="claude_cli", tier3_claude_cli_path=str(exe)))
     reply = asyncio.run(t.complete(messages("Which hosts are out of memory?")))
     _, answer = get_task("widget_selector").parse_output(reply.text)

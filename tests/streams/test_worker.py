@@ -7,6 +7,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import orjson
@@ -63,7 +64,7 @@ def test_sampled_set_poison_status_and_metrics(streams_settings: Callable[..., S
     st = w.wait_for(lambda st: st["counts"]["consumed"] >= 1500 and st["teacher"]["in_flight"] == 0
                     and st["counts"]["enriched"] + st["counts"]["dead_lettered"] >= len(expected) + 500, 120)
 
-    traces = [decode(m.value(), EnrichedTrace) for m in consume_values(s, s.traces_topic, len(expected), 60)]
+    traces = [decode(m.value() or b"", EnrichedTrace) for m in consume_values(s, s.traces_topic, len(expected), 60)]
     ids = [t.experience_id for t in traces]
     assert set(ids) == expected and len(ids) == len(expected)  # no more, no less, no duplicate
     by_id = {e.experience_id: e for e in exps}
@@ -73,7 +74,7 @@ def test_sampled_set_poison_status_and_metrics(streams_settings: Callable[..., S
         assert t.sample_reason == ("high_confidence" if by_id[t.experience_id].confidence > 0.8 else "random")
         assert t.teacher.kind == "openai" and t.teacher.attempts == 1 and not t.teacher.recorded
 
-    dls = [decode(m.value(), DeadLetter) for m in consume_values(s, s.dead_letters_topic, 500, 60)]
+    dls = [decode(m.value() or b"", DeadLetter) for m in consume_values(s, s.dead_letters_topic, 500, 60)]
     assert len(dls) == 500
     sent = {key.decode(): (raw, why) for key, raw, why in poison}
     for d in dls:
@@ -113,6 +114,10 @@ def test_sampled_set_poison_status_and_metrics(streams_settings: Callable[..., S
     assert API_KEY not in w.log_text()
 
 
+def _dead_lettered_is(n: int) -> Callable[[dict[str, Any]], bool]:
+    return lambda st: bool(st["counts"]["dead_lettered"] == n)
+
+
 def test_teacher_faults_retried_then_dead_lettered(streams_settings: Callable[..., StreamsSettings],
                                                    start_worker: Callable[..., WorkerProcess],
                                                    teacher_server: FakeTeacherServer) -> None:
@@ -129,18 +134,18 @@ def test_teacher_faults_retried_then_dead_lettered(streams_settings: Callable[..
     phases = [("off_schema", None, "invalid_answer", "enrich"), ("invalid_json", None, "invalid_answer", "enrich"),
               ("500", None, "server_error", "teacher")]
     total_dead = 0
-    for mode, count, kind, stage in phases:
+    for mode, count, _kind, _stage in phases:
         teacher_server.set_mode(mode, count)
         publish(mode, 8)
         total_dead += 8
-        w.wait_for(lambda st, n=total_dead: st["counts"]["dead_lettered"] == n, 60)
+        w.wait_for(_dead_lettered_is(total_dead), 60)
     # transient faults that clear: retried, then enriched
     teacher_server.set_mode("429", count=6)
     publish("flaky", 8)
     st = w.wait_for(lambda st: st["counts"]["enriched"] == 8, 60)
     assert st["counts"]["dead_lettered"] == total_dead and st["teacher"]["errors"] > 6
 
-    dls = [decode(m.value(), DeadLetter) for m in consume_values(s, s.dead_letters_topic, total_dead, 30)]
+    dls = [decode(m.value() or b"", DeadLetter) for m in consume_values(s, s.dead_letters_topic, total_dead, 30)]
     by_id = {d.experience_id: d for d in dls}
     assert len(dls) == total_dead == len(by_id)
     for mode, _count, kind, stage in phases:
@@ -152,7 +157,7 @@ def test_teacher_faults_retried_then_dead_lettered(streams_settings: Callable[..
                 assert d.attempts == 3
             else:
                 assert d.attempts >= 2
-    traces = [decode(m.value(), EnrichedTrace) for m in consume_values(s, s.traces_topic, 8, 30)]
+    traces = [decode(m.value() or b"", EnrichedTrace) for m in consume_values(s, s.traces_topic, 8, 30)]
     assert sorted(t.experience_id for t in traces) == sorted(batches["flaky"])
     assert sum(t.teacher.attempts for t in traces) == 8 + 6
     assert st["dead_letters"]["by_reason"] == {"invalid_answer": 16, "server_error": 8}
