@@ -1,0 +1,206 @@
+"""The trainer consumer against the real broker: commit only after success, retry, dedup, group membership."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.trainer.trainer_kafka import (
+    committed,
+    end_offsets,
+    events,
+    lifecycle,
+    produce_traces,
+    sft_config,
+    trainer_settings,
+    wait_for_event,
+)
+from trainer.consumer import TrainerConsumer
+from trainer.dataset import BuiltDataset, read_jsonl
+from trainer.errors import TrainingFailed
+from trainer.manifest import find_manifest
+from trainer.sft_config import SFTConfig
+from trainer.synthetic import synthetic_traces
+from trainer.tiny_model import cached_tiny_model
+
+INVALID = -1001  # librdkafka's OFFSET_INVALID: the group has no committed offset
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> Path:
+    return cached_tiny_model()
+
+
+class FakeAdapter:
+    """What a fake training returns: an adapter folder and the numbers the manifest records."""
+
+    def __init__(self, adapter_dir: Path) -> None:
+        self.adapter_dir = adapter_dir
+        self.backend = "fake"
+        self.steps = 1
+        self.train_loss = 0.5
+        self.tokens = 10
+        self.wall_s = 0.01
+        self.hyperparameters: dict[str, Any] = {"fake": True}
+
+
+def fake_train(calls: list[BuiltDataset], fail_first: int = 0, sleep_s: float = 0.0
+               ) -> Callable[..., FakeAdapter]:
+    def train(dataset: BuiltDataset, cfg: SFTConfig, out_dir: Path, *, on_step: Any = None) -> FakeAdapter:
+        import time
+
+        calls.append(dataset)
+        if len(calls) <= fail_first:
+            raise TrainingFailed("injected: CUDA out of memory (not really)")
+        if sleep_s:
+            time.sleep(sleep_s)
+        adapter = out_dir / "adapter"
+        adapter.mkdir(parents=True)
+        (adapter / "adapter_model.safetensors").write_bytes(b"fake")
+        return FakeAdapter(adapter)
+
+    return train
+
+
+def read_all(tc: TrainerConsumer, n_messages: int, timeout_s: float = 30.0) -> None:
+    """Start ``tc`` and poll until it holds ``n_messages`` (no run starts: the test's trigger is not met)."""
+    import time
+
+    tc.start()
+    deadline = time.monotonic() + timeout_s
+    while tc.pending.n_messages < n_messages:
+        assert time.monotonic() < deadline, f"read {tc.pending.n_messages} of {n_messages} messages"
+        tc._poll_once(0.2)
+        assert tc._due() is None
+
+
+@pytest.mark.slow
+def test_a_full_run_trains_the_tiny_model_and_commits_exactly_what_it_read(
+        make_settings: Callable[..., Any], tiny_model: Path) -> None:
+    s = trainer_settings(make_settings, tier3_min_traces=1000)
+    traces = synthetic_traces(30, seed=1)
+    # enrichment is at-least-once: five traces arrive twice; they count once and train once
+    produce_traces(s, [*traces, *traces[:5]])
+    ends = end_offsets(s)
+    assert sum(ends.values()) == 35
+
+    tc = TrainerConsumer(s, sft_config(tiny_model))
+    read_all(tc, 35)  # then ask for a run, as `tier3 train-now` does
+    s.train_now_path.write_text("now\n")
+    stats = tc.run(max_runs=1, timeout_s=180)
+
+    assert stats.runs_succeeded == 1 and stats.runs_failed == 0
+    assert committed(s) == {p: ends.get(p, INVALID) for p in range(s.tier3_partitions)}
+    m = find_manifest(s.runs_dir, stats.last_run_id or "")
+    assert m.state == "published"
+    assert m.commit_offsets() == ends
+    assert m.n_messages == 35 and m.n_unique == 30
+    assert m.dataset.n_train + m.dataset.n_holdout == 30
+    assert m.backend == "trl" and m.metrics["steps"] > 0 and m.metrics["train_loss"] > 0
+    run_dir = s.runs_dir / m.run_id
+    assert (run_dir / m.adapter_dir / "adapter_config.json").exists()
+    assert not list(run_dir.glob(".work-*")), "the scratch folder is removed once the adapter is in place"
+    train_ids = {r["experience_id"] for r in read_jsonl(run_dir / m.dataset.train_path)}
+    assert len(train_ids) == m.dataset.n_train
+    assert not train_ids & set(m.holdout_ids), "a holdout id was in the training file"
+    assert [e for e, _ in lifecycle(s)] == ["started", "succeeded"]
+    beats = [e for e in events(s) if e.event == "heartbeat"]
+    assert beats and beats[0].check_interval_s == s.tier3_check_interval_s
+    assert beats[0].last_check_time_ms is not None and beats[0].next_check_in_s is not None
+
+
+@pytest.mark.chaos
+def test_training_raises_nothing_is_committed_and_the_same_traces_come_back(
+        make_settings: Callable[..., Any], tiny_model: Path) -> None:
+    s = trainer_settings(make_settings, tier3_min_traces=12, tier3_trainer_backoff_initial_s=3.0)
+    produce_traces(s, synthetic_traces(12, seed=2))
+    ends = end_offsets(s)
+    calls: list[BuiltDataset] = []
+    tc = TrainerConsumer(s, sft_config(tiny_model, tier3_scope="new"), train=fake_train(calls, fail_first=1))
+    seen: dict[str, Any] = {}
+
+    def watch() -> None:  # while the trainer backs off after the failure, read the broker's committed offsets
+        seen["failed"] = wait_for_event(s, "failed", timeout_s=60)
+        seen["committed_after_failure"] = committed(s)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    stats = tc.run(max_runs=1, timeout_s=90)
+    watcher.join(60)
+
+    assert seen["failed"].details["retryable"] is True
+    assert "injected" in seen["failed"].details["error"]
+    assert set(seen["committed_after_failure"].values()) == {INVALID}, "a failed run committed offsets"
+    assert stats.runs_failed == 1 and stats.runs_succeeded == 1
+    assert len(calls) == 2
+    assert calls[0].train_ids == calls[1].train_ids and calls[0].sha256 == calls[1].sha256
+    assert committed(s) == {p: ends.get(p, INVALID) for p in range(s.tier3_partitions)}
+    kinds = [e for e, _ in lifecycle(s)]
+    assert kinds == ["started", "failed", "started", "succeeded"]
+    m = find_manifest(s.runs_dir, stats.last_run_id or "")
+    assert m.trigger == "retry" and m.attempt == 2
+
+
+def test_duplicates_count_once_towards_min_traces(make_settings: Callable[..., Any], tiny_model: Path) -> None:
+    s = trainer_settings(make_settings, tier3_min_traces=10)
+    traces = synthetic_traces(10, seed=3)
+    produce_traces(s, [*traces[:9], *traces[:9]])  # 18 messages, 9 distinct: below the trigger
+    calls: list[BuiltDataset] = []
+    tc = TrainerConsumer(s, sft_config(tiny_model), train=fake_train(calls))
+    try:
+        read_all(tc, 18)  # no run may start on 9 distinct traces
+        assert tc.pending.n_messages == 18 and tc.pending.n_unique == 9
+        assert tc._due() is None
+        produce_traces(s, traces[9:])
+        stats = tc.run(max_runs=1, timeout_s=60)
+    finally:
+        tc.close()
+    assert stats.runs_succeeded == 1 and len(calls) == 1
+    assert calls[0].n_train + calls[0].n_holdout == 10 and calls[0].n_duplicates == 9
+    m = find_manifest(s.runs_dir, stats.last_run_id or "")
+    assert m.n_unique == 10 and m.n_messages == 19
+
+
+def test_interval_and_train_now_trigger_a_run_below_min_traces(make_settings: Callable[..., Any],
+                                                                tiny_model: Path) -> None:
+    s = trainer_settings(make_settings, tier3_min_traces=1000, tier3_check_interval_s=3600)
+    produce_traces(s, synthetic_traces(5, seed=4))
+    calls: list[BuiltDataset] = []
+    tc = TrainerConsumer(s, sft_config(tiny_model), train=fake_train(calls))
+    s.train_now_path.parent.mkdir(parents=True, exist_ok=True)
+    s.train_now_path.write_text("now\n")  # what `tier3 train-now` does
+    stats = tc.run(max_runs=1, timeout_s=60)
+    assert stats.runs_succeeded == 1
+    assert not s.train_now_path.exists()
+    m = find_manifest(s.runs_dir, stats.last_run_id or "")
+    assert m.trigger == "train_now" and m.n_unique == 5
+
+    s2 = trainer_settings(make_settings, tier3_min_traces=1000, tier3_check_interval_s=2.0)
+    produce_traces(s2, synthetic_traces(4, seed=5))
+    tc2 = TrainerConsumer(s2, sft_config(tiny_model), train=fake_train(calls))
+    stats2 = tc2.run(max_runs=1, timeout_s=60)
+    m2 = find_manifest(s2.runs_dir, stats2.last_run_id or "")
+    assert m2.trigger == "interval" and m2.n_unique == 4
+
+
+@pytest.mark.slow
+def test_a_run_longer_than_max_poll_interval_keeps_the_group(make_settings: Callable[..., Any],
+                                                             tiny_model: Path) -> None:
+    # max.poll.interval.ms = 6 s; real training slowed to ~0.7 s per step x >= 12 steps: well over 6 s
+    s = trainer_settings(make_settings, tier3_min_traces=40, tier3_trainer_max_poll_interval_ms=6000,
+                         tier3_trainer_step_delay_s=0.7)
+    produce_traces(s, synthetic_traces(40, seed=6))
+    ends = end_offsets(s)
+    tc = TrainerConsumer(s, sft_config(tiny_model, tier3_scope="new"))
+    stats = tc.run(max_runs=1, timeout_s=180)
+    m = find_manifest(s.runs_dir, stats.last_run_id or "")
+    assert m.metrics["steps"] >= 12
+    assert m.metrics["wall_s"] > 6.0, "the run did not outlast max.poll.interval.ms"
+    assert stats.runs_succeeded == 1 and stats.runs_failed == 0
+    assert stats.revoked == 0 and stats.lost == 0, "the group took partitions away during the run"
+    assert stats.assigned == s.tier3_partitions  # the one initial assignment, no re-join
+    assert committed(s) == {p: ends.get(p, INVALID) for p in range(s.tier3_partitions)}

@@ -1,0 +1,577 @@
+"""The trainer consumer: accumulate enriched traces, train when enough are new, commit only after success.
+
+A plain confluent-kafka consumer (not a Faust agent: Faust acknowledges a message when the agent raises) in the
+group ``TIER3_TRAINER_GROUP`` with ``RELIABLE_CONSUMER``: no auto-commit, no automatic offset store,
+cooperative-sticky assignment. The loop, one thread:
+
+1. poll; decode each trace (undecodable ones are dead-lettered and still count as read); keep them per partition;
+2. start a run when >= ``TIER3_MIN_TRACES`` distinct experience ids wait, or ``TIER3_CHECK_INTERVAL_S`` passed with
+   at least one, or ``tier3 train-now`` dropped its trigger file, or a failed batch is back for its retry;
+3. the run is :func:`trainer.protocol.train_and_commit`: the training itself happens in a worker thread while this
+   thread keeps polling with every partition paused, so the group never evicts us (max.poll.interval.ms is about
+   poll() calls, not about work);
+4. on failure: ``failed`` event, nothing committed, seek back to the batch's first offsets, back off, retry.
+
+Revoked or lost partitions are dropped from memory and never committed: a run whose partitions were revoked
+while it trained fails its commit step (the new owner reads those traces again from the committed offset).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from schemas import SchemaError
+from trainer.errors import CommitFailed, DatasetError, TrainerError
+from trainer.events import TrainerEvents, now_ms
+from trainer.manifest import OffsetRange, RunManifest, list_manifests
+from trainer.protocol import (
+    Batch,
+    EvaluateFn,
+    RunContext,
+    TrainFn,
+    check_commit_result,
+    commit_recognised,
+    new_run_id,
+    publish_succeeded,
+    train_and_commit,
+)
+from trainer.replay import TraceRecord, decode_trace
+from trainer.settings import TrainerSettings
+from trainer.sft_config import SFTConfig
+
+log = logging.getLogger("tier3.trainer.consumer")
+
+T = TypeVar("T")
+
+#: exit status of an injected crash (TIER3_TRAINER_FAULT): distinguishable from a real failure in tests
+FAULT_EXIT_CODE = 86
+
+
+class RunAborted(TrainerError):
+    """The trainer is stopping while a run trains: the run is abandoned, nothing is committed."""
+
+    retryable = True
+
+
+# ------------------------------------------------------------------------------------------------ accumulation
+
+
+@dataclass
+class _Partition:
+    start: int  # first offset read since the last commit (or since assignment)
+    end: int  # one past the last offset read: what a commit of this partition would store
+    records: list[TraceRecord] = field(default_factory=list)
+    n_messages: int = 0
+    n_bad: int = 0
+
+
+class Accumulator:
+    """Traces read and not yet committed, per partition. Distinct experience ids decide the trigger, because
+    enrichment is at-least-once and a duplicate is not a new trace."""
+
+    def __init__(self) -> None:
+        self.parts: dict[int, _Partition] = {}
+        self._ids: Counter[str] = Counter()
+
+    @property
+    def n_unique(self) -> int:
+        return len(self._ids)
+
+    @property
+    def n_messages(self) -> int:
+        return sum(p.n_messages for p in self.parts.values())
+
+    def add(self, partition: int, offset: int, record: TraceRecord | None) -> None:
+        part = self.parts.get(partition)
+        if part is None:
+            part = self.parts[partition] = _Partition(start=offset, end=offset)
+        if offset < part.end:  # a redelivery below what we hold (cannot happen without a seek): ignore it
+            return
+        part.end = offset + 1
+        part.n_messages += 1
+        if record is None:
+            part.n_bad += 1
+        else:
+            part.records.append(record)
+            self._ids[record.trace.experience_id] += 1
+
+    def first_offset(self, partition: int) -> int | None:
+        part = self.parts.get(partition)
+        return part.start if part is not None else None
+
+    def next_offset(self, partition: int) -> int | None:
+        part = self.parts.get(partition)
+        return part.end if part is not None else None
+
+    def drop(self, partitions: set[int] | list[int]) -> None:
+        for p in partitions:
+            part = self.parts.pop(p, None)
+            if part is not None:
+                self._forget(part.records)
+
+    def trim(self, partition: int, end: int) -> None:
+        """Forget everything below ``end`` in ``partition`` (it was committed by a recognised manifest)."""
+        part = self.parts.get(partition)
+        if part is None:
+            return
+        gone = [r for r in part.records if r.offset < end]
+        self._forget(gone)
+        part.records = [r for r in part.records if r.offset >= end]
+        part.n_messages = max(0, part.n_messages - (min(part.end, end) - part.start))
+        if part.end <= end:
+            self.parts.pop(partition)
+        else:
+            part.start = end
+            part.n_bad = min(part.n_bad, part.n_messages)
+
+    def take(self, topic: str, trigger: str, attempt: int) -> Batch:
+        """Everything held, as one batch; the accumulator is empty afterwards."""
+        records = sorted(r for part in self.parts.values() for r in part.records)
+        batch = Batch(topic=topic, offsets={p: OffsetRange(start=x.start, end=x.end) for p, x in self.parts.items()},
+                      records=records, n_messages=self.n_messages, n_unique=self.n_unique,
+                      n_bad=sum(x.n_bad for x in self.parts.values()), trigger=trigger, attempt=attempt)
+        self.parts.clear()
+        self._ids.clear()
+        return batch
+
+    def _forget(self, records: list[TraceRecord]) -> None:
+        for r in records:
+            eid = r.trace.experience_id
+            self._ids[eid] -= 1
+            if self._ids[eid] <= 0:
+                del self._ids[eid]
+
+
+# ------------------------------------------------------------------------------------------------ the consumer
+
+
+@dataclass
+class TrainerStats:
+    runs_succeeded: int = 0
+    runs_failed: int = 0
+    recognised: int = 0  # manifests committed on restart without training
+    assigned: int = 0  # partitions assigned (cumulative)
+    revoked: int = 0  # partitions revoked (cumulative)
+    lost: int = 0  # partitions lost (cumulative): the group evicted us
+    dead_lettered: int = 0
+    last_run_id: str | None = None
+    last_manifest: RunManifest | None = None
+
+
+class TrainerConsumer:
+    """``TrainerConsumer(settings).run()`` is ``tier3 trainer``. ``train`` and ``evaluate`` are injectable (tests,
+    the close-loop's evaluation); by default :func:`trainer.sft_trainer.train` and no evaluation."""
+
+    def __init__(self, settings: TrainerSettings, cfg: SFTConfig | None = None, *, train: TrainFn | None = None,
+                 evaluate: EvaluateFn | None = None) -> None:
+        self.s = settings
+        self.cfg = cfg if cfg is not None else SFTConfig()
+        self.topic = settings.traces_topic
+        self.events = TrainerEvents(settings)
+        self.consumer = Consumer({**settings.consumer_config(), "error_cb": self._on_error})
+        self.stop_event = threading.Event()
+        self.stats = TrainerStats()
+        self.pending = Accumulator()
+        self._train = train
+        self._evaluate = evaluate
+        self.assigned: set[int] = set()
+        self._paused: set[int] = set()
+        self._lost_since_batch: set[int] = set()
+        self.training = False
+        self._current_run: str | None = None
+        self._progress: tuple[int, int] = (0, 0)
+        self._failures = 0
+        self._backoff_until: float | None = None
+        self._retry_target: dict[int, int] | None = None
+        self._need_more_than = 0  # after an empty dataset: wait for more distinct traces than this
+        self._uncommitted: list[RunManifest] = []
+        self._committed: dict[int, int] = {}  # what this process committed, per partition
+        self._awaiting_manifest = False
+        self._last_check_mono = time.monotonic()
+        self.last_check_ms = now_ms()
+        self._next_status_mono = 0.0
+        self._started = False
+        self._closed = False
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        self.s.runs_dir.mkdir(parents=True, exist_ok=True)
+        self._reconcile_manifests()
+        self.consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                on_lost=self._on_lost)
+        log.info("trainer group %s on %s: min_traces=%d, check_interval_s=%s, runs in %s",
+                 self.s.tier3_trainer_group, self.topic, self.s.tier3_min_traces, self.s.tier3_check_interval_s,
+                 self.s.runs_dir)
+
+    def stop(self) -> None:
+        """Ask the loop to end (thread-safe; a signal handler may call it). A run in progress is abandoned."""
+        self.stop_event.set()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.consumer.close()  # leaves the group; commits nothing (auto-commit is off)
+        finally:
+            self.events.close()
+
+    def run(self, *, max_runs: int | None = None, timeout_s: float | None = None) -> TrainerStats:
+        """Consume and train until stopped, or until ``max_runs`` runs were committed, or ``timeout_s`` passed."""
+        deadline = time.monotonic() + timeout_s if timeout_s is not None else None
+        self.start()
+        try:
+            while not self.stop_event.is_set():
+                if max_runs is not None and self.stats.runs_succeeded + self.stats.recognised >= max_runs:
+                    break
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+                self._poll_once(self.s.tier3_trainer_poll_timeout_s)
+                self._end_backoff_if_due()
+                self._recognise_manifests()
+                trigger = self._due()
+                if trigger is not None:
+                    self._run_batch(trigger)
+        finally:
+            self.close()
+        return self.stats
+
+    # -- polling ------------------------------------------------------------------------------------------
+    @property
+    def _hold(self) -> bool:
+        """Partitions stay paused while a run trains and while a failed one backs off."""
+        return self.training or self._backoff_until is not None
+
+    def _poll_once(self, timeout_s: float) -> None:
+        msg = self.consumer.poll(timeout_s)
+        if msg is not None:
+            self._handle(msg)
+        if self._hold:
+            self._pause_all()  # partitions assigned while holding must not deliver either
+        self._status_heartbeat()
+        self.events.poll()
+
+    def _handle(self, msg: Message) -> None:
+        err = msg.error()
+        if err is not None:
+            if err.code() == KafkaError._PARTITION_EOF:
+                return
+            if err.fatal():
+                raise KafkaException(err)
+            log.warning("consumer error: %s", err.str())
+            return
+        p, off = msg.partition(), msg.offset()
+        if p is None or off is None or p not in self.assigned:
+            return  # a message fetched before its partition was revoked: the new owner reads it
+        value = msg.value()
+        try:
+            record: TraceRecord | None = TraceRecord(p, off, decode_trace(value, self.s.tier3_max_message_bytes))
+        except SchemaError as exc:
+            # bad bytes never stop the trainer: kept on dead-letters with the reason; the offset is still part of
+            # the batch, so the next successful run commits past it
+            self.events.dead_letter(topic=self.topic, partition=p, offset=off, key=msg.key(), value=value or b"",
+                                    reason=str(exc), error_kind=exc.kind)
+            self.stats.dead_lettered += 1
+            record = None
+        self.pending.add(p, off, record)
+
+    def _pause_all(self) -> None:
+        todo = self.assigned - self._paused
+        if todo:
+            self.consumer.pause([TopicPartition(self.topic, p) for p in sorted(todo)])
+            self._paused |= todo
+
+    def _resume_all(self) -> None:
+        todo = self._paused & self.assigned
+        if todo:
+            self.consumer.resume([TopicPartition(self.topic, p) for p in sorted(todo)])
+        self._paused.clear()
+
+    # -- rebalance callbacks (called from inside poll(), on this thread) -----------------------------------
+    def _on_assign(self, _c: Consumer, partitions: list[TopicPartition]) -> None:
+        ps = {tp.partition for tp in partitions}
+        log.info("assigned %s", sorted(ps))
+        self.assigned |= ps
+        self.stats.assigned += len(ps)
+
+    def _on_revoke(self, _c: Consumer, partitions: list[TopicPartition]) -> None:
+        self._forget_partitions({tp.partition for tp in partitions}, "revoked")
+        self.stats.revoked += len(partitions)
+
+    def _on_lost(self, _c: Consumer, partitions: list[TopicPartition]) -> None:
+        self._forget_partitions({tp.partition for tp in partitions}, "lost")
+        self.stats.lost += len(partitions)
+
+    def _forget_partitions(self, ps: set[int], why: str) -> None:
+        if ps:
+            log.warning("partitions %s %s%s", sorted(ps), why, " during a run" if self.training else "")
+        self.assigned -= ps
+        self._paused -= ps
+        self._lost_since_batch |= ps  # a run in progress must not commit them
+        self.pending.drop(ps)  # the new owner reads them again from the committed offset
+
+    def _on_error(self, err: KafkaError) -> None:
+        log.warning("kafka: %s", err.str())
+
+    # -- when to train ------------------------------------------------------------------------------------
+    def _mark_check(self) -> None:
+        self._last_check_mono = time.monotonic()
+        self.last_check_ms = now_ms()
+
+    def next_check_in_s(self) -> float:
+        return max(0.0, self._last_check_mono + self.s.tier3_check_interval_s - time.monotonic())
+
+    def _take_train_now(self) -> bool:
+        path = self.s.train_now_path
+        if not path.exists():
+            return False
+        path.unlink(missing_ok=True)
+        return True
+
+    def _due(self) -> str | None:
+        """The trigger that starts a run now, or None."""
+        if self._hold or self._awaiting_manifest:
+            return None
+        interval_due = self.next_check_in_s() <= 0.0
+        if self.pending.n_unique <= self._need_more_than:
+            if interval_due:
+                self._mark_check()  # nothing (new) to train: the next check is one interval away
+            if self._take_train_now():
+                log.info("train-now: no new traces to train on")
+            return None
+        if self._retry_target is not None:
+            # a failed batch is retried once it is back in full (the seek-back re-reads it)
+            back = all(p not in self.assigned or (self.pending.next_offset(p) or -1) >= end
+                       for p, end in self._retry_target.items())
+            return "retry" if back else None
+        if self.pending.n_unique >= self.s.tier3_min_traces:
+            return "min_traces"
+        if interval_due:
+            return "interval"
+        if self._take_train_now():
+            return "train_now"
+        return None
+
+    # -- one run ------------------------------------------------------------------------------------------
+    def _run_batch(self, trigger: str) -> None:
+        batch = self.pending.take(self.topic, trigger, attempt=self._failures + 1)
+        self._mark_check()
+        self._retry_target = None
+        self._need_more_than = 0
+        self._lost_since_batch.clear()
+        run_id = new_run_id()
+        self.training, self._current_run, self._progress = True, run_id, (0, 0)
+        self._pause_all()
+        log.info("run %s: %d traces (%d distinct) from %s, trigger %s, attempt %d", run_id, batch.n_messages,
+                 batch.n_unique, batch.describe()["offsets"], trigger, batch.attempt)
+        self.stats.last_run_id = run_id
+        try:
+            manifest = train_and_commit(batch, run_id, self._context())
+        except Exception as exc:
+            self.training = False
+            self._on_failure(batch, run_id, exc)
+        else:
+            self.training = False
+            self._failures = 0
+            self._resume_all()
+            self.stats.runs_succeeded += 1
+            self.stats.last_manifest = manifest
+            log.info("run %s committed %s (dataset %s, loss %s)", run_id, manifest.commit_offsets(),
+                     manifest.dataset.sha256[:12], manifest.metrics.get("train_loss"))
+        finally:
+            self.training, self._current_run = False, None
+            self._status_heartbeat(force=True)
+
+    def _on_failure(self, batch: Batch, run_id: str, exc: Exception) -> None:
+        self._failures += 1
+        self.stats.runs_failed += 1
+        retryable = bool(getattr(exc, "retryable", True))  # an unexpected exception: assume it is transient
+        empty = isinstance(exc, DatasetError)
+        if empty:
+            backoff_s = 0.0  # retrying the same traces cannot help; wait for more of them instead
+        elif retryable:
+            backoff_s = min(self.s.tier3_trainer_backoff_max_s,
+                            self.s.tier3_trainer_backoff_initial_s * 2 ** (self._failures - 1))
+        else:
+            backoff_s = self.s.tier3_trainer_backoff_max_s  # needs an operator: retry rarely
+        log.error("run %s failed (%s, retryable=%s): %s; nothing committed, retry in %.1f s", run_id,
+                  type(exc).__name__, retryable, exc, backoff_s, exc_info=not isinstance(exc, TrainerError))
+        self.events.failed(run_id, model_version=None, base_model=self.cfg.tier3_base_model, details={
+            **batch.describe(), "error": str(exc)[:2000], "error_type": type(exc).__name__,
+            "retryable": retryable, "retry_in_s": backoff_s})
+        self.events.flush(5.0)
+        # Seek back: every batch partition we still own is read again from the batch's first offset, so the retry
+        # trains exactly what a restarted trainer would (the broker's committed offsets did not move).
+        owned = [p for p in batch.offsets if p in self.assigned and p not in self._lost_since_batch]
+        self.pending.drop(list(batch.offsets))
+        for p in owned:
+            try:
+                self.consumer.seek(TopicPartition(self.topic, p, batch.offsets[p].start))
+            except KafkaException as err:
+                log.warning("seek back of partition %d failed (%s); it resumes from the committed offset", p, err)
+        if empty:
+            self._need_more_than = batch.n_unique
+            self._failures = 0
+            self._resume_all()
+            return
+        self._retry_target = {p: batch.offsets[p].end for p in owned}
+        self._backoff_until = time.monotonic() + backoff_s
+        self._pause_all()
+
+    def _end_backoff_if_due(self) -> None:
+        if self._backoff_until is not None and time.monotonic() >= self._backoff_until:
+            self._backoff_until = None
+            self._resume_all()
+
+    def _context(self) -> RunContext:
+        return RunContext(settings=self.s, cfg=self.cfg, events=self.events, commit=self._commit,
+                          in_background=self._in_background, dataset_slice=self._dataset_slice, train=self._train,
+                          evaluate=self._evaluate, fault=self._fault, on_step=self._on_step)
+
+    def _in_background(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` in a worker thread; meanwhile keep polling (partitions paused) so the group keeps us."""
+        box: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                box["value"] = fn()
+            except BaseException as exc:
+                box["error"] = exc
+
+        worker = threading.Thread(target=target, name=f"tier3-train-{self._current_run}", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            self._poll_once(min(0.2, self.s.tier3_trainer_poll_timeout_s))
+            if self.stop_event.is_set():
+                raise RunAborted("the trainer is stopping; the run is abandoned and its traces come back")
+        if "error" in box:
+            raise box["error"]
+        return box["value"]  # type: ignore[no-any-return]
+
+    def _on_step(self, step: int, total: int) -> None:
+        self._progress = (step, total)
+        if self.s.tier3_trainer_step_delay_s > 0:
+            time.sleep(self.s.tier3_trainer_step_delay_s)
+
+    def _commit(self, offsets: dict[int, int]) -> None:
+        """Step (4) of the protocol: synchronous commit of exactly ``offsets``, refused for any partition that was
+        revoked or lost since the batch was read (its new owner may already have read past it)."""
+        gone = {p for p in offsets if p not in self.assigned or p in self._lost_since_batch}
+        if gone:
+            raise CommitFailed(f"partitions {sorted(gone)} were revoked or lost during the run: not committing")
+        behind = {p: (off, self._committed[p]) for p, off in offsets.items() if off < self._committed.get(p, -1)}
+        if behind:  # paranoid: a commit only ever moves forward; anything else is a bug worth stopping for
+            raise CommitFailed(f"refusing to move committed offsets backwards: {behind}", retryable=False)
+        tps = [TopicPartition(self.topic, p, off) for p, off in sorted(offsets.items())]
+        try:
+            result = self.consumer.commit(offsets=tps, asynchronous=False)
+        except KafkaException as exc:
+            raise CommitFailed(f"commit of {offsets} failed: {exc.args[0]}") from exc
+        check_commit_result(result, offsets)
+        self._committed.update(offsets)
+
+    def _dataset_slice(self, batch: Batch) -> dict[int, OffsetRange]:
+        if self.cfg.tier3_scope == "new":
+            return dict(batch.offsets)
+        # scope "all": every partition from its low watermark up to this batch's end, or, for a partition not in
+        # the batch, up to the group's committed offset (what earlier runs trained on)
+        timeout_s = self.s.tier3_trainer_commit_timeout_s
+        md = self.consumer.list_topics(self.topic, timeout=timeout_s)
+        parts = sorted(md.topics[self.topic].partitions)
+        others = [TopicPartition(self.topic, p) for p in parts if p not in batch.offsets]
+        committed = {tp.partition: tp.offset for tp in self.consumer.committed(others, timeout=timeout_s)} \
+            if others else {}
+        out: dict[int, OffsetRange] = {}
+        for p in parts:
+            low, _high = self.consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=timeout_s)
+            end = batch.offsets[p].end if p in batch.offsets else max(low, committed.get(p, -1))
+            if end > low:
+                out[p] = OffsetRange(start=low, end=end)
+        return out
+
+    def _fault(self, point: str) -> None:
+        if self.s.tier3_trainer_fault == point:
+            log.critical("TIER3_TRAINER_FAULT=%s: exiting abruptly (testing)", point)
+            sys.stderr.flush()
+            os._exit(FAULT_EXIT_CODE)
+
+    # -- restart: manifests whose commit (or announcement) did not happen ---------------------------------
+    def _reconcile_manifests(self) -> None:
+        """At start: publish `succeeded` for runs that committed but were not announced; remember the runs that
+        were trained and recorded but not committed, to commit them when their batch comes back."""
+        mine = [m for m in list_manifests(self.s.runs_dir)
+                if m.topic == self.topic and m.group == self.s.tier3_trainer_group and m.state != "published"]
+        for m in mine:
+            tps = [TopicPartition(self.topic, p) for p in sorted(m.offsets)]
+            committed = {tp.partition: tp.offset for tp in
+                         self.consumer.committed(tps, timeout=self.s.tier3_trainer_commit_timeout_s)}
+            if m.state == "committed" or all(committed.get(p, -1) >= r.end for p, r in m.offsets.items()):
+                log.info("run %s was committed before the last stop; announcing it", m.run_id)
+                if m.state == "trained":
+                    m = m.model_copy(update={"state": "committed", "committed_at_ms": now_ms()})
+                publish_succeeded(m, self._context())
+            else:
+                self._uncommitted.append(m)
+                log.info("run %s was trained and recorded but not committed; it is committed (not retrained) when "
+                         "its offsets %s come back", m.run_id, {p: [r.start, r.end] for p, r in m.offsets.items()})
+
+    def _recognise_manifests(self) -> None:
+        """Commit an uncommitted manifest once the batch it describes is back in memory, in full."""
+        self._awaiting_manifest = False
+        if not self._uncommitted or self._hold:
+            return
+        for m in list(self._uncommitted):
+            if not set(m.offsets) <= self.assigned:
+                continue  # not (all) ours now; another trainer of the group may own the rest
+            firsts = {p: self.pending.first_offset(p) for p in m.offsets}
+            if any(f is not None and f != m.offsets[p].start for p, f in firsts.items()):
+                log.info("run %s: the log moved on from its offsets; the manifest is stale", m.run_id)
+                self._uncommitted.remove(m)
+                continue
+            if not all((self.pending.next_offset(p) or -1) >= r.end for p, r in m.offsets.items()):
+                self._awaiting_manifest = True  # do not start a run that would train part of it again
+                continue
+            self._lost_since_batch.clear()
+            try:
+                commit_recognised(m, self._context())
+            except CommitFailed as exc:
+                log.error("run %s: commit of the recognised manifest failed (%s); trying again", m.run_id, exc)
+                self._backoff_until = time.monotonic() + self.s.tier3_trainer_backoff_initial_s
+                self._pause_all()
+                return
+            for p, r in m.offsets.items():
+                self.pending.trim(p, r.end)
+            self._uncommitted.remove(m)
+            self.stats.recognised += 1
+            self.stats.last_run_id = m.run_id
+            log.info("run %s: recognised on restart and committed without training again", m.run_id)
+
+    # -- status -------------------------------------------------------------------------------------------
+    def _status_heartbeat(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now < self._next_status_mono:
+            return
+        self._next_status_mono = now + self.s.tier3_trainer_status_interval_s
+        step, total = self._progress
+        self.events.heartbeat(
+            training_in_progress=self.training, last_check_time_ms=self.last_check_ms,
+            next_check_in_s=self.next_check_in_s(),
+            details={"run_id": self._current_run, "step": step, "total_steps": total,
+                     "pending_traces": self.pending.n_unique, "pending_messages": self.pending.n_messages,
+                     "min_traces": self.s.tier3_min_traces, "assigned": sorted(self.assigned),
+                     "consecutive_failures": self._failures,
+                     "retry_in_s": round(max(0.0, self._backoff_until - now), 3) if self._backoff_until else None,
+                     "stats": {k: v for k, v in asdict(self.stats).items() if k != "last_manifest"}})

@@ -1,0 +1,104 @@
+"""The trainer's lifecycle events on ``training-runs``: started, heartbeat, succeeded, failed.
+
+Keyed by run_id. Heartbeats use the run id ``trainer:<group>`` and carry the fields of the original system's
+``trainer.tier3_sft`` status block (training_in_progress, last check time, check interval, next check), so the
+streams worker's ``/status`` can show a live trainer without importing anything of ours.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from typing import Any
+
+from confluent_kafka import KafkaError, Message, Producer
+
+from schemas import DeadLetter, TrainingRun, encode
+from schemas.settings import RELIABLE_PRODUCER
+from trainer.settings import TrainerSettings
+
+log = logging.getLogger("tier3.trainer.events")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class TrainerEvents:
+    """A reliable producer for training-runs (and dead-letters, for traces the trainer cannot read)."""
+
+    def __init__(self, settings: TrainerSettings) -> None:
+        self.settings = settings
+        self.topic = settings.training_runs_topic
+        self.heartbeat_run_id = f"trainer:{settings.tier3_trainer_group}"
+        self._producer = Producer({**settings.client_config(), **RELIABLE_PRODUCER, "linger.ms": 5,
+                                   "client.id": f"tier3-trainer-events-{settings.tier3_trainer_group}"})
+        self._errors: list[str] = []
+
+    # -- plumbing -----------------------------------------------------------------------------------------
+    def _on_delivery(self, err: KafkaError | None, _msg: Message) -> None:
+        if err is not None:
+            self._errors.append(str(err))
+            log.error("event delivery failed: %s", err)
+
+    def _send(self, topic: str, key: str, value: bytes) -> None:
+        while True:
+            try:
+                self._producer.produce(topic, key=key.encode(), value=value, on_delivery=self._on_delivery)
+                break
+            except BufferError:  # local queue full: let deliveries drain, then try again
+                self._producer.poll(0.1)
+        self._producer.poll(0)
+
+    def publish(self, run: TrainingRun) -> None:
+        self._send(self.topic, run.run_id, encode(run))
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait for every event to be acknowledged; False if one failed or the wait timed out."""
+        left = self._producer.flush(timeout_s if timeout_s is not None
+                                    else self.settings.tier3_trainer_commit_timeout_s)
+        ok = left == 0 and not self._errors
+        self._errors.clear()
+        return ok
+
+    def poll(self) -> None:
+        self._producer.poll(0)
+
+    # -- the events ---------------------------------------------------------------------------------------
+    def started(self, run_id: str, *, model_version: int, base_model: str, details: dict[str, Any]) -> None:
+        self.publish(TrainingRun(run_id=run_id, event="started", at_ms=now_ms(),
+                                 model_name=self.settings.tier3_student_name, model_version=model_version,
+                                 base_model=base_model, training_in_progress=True, details=details))
+
+    def succeeded(self, run_id: str, *, model_version: int, base_model: str, details: dict[str, Any]) -> None:
+        self.publish(TrainingRun(run_id=run_id, event="succeeded", at_ms=now_ms(),
+                                 model_name=self.settings.tier3_student_name, model_version=model_version,
+                                 base_model=base_model, training_in_progress=False, details=details))
+
+    def failed(self, run_id: str, *, model_version: int | None, base_model: str | None,
+               details: dict[str, Any]) -> None:
+        self.publish(TrainingRun(run_id=run_id, event="failed", at_ms=now_ms(),
+                                 model_name=self.settings.tier3_student_name, model_version=model_version,
+                                 base_model=base_model, training_in_progress=False, details=details))
+
+    def heartbeat(self, *, training_in_progress: bool, last_check_time_ms: int, next_check_in_s: float,
+                  details: dict[str, Any]) -> None:
+        self.publish(TrainingRun(run_id=self.heartbeat_run_id, event="heartbeat", at_ms=now_ms(),
+                                 model_name=self.settings.tier3_student_name,
+                                 training_in_progress=training_in_progress, last_check_time_ms=last_check_time_ms,
+                                 check_interval_s=self.settings.tier3_check_interval_s,
+                                 next_check_in_s=round(max(0.0, next_check_in_s), 3), details=details))
+
+    def dead_letter(self, *, topic: str, partition: int, offset: int, key: bytes | None, value: bytes,
+                    reason: str, error_kind: str) -> None:
+        """A trace the trainer cannot decode: kept with its bytes and the reason; its offset is still part of
+        the batch, so it is committed (skipped) with the next successful run."""
+        dl = DeadLetter(stage="decode", reason=reason[:10_000], error_kind=error_kind, failed_at_ms=now_ms(),
+                        source_topic=topic, source_partition=partition, source_offset=offset,
+                        key_b64=base64.b64encode(key).decode() if key is not None else None,
+                        original_b64=base64.b64encode(value).decode())
+        self._send(self.settings.dead_letters_topic, f"{topic}/{partition}/{offset}", encode(dl))
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self._producer.flush(timeout_s)

@@ -1,0 +1,242 @@
+"""Replay: rebuild a dataset (and, with ``--train``, a model) from the log, without touching the live group.
+
+The event-sourcing promise: ``enriched-traces`` is kept forever, so any model can be rebuilt from it. A replay
+reads a slice of the topic with ``assign()`` (no group membership, no rebalance) under a throw-away group id
+and never commits, so the trainer group's committed offsets are untouched. Three ways to choose the slice:
+
+- from the beginning (every partition from its low watermark to its current high watermark);
+- from a timestamp (``offsets_for_times``: the first record at or after it) to the high watermark;
+- up to a past run's offsets: exactly the ``dataset_offsets`` in its manifest, which rebuilds its sha256.
+
+The live trainer builds its datasets through :func:`project_dataset` too, so both paths run the same code.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import OFFSET_END, Consumer, KafkaError, TopicPartition
+
+from schemas import EnrichedTrace, SchemaError, decode
+from schemas.settings import RELIABLE_CONSUMER, KafkaSettings
+from trainer.dataset import BuiltDataset, build_dataset
+from trainer.errors import TrainerError
+from trainer.manifest import OffsetRange, RunManifest, fsync_dir, write_atomic
+from trainer.sft_config import SFTConfig
+
+log = logging.getLogger("tier3.trainer.replay")
+
+
+class ReplayError(TrainerError):
+    """The slice could not be read (broker unreachable, offsets gone)."""
+
+    retryable = True
+
+
+@dataclass(frozen=True, order=True)
+class TraceRecord:
+    """One decoded trace with its position in ``enriched-traces`` (the log order used everywhere)."""
+
+    partition: int
+    offset: int
+    trace: EnrichedTrace = field(compare=False)
+
+
+@dataclass
+class SliceRead:
+    records: list[TraceRecord]
+    n_messages: int
+    n_bad: int
+
+
+def decode_trace(value: bytes | None, max_bytes: int) -> EnrichedTrace:
+    if value is None:
+        raise SchemaError("empty value (tombstone)")
+    return decode(value, EnrichedTrace, max_bytes=max_bytes)
+
+
+def _reader(settings: KafkaSettings) -> Consumer:
+    """A consumer for assign()-based reads: a unique group id (librdkafka wants one) that never commits."""
+    return Consumer({
+        **settings.client_config(),
+        **RELIABLE_CONSUMER,  # read_committed, no auto-commit / offset store: same view of the log as the trainer
+        "group.id": f"tier3-replay-{uuid.uuid4().hex}",
+        "enable.partition.eof": True,  # tells us when a partition has nothing more to give
+    })
+
+
+def watermarks(settings: KafkaSettings, topic: str, timeout_s: float = 30.0) -> dict[int, tuple[int, int]]:
+    """``{partition: (low, high)}`` of ``topic`` now."""
+    c = _reader(settings)
+    try:
+        md = c.list_topics(topic, timeout=timeout_s)
+        t = md.topics.get(topic)
+        if t is None or t.error is not None:
+            raise ReplayError(f"topic {topic} not found: {t.error if t else 'missing'}")
+        return {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s) for p in sorted(t.partitions)}
+    finally:
+        c.close()
+
+
+def ranges_from_beginning(settings: KafkaSettings, topic: str) -> dict[int, OffsetRange]:
+    return {p: OffsetRange(start=lo, end=hi) for p, (lo, hi) in watermarks(settings, topic).items() if hi > lo}
+
+
+def ranges_from_time(settings: KafkaSettings, topic: str, since_ms: int, timeout_s: float = 30.0
+                     ) -> dict[int, OffsetRange]:
+    """From the first record with timestamp >= ``since_ms`` to each partition's high watermark."""
+    marks = watermarks(settings, topic)
+    c = _reader(settings)
+    try:
+        found = c.offsets_for_times([TopicPartition(topic, p, since_ms) for p in marks], timeout=timeout_s)
+    finally:
+        c.close()
+    out: dict[int, OffsetRange] = {}
+    for tp in found:
+        lo, hi = marks[tp.partition]
+        start = hi if tp.offset in (-1, OFFSET_END) else max(lo, tp.offset)  # -1: nothing that recent
+        if hi > start:
+            out[tp.partition] = OffsetRange(start=start, end=hi)
+    return out
+
+
+def read_ranges(settings: KafkaSettings, topic: str, ranges: dict[int, OffsetRange], *, timeout_s: float = 300.0,
+                on_bad: Callable[[int, int, bytes | None, bytes | None, SchemaError], None] | None = None
+                ) -> SliceRead:
+    """Read exactly ``[start, end)`` of each partition; decode the traces; skip (and count) what cannot be read.
+
+    Positions, not message counts, decide when a partition is done: offsets can have gaps (transaction markers,
+    compaction), so "end reached" is "the next offset to read is >= end".
+    """
+    todo = {p: r for p, r in ranges.items() if r.end > r.start}
+    records: list[TraceRecord] = []
+    n_messages = n_bad = 0
+    if not todo:
+        return SliceRead(records, 0, 0)
+    c = _reader(settings)
+    max_bytes = settings.tier3_max_message_bytes
+    try:
+        c.assign([TopicPartition(topic, p, r.start) for p, r in todo.items()])
+        deadline = time.monotonic() + timeout_s
+        while todo:
+            if time.monotonic() > deadline:
+                raise ReplayError(f"timed out reading {topic}: partitions {sorted(todo)} not at their end offsets")
+            msg = c.poll(0.5)
+            if msg is None:
+                # an idle partition may sit right at its end after skipping markers: ask for its position
+                for tp in c.position([TopicPartition(topic, p) for p in list(todo)]):
+                    if tp.offset >= 0 and tp.offset >= todo[tp.partition].end:
+                        _done(c, topic, todo, tp.partition)
+                continue
+            p = msg.partition()
+            if p is None or p not in todo:
+                continue
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    off = msg.offset()
+                    if off is not None and off >= todo[p].end:
+                        _done(c, topic, todo, p)
+                    continue
+                raise ReplayError(f"reading {topic}[{p}]: {err.str()}")
+            off = msg.offset()
+            assert off is not None
+            if off >= todo[p].end:
+                _done(c, topic, todo, p)
+                continue
+            n_messages += 1
+            value = msg.value()
+            try:
+                records.append(TraceRecord(p, off, decode_trace(value, max_bytes)))
+            except SchemaError as exc:
+                n_bad += 1
+                if on_bad is not None:
+                    on_bad(p, off, msg.key(), value, exc)
+            if off + 1 >= todo[p].end:
+                _done(c, topic, todo, p)
+    finally:
+        c.close()
+    records.sort()
+    return SliceRead(records, n_messages, n_bad)
+
+
+def _done(c: Consumer, topic: str, todo: dict[int, OffsetRange], p: int) -> None:
+    todo.pop(p, None)
+    c.pause([TopicPartition(topic, p)])  # stop fetching past the end
+
+
+def project_dataset(records: Iterable[TraceRecord], cfg: SFTConfig, out_dir: Path) -> BuiltDataset:
+    """The one projection from log records to a dataset: log order ((partition, offset)), then
+    :func:`trainer.dataset.build_dataset` (dedup by experience_id, holdout split, phases, sha256)."""
+    return build_dataset([r.trace for r in sorted(records)], cfg, out_dir)
+
+
+def install_dir(src: Path, dest: Path) -> Path:
+    """Move a finished folder into place with one rename: ``dest`` either does not exist or is complete."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists():  # a previous attempt of this same run left one: replace it as a whole
+        trash = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+        dest.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    src.rename(dest)
+    fsync_dir(dest.parent)
+    return dest
+
+
+@dataclass
+class ReplayResult:
+    out_dir: Path
+    ranges: dict[int, OffsetRange]
+    dataset: BuiltDataset
+    n_messages: int
+    n_bad: int
+    expected_sha256: str | None = None
+    train: dict[str, Any] | None = None
+
+    @property
+    def matches(self) -> bool | None:
+        return None if self.expected_sha256 is None else self.expected_sha256 == self.dataset.sha256
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "out_dir": str(self.out_dir),
+            "ranges": {str(p): [r.start, r.end] for p, r in sorted(self.ranges.items())},
+            "n_messages": self.n_messages, "n_bad": self.n_bad,
+            "sha256": self.dataset.sha256, "n_train": self.dataset.n_train, "n_holdout": self.dataset.n_holdout,
+            "expected_sha256": self.expected_sha256, "matches": self.matches,
+            "train": self.train,
+        }
+
+
+def replay(settings: KafkaSettings, cfg: SFTConfig, ranges: dict[int, OffsetRange], out_dir: Path, *,
+           topic: str | None = None, manifest: RunManifest | None = None, train: bool = False) -> ReplayResult:
+    """Read ``ranges``, rebuild the dataset in ``out_dir/dataset`` and, with ``train``, train a new adapter into
+    ``out_dir/adapter``. With a ``manifest``, its sha256 is the expected one (``result.matches``)."""
+    topic = topic or settings.traces_topic
+    read = read_ranges(settings, topic, ranges)
+    built = project_dataset(read.records, cfg, out_dir / "dataset")
+    result = ReplayResult(out_dir=out_dir, ranges=ranges, dataset=built, n_messages=read.n_messages,
+                          n_bad=read.n_bad, expected_sha256=manifest.dataset.sha256 if manifest else None)
+    if train:
+        from trainer.sft_trainer import train as sft_train  # torch & co. only when a model is trained
+
+        tmp = out_dir / f".adapter-tmp-{uuid.uuid4().hex[:8]}"
+        res = sft_train(built, cfg, tmp)
+        adapter = install_dir(Path(res.adapter_dir), out_dir / "adapter")
+        result.train = {"adapter_dir": str(adapter), "backend": res.backend, "steps": res.steps,
+                        "train_loss": res.train_loss, "tokens": res.tokens, "wall_s": res.wall_s}
+    write_atomic(out_dir / "replay.json", _json(result.summary()))
+    return result
+
+
+def _json(obj: Any) -> bytes:
+    import orjson
+
+    return orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
