@@ -173,6 +173,7 @@ class RunInfo:
     reasons: Any = None
     error: str | None = None
     first_ms: int = 0
+    seen_mono: dict[str, float] = field(default_factory=dict)  # event -> when the demo saw it (monotonic s)
 
     @property
     def verdict(self) -> str | None:
@@ -210,14 +211,24 @@ class Observed:
     def traces_total(self) -> int:
         return sum(self.traces_end.values())
 
-    def counted(self) -> int:
-        """Enriched traces in the worker's tumbling count table (all windows /status shows)."""
+    def _windows(self) -> dict[Any, int]:
+        """window start -> enriched traces counted in it (every window /status shows)."""
         w = (self.status or {}).get("windows") or {}
-        wins: dict[Any, dict[str, Any]] = {}
+        wins: dict[Any, int] = {}
         for win in [*(w.get("recent") or []), *([w["current"]] if w.get("current") else [])]:
-            wins[win.get("start_ms")] = win
-        return int(sum(sum(v for v in (win.get("by_task") or {}).values() if isinstance(v, (int, float)))
-                       for win in wins.values()))
+            wins[win.get("start_ms")] = int(sum(v for v in (win.get("by_task") or {}).values()
+                                                if isinstance(v, (int, float))))
+        return wins
+
+    def counted(self) -> int:
+        """Enriched traces in the worker's tumbling count table."""
+        return sum(self._windows().values())
+
+    def windows_used(self) -> int:
+        return sum(1 for n in self._windows().values() if n)
+
+    def window_s(self) -> Any:
+        return ((self.status or {}).get("windows") or {}).get("size_s", "?")
 
 
 class Monitor(threading.Thread):
@@ -294,6 +305,7 @@ class Monitor(threading.Thread):
             return
         run = self.obs.runs.setdefault(ev.run_id, RunInfo(ev.run_id, first_ms=ev.at_ms))
         run.events.append(ev.event)
+        run.seen_mono.setdefault(ev.event, time.monotonic())
         if ev.model_version is not None:
             run.model_version = ev.model_version
         d = ev.details or {}
@@ -360,6 +372,15 @@ class Display:
     def renderable(self) -> Group:
         return Group(self.progress, *(f"  [dim]{e}[/]" for e in self.last_events[-4:]))
 
+    def text_line(self) -> str:
+        """The bars as one line, for a log (CI) where a live display cannot redraw."""
+        parts = []
+        for stage in STAGES:
+            t = self.progress.tasks[self.tasks[stage]]
+            total = "?" if t.total is None else f"{t.total:.0f}"
+            parts.append(f"{stage} {t.completed:.0f}/{total}")
+        return " · ".join(parts)
+
     def update(self, published: int, obs: Observed, expected_sampled: int) -> None:
         p = self.progress
         p.update(self.tasks["published"], completed=published)
@@ -372,8 +393,7 @@ class Display:
             p.update(self.tasks["enriched"], completed=len(obs.trace_ids),
                      note=f"{obs.dead_letters} dead-lettered" if obs.dead_letters else "")
             p.update(self.tasks["counted"], completed=obs.counted(),
-                     note=f"{len(((obs.status or {}).get('windows') or {}).get('recent') or []) + 1} windows"
-                     if obs.status else "")
+                     note=f"in {obs.windows_used()} windows of {obs.window_s()} s" if obs.status else "")
         if not self.have_trainer:
             return
         hb = obs.heartbeat
@@ -444,6 +464,8 @@ def demo(
     = None,
     summary_json: Annotated[Path | None, typer.Option(help="also write the summary here (default: in the demo "
                                                       "folder)")] = None,
+    eval_wait_s: Annotated[float, typer.Option(help="how long to wait for a trained run's evaluation event")]
+    = 60.0,
 ) -> None:
     """Run the whole flywheel on this machine: broker, worker, trainer, the example traffic, every stage live."""
     examples_path = examples_file or EXAMPLES_DIR / "experiences.jsonl"
@@ -453,7 +475,7 @@ def demo(
     with _sigterm_as_interrupt():
         try:
             exit_code = _run(state, examples_path, recorded_path, examples, publish_seconds, keep_running,
-                             timeout_s, sample_rate, window_s, summary_json)
+                             timeout_s, sample_rate, window_s, summary_json, eval_wait_s)
         except KeyboardInterrupt:
             console.print("\n[yellow]interrupted: stopping everything the demo started…[/]")
             exit_code = 130
@@ -491,7 +513,8 @@ def _cleanup(state: DemoState, keep_running: bool) -> None:
 
 
 def _run(state: DemoState, examples_path: Path, recorded_path: Path, limit: int, publish_seconds: float,
-         keep_running: bool, timeout_s: float, sample_rate: float, window_s: int, summary_json: Path | None) -> int:
+         keep_running: bool, timeout_s: float, sample_rate: float, window_s: int, summary_json: Path | None,
+         eval_wait_s: float) -> int:
     from streams.producer import Capture, CaptureSettings
     from streams.topics import ensure_topics
 
@@ -578,7 +601,11 @@ def _run(state: DemoState, examples_path: Path, recorded_path: Path, limit: int,
     seen_events = 0
     deadline = time.monotonic() + publish_seconds + timeout_s
     done_reason = "timed out"
-    with Live(display.renderable(), console=console, refresh_per_second=4, transient=False) as live:
+    next_line = 0.0
+    # a live display redraws in a terminal; in a log (CI) it would print only at the end: lines instead
+    live_ctx = Live(display.renderable(), console=console, refresh_per_second=4, transient=False) \
+        if console.is_terminal else contextlib.nullcontext()
+    with live_ctx as live:
         t0 = time.monotonic()
         i = 0
         while True:
@@ -599,8 +626,12 @@ def _run(state: DemoState, examples_path: Path, recorded_path: Path, limit: int,
                 display.update(capture.stats().delivered, obs, expected_sampled)
                 seen_events = _narrate(display, obs, seen_events)
                 finished, why = _finished(obs, i == len(experiences), capture.stats().delivered, len(experiences),
-                                          expected_sampled, have_worker, have_trainer)
-            live.update(display.renderable())
+                                          expected_sampled, have_worker, have_trainer, eval_wait_s)
+                if not console.is_terminal and time.monotonic() >= next_line:
+                    next_line = time.monotonic() + 5.0
+                    console.print(display.text_line())
+            if live is not None:
+                live.update(display.renderable())
             if finished:
                 done_reason = why
                 break
@@ -609,7 +640,10 @@ def _run(state: DemoState, examples_path: Path, recorded_path: Path, limit: int,
             time.sleep(0.25)
         capture.close()
         display.update(capture.stats().delivered, obs, expected_sampled)
-        live.update(display.renderable())
+        if live is not None:
+            live.update(display.renderable())
+        else:
+            console.print(display.text_line())
 
     # 6. summary
     with state.monitor.lock:
@@ -672,8 +706,9 @@ def _headline_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def _finished(obs: Observed, all_published: bool, delivered: int, n: int, expected_sampled: int,
-              have_worker: bool, have_trainer: bool) -> tuple[bool, str]:
-    """Is every stage done? (A run that started is waited for to its verdict; exported only when promoted.)"""
+              have_worker: bool, have_trainer: bool, eval_wait_s: float) -> tuple[bool, str]:
+    """Is every stage done? A run that started is waited for to its verdict (exported, when promoted); a run
+    that succeeded gets ``eval_wait_s`` for its ``evaluated`` event (a trainer without evaluation sends none)."""
     if not all_published or delivered < n:
         return False, ""
     if not have_worker:
@@ -688,6 +723,8 @@ def _finished(obs: Observed, all_published: bool, delivered: int, n: int, expect
         if "started" in r.events and not {"succeeded", "failed"} & set(r.events):
             return False, ""  # still training
         if "succeeded" in r.events:
+            if "evaluated" not in r.events and time.monotonic() - r.seen_mono["succeeded"] < eval_wait_s:
+                return False, ""  # the evaluation may still come
             if "evaluated" in r.events and r.verdict is None:
                 return False, ""  # waiting for the gate
             if r.verdict == "promoted" and "exported" not in r.events and "failed" not in r.events[-1:]:
@@ -704,6 +741,14 @@ def _summary(obs: Observed, settings: KafkaSettings, run_name: str, demo_dir: Pa
              ) -> dict[str, Any]:
     runs = sorted(obs.runs.values(), key=lambda r: r.first_ms)
     reports = [r.report for r in runs if r.report]
+    notes = []
+    unevaluated = [_version(r) for r in runs if "succeeded" in r.events and "evaluated" not in r.events]
+    if unevaluated:
+        notes.append(f"no `evaluated` event for {', '.join(unevaluated)}: this trainer does not evaluate its runs "
+                     "(evaluation, the promotion gate and export are not wired into `tier3 trainer` here)")
+    promoted_not_exported = [_version(r) for r in runs if r.verdict == "promoted" and "exported" not in r.events]
+    if promoted_not_exported:
+        notes.append(f"promoted but not exported (yet): {', '.join(promoted_not_exported)}")
     counts = (obs.status or {}).get("counts") or {}
     return {
         "result": done_reason,
@@ -732,6 +777,7 @@ def _summary(obs: Observed, settings: KafkaSettings, run_name: str, demo_dir: Pa
         "processes": [{"name": c.name, "pid": c.pid, "log": str(c.log_path)} for c in state.children],
         "kept_running": keep_running,
         "errors": obs.errors,
+        "notes": notes,
     }
 
 
@@ -764,7 +810,7 @@ def _print_summary(s: dict[str, Any], obs: Observed) -> None:
         console.print(f"[yellow]the pipeline did not finish: {s['result']}[/]")
     if s["missing"]:
         console.print(f"[yellow]not installed: {', '.join(s['missing'])}[/]")
-    for e in s["errors"]:
+    for e in [*s["notes"], *s["errors"]]:
         console.print(f"[yellow]{e}[/]")
     console.print(f"evaluation report: [bold]{s['evaluation_report'] or '(none yet)'}[/]")
     if s["status_url"]:

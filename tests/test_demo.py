@@ -1,0 +1,153 @@
+"""``tier3 demo`` end to end: a shorter example set through the real broker, worker and trainer processes.
+
+Asserts the end state from outside the demo: the traces are on enriched-traces, a run succeeded and was
+evaluated (its report is on disk), the trainer group's committed offsets reach the end of enriched-traces (read
+from the broker), and no process the demo started is left running.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+
+from schemas import Experience, decode
+from schemas.settings import KafkaSettings
+from streams.sampling import sample_reason
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples" / "widget_selector" / "experiences.jsonl"
+
+pytestmark = pytest.mark.slow
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (exited, not yet reaped by a parent that is gone) is not running
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def _demo_env(kafka_bootstrap: str, data_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "TIER3_DATA_DIR": str(data_dir),
+                "PYTHONUNBUFFERED": "1", "COLUMNS": "160"})
+    env.pop("TIER3_TOPIC_PREFIX", None)  # the demo picks a fresh prefix per run
+    return env
+
+
+def _run_demo(env: dict[str, str], summary: Path, *args: str, timeout_s: float = 800) -> tuple[int, str]:
+    proc = subprocess.run([sys.executable, "-m", "streams.cli", "demo", "--examples", "120", "--publish-seconds", "10",
+                           "--eval-wait-s", "30", "--timeout-s", "600", "--summary-json", str(summary), *args],
+                          env=env, cwd=ROOT, capture_output=True, timeout=timeout_s, check=False)
+    return proc.returncode, proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
+
+
+def test_demo_runs_the_whole_flywheel(kafka_bootstrap: str, tmp_path: Path) -> None:
+    summary_path = tmp_path / "summary.json"
+    rc, out = _run_demo(_demo_env(kafka_bootstrap, tmp_path), summary_path)
+    assert summary_path.exists(), out[-4000:]
+    s: dict[str, Any] = orjson.loads(summary_path.read_bytes())
+    assert rc == 0, out[-4000:]
+    assert s["result"] == "complete" and s["missing"] == [] and s["errors"] == []
+
+    # published and sampled exactly as the sampling rule says
+    examples = [decode(line, Experience) for line in EXAMPLES.read_bytes().splitlines()[:120]]
+    expected = {e.experience_id for e in examples if sample_reason(e.experience_id, e.confidence, rate=0.3)}
+    assert s["published"]["delivered"] == 120 and s["experiences_in_log"] == 120
+    assert s["expected_sampled"] == len(expected)
+    assert s["worker_counts"]["sampled"] == len(expected) and s["worker_counts"]["consumed"] == 120
+    # every sampled experience enriched by the recorded teacher (its answers are all valid: no dead letters)
+    assert s["traces"]["distinct"] == len(expected) and s["dead_letters"]["count"] == 0
+    assert s["counted_in_windows"] == len(expected)
+
+    # a run succeeded and was evaluated, and its report is on disk
+    succeeded = [r for r in s["runs"] if "succeeded" in r["events"]]
+    assert succeeded, s["runs"]
+    evaluated = [r for r in succeeded if "evaluated" in r["events"]]
+    assert evaluated, f"no run was evaluated: {s['notes']}"
+    assert all(r["verdict"] in ("promoted", "rejected") for r in evaluated)
+    assert s["evaluation_report"] and Path(s["evaluation_report"]).exists()
+
+    # offsets committed: read back from the broker, not from the demo's own summary
+    settings = KafkaSettings(kafka_bootstrap_servers=kafka_bootstrap, tier3_topic_prefix=s["topic_prefix"])
+    probe = Consumer({**settings.client_config(), "group.id": s["trainer_group"], "enable.auto.commit": False})
+    try:
+        md = probe.list_topics(settings.traces_topic, timeout=10)
+        parts = sorted(md.topics[settings.traces_topic].partitions)
+        committed = probe.committed([TopicPartition(settings.traces_topic, p) for p in parts], timeout=10)
+        ends = [probe.get_watermark_offsets(TopicPartition(settings.traces_topic, p), timeout=10)[1] for p in parts]
+    finally:
+        probe.close()
+    assert sum(ends) == s["traces"]["messages"] > 0
+    assert [tp.offset for tp in committed] == ends
+
+    # nothing left running
+    pids = [p["pid"] for p in s["processes"]]
+    assert {p["name"] for p in s["processes"]} == {"worker", "trainer"}
+    assert not [pid for pid in pids if _alive(pid)]
+
+    # running it twice works: a fresh prefix, the same end state
+    summary2 = tmp_path / "summary2.json"
+    rc2, out2 = _run_demo(_demo_env(kafka_bootstrap, tmp_path), summary2, "--eval-wait-s", "0")
+    s2 = orjson.loads(summary2.read_bytes())
+    assert rc2 == 0, out2[-4000:]
+    assert s2["topic_prefix"] != s["topic_prefix"]
+    assert s2["traces"]["distinct"] == len(expected) and s2["offsets"]["all_committed"]
+    assert not [p["pid"] for p in s2["processes"] if _alive(p["pid"])]
+
+
+def test_demo_stops_everything_on_ctrl_c(kafka_bootstrap: str, tmp_path: Path) -> None:
+    summary_path = tmp_path / "summary.json"
+    proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "demo", "--examples", "120",
+                             "--publish-seconds", "30", "--summary-json", str(summary_path)],
+                            env=_demo_env(kafka_bootstrap, tmp_path), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    # wait until the worker and trainer are up (their logs exist), then interrupt as a user would
+    deadline = time.monotonic() + 120
+    demo_root = tmp_path / "demo"
+    while time.monotonic() < deadline:
+        logs = list(demo_root.glob("*/trainer.log")) + list(demo_root.glob("*/worker.log"))
+        if len(logs) >= 2 and all(p.stat().st_size > 0 for p in logs):
+            break
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("the demo did not start its processes in 120 s")
+    time.sleep(5)  # mid-publish
+    children = _children_of(proc.pid)
+    assert children, "the demo started no processes"
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out.decode(errors="replace")[-3000:]
+    assert "interrupted" in out.decode(errors="replace")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and [pid for pid in children if _alive(pid)]:
+        time.sleep(0.2)
+    assert not [pid for pid in children if _alive(pid)]
+
+
+def _children_of(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (the demo's worker and trainer)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
