@@ -1,0 +1,503 @@
+"""The router: which model answers the application's requests (teacher, student, or a sticky A/B split).
+
+The application side of the flywheel (the original system's env toggle between teacher and student, plus A/B):
+
+- **Mode** from ``TIER3_SERVE``: ``teacher`` (default), ``student``, or ``ab`` (a share
+  ``TIER3_AB_STUDENT_SHARE`` of users gets the student).
+- **Sticky**: the A/B arm is a pure function of a hash of the user id (else the session id): the same user gets
+  the same arm in every process and after restarts; raising the share only moves users from teacher to student.
+  A request with neither id is assigned by its experience id (not sticky: there is nothing to stick to).
+- **Follows promotions live**: a small thread reads ``training-runs`` from the beginning (no consumer group,
+  nothing committed) and folds ``promoted`` / ``rollback`` events with the gate's rule (``trainer/gate.py``):
+  a promotion puts its run on a stack, a rollback removes its run, the top of the stack is the model in force.
+  With no student in force, ``student`` and ``ab`` serve the teacher (the decision records why).
+- **The student** is served through any OpenAI-compatible endpoint (Ollama's ``/v1`` by default) under the model
+  name ``TIER3_STUDENT_MODEL`` (``{version}`` is replaced by the version in force: ``cc-widget-selector:v7``),
+  asked in the reasoned format it was trained on; its answer JSON is returned. **The teacher** through
+  :func:`streams.teachers.make_teacher`.
+- **Every served request becomes an experience** published through the capture library, with ``served_by``
+  (arm, model, model version), latency, confidence and reward: the flywheel measures itself.
+
+The worker side, :func:`install_router_stats` (an ``APP_HOOKS`` entry of ``streams/app.py``), keeps per-arm
+count / confidence / reward / latency sums in a Faust table over ``experiences`` and shows them in /status's
+``router`` block.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field, SecretStr
+
+from schemas import ChatMessage, Experience, SchemaError, ServedBy, TrainingRun, decode, get_task
+from schemas.tasks import parse_json_answer
+from streams.errors import StreamsError
+from streams.settings import StreamsSettings
+
+if TYPE_CHECKING:
+    import faust
+
+    from streams.producer import Capture
+    from streams.teachers import Teacher
+
+log = logging.getLogger("tier3.router")
+
+ServeMode = Literal["teacher", "student", "ab"]
+Arm = Literal["teacher", "student"]
+_BUCKETS = float(1 << 64)
+ARM_TABLE = "router_arms"
+
+
+class RouterError(StreamsError):
+    """The student endpoint failed (the caller may fall back to the teacher)."""
+
+    retryable = True
+
+
+class RouterSettings(StreamsSettings):
+    """The streams settings plus the router's. Field name == environment variable name."""
+
+    tier3_serve: ServeMode = Field("teacher", description="who answers the application: teacher | student | "
+                                   "ab (sticky split by user/session id)")
+    tier3_ab_student_share: float = Field(0.1, ge=0.0, le=1.0, description="share of users served by the "
+                                          "student in ab mode")
+    tier3_ab_salt: str = Field("tier3-ab-v1", description="salt of the A/B hash; changing it reshuffles users")
+    tier3_student_base_url: str = Field("http://127.0.0.1:11434/v1", description="OpenAI-compatible endpoint "
+                                        "serving the student (Ollama's /v1, vLLM, llama.cpp server)")
+    tier3_student_model: str = Field("cc-widget-selector:v{version}", description="student model name at that "
+                                     "endpoint; {version} is replaced by the promoted version in force")
+    tier3_student_api_key: SecretStr | None = Field(None, description="API key of the student endpoint (local "
+                                                    "servers ignore it; never logged)")
+    tier3_student_timeout_s: float = Field(30.0, gt=0, description="timeout of one student call (s)")
+    tier3_student_max_tokens: int = Field(512, ge=1, description="max output tokens of one student call")
+    tier3_student_fallback: bool = Field(True, description="serve the teacher when the student call fails "
+                                         "(recorded as a teacher arm with metadata.fallback)")
+    tier3_router_follow: bool = Field(True, description="follow promoted/rollback events on training-runs")
+
+
+# ----------------------------------------------------------------------------------------------- the split
+
+
+def ab_bucket(unit_id: str, salt: str = "tier3-ab-v1") -> float:
+    """A uniform number in [0, 1) from a hash of the unit id: stable across processes and Python versions."""
+    digest = hashlib.sha256(salt.encode() + b"\x00" + unit_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / _BUCKETS
+
+
+def choose_arm(mode: ServeMode, unit_id: str, share: float, student_available: bool,
+               salt: str = "tier3-ab-v1") -> tuple[Arm, str]:
+    """(arm, reason). The student arm needs a promoted student; otherwise the teacher serves."""
+    if mode == "teacher":
+        return "teacher", "mode"
+    if not student_available:
+        return "teacher", "no_promoted_student"
+    if mode == "student":
+        return "student", "mode"
+    return ("student", "ab") if ab_bucket(unit_id, salt) < share else ("teacher", "ab")
+
+
+# ----------------------------------------------------------------------------------------------- promotions
+
+
+@dataclass(frozen=True)
+class Promotion:
+    run_id: str
+    model_version: int | None
+    model_name: str | None
+    at_ms: int
+
+
+class PromotionView:
+    """Which promoted student is in force: the same fold as ``trainer/gate.py`` (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stack: list[Promotion] = []
+        self.events_seen = 0
+
+    def apply(self, run: TrainingRun) -> None:
+        with self._lock:
+            self.events_seen += 1
+            if run.event == "promoted":
+                p = Promotion(run.run_id, run.model_version, run.model_name, run.at_ms)
+                self._stack = [x for x in self._stack if x.run_id != run.run_id] + [p]
+            elif run.event == "rollback":
+                self._stack = [x for x in self._stack if x.run_id != run.run_id]
+
+    def apply_all(self, runs: Iterable[TrainingRun]) -> None:
+        for r in runs:
+            self.apply(r)
+
+    @property
+    def current(self) -> Promotion | None:
+        with self._lock:
+            return self._stack[-1] if self._stack else None
+
+
+class PromotionFollower:
+    """A daemon thread reading training-runs from the beginning into a :class:`PromotionView`."""
+
+    def __init__(self, settings: StreamsSettings, view: PromotionView) -> None:
+        self.settings = settings
+        self.view = view
+        self.caught_up = threading.Event()  # set once everything up to the start's end of log is applied
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tier3-router-follower", daemon=True)
+
+    def start(self, wait_s: float = 10.0) -> PromotionFollower:
+        self._thread.start()
+        if not self.caught_up.wait(wait_s):
+            log.warning("router: training-runs not read within %.0f s; serving with what is known", wait_s)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+
+        topic = self.settings.training_runs_topic
+        while not self._stop.is_set():
+            consumer = Consumer({**self.settings.client_config(), "group.id": f"tier3-router-{uuid.uuid4().hex}",
+                                 "enable.auto.commit": False, "isolation.level": "read_committed"})
+            try:
+                md = consumer.list_topics(topic, timeout=10)
+                parts = sorted(md.topics[topic].partitions) if topic in md.topics else [0]
+                ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
+                consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+                positions = {p: 0 for p in parts}
+                if all(e == 0 for e in ends.values()):
+                    self.caught_up.set()
+                while not self._stop.is_set():
+                    msg = consumer.poll(0.5)
+                    if msg is None or msg.error() is not None:
+                        continue
+                    positions[msg.partition() or 0] = (msg.offset() or 0) + 1
+                    try:
+                        self.view.apply(decode(msg.value() or b"", TrainingRun,
+                                               max_bytes=self.settings.tier3_max_message_bytes))
+                    except SchemaError as exc:
+                        log.warning("router: skipping bad training-runs record: %s", exc)
+                    if not self.caught_up.is_set() and all(positions[p] >= ends[p] for p in parts):
+                        self.caught_up.set()
+            except KafkaException as exc:
+                log.warning("router: reading training-runs failed (%s); retrying", exc)
+                self._stop.wait(2.0)
+            finally:
+                consumer.close()
+
+
+# ----------------------------------------------------------------------------------------------- serving
+
+
+@dataclass(frozen=True)
+class Decision:
+    arm: Arm
+    reason: str  # mode | ab | no_promoted_student | fallback
+    model: str
+    model_version: str | None
+    unit_id: str
+
+    def served_by(self) -> ServedBy:
+        return ServedBy(arm=self.arm, model=self.model[:200], model_version=self.model_version)
+
+
+@dataclass(frozen=True)
+class RoutedReply:
+    text: str  # what the application gets: the model's answer
+    decision: Decision
+    latency_ms: float
+    experience: Experience | None  # what was published (None when capture refused it)
+    raw_output: str = ""
+    published: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class StudentClient:
+    """The student over an OpenAI-compatible endpoint (Ollama ``/v1`` by default), greedy."""
+
+    def __init__(self, settings: RouterSettings) -> None:
+        import openai
+
+        self._openai = openai
+        key = settings.tier3_student_api_key.get_secret_value() if settings.tier3_student_api_key else "ollama"
+        self._client = openai.AsyncOpenAI(api_key=key, base_url=settings.tier3_student_base_url, max_retries=1,
+                                          timeout=settings.tier3_student_timeout_s)
+        self._max_tokens = settings.tier3_student_max_tokens
+
+    async def complete(self, model: str, messages: list[dict[str, str]]) -> str:
+        o = self._openai
+        try:
+            resp = await self._client.chat.completions.create(
+                model=model, messages=messages,  # type: ignore[arg-type]
+                max_tokens=self._max_tokens, temperature=0.0)
+        except o.OpenAIError as exc:
+            raise RouterError(f"student {model}: {type(exc).__name__}: {exc}") from None
+        if not resp.choices:
+            raise RouterError(f"student {model}: the reply has no choices")
+        return resp.choices[0].message.content or ""
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+
+class Router:
+    """Route requests to the teacher or the promoted student and record every one as an experience.
+
+    ``await router.complete(messages, user_id=...)`` answers; ``router.decide(...)`` only chooses (for
+    applications that call the model themselves and then ``router.record(...)``).
+    """
+
+    def __init__(self, settings: RouterSettings, *, teacher: Teacher | None = None,
+                 student: StudentClient | None = None, capture: Capture | None = None,
+                 view: PromotionView | None = None) -> None:
+        self.settings = settings
+        self._teacher = teacher
+        self._student = student
+        self._capture = capture
+        self.view = view or PromotionView()
+        self._follower: PromotionFollower | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+    def start(self, wait_s: float = 10.0) -> Router:
+        """Start following training-runs (when enabled) and wait until the promotions so far are known."""
+        if self.settings.tier3_router_follow and self._follower is None:
+            self._follower = PromotionFollower(self.settings, self.view).start(wait_s)
+        return self
+
+    async def aclose(self) -> None:
+        if self._follower is not None:
+            self._follower.stop()
+            self._follower = None
+        if self._student is not None:
+            await self._student.aclose()
+        if self._teacher is not None:
+            await self._teacher.aclose()
+        if self._capture is not None:
+            self._capture.flush()
+
+    @property
+    def teacher(self) -> Teacher:
+        if self._teacher is None:
+            from streams.teachers import make_teacher
+
+            self._teacher = make_teacher(self.settings)
+        return self._teacher
+
+    @property
+    def student(self) -> StudentClient:
+        if self._student is None:
+            self._student = StudentClient(self.settings)
+        return self._student
+
+    @property
+    def capture(self) -> Capture:
+        if self._capture is None:
+            from streams.producer import Capture, CaptureSettings
+
+            self._capture = Capture(CaptureSettings(**self.settings.model_dump()))
+        return self._capture
+
+    # -- deciding ----------------------------------------------------------------------------------------------
+    def student_model(self, version: int | None) -> str:
+        return self.settings.tier3_student_model.replace("{version}", str(version))
+
+    def decide(self, *, user_id: str | None = None, session_id: str | None = None,
+               experience_id: str | None = None) -> Decision:
+        unit = user_id or session_id or experience_id or uuid.uuid4().hex
+        current = self.view.current
+        arm, reason = choose_arm(self.settings.tier3_serve, unit, self.settings.tier3_ab_student_share,
+                                 current is not None, self.settings.tier3_ab_salt)
+        if arm == "student" and current is not None:
+            return Decision("student", reason, self.student_model(current.model_version),
+                            None if current.model_version is None else str(current.model_version), unit)
+        return Decision("teacher", reason, self.teacher.model, None, unit)
+
+    def status(self) -> dict[str, Any]:
+        cur = self.view.current
+        return {"mode": self.settings.tier3_serve, "ab_student_share": self.settings.tier3_ab_student_share,
+                "promoted_version": cur.model_version if cur else None,
+                "promoted_run_id": cur.run_id if cur else None}
+
+    # -- serving -----------------------------------------------------------------------------------------------
+    async def complete(self, messages: list[dict[str, str]], *, task: str = "widget_selector",
+                       user_id: str | None = None, session_id: str | None = None,
+                       experience_id: str | None = None, confidence: float = 0.0, reward: float | None = None,
+                       metadata: Mapping[str, str] | None = None) -> RoutedReply:
+        """Answer ``messages`` (the production messages, system first) with the chosen arm; publish the
+        experience. ``confidence`` is the application's (the streams worker samples > 0.8 always)."""
+        experience_id = experience_id or uuid.uuid4().hex
+        decision = self.decide(user_id=user_id, session_id=session_id, experience_id=experience_id)
+        meta = dict(metadata or {})
+        t0 = time.perf_counter()
+        raw = ""
+        if decision.arm == "student":
+            try:
+                raw = await self.student.complete(decision.model,
+                                                  get_task(task).messages_for_model(messages, reasoning=True))
+                text = _answer_text(raw)
+            except RouterError as exc:
+                if not self.settings.tier3_student_fallback:
+                    raise
+                log.warning("router: %s; serving the teacher", exc)
+                meta["fallback"] = f"student failed: {exc}"[:500]
+                decision = Decision("teacher", "fallback", self.teacher.model, None, decision.unit_id)
+        if decision.arm == "teacher":
+            reply = await self.teacher.complete(messages)
+            raw, text = reply.text, _answer_text(reply.text)
+            if reply.model and reply.model != decision.model:
+                decision = Decision("teacher", decision.reason, reply.model, None, decision.unit_id)
+        latency_ms = (time.perf_counter() - t0) * 1000.0
+        exp, ok = self.record(decision, messages, text, task=task, experience_id=experience_id,
+                              confidence=confidence, reward=reward, latency_ms=latency_ms, user_id=user_id,
+                              session_id=session_id, metadata=meta)
+        return RoutedReply(text=text, decision=decision, latency_ms=latency_ms, experience=exp, raw_output=raw,
+                           published=ok)
+
+    def record(self, decision: Decision, messages: list[dict[str, str]], response: str, *, task: str,
+               experience_id: str, confidence: float, reward: float | None = None, latency_ms: float | None = None,
+               user_id: str | None = None, session_id: str | None = None,
+               metadata: Mapping[str, str] | None = None) -> tuple[Experience | None, bool]:
+        """Publish one served request as an experience with its arm and model version (never raises)."""
+        try:
+            exp = Experience(
+                experience_id=experience_id, task=task, created_at_ms=int(time.time() * 1000),
+                messages=[ChatMessage(role=m["role"], content=m["content"]) for m in messages],  # type: ignore[arg-type]
+                response=response, served_by=decision.served_by(), confidence=confidence, reward=reward,
+                latency_ms=latency_ms, user_id=user_id, session_id=session_id,
+                metadata={**dict(metadata or {}), "route_reason": decision.reason})
+        except ValueError as exc:  # pydantic's ValidationError: never into the application
+            log.warning("router: could not build the experience: %s", exc)
+            return None, False
+        return exp, self.capture.publish(exp)
+
+
+def _answer_text(raw: str) -> str:
+    """The answer JSON of a reply (the student is asked for reasoning then the answer; a teacher may add
+    reasoning too), or the raw text when it does not parse: the application gets the answer either way."""
+    try:
+        _, value = parse_json_answer(raw)
+    except SchemaError:
+        return raw
+    import orjson
+
+    return orjson.dumps(value).decode()
+
+
+# ----------------------------------------------------------------------------------------------- per-arm stats
+
+
+def empty_arm() -> dict[str, float]:
+    return {"count": 0, "confidence_sum": 0.0, "reward_sum": 0.0, "reward_n": 0, "latency_ms_sum": 0.0,
+            "latency_n": 0}
+
+
+def add_experience(acc: Mapping[str, float], exp: Experience) -> dict[str, float]:
+    """The arm's sums plus one experience (a new dict: Faust tables persist assignments, not mutations)."""
+    out = {**empty_arm(), **acc}
+    out["count"] += 1
+    out["confidence_sum"] += exp.confidence
+    if exp.reward is not None:
+        out["reward_sum"] += exp.reward
+        out["reward_n"] += 1
+    if exp.latency_ms is not None:
+        out["latency_ms_sum"] += exp.latency_ms
+        out["latency_n"] += 1
+    return out
+
+
+def arm_key(exp: Experience, partition: int) -> str:
+    """``<arm>|<model version or ->@<partition>``: keyed per source partition so that partitions never
+    overwrite each other's sums (a Faust table's changelog partition is the source event's)."""
+    return f"{exp.served_by.arm}|{exp.served_by.model_version or '-'}@{partition}"
+
+
+def summarize_arms(items: Iterable[tuple[str, Mapping[str, float]]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(per arm, per arm and model version) means from the table's (key, sums) items."""
+    by_arm: dict[str, dict[str, float]] = {}
+    by_version: dict[str, dict[str, float]] = {}
+    for key, sums in items:
+        try:
+            name, _partition = str(key).rsplit("@", 1)
+            arm, version = name.split("|", 1)
+        except ValueError:
+            continue
+        for bucket, k in ((by_arm, arm), (by_version, f"{arm}:v{version}" if version != "-" else arm)):
+            acc = bucket.setdefault(k, empty_arm())
+            for f in acc:
+                acc[f] += float(sums.get(f, 0))
+
+    def means(acc: dict[str, float]) -> dict[str, Any]:
+        n = int(acc["count"])
+        return {"count": n,
+                "confidence_mean": round(acc["confidence_sum"] / n, 6) if n else None,
+                "reward_mean": round(acc["reward_sum"] / acc["reward_n"], 6) if acc["reward_n"] else None,
+                "latency_ms_mean": round(acc["latency_ms_sum"] / acc["latency_n"], 3) if acc["latency_n"] else None}
+
+    return ({k: means(v) for k, v in sorted(by_arm.items())}, {k: means(v) for k, v in sorted(by_version.items())})
+
+
+def install_router_stats(app: faust.App, settings: StreamsSettings, state: Any) -> None:
+    """``streams.app.APP_HOOKS`` entry: a per-arm table over experiences and the /status ``router`` block.
+
+    Wiring (streams/app.py or the worker CLI): ``APP_HOOKS.append(streams.router.install_router_stats)`` before
+    ``create_app``. The table's changelog is created here, up front, with the source's partition count.
+    """
+    from streams import app as app_mod
+    from streams.topics import ensure_topics
+
+    rs = settings if isinstance(settings, RouterSettings) else RouterSettings(**settings.model_dump())
+    view = PromotionView()
+    changelog = f"{settings.faust_app_id}-{ARM_TABLE}-changelog"
+    ensure_topics(settings, [_changelog_spec(changelog, settings.tier3_partitions)])
+    table = app.Table(ARM_TABLE, default=dict, partitions=settings.tier3_partitions, key_type=str,
+                      value_type=dict, value_serializer="json")
+    experiences = app.topic(settings.experiences_topic, partitions=settings.tier3_partitions, key_type=bytes,
+                            value_type=bytes, key_serializer="raw", value_serializer="raw")
+
+    @app.agent(experiences, name="tier3_router_arm_stats")
+    async def router_arm_stats(stream: Any) -> None:
+        async for event in stream.events():
+            try:
+                exp = decode(event.value or b"", Experience, max_bytes=settings.tier3_max_message_bytes)
+            except SchemaError:
+                continue  # the main agent dead-letters it; statistics just skip it
+            key = arm_key(exp, event.message.partition)
+            table[key] = add_experience(table[key], exp)
+
+    # the worker already follows training-runs for its trainer block: see every event there too
+    trainer_view = getattr(state, "trainer", None)
+    if trainer_view is not None and hasattr(trainer_view, "apply"):
+        inner = trainer_view.apply
+
+        def apply(run: TrainingRun) -> None:
+            inner(run)
+            view.apply(run)
+
+        trainer_view.apply = apply
+
+    def router_block() -> dict[str, Any]:
+        cur = view.current
+        arms, by_version = summarize_arms(list(table.items()))
+        for arm in ("teacher", "student"):
+            arms.setdefault(arm, {"count": 0, "confidence_mean": None, "reward_mean": None,
+                                  "latency_ms_mean": None})
+        return {"mode": rs.tier3_serve, "ab_student_share": rs.tier3_ab_student_share,
+                "promoted_version": cur.model_version if cur else None,
+                "promoted_run_id": cur.run_id if cur else None, "arms": arms, "arms_by_version": by_version}
+
+    app_mod.STATUS_BLOCKS["router"] = router_block
+
+
+def _changelog_spec(name: str, partitions: int) -> Any:
+    from schemas.settings import TopicSpec
+
+    return TopicSpec(name, partitions, {"cleanup.policy": "compact"})
