@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import os
 import shutil
@@ -46,6 +47,8 @@ from trainer.sft_config import ALL_LINEAR_LLAMA, Phase, SFTConfig
 if TYPE_CHECKING:  # imported lazily at run time: torch/transformers take seconds to import
     import torch
 
+log = logging.getLogger("tier3.trainer.sft")
+
 ADAPTER_DIR = "adapter"
 ADAPTER_META = "tier3_adapter.json"
 IGNORE_INDEX = -100  # label value that the loss skips (transformers' convention)
@@ -66,7 +69,7 @@ class TrainResult:
     wall_s: float  # model load + training + adapter write
     hyperparameters: dict[str, Any]
     phase_losses: dict[str, float] = field(default_factory=dict)  # "1:answer" -> mean loss of that phase
-    eot_in_loss: bool = True  # the end-of-turn token is a training target (checked before training)
+    eot_in_loss: bool = True  # checked before training that the end-of-turn token is a target (False: not checkable)
     train_wall_s: float = 0.0  # optimiser loop only (what tokens/s is measured against)
 
     @property
@@ -194,21 +197,26 @@ class _Progress:
         return Cb()
 
 
-def eot_label_check(trainer: Any, tokenizer: Any) -> bool:
-    """True when the eos (end-of-turn) token is a training target in the first batch the trainer builds.
+def eot_label_check(trainer: Any, tokenizer: Any) -> bool | None:
+    """Whether the eos (end-of-turn) token is a training target in the first examples the trainer built.
 
-    Runs the trainer's own dataset preparation and collator on the first examples, so it checks exactly what
-    the loss will see.
+    Looks at the labels the trainer will really use: a ``labels`` column where the backend wrote one (unsloth's
+    ``train_on_responses_only``), else the trainer's own collator run on the first examples. Returns None when
+    the check cannot run on this backend's data layout (the caller logs it; it does not guess).
     """
     eos_id = tokenizer.eos_token_id
     ds = trainer.train_dataset
     n = min(len(ds), 4)
     if n == 0 or eos_id is None:
         return False
-    features = [ds[i] for i in range(n)]
-    batch = trainer.data_collator(features)
-    labels = batch["labels"]
-    return bool(((labels == eos_id)).any().item())
+    try:
+        if "labels" in ds.column_names:
+            return any(eos_id in ds[i]["labels"] for i in range(n))
+        batch = trainer.data_collator([ds[i] for i in range(n)])
+        return bool((batch["labels"] == eos_id).any().item())
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        log.warning("cannot check the loss mask on this backend's data (%s: %s)", type(exc).__name__, exc)
+        return None
 
 
 def _dataset_tokens(trainer: Any) -> int:
@@ -405,13 +413,17 @@ def _run_phases(model: Any, tokenizer: Any, dataset: BuiltDataset, cfg: SFTConfi
     train_wall_s = 0.0
     phase_losses: dict[str, float] = {}
     last_loss = float("nan")
+    eot_checked = True
     for i, phase in enumerate(dataset.phases, start=1):
         trainer = make(examples[phase.kind], phase, [_Progress.make(on_step, steps, total)])
         trainer.remove_callback(PrinterCallback)  # progress goes to on_step, not to stdout
-        if not eot_label_check(trainer, tokenizer):
+        eot_ok = eot_label_check(trainer, tokenizer)
+        eot_checked = eot_checked and eot_ok is not None
+        if eot_ok is False:
             raise BaseModelError(f"phase {i} ({phase}): the end-of-turn token {tokenizer.eos_token!r} is not in "
                                  "the loss mask, so the student would never learn to stop; fix the chat template "
                                  "(end-of-turn inside {% generation %}) or the tokenizer's eos token")
+        log.info("phase %d/%d (%s): %d examples", i, len(dataset.phases), phase, len(examples[phase.kind]))
         t0 = time.perf_counter()
         try:
             out = trainer.train()
@@ -428,7 +440,7 @@ def _run_phases(model: Any, tokenizer: Any, dataset: BuiltDataset, cfg: SFTConfi
         on_step(total, total)
     return {"model": model, "tokenizer": tokenizer, "steps": steps, "tokens": tokens, "train_wall_s": train_wall_s,
             "phase_losses": phase_losses, "train_loss": last_loss, "on_cuda": on_cuda,
-            "n_examples": {p.kind: len(examples[p.kind]) for p in dataset.phases}}
+            "n_examples": {p.kind: len(examples[p.kind]) for p in dataset.phases}, "eot_checked": eot_checked}
 
 
 def train(dataset: BuiltDataset, cfg: SFTConfig, out_dir: Path, *, on_step: OnStep | None = None) -> TrainResult:
@@ -460,7 +472,7 @@ def train(dataset: BuiltDataset, cfg: SFTConfig, out_dir: Path, *, on_step: OnSt
     return TrainResult(
         adapter_dir=adapter, backend=backend, steps=run["steps"], train_loss=run["train_loss"],
         tokens=run["tokens"], wall_s=time.perf_counter() - t_start, hyperparameters=hyper,
-        phase_losses=run["phase_losses"], eot_in_loss=True, train_wall_s=run["train_wall_s"])
+        phase_losses=run["phase_losses"], eot_in_loss=run["eot_checked"], train_wall_s=run["train_wall_s"])
 
 
 def _hyperparameters(cfg: SFTConfig, backend: str, run: dict[str, Any], dataset: BuiltDataset) -> dict[str, Any]:
@@ -478,6 +490,7 @@ def _hyperparameters(cfg: SFTConfig, backend: str, run: dict[str, Any], dataset:
         "phases": [{"kind": p.kind, "epochs": p.epochs} for p in dataset.phases],
         "n_examples": run["n_examples"],
         "assistant_only_loss": True,
+        "eot_in_loss_checked": run["eot_checked"],
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
                      "peft": peft.__version__},
     }

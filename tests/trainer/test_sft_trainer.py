@@ -69,6 +69,7 @@ def test_result_progress_and_curriculum(run: Run) -> None:
     assert run.steps_seen[-1] == (total, total) and r.steps == total
     assert [s for s, _ in run.steps_seen] == sorted(s for s, _ in run.steps_seen)
     assert r.tokens > 0 and r.train_loss > 0 and r.wall_s > 0
+    assert r.eot_in_loss is True and r.hyperparameters["eot_in_loss_checked"] is True
     hp = r.hyperparameters
     assert hp["tier3_lora_r"] == 16 and hp["tier3_lora_target_modules"] == "all-linear"
     assert hp["phases"] == [{"kind": "answer", "epochs": 1.0}, {"kind": "reasoning", "epochs": 2.0}]
