@@ -458,8 +458,8 @@ def install_router_stats(app: faust.App, settings: StreamsSettings, state: Any) 
     view = PromotionView()
     changelog = f"{settings.faust_app_id}-{ARM_TABLE}-changelog"
     ensure_topics(settings, [_changelog_spec(changelog, settings.tier3_partitions)])
-    table = app.Table(ARM_TABLE, default=dict, partitions=settings.tier3_partitions, key_type=str,
-                      value_type=dict, value_serializer="json")
+    # values are plain dicts of sums, stored with the app's default (json) serializer
+    table = app.Table(ARM_TABLE, default=dict, partitions=settings.tier3_partitions, key_type=str)
     experiences = app.topic(settings.experiences_topic, partitions=settings.tier3_partitions, key_type=bytes,
                             value_type=bytes, key_serializer="raw", value_serializer="raw")
 
