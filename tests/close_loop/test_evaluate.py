@@ -118,3 +118,10 @@ def test_generation_error_is_evaluation_error() -> None:
 
     with pytest.raises(EvaluationError):
         evaluate_examples(TASK, [_ex(0, REF, "")], boom)
+
+
+def test_empty_holdout_gives_zero_examples_and_a_report(tmp_path: Path) -> None:
+    res = evaluate_examples(TASK, [], lambda m: ("", 0, 0.0))
+    assert res.metrics["n_examples"] == 0 and res.metrics["f1"] is None and res.metrics["latency_ms_p95"] is None
+    paths = write_report(tmp_path / "empty", run_id="r0", model_version=None, result=res)
+    assert "| f1 | – | – |" in paths["report_md"].read_text()
