@@ -25,6 +25,7 @@ from trainer.sft_trainer import (
     load_student,
     make_lora_model,
     make_trl_trainer,
+    preload_backend,
     train,
 )
 from trainer.synthetic import synthetic_traces
@@ -156,6 +157,9 @@ def test_empty_dataset_and_unavailable_backend_fail_before_training(tmp_path: Pa
         with pytest.raises(BackendUnavailable, match="CUDA"):
             choose_backend(SFTConfig(tier3_base_model="unused", tier3_backend="unsloth"))
         assert choose_backend(SFTConfig(tier3_base_model="unused")) == "trl"
+        assert preload_backend(SFTConfig(tier3_base_model="unused")) == "trl"
+        with pytest.raises(BackendUnavailable, match="4BIT"):
+            choose_backend(SFTConfig(tier3_base_model="unused", tier3_load_in_4bit=True))
         assert "unsloth" not in sys.modules
 
 
