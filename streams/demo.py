@@ -125,8 +125,18 @@ class Child:
     def pid(self) -> int:
         return self.proc.pid
 
+    exited_mono: float | None = None
+
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        if self.proc.poll() is None:
+            return True
+        if self.exited_mono is None:
+            self.exited_mono = time.monotonic()
+        return False
+
+    def exited_for_s(self) -> float:
+        """Seconds since the demo first saw this process gone (0 while it runs)."""
+        return 0.0 if self.alive() or self.exited_mono is None else time.monotonic() - self.exited_mono
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
         """SIGTERM the group (both the worker and the trainer shut down cleanly on it), SIGKILL after timeout."""
@@ -413,11 +423,11 @@ class Display:
         promoted = obs.runs_with("promoted")
         exported = obs.runs_with("exported")
         failed = obs.runs_with("failed")
-        p.update(self.tasks["evaluated"], total=max(len(ok), 1), completed=len(evaluated),
+        p.update(self.tasks["evaluated"], total=len(ok), completed=len(evaluated),
                  note=f"{len(ok)} runs succeeded" + (f", {len(failed)} failed" if failed else ""))
-        p.update(self.tasks["promoted/rejected"], total=max(len(evaluated), 1), completed=len(verdicts),
+        p.update(self.tasks["promoted/rejected"], total=len(evaluated), completed=len(verdicts),
                  note=" · ".join(f"{_version(r)} {r.verdict}" for r in verdicts[-4:]))
-        p.update(self.tasks["exported"], total=max(len(promoted), 1), completed=len(exported),
+        p.update(self.tasks["exported"], total=len(promoted), completed=len(exported),
                  note="" if promoted else "only promoted versions are exported")
 
 
@@ -430,6 +440,7 @@ def _version(run: RunInfo) -> str:
 @dataclass
 class DemoState:
     children: list[Child] = field(default_factory=list)
+    closers: dict[str, Child] = field(default_factory=dict)  # run_id -> `tier3 close-loop` the demo started
     started_broker: bool = False
     broker_settings: Any = None
     monitor: Monitor | None = None
@@ -464,8 +475,9 @@ def demo(
     = None,
     summary_json: Annotated[Path | None, typer.Option(help="also write the summary here (default: in the demo "
                                                       "folder)")] = None,
-    eval_wait_s: Annotated[float, typer.Option(help="how long to wait for a trained run's evaluation event")]
-    = 60.0,
+    eval_wait_s: Annotated[float, typer.Option(help="seconds to wait for the trainer's evaluation of a run "
+                                               "before the demo runs `tier3 close-loop RUN_ID` itself")] = 30.0,
+    export_wait_s: Annotated[float, typer.Option(help="seconds to wait for a promoted version's export")] = 600.0,
 ) -> None:
     """Run the whole flywheel on this machine: broker, worker, trainer, the example traffic, every stage live."""
     examples_path = examples_file or EXAMPLES_DIR / "experiences.jsonl"
@@ -475,7 +487,7 @@ def demo(
     with _sigterm_as_interrupt():
         try:
             exit_code = _run(state, examples_path, recorded_path, examples, publish_seconds, keep_running,
-                             timeout_s, sample_rate, window_s, summary_json, eval_wait_s)
+                             timeout_s, sample_rate, window_s, summary_json, eval_wait_s, export_wait_s)
         except KeyboardInterrupt:
             console.print("\n[yellow]interrupted: stopping everything the demo started…[/]")
             exit_code = 130
@@ -501,7 +513,7 @@ def _cleanup(state: DemoState, keep_running: bool) -> None:
         state.monitor.join(10)
     if keep_running:
         return
-    for child in reversed(state.children):  # trainer first, then the worker
+    for child in [*state.closers.values(), *reversed(state.children)]:  # trainer first, then the worker
         if child.alive():
             console.print(f"stopping {child.name} (pid {child.pid})")
         child.stop()
@@ -514,7 +526,7 @@ def _cleanup(state: DemoState, keep_running: bool) -> None:
 
 def _run(state: DemoState, examples_path: Path, recorded_path: Path, limit: int, publish_seconds: float,
          keep_running: bool, timeout_s: float, sample_rate: float, window_s: int, summary_json: Path | None,
-         eval_wait_s: float) -> int:
+         eval_wait_s: float, export_wait_s: float) -> int:
     from streams.producer import Capture, CaptureSettings
     from streams.topics import ensure_topics
 
@@ -565,6 +577,7 @@ def _run(state: DemoState, examples_path: Path, recorded_path: Path, limit: int,
 
     # 2. the student, 3. the processes
     student = None
+    closer_env: dict[str, str] | None = None
     if have_trainer:
         with console.status("building the tiny student model (cached after the first time)…"):
             student = build_student(demo_dir / "student-build.log")
@@ -577,15 +590,19 @@ def _run(state: DemoState, examples_path: Path, recorded_path: Path, limit: int,
         state.children.append(start_child("worker", ["worker"], worker_env, demo_dir))
     if have_trainer:
         assert student is not None
-        # Two runs in a typical demo: the first when half the traces are there, the second for the rest (by
-        # count or by the check interval, whichever comes first), so the flywheel shows two model versions.
-        min_traces = max(8, (expected_sampled + 1) // 2)
+        # Two runs in a typical demo: the first when half the traces are there, the second when the other half
+        # is (or, should a poll have put more into the first, by the check interval), so the flywheel shows
+        # two model versions. The interval is long on purpose: right after a run it has always passed, and a
+        # short one would start a run for every trace that trickles in meanwhile.
+        min_traces = max(8, expected_sampled // 2)
         trainer_env = {**env, "TIER3_BASE_MODEL": student, "TIER3_TRAINER_GROUP": trainer_group,
                        "TIER3_MIN_TRACES": str(min_traces),
-                       "TIER3_CHECK_INTERVAL_S": str(max(10.0, publish_seconds / 2 + 5)),
+                       "TIER3_CHECK_INTERVAL_S": str(publish_seconds + 45.0),
                        "TIER3_TRAINER_STATUS_INTERVAL_S": "1", "TIER3_TRAINER_BACKOFF_INITIAL_S": "2",
                        "TIER3_TRAINER_BACKOFF_MAX_S": "10"}
         state.children.append(start_child("trainer", ["trainer"], trainer_env, demo_dir))
+        if "close-loop" in commands:
+            closer_env = trainer_env
     for child in state.children:
         console.print(f"started {child.name} (pid {child.pid}), log: {child.log_path}")
     if have_worker:
@@ -625,8 +642,10 @@ def _run(state: DemoState, examples_path: Path, recorded_path: Path, limit: int,
             with state.monitor.lock:
                 display.update(capture.stats().delivered, obs, expected_sampled)
                 seen_events = _narrate(display, obs, seen_events)
+                _start_closers(obs, state.closers, closer_env, demo_dir, eval_wait_s)
                 finished, why = _finished(obs, i == len(experiences), capture.stats().delivered, len(experiences),
-                                          expected_sampled, have_worker, have_trainer, eval_wait_s)
+                                          expected_sampled, have_worker, have_trainer, state.closers, eval_wait_s,
+                                          export_wait_s)
                 if not console.is_terminal and time.monotonic() >= next_line:
                     next_line = time.monotonic() + 5.0
                     console.print(display.text_line())
@@ -706,9 +725,10 @@ def _headline_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def _finished(obs: Observed, all_published: bool, delivered: int, n: int, expected_sampled: int,
-              have_worker: bool, have_trainer: bool, eval_wait_s: float) -> tuple[bool, str]:
-    """Is every stage done? A run that started is waited for to its verdict (exported, when promoted); a run
-    that succeeded gets ``eval_wait_s`` for its ``evaluated`` event (a trainer without evaluation sends none)."""
+              have_worker: bool, have_trainer: bool, closers: dict[str, Child], eval_wait_s: float,
+              export_wait_s: float) -> tuple[bool, str]:
+    """Is every stage done? Every sampled experience enriched or dead-lettered, every trace inside a trained model
+    (committed), and every run through its close-the-loop steps (see :func:`_run_pending`)."""
     if not all_published or delivered < n:
         return False, ""
     if not have_worker:
@@ -719,20 +739,47 @@ def _finished(obs: Observed, all_published: bool, delivered: int, n: int, expect
         return True, "complete"
     if obs.traces_total == 0 or obs.traces_committed < obs.traces_total:
         return False, ""
-    for r in obs.runs.values():
-        if "started" in r.events and not {"succeeded", "failed"} & set(r.events):
-            return False, ""  # still training
-        if "succeeded" in r.events:
-            if "evaluated" not in r.events and time.monotonic() - r.seen_mono["succeeded"] < eval_wait_s:
-                return False, ""  # the evaluation may still come
-            if "evaluated" in r.events and r.verdict is None:
-                return False, ""  # waiting for the gate
-            if r.verdict == "promoted" and "exported" not in r.events and "failed" not in r.events[-1:]:
-                return False, ""  # waiting for the export
+    if any(_run_pending(r, closers.get(r.run_id), eval_wait_s, export_wait_s) for r in obs.runs.values()):
+        return False, ""
     hb = obs.heartbeat
     if hb is not None and hb.training_in_progress:
         return False, ""
     return True, "complete"
+
+
+def _run_pending(r: RunInfo, closer: Child | None, eval_wait_s: float, export_wait_s: float) -> bool:
+    """Is this run still on its way? started -> succeeded|failed -> evaluated -> promoted|rejected -> exported
+    (when promoted). The trainer, or the demo's ``tier3 close-loop`` (``closer``) when the trainer sends no
+    evaluation, takes the later steps; each wait is bounded, so a missing step ends in a note, not a hang."""
+    if "started" in r.events and not {"succeeded", "failed"} & set(r.events):
+        return True  # still training
+    if "succeeded" not in r.events:
+        return False
+    if closer is not None and closer.alive():
+        return True
+    if "evaluated" not in r.events:
+        since, bound = r.seen_mono["succeeded"], eval_wait_s
+    elif r.verdict is None:
+        since, bound = r.seen_mono["evaluated"], eval_wait_s
+    elif r.verdict == "promoted" and "exported" not in r.events:
+        since, bound = r.seen_mono["promoted"], export_wait_s
+    else:
+        return False
+    if closer is not None:
+        return closer.exited_for_s() < 10.0  # it just finished: its events may still be on their way to us
+    return time.monotonic() - since < bound
+
+
+def _start_closers(obs: Observed, closers: dict[str, Child], env: dict[str, str] | None, log_dir: Path,
+                   eval_wait_s: float) -> None:
+    """``tier3 close-loop RUN_ID`` (evaluation, the gate's verdict, export when promoted) for each run that
+    succeeded ``eval_wait_s`` ago with no ``evaluated`` event: a trainer that does not close the loop itself."""
+    if env is None:
+        return
+    for r in obs.runs.values():
+        if ("succeeded" in r.events and "evaluated" not in r.events and r.run_id not in closers
+                and time.monotonic() - r.seen_mono["succeeded"] >= eval_wait_s):
+            closers[r.run_id] = start_child(f"close-loop-{_version(r)}", ["close-loop", r.run_id], env, log_dir)
 
 
 def _summary(obs: Observed, settings: KafkaSettings, run_name: str, demo_dir: Path, status_url: str,
@@ -742,10 +789,15 @@ def _summary(obs: Observed, settings: KafkaSettings, run_name: str, demo_dir: Pa
     runs = sorted(obs.runs.values(), key=lambda r: r.first_ms)
     reports = [r.report for r in runs if r.report]
     notes = []
+    closed_by_demo = [_version(r) for r in runs if r.run_id in state.closers]
+    if closed_by_demo:
+        notes.append(f"the trainer sent no evaluation for {', '.join(closed_by_demo)}: the demo ran "
+                     "`tier3 close-loop RUN_ID` (evaluation, gate, export) itself")
     unevaluated = [_version(r) for r in runs if "succeeded" in r.events and "evaluated" not in r.events]
     if unevaluated:
-        notes.append(f"no `evaluated` event for {', '.join(unevaluated)}: this trainer does not evaluate its runs "
-                     "(evaluation, the promotion gate and export are not wired into `tier3 trainer` here)")
+        logs = ", ".join(str(state.closers[r.run_id].log_path) for r in runs if r.run_id in state.closers)
+        notes.append(f"no `evaluated` event for {', '.join(unevaluated)}"
+                     + (f" (see {logs})" if logs else " and no `tier3 close-loop` command here"))
     promoted_not_exported = [_version(r) for r in runs if r.verdict == "promoted" and "exported" not in r.events]
     if promoted_not_exported:
         notes.append(f"promoted but not exported (yet): {', '.join(promoted_not_exported)}")
@@ -774,7 +826,8 @@ def _summary(obs: Observed, settings: KafkaSettings, run_name: str, demo_dir: Pa
         "runs": [{"run_id": r.run_id, "model_version": r.model_version, "events": r.events, "verdict": r.verdict,
                   "metrics": r.metrics, "report": r.report, "reasons": r.reasons, "error": r.error} for r in runs],
         "evaluation_report": reports[-1] if reports else None,
-        "processes": [{"name": c.name, "pid": c.pid, "log": str(c.log_path)} for c in state.children],
+        "processes": [{"name": c.name, "pid": c.pid, "log": str(c.log_path)}
+                      for c in [*state.children, *state.closers.values()]],
         "kept_running": keep_running,
         "errors": obs.errors,
         "notes": notes,

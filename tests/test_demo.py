@@ -97,7 +97,7 @@ def test_demo_runs_the_whole_flywheel(kafka_bootstrap: str, tmp_path: Path) -> N
 
     # nothing left running
     pids = [p["pid"] for p in s["processes"]]
-    assert {p["name"] for p in s["processes"]} == {"worker", "trainer"}
+    assert {"worker", "trainer"} <= {p["name"] for p in s["processes"]}
     assert not [pid for pid in pids if _alive(pid)]
 
     # running it twice works: a fresh prefix, the same end state
