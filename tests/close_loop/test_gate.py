@@ -75,3 +75,29 @@ def test_gate_promotes_rejects_and_rolls_back_on_the_log(make_settings: Callable
     forced = gate_run(s, "run-2", force=True, reason="operator says so")
     assert forced.event == "promoted" and forced.details["rule_passed"] is False
     assert forced.details["reasons"][0] == "operator says so"
+
+
+def test_cli_promote_and_rollback_exit_codes(make_settings: Callable[..., CloseLoopSettings]) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, settings_env
+
+    s = make_settings(cls=CloseLoopSettings)
+    publish_run_events(s, [_evaluated("good", 1), _evaluated("bad", 2, json_valid_rate=0.1)])
+    env = settings_env(s)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "trainer.close_loop_cli", *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    bad = cli("promote", "bad")
+    assert bad.returncode == 3 and json.loads(bad.stdout)["event"] == "rejected", bad.stderr[-2000:]
+    good = cli("promote", "good")
+    assert good.returncode == 0 and json.loads(good.stdout)["model_version"] == 1, good.stderr[-2000:]
+    rb = cli("rollback", "--reason", "canary alarms")
+    assert rb.returncode == 0 and json.loads(rb.stdout)["version_in_force"] is None, rb.stderr[-2000:]
+    assert cli("rollback").returncode == 1  # nothing left to roll back: an error, said plainly
+    last = read_run_events(s)[-1]
+    assert last.event == "rollback" and last.details["reason"] == "canary alarms"

@@ -152,3 +152,26 @@ def test_router_follows_promotions_live_and_arms_reach_the_log(
         assert e.metadata["route_reason"] in ("ab", "no_promoted_student")
         if arm == "teacher":
             assert e.served_by.model == "teacher-model"
+
+
+def test_student_down_falls_back_to_the_teacher() -> None:
+    from streams.producer import Capture, CaptureSettings
+
+    with FakeTeacherServer() as srv:
+        s = RouterSettings(tier3_serve="student", tier3_teacher="openai", tier3_teacher_model="teacher-model",
+                           tier3_teacher_base_url=f"{srv.url}/v1", openai_api_key="k",
+                           tier3_student_base_url="http://127.0.0.1:9/v1", tier3_student_timeout_s=2.0,
+                           tier3_router_follow=False)
+        view = PromotionView()
+        view.apply(TrainingRun(run_id="r1", event="promoted", at_ms=1, model_version=1))
+        router = Router(s, view=view, capture=Capture(CaptureSettings(enable_tier3_capture=False)))
+        q = [{"role": "system", "content": TASK.system_prompt}, {"role": "user", "content": "cpu of checkout?"}]
+
+        async def go() -> None:
+            r = await router.complete(q, user_id="u1")
+            assert r.decision.arm == "teacher" and r.decision.reason == "fallback"
+            assert r.experience is not None and r.experience.metadata["fallback"].startswith("student failed")
+            assert json.loads(r.text) == expected_answer("cpu of checkout?")
+            await router.aclose()
+
+        asyncio.run(go())
