@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import tempfile
@@ -35,7 +36,9 @@ import orjson
 from schemas import EnrichedTrace, InvalidAnswer, TaskDefinition, TrainingRun, get_task
 from schemas.tasks import field_f1, parse_json_answer, set_f1
 from trainer.close_loop_settings import CloseLoopSettings
-from trainer.errors import EvaluationError
+from trainer.errors import EvaluationError, TrainerError
+
+log = logging.getLogger("tier3.trainer.evaluate")
 
 #: ``generate(messages) -> (text, n_generated_tokens, latency_s)``; the trainer's ``sft_trainer.generate`` bound
 #: to a loaded model, or a stub in tests.
@@ -377,7 +380,10 @@ def evaluate_and_report(settings: CloseLoopSettings, run_id: str, model_version:
                "max_new_tokens": settings.tier3_eval_max_new_tokens}
     history: list[tuple[int, dict[str, Any]]] = []
     if read_history:
-        history = [(v, m) for v, m in fold_runs(read_run_events(settings)).history() if v != model_version]
+        try:
+            history = [(v, m) for v, m in fold_runs(read_run_events(settings)).history() if v != model_version]
+        except TrainerError as exc:  # the plots' earlier versions are a nicety: never fail a run over them
+            log.warning("report of %s without earlier versions: %s", run_id, exc)
     paths = write_report(settings.reports_dir / run_id, run_id=run_id, model_version=model_version,
                          result=EvalResult(metrics=metrics, rows=result.rows), history=history)
     metrics["report_dir"] = str(paths["report_md"].parent)
