@@ -202,6 +202,7 @@ class TrainerConsumer:
         self._next_status_mono = 0.0
         self._started = False
         self._closed = False
+        self._closing = False
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -224,6 +225,7 @@ class TrainerConsumer:
         if self._closed:
             return
         self._closed = True
+        self._closing = True  # the revocation that leaving the group causes is not a rebalance to count
         try:
             self.consumer.close()  # leaves the group; commits nothing (auto-commit is off)
         finally:
@@ -309,7 +311,8 @@ class TrainerConsumer:
 
     def _on_revoke(self, _c: Consumer, partitions: list[TopicPartition]) -> None:
         self._forget_partitions({tp.partition for tp in partitions}, "revoked")
-        self.stats.revoked += len(partitions)
+        if not self._closing:
+            self.stats.revoked += len(partitions)
 
     def _on_lost(self, _c: Consumer, partitions: list[TopicPartition]) -> None:
         self._forget_partitions({tp.partition for tp in partitions}, "lost")
@@ -317,7 +320,8 @@ class TrainerConsumer:
 
     def _forget_partitions(self, ps: set[int], why: str) -> None:
         if ps:
-            log.warning("partitions %s %s%s", sorted(ps), why, " during a run" if self.training else "")
+            log.log(logging.INFO if self._closing else logging.WARNING, "partitions %s %s%s", sorted(ps), why,
+                    " during a run" if self.training else "")
         self.assigned -= ps
         self._paused -= ps
         self._lost_since_batch |= ps  # a run in progress must not commit them

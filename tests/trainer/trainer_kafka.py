@@ -87,8 +87,8 @@ def lifecycle(settings: TrainerSettings) -> list[tuple[str, str]]:
 
 
 def wait_for_event(settings: TrainerSettings, event: str, timeout_s: float, proc: subprocess.Popen[bytes] | None = None,
-                   ) -> TrainingRun:
-    """Poll training-runs (from the beginning) until an ``event`` shows up."""
+                   where: Callable[[TrainingRun], bool] | None = None) -> TrainingRun:
+    """Poll training-runs (from the beginning) until an ``event`` (for which ``where`` holds) shows up."""
     c = Consumer({**settings.client_config(), "group.id": f"ev-{uuid.uuid4().hex}", "enable.auto.commit": False,
                   "auto.offset.reset": "earliest"})
     c.assign([TopicPartition(settings.training_runs_topic, 0, 0)])
@@ -101,22 +101,24 @@ def wait_for_event(settings: TrainerSettings, event: str, timeout_s: float, proc
             if msg is None or msg.error() is not None:
                 continue
             run = decode(msg.value(), TrainingRun)
-            if run.event == event:
+            if run.event == event and (where is None or where(run)):
                 return run
     finally:
         c.close()
     raise AssertionError(f"no {event!r} event within {timeout_s} s")
 
 
-def start_trainer(settings: TrainerSettings, cfg: SFTConfig, log_path: Path, **env_overrides: Any
-                  ) -> subprocess.Popen[bytes]:
+def start_trainer(settings: TrainerSettings, cfg: SFTConfig, log_path: Path, max_runs: int | None = None,
+                  **env_overrides: Any) -> subprocess.Popen[bytes]:
     """``python -m trainer.cli trainer`` in a subprocess with ``settings`` and ``cfg`` as its environment."""
     env = settings_env(settings)
     for name, value in {**cfg.model_dump(mode="json"), **env_overrides}.items():
         env[name.upper()] = str(value)
     log = log_path.open("ab")
-    return subprocess.Popen([sys.executable, "-m", "trainer.cli", "trainer", "--log-level", "INFO"], cwd=ROOT,
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    args = [sys.executable, "-m", "trainer.cli", "trainer", "--log-level", "INFO"]
+    if max_runs is not None:
+        args += ["--max-runs", str(max_runs)]
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def stop(proc: subprocess.Popen[bytes], timeout_s: float = 20.0) -> int:

@@ -1,0 +1,137 @@
+"""Crashes of the trainer process at the protocol's failure points (real broker, real subprocesses).
+
+- SIGKILL while training: nothing was committed, the restarted trainer trains the same traces again;
+- exit right after the manifest, before the commit: the restarted trainer commits the recorded run, no retraining;
+- exit right after the commit, before `succeeded`: the restarted trainer announces it, no retraining.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.trainer.trainer_kafka import (
+    committed,
+    end_offsets,
+    lifecycle,
+    produce_traces,
+    sft_config,
+    start_trainer,
+    stop,
+    trainer_settings,
+    wait_for_event,
+)
+from trainer.consumer import FAULT_EXIT_CODE
+from trainer.manifest import list_manifests
+from trainer.synthetic import synthetic_traces
+from trainer.tiny_model import cached_tiny_model
+
+INVALID = -1001
+
+pytestmark = pytest.mark.chaos
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> Path:
+    return cached_tiny_model()
+
+
+def _wait_exit(proc: Any, timeout_s: float, log: Path) -> int:
+    try:
+        return int(proc.wait(timeout_s))
+    except Exception:
+        stop(proc)
+        raise AssertionError(f"trainer did not exit in {timeout_s} s; log:\n{log.read_text()[-3000:]}") from None
+
+
+@pytest.mark.slow
+def test_sigkill_during_training_the_restarted_trainer_redoes_the_run(
+        make_settings: Callable[..., Any], tiny_model: Path, tmp_path: Path) -> None:
+    s = trainer_settings(make_settings, tier3_min_traces=20)
+    produce_traces(s, synthetic_traces(20, seed=11))
+    ends = end_offsets(s)
+    cfg = sft_config(tiny_model)
+    log = tmp_path / "trainer.log"
+
+    # first life: training slowed to 1 s per step, killed a moment after it started
+    proc = start_trainer(s, cfg, log, tier3_trainer_step_delay_s=1.0)
+    try:
+        started = wait_for_event(s, "started", timeout_s=90, proc=proc)
+        # the heartbeat says the optimiser is stepping: the kill lands in the middle of training
+        wait_for_event(s, "heartbeat", timeout_s=90, proc=proc, where=lambda e: e.details.get("step", 0) >= 2)
+        assert proc.poll() is None, log.read_text()[-3000:]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        stop(proc)
+    assert set(committed(s).values()) == {INVALID}, "a killed run committed offsets"
+    assert list_manifests(s.runs_dir) == []
+
+    # second life: same group, same runs dir; it must get the same traces back and train them
+    proc = start_trainer(s, cfg, log, max_runs=1)
+    assert _wait_exit(proc, 150, log) == 0, log.read_text()[-3000:]
+    assert committed(s) == {p: ends.get(p, INVALID) for p in range(s.tier3_partitions)}, log.read_text()[-3000:]
+    (m,) = list_manifests(s.runs_dir)
+    assert m.run_id != started.run_id and m.n_unique == 20 and m.state == "published"
+    assert [e for e, _ in lifecycle(s)] == ["started", "started", "succeeded"]
+
+
+def test_crash_after_the_manifest_before_the_commit_is_not_trained_twice(
+        make_settings: Callable[..., Any], tiny_model: Path, tmp_path: Path) -> None:
+    s = trainer_settings(make_settings, tier3_min_traces=12)
+    produce_traces(s, synthetic_traces(12, seed=12))
+    ends = end_offsets(s)
+    cfg = sft_config(tiny_model, tier3_phases="answer:1")
+    log = tmp_path / "trainer.log"
+
+    proc = start_trainer(s, cfg, log, tier3_trainer_fault="crash_after_manifest")
+    assert _wait_exit(proc, 150, log) == FAULT_EXIT_CODE, log.read_text()[-3000:]
+    (m,) = list_manifests(s.runs_dir)
+    assert m.state == "trained"
+    assert set(committed(s).values()) == {INVALID}
+
+    proc = start_trainer(s, cfg, log)
+    try:
+        ok = wait_for_event(s, "succeeded", timeout_s=90, proc=proc)
+    finally:
+        stop(proc)
+    assert ok.run_id == m.run_id, "the restarted trainer trained a new model instead of committing the recorded one"
+    assert committed(s) == {p: ends.get(p, INVALID) for p in range(s.tier3_partitions)} == m.commit_offsets() | {
+        p: INVALID for p in range(s.tier3_partitions) if p not in m.offsets}
+    (m2,) = list_manifests(s.runs_dir)
+    assert m2.run_id == m.run_id and m2.state == "published"
+    assert [e for e, _ in lifecycle(s)] == ["started", "succeeded"]  # one training, ever
+    assert len([d for d in s.runs_dir.iterdir() if d.is_dir()]) == 1
+
+
+def test_crash_after_the_commit_before_the_event_announces_on_restart(
+        make_settings: Callable[..., Any], tiny_model: Path, tmp_path: Path) -> None:
+    s = trainer_settings(make_settings, tier3_min_traces=8)
+    produce_traces(s, synthetic_traces(8, seed=13))
+    cfg = sft_config(tiny_model, tier3_phases="answer:1")
+    log = tmp_path / "trainer.log"
+
+    proc = start_trainer(s, cfg, log, tier3_trainer_fault="crash_after_commit")
+    assert _wait_exit(proc, 150, log) == FAULT_EXIT_CODE, log.read_text()[-3000:]
+    (m,) = list_manifests(s.runs_dir)
+    assert m.state == "committed"
+    assert committed(s) == m.commit_offsets() | {p: INVALID for p in range(s.tier3_partitions) if p not in m.offsets}
+    assert [e for e, _ in lifecycle(s)] == ["started"]
+
+    proc = start_trainer(s, cfg, log)
+    try:
+        ok = wait_for_event(s, "succeeded", timeout_s=60, proc=proc)
+    finally:
+        stop(proc)
+    assert ok.run_id == m.run_id
+    assert [e for e, _ in lifecycle(s)] == ["started", "succeeded"]
+    (m2,) = list_manifests(s.runs_dir)
+    assert m2.state == "published"
+    out = [line for line in log.read_text().splitlines() if line.startswith("{")]
+    assert out and orjson.loads(out[-1])["runs_succeeded"] == 0  # nothing was trained by the second life
