@@ -26,6 +26,7 @@ from faust.types import EventT, StreamT
 
 from schemas import DeadLetter, EnrichedTrace, SchemaError, TrainingRun, decode, encode
 from schemas.settings import TopicSpec
+from streams.delivery import DeliveryProducer
 from streams.enrich import Source, TeacherStats, ToEnrich, dead_letter, enrich, triage
 from streams.inflight import InOrderAcker
 from streams.settings import StreamsSettings
@@ -337,27 +338,27 @@ async def _process(app: faust.App, stream: StreamT, settings: StreamsSettings, s
     def on_acked(_partition: Any, event: EventT) -> None:
         state.acked_offset[event.message.partition] = event.message.offset + 1
 
+    out = DeliveryProducer(settings, client_id=f"tier3-worker-{settings.worker_id}")
     acker: InOrderAcker[EventT] = InOrderAcker(stream.ack, settings.max_pending, fatal, on_acked)
     acker_task = asyncio.ensure_future(acker.run())
 
     async def write_dead_letter(dl: DeadLetter, source: Source) -> None:
-        fut = await app.producer.send(settings.dead_letters_topic, source.dead_letter_key(), encode(dl),
-                                      None, None, None)
+        fut = await out.send(settings.dead_letters_topic, source.dead_letter_key(), encode(dl))
         await fut  # acknowledged by the broker: only now may the source offset be committed
         counts["dead_lettered"] += 1
         state.dead_by_reason[dl.error_kind] += 1
 
     async def enrich_and_write(item: ToEnrich, raw: bytes, source: Source) -> None:
         async with slots:
-            out = await enrich(item, raw, source, state.teacher, settings, state.teacher_stats)
-        if isinstance(out, EnrichedTrace):
+            result = await enrich(item, raw, source, state.teacher, settings, state.teacher_stats)
+        if isinstance(result, EnrichedTrace):
             # same partition number as the experience: traces stay co-partitioned with their source
-            fut = await app.producer.send(settings.traces_topic, out.experience_id.encode(), encode(out),
-                                          source.partition, None, None)
+            fut = await out.send(settings.traces_topic, result.experience_id.encode(), encode(result),
+                                 source.partition)
             await fut
             counts["enriched"] += 1
         else:
-            await write_dead_letter(out, source)
+            await write_dead_letter(result, source)
 
     try:
         async for event in stream.events():
@@ -384,6 +385,9 @@ async def _process(app: faust.App, stream: StreamT, settings: StreamsSettings, s
     finally:
         acker.cancel_all()
         acker_task.cancel()
+        # what is queued is delivered if it can be (its source offsets are not acknowledged, so it may be
+        # written again after the restart: at-least-once)
+        await asyncio.get_running_loop().run_in_executor(None, out.flush, 5.0)
 
 
 async def _follow_training_runs(settings: StreamsSettings, state: WorkerState) -> None:

@@ -15,7 +15,9 @@ Retry policy (tenacity), per experience:
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import random
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -159,12 +161,25 @@ async def ask_teacher(teacher: Teacher, task: TaskDefinition, experience: Experi
         stats.latencies_ms.append(latency_ms)
         return TeacherAnswer(reply, reasoning, answer, attempts, latency_ms)
 
-    def should_stop(state: RetryCallState) -> bool:
-        exc = state.outcome.exception() if state.outcome else None
+    def should_stop_after(exc: BaseException | None) -> bool:
         if isinstance(exc, InvalidTeacherOutput):
             return invalid_outputs >= settings.tier3_teacher_max_attempts
         return time.monotonic() - started >= settings.tier3_teacher_retry_max_s
 
+    def should_stop(state: RetryCallState) -> bool:
+        return should_stop_after(state.outcome.exception() if state.outcome else None)
+
+    try:
+        # fast path: most calls succeed at once; build the retry machinery (~40 µs) only when needed
+        return await attempt()
+    except TeacherConfigError:
+        raise
+    except TeacherError as exc:
+        if not exc.retryable or should_stop_after(exc):
+            raise TeacherGaveUp(exc, attempts, time.monotonic() - started) from None
+
+    # the first attempt failed: wait as tenacity would before its second attempt
+    await asyncio.sleep(settings.tier3_teacher_backoff_initial_s * (1 + random.random()))
     retrying = AsyncRetrying(
         retry=retry_if_exception(lambda e: isinstance(e, TeacherError) and e.retryable),
         stop=should_stop,

@@ -1,0 +1,277 @@
+"""Benchmark of the streams worker (`tier3 worker` as a real subprocess, on the real broker). Prints JSON.
+
+1. **sampling path, instant teacher** (the recorded teacher, answers from memory): experiences/s one worker
+   consumes from a backlog, and publish -> trace latency p50/p99 at a steady publish rate.
+2. **concurrency efficiency**: a teacher with fixed latency L (the fake teacher server) and C calls in flight;
+   measured traces/s / (C / L). Compared in the same run with the original system's pattern: one thread taking
+   items off a queue, calling the teacher, appending a JSONL line.
+
+Usage: ``.venv/bin/python bench/streams_bench.py [--backlog 100000] [--latency-ms 200] [--concurrency 32]``
+(starts the local broker if needed; KAFKA_BOOTSTRAP_SERVERS points elsewhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+from confluent_kafka import Producer
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from schemas import EnrichedTrace, Experience, decode, encode, get_task  # noqa: E402
+from schemas.settings import RELIABLE_PRODUCER  # noqa: E402
+from streams import broker  # noqa: E402
+from streams.app import changelog_spec  # noqa: E402
+from streams.sampling import sample_reason  # noqa: E402
+from streams.settings import StreamsSettings  # noqa: E402
+from streams.teachers import prompt_hash  # noqa: E402
+from streams.topics import ensure_topics  # noqa: E402
+from tests.conftest import settings_env  # noqa: E402
+from tests.fakes.teacher_server import answer_text, question_of  # noqa: E402
+from tests.kafka_utils import consume_values  # noqa: E402
+from tests.streams.helpers import WorkerProcess, free_port, make_experience  # noqa: E402
+
+TASK = get_task("widget_selector")
+
+
+def confidence(i: int) -> float:
+    # uniform in [0, 1): about 20 % above 0.8, so about 32 % are sampled with the 15 % hash rule
+    return (i * 7919 % 1000) / 1000
+
+
+def recording_for(exps: list[Experience], path: Path) -> None:
+    with path.open("wb") as f:
+        for e in exps:
+            msgs = TASK.messages_for_model([m.model_dump() for m in e.messages])
+            f.write(orjson.dumps({"prompt_hash": prompt_hash(msgs), "model": "recorded-bench",
+                                  "text": answer_text(question_of(msgs), "ok")}) + b"\n")
+
+
+def produce(settings: StreamsSettings, exps: list[Experience], rate_per_s: float = 0.0,
+            stamp_now: bool = False) -> float:
+    """Publish; with ``rate_per_s`` paced, with ``stamp_now`` each experience's created_at_ms is its send time."""
+    p = Producer({**settings.client_config(), **RELIABLE_PRODUCER, "linger.ms": 5})
+    t0 = time.perf_counter()
+    for i, e in enumerate(exps):
+        if rate_per_s:
+            wait = t0 + i / rate_per_s - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+        if stamp_now:
+            e = e.model_copy(update={"created_at_ms": int(time.time() * 1000)})
+        while True:
+            try:
+                p.produce(settings.experiences_topic, key=e.experience_id.encode(), value=encode(e))
+                break
+            except BufferError:
+                p.poll(0.01)
+        p.poll(0)
+    p.flush(60)
+    return time.perf_counter() - t0
+
+
+def new_settings(data_dir: Path, **kw: Any) -> StreamsSettings:
+    s = StreamsSettings(tier3_topic_prefix=f"bench{uuid.uuid4().hex[:8]}.", tier3_partitions=6,
+                        tier3_data_dir=data_dir, tier3_session_timeout_s=6.0, **kw)
+    ensure_topics(s, [*s.topic_specs(), changelog_spec(s)])
+    return s
+
+
+def wait_counts(w: WorkerProcess, key: str, n: int, timeout_s: float) -> list[tuple[float, int]]:
+    """Poll /status every 50 ms until counts[key] >= n; return the (time, count) samples."""
+    samples: list[tuple[float, int]] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            c = int(w.status()["counts"][key])
+            samples.append((time.monotonic(), c))
+            if c >= n:
+                return samples
+        except (httpx.HTTPError, KeyError):
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{key} did not reach {n}: {samples[-1:]}\n{w.log_tail()}")
+
+
+def bench_sampling_path(data_dir: Path, backlog: int, rate_per_s: float, latency_n: int) -> dict[str, Any]:
+    exps = [make_experience(i, confidence(i), prefix="bp") for i in range(backlog)]
+    lat_exps = [make_experience(i, confidence(i), prefix="lat") for i in range(latency_n)]
+    rec = data_dir / "recorded.jsonl"
+    recording_for(exps + lat_exps, rec)
+    s = new_settings(data_dir, tier3_teacher="recorded", tier3_teacher_recorded_path=rec)
+    publish_s = produce(s, exps)
+    sampled = sum(sample_reason(e.experience_id, e.confidence) is not None for e in exps)
+
+    env = settings_env(s)
+    w = WorkerProcess(env, data_dir / "worker-sampling.log")
+    try:
+        samples = wait_counts(w, "consumed", backlog, 600)
+        # from the last poll that saw nothing consumed to the first that saw everything (conservative: up to
+        # one 50 ms poll interval more than the true time)
+        zero = [t for t, c in samples if c == 0]
+        elapsed = samples[-1][0] - (zero[-1] if zero else samples[0][0])
+        st = w.wait_for(lambda st: st["counts"]["enriched"] >= sampled, 120)
+        throughput = backlog / elapsed
+
+        # latency at a steady publish rate, the backlog drained
+        produce(s, lat_exps, rate_per_s=rate_per_s, stamp_now=True)
+        lat_sampled = {e.experience_id for e in lat_exps if sample_reason(e.experience_id, e.confidence)}
+        w.wait_for(lambda st: st["counts"]["enriched"] >= sampled + len(lat_sampled), 120)
+        msgs = consume_values(s, s.traces_topic, sampled + len(lat_sampled), 120)
+        lat: list[float] = []
+        for m in msgs:
+            t = decode(m.value() or b"", EnrichedTrace)
+            if t.experience_id.startswith("lat"):
+                lat.append(m.timestamp()[1] - t.experience.created_at_ms)
+        lat.sort()
+    finally:
+        w.stop()
+    return {
+        "experiences": backlog, "sampled": sampled, "partitions": s.tier3_partitions, "teacher": "recorded",
+        "publish_s": round(publish_s, 2),
+        "consume_s": round(elapsed, 2), "experiences_per_s": round(throughput),
+        "enriched": st["counts"]["enriched"], "dead_lettered": st["counts"]["dead_lettered"],
+        "latency": {"publish_rate_per_s": rate_per_s, "traces": len(lat),
+                    "p50_ms": round(statistics.median(lat), 1) if lat else None,
+                    "p99_ms": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 1) if lat else None,
+                    "max_ms": round(lat[-1], 1) if lat else None},
+        "goal": {"experiences_per_s": 20_000, "p99_ms": 250},
+    }
+
+
+def original_pattern(server_url: str, exps: list[Experience], out: Path) -> dict[str, Any]:
+    """The seed's worker: queue.put from the app, ONE thread: get -> teacher call -> append a JSONL line."""
+    q: queue.Queue[Experience | None] = queue.Queue()
+    for e in exps:
+        q.put(e)
+    q.put(None)
+    done = 0
+
+    def worker() -> None:
+        nonlocal done
+        with httpx.Client(timeout=60) as client, out.open("ab") as f:
+            while True:
+                e = q.get()
+                if e is None:
+                    return
+                msgs = TASK.messages_for_model([m.model_dump() for m in e.messages])
+                r = client.post(f"{server_url}/v1/chat/completions", json={"model": "fake", "messages": msgs})
+                text = r.json()["choices"][0]["message"]["content"]
+                reasoning, answer = TASK.parse_output(text)
+                f.write(orjson.dumps({"id": e.experience_id, "reasoning": reasoning, "answer": answer}) + b"\n")
+                f.flush()
+                done += 1
+
+    t0 = time.perf_counter()
+    th = threading.Thread(target=worker)
+    th.start()
+    th.join()
+    wall = time.perf_counter() - t0
+    return {"traces": done, "wall_s": round(wall, 2), "traces_per_s": round(done / wall, 2)}
+
+
+class TeacherProcess:
+    """The fake teacher in its own process, so its event loop does not share a GIL with the bench's."""
+
+    def __init__(self, latency_ms: float) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.fakes.teacher_server", "--port", str(self.port),
+                                      "--latency-ms", str(latency_ms)], cwd=ROOT, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"{self.url}/control", timeout=1)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise RuntimeError("fake teacher did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def bench_concurrency(data_dir: Path, latency_ms: float, concurrency: int, n: int, seed_n: int) -> dict[str, Any]:
+    ideal = concurrency / (latency_ms / 1000)
+    srv = TeacherProcess(latency_ms)
+    try:
+        s = new_settings(data_dir, tier3_teacher="openai", tier3_teacher_base_url=f"{srv.url}/v1",
+                         tier3_teacher_model="fake-fixed-latency", tier3_sample_rate=1.0,
+                         tier3_teacher_concurrency=concurrency)
+        exps = [make_experience(i, 0.5, prefix="cc") for i in range(n)]
+        w = WorkerProcess(settings_env(s), data_dir / "worker-concurrency.log")
+        try:
+            w.wait_ready()
+            produce(s, exps)
+            samples = wait_counts(w, "enriched", n, 600)
+            # steady state: from the first trace to the last (excludes start-up and the publish)
+            t_first = next(t for t, c in samples if c > 0)
+            c_first = next(c for t, c in samples if c > 0)
+            t_last, c_last = samples[-1]
+            rate = (c_last - c_first) / (t_last - t_first)
+            st = w.status()
+        finally:
+            w.stop()
+        seed = original_pattern(srv.url, [make_experience(i, 0.5, prefix="seed") for i in range(seed_n)],
+                                data_dir / "seed-traces.jsonl")
+    finally:
+        srv.stop()
+    measured_l_ms = st["teacher"]["latency_ms_p50"]
+    return {
+        "teacher_latency_ms": latency_ms, "concurrency": concurrency, "traces": n,
+        "ideal_traces_per_s": round(ideal, 2), "traces_per_s": round(rate, 2),
+        "efficiency": round(rate / ideal, 3),
+        # the latency the worker actually saw (HTTP and a loaded machine add to L): how well C slots are used
+        "teacher_latency_ms_p50_seen": measured_l_ms,
+        "efficiency_vs_seen_latency": round(rate / (concurrency / (measured_l_ms / 1000)), 3),
+        "original_single_thread": {**seed, "efficiency_vs_ideal": round(seed["traces_per_s"] / ideal, 3),
+                                   "speedup_tier3": round(rate / seed["traces_per_s"], 1)},
+        "goal": {"efficiency": 0.9},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backlog", type=int, default=100_000)
+    ap.add_argument("--rate", type=float, default=1000.0, help="publish rate of the latency phase (exp/s)")
+    ap.add_argument("--latency-n", type=int, default=10_000)
+    ap.add_argument("--latency-ms", type=float, default=200.0)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--concurrency-traces", type=int, default=2000)
+    ap.add_argument("--seed-traces", type=int, default=25)
+    args = ap.parse_args()
+
+    if not os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        bs = broker.BrokerSettings()
+        broker.up(bs)
+        os.environ["KAFKA_BOOTSTRAP_SERVERS"] = bs.bootstrap
+    with tempfile.TemporaryDirectory(prefix="tier3-bench-") as tmp:
+        data_dir = Path(tmp)
+        result = {
+            "bench": "streams",
+            "machine": {"cpus": os.cpu_count(), "load_avg_1m_at_start": round(os.getloadavg()[0], 2)},
+            "sampling_path": bench_sampling_path(data_dir, args.backlog, args.rate, args.latency_n),
+            "concurrency": bench_concurrency(data_dir, args.latency_ms, args.concurrency,
+                                             args.concurrency_traces, args.seed_traces),
+        }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
