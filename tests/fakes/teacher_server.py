@@ -7,8 +7,8 @@ Endpoints:
 - ``POST /control`` ``{"mode": ..., "count": n | null, "latency_ms": ...}``: switch modes (``count`` = apply the
   mode to the next n requests, then go back to ``ok``); ``GET /control``: request counters.
 
-Modes: ``ok`` | ``invalid_json`` | ``off_schema`` | ``429`` | ``500`` | ``hang`` (never answers) | ``reset``
-(closes the connection, like a teacher that is down).
+Modes: ``ok`` | ``invalid_json`` | ``off_schema`` | ``429`` | ``500`` | ``401`` (wrong key) | ``hang`` (never
+answers) | ``reset`` (closes the connection, like a teacher that is down).
 
 Answers are deterministic: :func:`expected_answer` of the production question (the first user message, without
 the output-format instruction), so a test knows every trace's answer in advance.
@@ -33,7 +33,7 @@ from aiohttp import web
 
 from schemas.tasks import ANSWER_ONLY_INSTRUCTION, REASONED_INSTRUCTION, get_task
 
-MODES = ("ok", "invalid_json", "off_schema", "429", "500", "hang", "reset")
+MODES = ("ok", "invalid_json", "off_schema", "429", "500", "401", "hang", "reset")
 TIME_RANGES = ("1h", "24h", "7d", "30d", "90d")
 
 
@@ -139,10 +139,11 @@ class FakeTeacherServer:
             if request.transport is not None:
                 request.transport.close()
             return web.Response(status=503)
-        if mode in ("429", "500"):
+        if mode in ("429", "500", "401"):
             status = int(mode)
             if api == "anthropic":
-                err = {"type": "error", "error": {"type": "rate_limit_error" if status == 429 else "api_error",
+                kinds = {429: "rate_limit_error", 500: "api_error", 401: "authentication_error"}
+                err = {"type": "error", "error": {"type": kinds[status],
                                                   "message": f"fake teacher mode {mode}"}}
             else:
                 err = {"error": {"message": f"fake teacher mode {mode}", "type": "server_error", "code": None}}

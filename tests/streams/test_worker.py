@@ -183,3 +183,29 @@ def test_status_trainer_block_from_training_runs(streams_settings: Callable[...,
     assert sft["last_check_time"] == (now - 1000) / 1000 and 0 < sft["next_check_in_s"] <= 1799.0
     assert st["trainer"]["runs"][-1] == {"run_id": "run-1", "event": "evaluated", "at_ms": now + 2,
                                          "model_version": 1, "metrics": {"json_valid": 1.0}}
+
+
+def test_two_workers_share_partitions(streams_settings: Callable[..., StreamsSettings],
+                                      start_worker: Callable[..., WorkerProcess]) -> None:
+    s = streams_settings(tier3_partitions=4)
+    w1, w2 = start_worker(s, "w1"), start_worker(s, "w2")
+    assert w1.web_port != w2.web_port
+    # both in the group, each with its own partitions
+    w1.wait_for(lambda st: len(st["lag"]["experiences"]) == 2, 90)
+    w2.wait_for(lambda st: len(st["lag"]["experiences"]) == 2, 30)
+    p1, p2 = set(w1.status()["lag"]["experiences"]), set(w2.status()["lag"]["experiences"])
+    assert p1.isdisjoint(p2) and p1 | p2 == {"0", "1", "2", "3"}
+
+    exps = [make_experience(i, 0.95, prefix="pair") for i in range(400)]
+    produce_values(s, s.experiences_topic, as_records(exps))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done = w1.status()["counts"]["enriched"] + w2.status()["counts"]["enriched"]
+        if done >= 400:
+            break
+        time.sleep(0.3)
+    c1, c2 = w1.status()["counts"], w2.status()["counts"]
+    assert c1["enriched"] > 0 and c2["enriched"] > 0 and c1["enriched"] + c2["enriched"] == 400
+    traces = consume_values(s, s.traces_topic, 400, 30)
+    ids = [decode(m.value() or b"", EnrichedTrace).experience_id for m in traces]
+    assert len(ids) == 400 and set(ids) == {e.experience_id for e in exps}

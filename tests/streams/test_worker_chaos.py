@@ -93,3 +93,28 @@ def test_killed_workers_restart_at_least_once(streams_settings: Callable[..., St
           f"{duplicates} duplicate traces (the trainer deduplicates by experience_id)")
     # at-least-once, but the redelivered window is bounded by what was in flight, not the whole topic
     assert duplicates <= 2 * s.max_pending + 50
+
+
+@pytest.mark.chaos
+def test_wrong_api_key_stops_the_worker_without_committing(streams_settings: Callable[..., StreamsSettings],
+                                                           start_worker: Callable[..., WorkerProcess],
+                                                           teacher_server: FakeTeacherServer) -> None:
+    s = streams_settings()
+    exps = [make_experience(i, 0.95, prefix="auth") for i in range(20)]
+    teacher_server.set_mode("401")
+    w1 = start_worker(s, "w1")
+    w1.wait_ready()
+    produce_values(s, s.experiences_topic, as_records(exps))
+    deadline = time.monotonic() + 60
+    while w1.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert w1.proc.returncode not in (None, 0), "the worker should stop on a configuration error"
+    assert "stopping the worker" in w1.log_text() and "HTTP 401" in w1.log_text()
+    assert consume_values(s, s.dead_letters_topic, None, 10, idle_s=1.0) == []  # not dead-lettered either
+
+    teacher_server.set_mode("ok")  # the key is fixed: the same experiences come back, nothing was committed
+    w2 = start_worker(s, "w2")
+    w2.wait_ready()
+    w2.wait_for(lambda st: st["counts"]["enriched"] == 20, 60)
+    traces = consume_values(s, s.traces_topic, 20, 30)
+    assert {decode(m.value() or b"", EnrichedTrace).experience_id for m in traces} == {e.experience_id for e in exps}
