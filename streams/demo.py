@@ -323,6 +323,8 @@ class Monitor(threading.Thread):
             run.metrics = dict(d.get("metrics") or {})
             report = d.get("report")
             run.report = (report.get("report_md") if isinstance(report, dict) else None) or d.get("report_dir")
+            if run.report and Path(run.report).is_dir() and (Path(run.report) / "report.md").exists():
+                run.report = str(Path(run.report) / "report.md")
         if ev.event in VERDICTS:
             run.reasons = d.get("reasons")
         if ev.event == "failed":
@@ -553,9 +555,9 @@ def _run(state: DemoState, examples_path: Path, recorded_path: Path, limit: int,
         if st.running:  # ours from an earlier `tier3 broker up`, or another broker on that port: use it, leave it
             console.print(f"Kafka: a broker already answers at [bold]{st.bootstrap}[/]; using it")
         else:
+            state.started_broker = True  # before up(): a Ctrl-C while it starts must still stop it
             with console.status("starting the local Kafka broker (the first time resolves its jars with Maven)…"):
                 st = broker_mod.up(state.broker_settings)
-            state.started_broker = True
             console.print(f"Kafka {st.version}: started a local broker at [bold]{st.bootstrap}[/]")
         settings = settings.model_copy(update={"kafka_bootstrap_servers": st.bootstrap})
     ensure_topics(settings)
@@ -615,7 +617,7 @@ def _run(state: DemoState, examples_path: Path, recorded_path: Path, limit: int,
 
     # 4. publish, 5. follow
     capture = Capture(CaptureSettings.model_validate(settings.model_dump()))
-    seen_events = 0
+    told: set[tuple[str, int]] = set()
     deadline = time.monotonic() + publish_seconds + timeout_s
     done_reason = "timed out"
     next_line = 0.0
@@ -641,7 +643,7 @@ def _run(state: DemoState, examples_path: Path, recorded_path: Path, limit: int,
                                     f"({child.log_path}) ends with:\n{child.log_tail()}")
             with state.monitor.lock:
                 display.update(capture.stats().delivered, obs, expected_sampled)
-                seen_events = _narrate(display, obs, seen_events)
+                _narrate(display, obs, told)
                 _start_closers(obs, state.closers, closer_env, demo_dir, eval_wait_s)
                 finished, why = _finished(obs, i == len(experiences), capture.stats().delivered, len(experiences),
                                           expected_sampled, have_worker, have_trainer, state.closers, eval_wait_s,
@@ -683,23 +685,23 @@ def _run(state: DemoState, examples_path: Path, recorded_path: Path, limit: int,
     return 0 if done_reason == "complete" else 1
 
 
-def _narrate(display: Display, obs: Observed, seen: int) -> int:
-    """One line per lifecycle event (also what a non-terminal log shows)."""
-    events = sorted(((r.first_ms, r) for r in obs.runs.values()), key=lambda x: x[0])
-    lines: list[str] = []
-    for _, r in events:
-        for ev in r.events:
-            text = f"{_version(r)} {ev}"
+def _narrate(display: Display, obs: Observed, told: set[tuple[str, int]]) -> None:
+    """One line per lifecycle event, each once (also what a log without a terminal shows)."""
+    for r in sorted(obs.runs.values(), key=lambda x: x.first_ms):
+        for n, ev in enumerate(r.events):
+            if (r.run_id, n) in told:
+                continue
+            told.add((r.run_id, n))
+            text = f"{r.run_id[:24]}: {_version(r)} {ev}"
             if ev == "evaluated" and r.metrics:
                 text += " · " + ", ".join(f"{k} {v:.2f}" for k, v in _headline_metrics(r.metrics).items())
+            if ev in VERDICTS and r.reasons:
+                text += f" · {'; '.join(map(str, r.reasons))[:160]}" if isinstance(r.reasons, list) else ""
             if ev == "failed" and r.error:
                 text += f" · {r.error[:100]}"
-            lines.append(f"{r.run_id[:24]}: {text}")
-    for line in lines[seen:]:
-        display.last_events.append(line)
-        if not console.is_terminal:
-            console.print(line)
-    return len(lines)
+            display.last_events.append(text)
+            if not console.is_terminal:
+                console.print(text)
 
 
 def _headline_metrics(metrics: dict[str, Any]) -> dict[str, float]:

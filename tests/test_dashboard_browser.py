@@ -45,6 +45,8 @@ def known_status() -> dict[str, Any]:
             "current": {"start_ms": T0_MS + 3 * WINDOW_MS, "end_ms": T0_MS + 4 * WINDOW_MS,
                         "by_task": {"widget_selector": 41, "summarizer": 4}},
             "recent": [
+                # an empty window before the first that counted anything: not drawn
+                {"start_ms": T0_MS - WINDOW_MS, "end_ms": T0_MS, "by_task": {}},
                 {"start_ms": T0_MS, "end_ms": T0_MS + WINDOW_MS, "by_task": {"widget_selector": 100}},
                 {"start_ms": T0_MS + WINDOW_MS, "end_ms": T0_MS + 2 * WINDOW_MS, "by_task": {"widget_selector": 76}},
                 {"start_ms": T0_MS + 2 * WINDOW_MS, "end_ms": T0_MS + 3 * WINDOW_MS,
