@@ -155,7 +155,7 @@ def _torch_dtype(on_cuda: bool) -> torch.dtype:
 
 
 def _trl_args(cfg: SFTConfig, phase: Phase, scratch: Path, *, on_cuda: bool, assistant_only: bool,
-              text_field: str | None = None) -> Any:
+              text_field: str | None = None, unsloth: bool = False) -> Any:
     from trl import SFTConfig as TRLSFTConfig
 
     dtype = _torch_dtype(on_cuda)
@@ -176,7 +176,8 @@ def _trl_args(cfg: SFTConfig, phase: Phase, scratch: Path, *, on_cuda: bool, ass
         max_length=cfg.tier3_max_seq_len,
         packing=cfg.tier3_packing,
         assistant_only_loss=assistant_only,
-        gradient_checkpointing=cfg.tier3_gradient_checkpointing,
+        # unsloth does its own (cheaper) checkpointing, set in get_peft_model; HF's on top would redo it
+        gradient_checkpointing=cfg.tier3_gradient_checkpointing and not unsloth,
         seed=cfg.tier3_seed,
         data_seed=cfg.tier3_seed,
         bf16=on_cuda and dtype == torch.bfloat16,
@@ -299,8 +300,10 @@ def make_trl_trainer(model: Any, tokenizer: Any, examples: list[dict[str, Any]],
                      scratch: Path, *, on_cuda: bool, callbacks: list[Any] | None = None) -> Any:
     """A TRL SFTTrainer for one phase, with loss on the assistant turns only."""
     from datasets import Dataset
+    from datasets.utils.logging import disable_progress_bar
     from trl import SFTTrainer
 
+    disable_progress_bar()  # per-map progress bars in a service log are noise; on_step reports progress
     args = _trl_args(cfg, phase, scratch, on_cuda=on_cuda, assistant_only=True)
     cls = SFTTrainer if on_cuda else _cpu_sft_trainer_class()
     try:
@@ -397,7 +400,7 @@ def _train_unsloth(dataset: BuiltDataset, cfg: SFTConfig, scratch: Path, on_step
             text = tokenizer.apply_chat_template(ex["messages"], tokenize=False)
             # the tokenizer adds its own BOS when it tokenizes; a template that writes one too would double it
             texts.append(text.removeprefix(bos) if bos else text)
-        args = _trl_args(cfg, phase, scratch, on_cuda=True, assistant_only=False, text_field="text")
+        args = _trl_args(cfg, phase, scratch, on_cuda=True, assistant_only=False, text_field="text", unsloth=True)
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list([{"text": t} for t in texts]),
                              processing_class=tokenizer, callbacks=cbs)
         # masks everything outside the assistant turns; the turn's end-of-turn token stays a target
