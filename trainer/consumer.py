@@ -45,7 +45,7 @@ from trainer.protocol import (
     publish_succeeded,
     train_and_commit,
 )
-from trainer.replay import TraceRecord, decode_trace
+from trainer.replay import TraceRecord, decode_trace, read_ids
 from trainer.settings import TrainerSettings
 from trainer.sft_config import SFTConfig
 
@@ -77,15 +77,26 @@ class _Partition:
 
 class Accumulator:
     """Traces read and not yet committed, per partition. Distinct experience ids decide the trigger, because
-    enrichment is at-least-once and a duplicate is not a new trace."""
+    enrichment is at-least-once and a duplicate is not a new trace: ``n_new`` counts the distinct ids that are
+    neither held twice nor in ``known`` (ids already inside a committed run)."""
 
-    def __init__(self) -> None:
+    def __init__(self, known: set[str] | None = None) -> None:
         self.parts: dict[int, _Partition] = {}
         self._ids: Counter[str] = Counter()
+        self.known: set[str] = known if known is not None else set()
+        self._n_new = 0
 
     @property
     def n_unique(self) -> int:
         return len(self._ids)
+
+    @property
+    def n_new(self) -> int:
+        return self._n_new
+
+    def recount(self) -> None:
+        """After ``known`` grew (history loaded): count the new ids again."""
+        self._n_new = sum(1 for eid in self._ids if eid not in self.known)
 
     @property
     def n_messages(self) -> int:
@@ -103,7 +114,10 @@ class Accumulator:
             part.n_bad += 1
         else:
             part.records.append(record)
-            self._ids[record.trace.experience_id] += 1
+            eid = record.trace.experience_id
+            if self._ids[eid] == 0 and eid not in self.known:
+                self._n_new += 1
+            self._ids[eid] += 1
 
     def first_offset(self, partition: int) -> int | None:
         part = self.parts.get(partition)
@@ -138,10 +152,11 @@ class Accumulator:
         """Everything held, as one batch; the accumulator is empty afterwards."""
         records = sorted(r for part in self.parts.values() for r in part.records)
         batch = Batch(topic=topic, offsets={p: OffsetRange(start=x.start, end=x.end) for p, x in self.parts.items()},
-                      records=records, n_messages=self.n_messages, n_unique=self.n_unique,
+                      records=records, n_messages=self.n_messages, n_unique=self.n_unique, n_new=self.n_new,
                       n_bad=sum(x.n_bad for x in self.parts.values()), trigger=trigger, attempt=attempt)
         self.parts.clear()
         self._ids.clear()
+        self._n_new = 0
         return batch
 
     def _forget(self, records: list[TraceRecord]) -> None:
@@ -150,6 +165,8 @@ class Accumulator:
             self._ids[eid] -= 1
             if self._ids[eid] <= 0:
                 del self._ids[eid]
+                if eid not in self.known:
+                    self._n_new -= 1
 
 
 # ------------------------------------------------------------------------------------------------ the consumer
@@ -181,7 +198,9 @@ class TrainerConsumer:
         self.consumer = Consumer({**settings.consumer_config(), "error_cb": self._on_error})
         self.stop_event = threading.Event()
         self.stats = TrainerStats()
-        self.pending = Accumulator()
+        self.known_ids: set[str] = set()  # experience ids inside committed runs of this group (trigger dedup)
+        self.pending = Accumulator(self.known_ids)
+        self._history_todo: set[int] = set()  # assigned partitions whose committed history is not loaded yet
         self._train = train
         self._evaluate = evaluate
         self.assigned: set[int] = set()
@@ -243,6 +262,7 @@ class TrainerConsumer:
                     break
                 self._poll_once(self.s.tier3_trainer_poll_timeout_s)
                 self._end_backoff_if_due()
+                self._load_history()
                 self._recognise_manifests()
                 trigger = self._due()
                 if trigger is not None:
@@ -307,6 +327,7 @@ class TrainerConsumer:
         ps = {tp.partition for tp in partitions}
         log.info("assigned %s", sorted(ps))
         self.assigned |= ps
+        self._history_todo |= ps
         self.stats.assigned += len(ps)
 
     def _on_revoke(self, _c: Consumer, partitions: list[TopicPartition]) -> None:
@@ -323,6 +344,7 @@ class TrainerConsumer:
             log.log(logging.INFO if self._closing else logging.WARNING, "partitions %s %s%s", sorted(ps), why,
                     " during a run" if self.training else "")
         self.assigned -= ps
+        self._history_todo -= ps
         self._paused -= ps
         self._lost_since_batch |= ps  # a run in progress must not commit them
         self.pending.drop(ps)  # the new owner reads them again from the committed offset
@@ -347,10 +369,10 @@ class TrainerConsumer:
 
     def _due(self) -> str | None:
         """The trigger that starts a run now, or None."""
-        if self._hold or self._awaiting_manifest:
+        if self._hold or self._awaiting_manifest or self._history_todo:
             return None
         interval_due = self.next_check_in_s() <= 0.0
-        if self.pending.n_unique <= self._need_more_than:
+        if self.pending.n_new <= self._need_more_than:
             if interval_due:
                 self._mark_check()  # nothing (new) to train: the next check is one interval away
             if self._take_train_now():
@@ -361,7 +383,7 @@ class TrainerConsumer:
             back = all(p not in self.assigned or (self.pending.next_offset(p) or -1) >= end
                        for p, end in self._retry_target.items())
             return "retry" if back else None
-        if self.pending.n_unique >= self.s.tier3_min_traces:
+        if self.pending.n_new >= self.s.tier3_min_traces:
             return "min_traces"
         if interval_due:
             return "interval"
@@ -393,6 +415,7 @@ class TrainerConsumer:
             self._resume_all()
             self.stats.runs_succeeded += 1
             self.stats.last_manifest = manifest
+            self.known_ids.update(r.trace.experience_id for r in batch.records)
             log.info("run %s committed %s (dataset %s, loss %s)", run_id, manifest.commit_offsets(),
                      manifest.dataset.sha256[:12], manifest.metrics.get("train_loss"))
         finally:
@@ -427,7 +450,7 @@ class TrainerConsumer:
             except KafkaException as err:
                 log.warning("seek back of partition %d failed (%s); it resumes from the committed offset", p, err)
         if empty:
-            self._need_more_than = batch.n_unique
+            self._need_more_than = batch.n_new
             self._failures = 0
             self._resume_all()
             return
@@ -512,6 +535,26 @@ class TrainerConsumer:
             sys.stderr.flush()
             os._exit(FAULT_EXIT_CODE)
 
+    def _load_history(self) -> None:
+        """Learn the experience ids already trained (committed) in newly assigned partitions, so a late duplicate
+        of an old trace does not count as new. Reads the message keys (the experience id) of [start, committed)."""
+        if not self._history_todo or self._hold:
+            return
+        todo, self._history_todo = sorted(self._history_todo), set()
+        timeout_s = self.s.tier3_trainer_commit_timeout_s
+        tps = self.consumer.committed([TopicPartition(self.topic, p) for p in todo], timeout=timeout_s)
+        ranges: dict[int, OffsetRange] = {}
+        for tp in tps:
+            low, _high = self.consumer.get_watermark_offsets(TopicPartition(self.topic, tp.partition),
+                                                             timeout=timeout_s)
+            if tp.offset > low:
+                ranges[tp.partition] = OffsetRange(start=low, end=tp.offset)
+        if ranges:
+            self.known_ids.update(read_ids(self.s, self.topic, ranges))
+            self.pending.recount()
+            log.info("history: %d experience ids already trained in partitions %s", len(self.known_ids),
+                     sorted(ranges))
+
     # -- restart: manifests whose commit (or announcement) did not happen ---------------------------------
     def _reconcile_manifests(self) -> None:
         """At start: publish `succeeded` for runs that committed but were not announced; remember the runs that
@@ -574,7 +617,7 @@ class TrainerConsumer:
             training_in_progress=self.training, last_check_time_ms=self.last_check_ms,
             next_check_in_s=self.next_check_in_s(),
             details={"run_id": self._current_run, "step": step, "total_steps": total,
-                     "pending_traces": self.pending.n_unique, "pending_messages": self.pending.n_messages,
+                     "pending_traces": self.pending.n_new, "pending_messages": self.pending.n_messages,
                      "min_traces": self.s.tier3_min_traces, "assigned": sorted(self.assigned),
                      "consecutive_failures": self._failures,
                      "retry_in_s": round(max(0.0, self._backoff_until - now), 3) if self._backoff_until else None,

@@ -69,6 +69,7 @@ class RunManifest(BaseModel):
     n_messages: int
     n_unique: int
     n_bad: int
+    n_new: int = 0  # distinct ids not inside an earlier run (duplicates of trained traces excluded)
     dataset: DatasetInfo
     holdout_ids: list[str]
     metrics: dict[str, Any]

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from trainer.dataset import BuiltDataset
-from trainer.errors import AdapterError, CommitFailed
+from trainer.errors import AdapterError, CommitFailed, ManifestError
 from trainer.events import TrainerEvents, now_ms
 from trainer.manifest import ADAPTER_NAME, DatasetInfo, OffsetRange, RunManifest, list_manifests, write_manifest
 from trainer.replay import TraceRecord, install_dir, project_dataset, read_ranges
@@ -64,13 +64,14 @@ class Batch:
     n_bad: int
     trigger: str  # min_traces | interval | train_now | retry
     attempt: int = 1
+    n_new: int = 0  # of those, not inside an earlier committed run (what the trigger counts)
 
     def commit_offsets(self) -> dict[int, int]:
         return {p: r.end for p, r in self.offsets.items()}
 
     def describe(self) -> dict[str, Any]:
         return {"offsets": {str(p): [r.start, r.end] for p, r in sorted(self.offsets.items())},
-                "n_messages": self.n_messages, "n_unique": self.n_unique, "n_bad": self.n_bad,
+                "n_messages": self.n_messages, "n_unique": self.n_unique, "n_new": self.n_new, "n_bad": self.n_bad,
                 "trigger": self.trigger, "attempt": self.attempt}
 
 
@@ -156,7 +157,8 @@ def train_and_commit(batch: Batch, run_id: str, ctx: RunContext) -> RunManifest:
         base_model=cfg.tier3_base_model, backend=result.backend,
         hyperparameters={**cfg.hyperparameters(), **result.hyperparameters},
         topic=batch.topic, group=s.tier3_trainer_group, offsets=batch.offsets, dataset_offsets=slice_,
-        scope=cfg.tier3_scope, n_messages=batch.n_messages, n_unique=batch.n_unique, n_bad=batch.n_bad,
+        scope=cfg.tier3_scope, n_messages=batch.n_messages, n_unique=batch.n_unique, n_new=batch.n_new,
+        n_bad=batch.n_bad,
         dataset=DatasetInfo(sha256=built.sha256, n_train=built.n_train, n_holdout=built.n_holdout,
                             train_path=str(built.train_path.relative_to(run_dir)),
                             holdout_path=str(built.holdout_path.relative_to(run_dir)),
@@ -179,7 +181,11 @@ def commit_recognised(manifest: RunManifest, ctx: RunContext) -> RunManifest:
     #     refuses partitions that were revoked or lost since the batch was read.
     ctx.commit(manifest.commit_offsets())
     manifest = manifest.model_copy(update={"state": "committed", "committed_at_ms": now_ms()})
-    write_manifest(run_dir, manifest)
+    try:
+        write_manifest(run_dir, manifest)
+    except ManifestError as exc:  # committed is committed: a restart reads the state from the broker instead
+        log.error("run %s: offsets committed, but the manifest's state could not be updated: %s", manifest.run_id,
+                  exc)
     ctx.fault("crash_after_commit")
 
     # (5) Publish `succeeded` (idempotent producer, acks=all) and wait for the acknowledgement. The offsets are
@@ -196,7 +202,10 @@ def publish_succeeded(manifest: RunManifest, ctx: RunContext) -> RunManifest:
                   "it is published again on the next start", manifest.run_id)
         return manifest
     manifest = manifest.model_copy(update={"state": "published"})
-    write_manifest(ctx.settings.runs_dir / manifest.run_id, manifest)
+    try:
+        write_manifest(ctx.settings.runs_dir / manifest.run_id, manifest)
+    except ManifestError as exc:  # the next start publishes `succeeded` again: harmless, readers key on run_id
+        log.error("run %s: could not record that `succeeded` was published: %s", manifest.run_id, exc)
     return manifest
 
 

@@ -17,12 +17,12 @@ import logging
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import OFFSET_END, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_END, Consumer, KafkaError, Message, TopicPartition
 
 from schemas import EnrichedTrace, SchemaError, decode
 from schemas.settings import RELIABLE_CONSUMER, KafkaSettings
@@ -107,21 +107,17 @@ def ranges_from_time(settings: KafkaSettings, topic: str, since_ms: int, timeout
     return out
 
 
-def read_ranges(settings: KafkaSettings, topic: str, ranges: dict[int, OffsetRange], *, timeout_s: float = 300.0,
-                on_bad: Callable[[int, int, bytes | None, bytes | None, SchemaError], None] | None = None
-                ) -> SliceRead:
-    """Read exactly ``[start, end)`` of each partition; decode the traces; skip (and count) what cannot be read.
+def iter_slice(settings: KafkaSettings, topic: str, ranges: dict[int, OffsetRange], *, timeout_s: float = 300.0
+               ) -> Iterator[Message]:
+    """Yield the records of exactly ``[start, end)`` of each partition, per partition in offset order.
 
     Positions, not message counts, decide when a partition is done: offsets can have gaps (transaction markers,
     compaction), so "end reached" is "the next offset to read is >= end".
     """
     todo = {p: r for p, r in ranges.items() if r.end > r.start}
-    records: list[TraceRecord] = []
-    n_messages = n_bad = 0
     if not todo:
-        return SliceRead(records, 0, 0)
+        return
     c = _reader(settings)
-    max_bytes = settings.tier3_max_message_bytes
     try:
         c.assign([TopicPartition(topic, p, r.start) for p, r in todo.items()])
         deadline = time.monotonic() + timeout_s
@@ -151,20 +147,49 @@ def read_ranges(settings: KafkaSettings, topic: str, ranges: dict[int, OffsetRan
             if off >= todo[p].end:
                 _done(c, topic, todo, p)
                 continue
-            n_messages += 1
-            value = msg.value()
-            try:
-                records.append(TraceRecord(p, off, decode_trace(value, max_bytes)))
-            except SchemaError as exc:
-                n_bad += 1
-                if on_bad is not None:
-                    on_bad(p, off, msg.key(), value, exc)
+            yield msg
             if off + 1 >= todo[p].end:
                 _done(c, topic, todo, p)
     finally:
         c.close()
+
+
+def read_ranges(settings: KafkaSettings, topic: str, ranges: dict[int, OffsetRange], *, timeout_s: float = 300.0,
+                on_bad: Callable[[int, int, bytes | None, bytes | None, SchemaError], None] | None = None
+                ) -> SliceRead:
+    """Read ``ranges`` and decode the traces; skip (and count) what cannot be decoded."""
+    records: list[TraceRecord] = []
+    n_messages = n_bad = 0
+    max_bytes = settings.tier3_max_message_bytes
+    for msg in iter_slice(settings, topic, ranges, timeout_s=timeout_s):
+        p, off, value = msg.partition(), msg.offset(), msg.value()
+        assert p is not None and off is not None
+        n_messages += 1
+        try:
+            records.append(TraceRecord(p, off, decode_trace(value, max_bytes)))
+        except SchemaError as exc:
+            n_bad += 1
+            if on_bad is not None:
+                on_bad(p, off, msg.key(), value, exc)
     records.sort()
     return SliceRead(records, n_messages, n_bad)
+
+
+def read_ids(settings: KafkaSettings, topic: str, ranges: dict[int, OffsetRange], *, timeout_s: float = 300.0
+             ) -> set[str]:
+    """The experience ids in ``ranges``: the record keys (DESIGN.md: key = experience_id), decoding only records
+    without a key. Cheap enough to run at every assignment."""
+    ids: set[str] = set()
+    for msg in iter_slice(settings, topic, ranges, timeout_s=timeout_s):
+        key = msg.key()
+        if key:
+            ids.add(key.decode("utf-8", "replace"))
+            continue
+        try:
+            ids.add(decode_trace(msg.value(), settings.tier3_max_message_bytes).experience_id)
+        except SchemaError:
+            continue
+    return ids
 
 
 def _done(c: Consumer, topic: str, todo: dict[int, OffsetRange], p: int) -> None:
@@ -228,8 +253,11 @@ def replay(settings: KafkaSettings, cfg: SFTConfig, ranges: dict[int, OffsetRang
         from trainer.sft_trainer import train as sft_train  # torch & co. only when a model is trained
 
         tmp = out_dir / f".adapter-tmp-{uuid.uuid4().hex[:8]}"
-        res = sft_train(built, cfg, tmp)
-        adapter = install_dir(Path(res.adapter_dir), out_dir / "adapter")
+        try:
+            res = sft_train(built, cfg, tmp)
+            adapter = install_dir(Path(res.adapter_dir), out_dir / "adapter")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         result.train = {"adapter_dir": str(adapter), "backend": res.backend, "steps": res.steps,
                         "train_loss": res.train_loss, "tokens": res.tokens, "wall_s": res.wall_s}
     write_atomic(out_dir / "replay.json", _json(result.summary()))
