@@ -54,7 +54,25 @@ def trainer_cmd(
 
     _setup_logging(log_level)
     settings, cfg = _settings()
-    tc = TrainerConsumer(settings, cfg)
+    evaluate: Any = None
+    after_success: Any = None
+    if settings.tier3_trainer_close_loop:
+        # evaluation inside the protocol (before the manifest), gate + export after the commit
+        from trainer.close_loop_settings import CloseLoopSettings
+        from trainer.evaluate import evaluation_hook
+        from trainer.gate import after_run
+
+        try:
+            loop_settings = CloseLoopSettings()
+        except ValidationError as exc:
+            typer.echo(f"error: invalid settings:\n{exc}", err=True)
+            raise typer.Exit(2) from None
+        evaluate = evaluation_hook(loop_settings)
+
+        def after_success(m: Any) -> None:
+            after_run(loop_settings, m.run_id)
+
+    tc = TrainerConsumer(settings, cfg, evaluate=evaluate, after_success=after_success)
 
     def on_signal(signum: int, _frame: Any) -> None:
         logging.getLogger("tier3.trainer").info("signal %d: stopping (a run in progress is abandoned, not "

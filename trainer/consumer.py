@@ -31,9 +31,9 @@ from typing import Any, TypeVar
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from schemas import SchemaError
-from trainer.errors import CommitFailed, DatasetError, TrainerError
+from trainer.errors import CommitFailed, DatasetError, ManifestError, TrainerError
 from trainer.events import TrainerEvents, now_ms
-from trainer.manifest import OffsetRange, RunManifest, list_manifests
+from trainer.manifest import OffsetRange, RunManifest, list_manifests, read_manifest
 from trainer.protocol import (
     Batch,
     EvaluateFn,
@@ -187,10 +187,13 @@ class TrainerStats:
 
 class TrainerConsumer:
     """``TrainerConsumer(settings).run()`` is ``tier3 trainer``. ``train`` and ``evaluate`` are injectable (tests,
-    the close-loop's evaluation); by default :func:`trainer.sft_trainer.train` and no evaluation."""
+    the close-loop's evaluation); by default :func:`trainer.sft_trainer.train` and no evaluation.
+    ``after_success(manifest)`` runs after a run is committed and announced (the close-loop's gate and export);
+    it runs with the partitions paused and polling going on, and its errors never touch the committed run."""
 
     def __init__(self, settings: TrainerSettings, cfg: SFTConfig | None = None, *, train: TrainFn | None = None,
-                 evaluate: EvaluateFn | None = None) -> None:
+                 evaluate: EvaluateFn | None = None,
+                 after_success: Callable[[RunManifest], object] | None = None) -> None:
         self.s = settings
         self.cfg = cfg if cfg is not None else SFTConfig()
         self.topic = settings.traces_topic
@@ -203,6 +206,7 @@ class TrainerConsumer:
         self._history_todo: set[int] = set()  # assigned partitions whose committed history is not loaded yet
         self._train = train
         self._evaluate = evaluate
+        self._after_success = after_success
         self.assigned: set[int] = set()
         self._paused: set[int] = set()
         self._lost_since_batch: set[int] = set()
@@ -416,11 +420,28 @@ class TrainerConsumer:
             self.stats.runs_succeeded += 1
             self.stats.last_manifest = manifest
             self.known_ids.update(r.trace.experience_id for r in batch.records)
+            self._run_after_success(manifest)
             log.info("run %s committed %s (dataset %s, loss %s)", run_id, manifest.commit_offsets(),
                      manifest.dataset.sha256[:12], manifest.metrics.get("train_loss"))
         finally:
             self.training, self._current_run = False, None
             self._status_heartbeat(force=True)
+
+    def _run_after_success(self, manifest: RunManifest) -> None:
+        if self._after_success is None:
+            return
+        after = self._after_success
+        self.training = True  # keep the partitions paused: the next batch waits for the gate and the export
+        try:
+            self._in_background(lambda: after(manifest))
+        except RunAborted:
+            pass
+        except Exception:
+            log.exception("run %s: the after-run step (gate, export) failed; the run stays committed",
+                          manifest.run_id)
+        finally:
+            self.training = False
+            self._resume_all()
 
     def _on_failure(self, batch: Batch, run_id: str, exc: Exception) -> None:
         self._failures += 1
@@ -449,6 +470,14 @@ class TrainerConsumer:
                 self.consumer.seek(TopicPartition(self.topic, p, batch.offsets[p].start))
             except KafkaException as err:
                 log.warning("seek back of partition %d failed (%s); it resumes from the committed offset", p, err)
+        if isinstance(exc, CommitFailed):
+            # the model and its manifest are durable: when the batch is back in full, commit it, do not retrain
+            try:
+                m = read_manifest(self.s.runs_dir / run_id)
+                if m.state == "trained":
+                    self._uncommitted.append(m)
+            except ManifestError:
+                pass
         if empty:
             self._need_more_than = batch.n_new
             self._failures = 0

@@ -51,6 +51,11 @@ class TrainerSettings(KafkaSettings):
     tier3_trainer_status_interval_s: float = Field(30.0, gt=0.0, description="seconds between `heartbeat` "
                                                    "events on training-runs (the /status trainer block)")
 
+    tier3_trainer_close_loop: bool = Field(True, description="close the loop in the trainer: evaluate each run "
+                                           "on its holdout before the manifest (the metrics are part of the "
+                                           "record), and after the commit run the promotion gate and export "
+                                           "(trainer.gate.after_run); settings in trainer/close_loop_settings.py")
+
     # --- testing only ------------------------------------------------------------------------------------
     tier3_trainer_fault: FaultPoint = Field("", description="testing only: exit the process abruptly at this "
                                             "point of the commit protocol (crash_after_manifest, "

@@ -204,3 +204,53 @@ def test_a_run_longer_than_max_poll_interval_keeps_the_group(make_settings: Call
     assert stats.revoked == 0 and stats.lost == 0, "the group took partitions away during the run"
     assert stats.assigned == s.tier3_partitions  # the one initial assignment, no re-join
     assert committed(s) == {p: ends.get(p, INVALID) for p in range(s.tier3_partitions)}
+
+
+@pytest.mark.slow
+def test_the_close_loop_hooks_evaluate_before_the_manifest_and_gate_after_the_commit(
+        make_settings: Callable[..., Any], tiny_model: Path) -> None:
+    from trainer.close_loop_settings import CloseLoopSettings
+    from trainer.evaluate import evaluation_hook
+    from trainer.gate import after_run
+
+    s = trainer_settings(make_settings, tier3_min_traces=20)
+    loop = CloseLoopSettings(kafka_bootstrap_servers=s.kafka_bootstrap_servers, tier3_topic_prefix=s.tier3_topic_prefix,
+                             tier3_data_dir=s.tier3_data_dir, tier3_partitions=s.tier3_partitions,
+                             tier3_auto_export=False, tier3_eval_max_new_tokens=24)
+    assert loop.runs_dir == s.runs_dir
+    produce_traces(s, synthetic_traces(20, seed=9))
+    tc = TrainerConsumer(s, sft_config(tiny_model, tier3_holdout_fraction=0.3, tier3_phases="answer:1"),
+                         evaluate=evaluation_hook(loop), after_success=lambda m: after_run(loop, m.run_id))
+    stats = tc.run(max_runs=1, timeout_s=180)
+    m = find_manifest(s.runs_dir, stats.last_run_id or "")
+    assert m.dataset.n_holdout > 0 and "json_valid_rate" in str(m.metrics["evaluation"])
+    kinds = [e for e, _ in lifecycle(s)]
+    assert kinds[:3] == ["started", "succeeded", "evaluated"] and kinds[3] in ("promoted", "rejected")
+
+
+@pytest.mark.chaos
+def test_a_refused_commit_is_retried_from_the_manifest_without_training_again(
+        make_settings: Callable[..., Any], tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer.errors import CommitFailed
+
+    s = trainer_settings(make_settings, tier3_min_traces=9)
+    produce_traces(s, synthetic_traces(9, seed=10))
+    ends = end_offsets(s)
+    calls: list[BuiltDataset] = []
+    real_commit = TrainerConsumer._commit
+    refused: list[dict[int, int]] = []
+
+    def flaky_commit(self: TrainerConsumer, offsets: dict[int, int]) -> None:
+        if not refused:
+            refused.append(offsets)
+            raise CommitFailed("injected: broker answered NOT_COORDINATOR")
+        real_commit(self, offsets)
+
+    monkeypatch.setattr(TrainerConsumer, "_commit", flaky_commit)
+    stats = TrainerConsumer(s, sft_config(tiny_model), train=fake_train(calls)).run(max_runs=1, timeout_s=60)
+    assert len(calls) == 1, "the batch was trained twice"
+    assert stats.runs_failed == 1 and stats.recognised == 1
+    assert committed(s) == {p: ends.get(p, INVALID) for p in range(s.tier3_partitions)}
+    life = lifecycle(s)
+    assert [e for e, _ in life] == ["started", "failed", "succeeded"]
+    assert life[0][1] == life[2][1]  # the recorded run is the one announced

@@ -19,6 +19,7 @@ import pytest
 from tests.trainer.trainer_kafka import (
     committed,
     end_offsets,
+    events,
     lifecycle,
     produce_traces,
     sft_config,
@@ -135,3 +136,41 @@ def test_crash_after_the_commit_before_the_event_announces_on_restart(
     assert m2.state == "published"
     out = [line for line in log.read_text().splitlines() if line.startswith("{")]
     assert out and orjson.loads(out[-1])["runs_succeeded"] == 0  # nothing was trained by the second life
+
+
+def test_partitions_revoked_during_a_run_are_never_committed_by_the_old_owner(
+        make_settings: Callable[..., Any], tiny_model: Path) -> None:
+    import threading
+
+    from tests.trainer.test_consumer import fake_train
+    from trainer.consumer import TrainerConsumer
+    from trainer.dataset import BuiltDataset
+
+    # trainer A takes all three partitions and starts a slow run; trainer B joins the group meanwhile, the
+    # cooperative rebalance moves a partition to B; A's commit must refuse it, and in the end every trace is
+    # committed by the trainer that owns it
+    s = trainer_settings(make_settings, tier3_min_traces=1000, tier3_check_interval_s=2.0)
+    produce_traces(s, synthetic_traces(18, seed=14))
+    ends = end_offsets(s)
+    cfg = sft_config(tiny_model)
+    calls_a: list[BuiltDataset] = []
+    calls_b: list[BuiltDataset] = []
+    a = TrainerConsumer(s, cfg, train=fake_train(calls_a, sleep_s=8.0))
+    b = TrainerConsumer(s, cfg, train=fake_train(calls_b))
+    results: dict[str, Any] = {}
+    ta = threading.Thread(target=lambda: results.setdefault("a", a.run(max_runs=1, timeout_s=90)))
+    ta.start()
+    wait_for_event(s, "started", timeout_s=30)
+    tb = threading.Thread(target=lambda: results.setdefault("b", b.run(max_runs=1, timeout_s=90)))
+    tb.start()
+    ta.join(100)
+    tb.join(100)
+    sa, sb = results["a"], results["b"]
+    assert sa.revoked >= 1, "B's arrival revoked nothing from A"
+    assert sa.runs_failed >= 1 and sa.runs_succeeded == 1 and sb.runs_succeeded == 1
+    failed = [e for e in events(s) if e.event == "failed"]
+    assert failed and "revoked" in failed[0].details["error"]
+    assert committed(s) == {p: ends.get(p, INVALID) for p in range(s.tier3_partitions)}
+    ma = list_manifests(s.runs_dir)
+    committed_by = {p: m.run_id for m in ma if m.state == "published" for p in m.offsets}
+    assert set(committed_by) == set(ends)  # each partition committed by exactly one published run

@@ -112,6 +112,7 @@ def start_trainer(settings: TrainerSettings, cfg: SFTConfig, log_path: Path, max
                   **env_overrides: Any) -> subprocess.Popen[bytes]:
     """``python -m trainer.cli trainer`` in a subprocess with ``settings`` and ``cfg`` as its environment."""
     env = settings_env(settings)
+    env["TIER3_TRAINER_CLOSE_LOOP"] = "false"  # these tests are about the commit protocol, not the evaluation
     for name, value in {**cfg.model_dump(mode="json"), **env_overrides}.items():
         env[name.upper()] = str(value)
     log = log_path.open("ab")
