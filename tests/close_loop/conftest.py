@@ -43,8 +43,10 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
     from trainer.synthetic import synthetic_traces
     from trainer.tiny_model import build_tiny_model
 
-    base = build_tiny_model(ROOT / ".tier3" / "tiny-model")
-    runs = tmp_path_factory.mktemp("trained") / "runs"
+    # a private copy (a few seconds): the shared cache folder may be rebuilt by another process meanwhile
+    root = tmp_path_factory.mktemp("trained")
+    base = build_tiny_model(root / "tiny-model")
+    runs = root / "runs"
     run_id = "run-tiny-1"
     run_dir = runs / run_id
     cfg = SFTConfig(tier3_base_model=str(base), tier3_backend="trl", tier3_phases="answer:1,reasoning:1",

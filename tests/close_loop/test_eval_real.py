@@ -27,7 +27,7 @@ def test_eval_cli_on_a_trained_tiny_model_then_the_gate(trained_run: TrainedRun,
     env = {**settings_env(s), "TIER3_RUNS_DIR": str(s.runs_dir)}
     proc = subprocess.run([sys.executable, "-m", "trainer.close_loop_cli", "eval", run_id], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
     out = json.loads(proc.stdout)
     m = out["metrics"]
     assert out["model_version"] == 4 and m["n_examples"] == 6
@@ -57,3 +57,19 @@ def test_eval_cli_on_a_trained_tiny_model_then_the_gate(trained_run: TrainedRun,
     view = fold_runs(read_run_events(s))
     assert view.verdicts[run_id].event == verdict.event
     assert (view.current.run_id if view.current else None) == (run_id if expected.promote else None)
+
+
+@pytest.mark.slow
+def test_commit_protocol_hook_evaluates_the_adapter(trained_run: TrainedRun,
+                                                    make_settings: Callable[..., CloseLoopSettings]) -> None:
+    from types import SimpleNamespace
+
+    from trainer.evaluate import evaluation_hook
+
+    s = make_settings(cls=CloseLoopSettings, tier3_eval_max_examples=3, tier3_eval_max_new_tokens=16)
+    run_id = trained_run.install(s.runs_dir, run_id="run-hook")
+    run_dir = s.runs_dir / run_id
+    built = SimpleNamespace(holdout_path=run_dir / "dataset" / "holdout.jsonl")  # the BuiltDataset fields it uses
+    metrics = evaluation_hook(s)(run_dir / "adapter", built, None)
+    assert metrics["n_examples"] == 3 and 0.0 <= metrics["f1"] <= 1.0
+    assert (s.reports_dir / run_id / "report.md").is_file()
