@@ -579,7 +579,14 @@ class TrainerConsumer:
             if tp.offset > low:
                 ranges[tp.partition] = OffsetRange(start=low, end=tp.offset)
         if ranges:
-            self.known_ids.update(read_ids(self.s, self.topic, ranges))
+            try:  # a long history must not cost the group membership: read it while polling
+                ids = self._in_background(lambda: read_ids(self.s, self.topic, ranges))
+            except RunAborted:
+                return
+            except Exception as exc:  # only the trigger's dedup depends on it: go on without
+                log.warning("could not read the trained history of partitions %s: %s", sorted(ranges), exc)
+                return
+            self.known_ids.update(ids)
             self.pending.recount()
             log.info("history: %d experience ids already trained in partitions %s", len(self.known_ids),
                      sorted(ranges))

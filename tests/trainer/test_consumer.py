@@ -254,3 +254,25 @@ def test_a_refused_commit_is_retried_from_the_manifest_without_training_again(
     life = lifecycle(s)
     assert [e for e, _ in life] == ["started", "failed", "succeeded"]
     assert life[0][1] == life[2][1]  # the recorded run is the one announced
+
+
+def test_undecodable_traces_are_dead_lettered_and_committed_with_the_batch(
+        make_settings: Callable[..., Any], tiny_model: Path) -> None:
+    from schemas import DeadLetter, decode
+    from tests.kafka_utils import consume_values, produce_values
+
+    s = trainer_settings(make_settings, tier3_min_traces=1000)
+    produce_traces(s, synthetic_traces(8, seed=15))
+    produce_values(s, s.traces_topic, [(b"bad-1", b"{not json"), (b"bad-2", b'{"schema_version": 99}')])
+    ends = end_offsets(s)
+    calls: list[BuiltDataset] = []
+    tc = TrainerConsumer(s, sft_config(tiny_model), train=fake_train(calls))
+    read_all(tc, 10)
+    s.train_now_path.write_text("now\n")
+    stats = tc.run(max_runs=1, timeout_s=60)
+    m = find_manifest(s.runs_dir, stats.last_run_id or "")
+    assert m.n_bad == 2 and m.n_messages == 10 and m.n_unique == 8
+    assert committed(s) == {p: ends.get(p, INVALID) for p in range(s.tier3_partitions)}
+    letters = [decode(x.value(), DeadLetter) for x in consume_values(s, s.dead_letters_topic, expected=2)]
+    assert sorted(d.error_kind for d in letters) == ["not_json", "unknown_version"]
+    assert {d.stage for d in letters} == {"decode"} and all(d.source_topic == s.traces_topic for d in letters)

@@ -174,3 +174,21 @@ def test_partitions_revoked_during_a_run_are_never_committed_by_the_old_owner(
     ma = list_manifests(s.runs_dir)
     committed_by = {p: m.run_id for m in ma if m.state == "published" for p in m.offsets}
     assert set(committed_by) == set(ends)  # each partition committed by exactly one published run
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_run_abandons_it_and_commits_nothing(
+        make_settings: Callable[..., Any], tiny_model: Path, tmp_path: Path) -> None:
+    s = trainer_settings(make_settings, tier3_min_traces=10)
+    produce_traces(s, synthetic_traces(10, seed=16))
+    log = tmp_path / "trainer.log"
+    proc = start_trainer(s, sft_config(tiny_model), log, tier3_trainer_step_delay_s=1.0)
+    try:
+        wait_for_event(s, "heartbeat", timeout_s=90, proc=proc, where=lambda e: e.details.get("step", 0) >= 1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()[-3000:]
+    finally:
+        stop(proc)
+    assert set(committed(s).values()) == {INVALID}
+    failed = [e for e in events(s) if e.event == "failed"]
+    assert len(failed) == 1 and "stopping" in failed[0].details["error"]
