@@ -16,7 +16,6 @@ import logging
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from faust.types import EventT, StreamT
 
 from schemas import DeadLetter, EnrichedTrace, SchemaError, TrainingRun, decode, encode
 from schemas.settings import TopicSpec
+from streams.counts import WindowCounts
 from streams.delivery import DeliveryProducer
 from streams.enrich import Source, TeacherStats, ToEnrich, dead_letter, enrich, triage
 from streams.inflight import InOrderAcker
@@ -183,29 +183,6 @@ def _label(value: object) -> str:
     return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
 
 
-def _window_block(table: Any, settings: StreamsSettings) -> dict[str, Any]:
-    """Current and recent windows of the count table, summed over this worker's partitions. Display only."""
-    size_s = settings.tier3_window_s
-    now = time.time()
-    cur_start = int(now // size_s) * size_s
-    by_window: dict[int, Counter[str]] = {}
-    # keys of a windowed table's store are (key, (window_start, window_end)); key is "<task>@<partition>"
-    for key, value in list(table.data.items()):
-        try:
-            (name, (start, _end)) = key
-            task = str(name).rsplit("@", 1)[0]
-            by_window.setdefault(int(start), Counter())[task] += int(value)
-        except (TypeError, ValueError):
-            continue
-
-    def window(start: int) -> dict[str, Any]:
-        return {"start_ms": start * 1000, "end_ms": (start + size_s) * 1000,
-                "by_task": dict(by_window.get(start, {}))}
-
-    recent = [window(cur_start - i * size_s) for i in range(1, settings.tier3_recent_windows + 1)]
-    return {"size_s": size_s, "current": window(cur_start), "recent": recent}
-
-
 def create_app(settings: StreamsSettings, teacher: Teacher | None = None) -> tuple[faust.App, WorkerState]:
     """Build the Faust app and its state. Topics must exist already (``streams.topics.ensure_topics``)."""
     teacher = teacher if teacher is not None else make_teacher(settings)
@@ -223,7 +200,7 @@ def create_app(settings: StreamsSettings, teacher: Teacher | None = None) -> tup
         topic_replication_factor=settings.tier3_replication_factor,
         topic_disable_leader=True,
         processing_guarantee="at_least_once",  # never exactly_once: see docs/guarantees.md
-        producer_acks=-1,  # a trace or dead letter counts as written only when every in-sync replica has it
+        producer_acks=-1,  # Faust's producer writes only the table changelog; traces go through streams.delivery
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=settings.tier3_commit_interval_s,
         broker_session_timeout=settings.tier3_session_timeout_s,
@@ -244,12 +221,12 @@ def create_app(settings: StreamsSettings, teacher: Teacher | None = None) -> tup
     traces = app.topic(settings.traces_topic, partitions=settings.tier3_partitions, key_type=bytes,
                        value_type=bytes, key_serializer="raw", value_serializer="raw")
 
-    counts = app.Table(COUNT_TABLE, default=int, partitions=settings.tier3_partitions, key_type=str,
-                       value_type=int).tumbling(
-        timedelta(seconds=settings.tier3_window_s),
-        expires=timedelta(seconds=settings.tier3_window_s * (settings.tier3_recent_windows + 2)),
-    ).relative_to_stream()
-    state.windows = lambda: _window_block(counts.table if hasattr(counts, "table") else counts, settings)
+    # the count table: partitions = the traces topic's, so its changelog matches its source (Faust's rule)
+    counts_table = app.Table(COUNT_TABLE, default=int, partitions=settings.tier3_partitions, key_type=str,
+                             value_type=int)
+    tally = WindowCounts(settings.tier3_window_s, keep_windows=settings.tier3_recent_windows + 1)
+    state.windows = lambda: tally.view(counts_table, _assigned(app, settings.traces_topic), time.time(),
+                                       settings.tier3_recent_windows)
     state.lag = lambda: _lag(app, settings, state)
 
     @app.agent(experiences, concurrency=1)
@@ -261,9 +238,15 @@ def create_app(settings: StreamsSettings, teacher: Teacher | None = None) -> tup
     async def count_traces(stream: StreamT) -> None:
         async for event in stream.events():
             task = _task_of(event.value)
-            if task is not None:
-                # keyed per source partition: one partition's writes never overwrite another's count
-                counts[f"{task}@{event.message.partition}"] += 1
+            if task is None:
+                continue
+            msg = event.message
+            now = time.time()
+            due = tally.add(task, msg.partition, msg.timestamp or now, now, counts_table)
+            if due is not None:  # written in this event's context: the changelog partition is msg.partition
+                counts_table[due[0]] = due[1]
+                for old in tally.expired(msg.partition, now, list(counts_table.keys())):
+                    del counts_table[old]
 
     @app.task
     async def follow_training_runs() -> None:
@@ -302,6 +285,13 @@ def _task_of(value: bytes | None) -> str | None:
     return task if isinstance(task, str) else None
 
 
+def _assigned(app: faust.App, topic: str) -> set[int] | None:
+    try:
+        return {tp.partition for tp in app.consumer.assignment() if tp.topic == topic}
+    except Exception:  # not started yet
+        return None
+
+
 def _lag(app: faust.App, settings: StreamsSettings, state: WorkerState) -> dict[str, int]:
     out: dict[str, int] = {}
     try:
@@ -318,8 +308,8 @@ def _lag(app: faust.App, settings: StreamsSettings, state: WorkerState) -> dict[
             continue
         pos = state.acked_offset.get(tp.partition)
         if pos is None:
-            c = committed.get(tp)
-            pos = c + 1 if c is not None else 0  # Faust stores the last committed offset, not the next one
+            c = committed.get(tp)  # the group's committed offset: the next message to read
+            pos = c if c is not None else 0
         out[str(tp.partition)] = max(0, hw - pos)
     return out
 
