@@ -37,6 +37,8 @@ class DeliveryProducer:
             "message.max.bytes": max(settings.tier3_max_message_bytes * 4, 1_000_000),  # traces embed the input
         })
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._reports: list[tuple[asyncio.Future[Message], KafkaError | None, Message]] = []
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -49,7 +51,15 @@ class DeliveryProducer:
 
     def _poll_forever(self) -> None:
         while not self._stop.is_set():
-            self._producer.poll(0.05)
+            self._producer.poll(0.05)  # runs the delivery callbacks, which fill self._reports
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        # one wake-up of the event loop per poll, not one per message (each costs a syscall and a GIL handoff)
+        if self._reports and self._loop is not None:
+            with self._lock:  # flush() runs callbacks in another thread
+                reports, self._reports = self._reports, []
+            self._loop.call_soon_threadsafe(_resolve_all, reports)
 
     async def send(self, topic: str, key: bytes | None, value: bytes, partition: int | None = None
                    ) -> asyncio.Future[Message]:
@@ -58,7 +68,8 @@ class DeliveryProducer:
         fut: asyncio.Future[Message] = loop.create_future()
 
         def on_delivery(err: KafkaError | None, msg: Message) -> None:  # runs in the poll thread
-            loop.call_soon_threadsafe(_resolve, fut, err, msg)
+            with self._lock:
+                self._reports.append((fut, err, msg))
 
         kwargs: dict[str, Any] = {"key": key, "value": value, "on_delivery": on_delivery}
         if partition is not None:
@@ -76,7 +87,13 @@ class DeliveryProducer:
         """Deliver what is queued (at shutdown); returns how many messages are still undelivered."""
         left = int(self._producer.flush(timeout_s))
         self._stop.set()
+        self._hand_over()
         return left
+
+
+def _resolve_all(reports: list[tuple[asyncio.Future[Message], KafkaError | None, Message]]) -> None:
+    for fut, err, msg in reports:
+        _resolve(fut, err, msg)
 
 
 def _resolve(fut: asyncio.Future[Message], err: KafkaError | None, msg: Message) -> None:
