@@ -184,6 +184,7 @@ class RunInfo:
     error: str | None = None
     first_ms: int = 0
     seen_mono: dict[str, float] = field(default_factory=dict)  # event -> when the demo saw it (monotonic s)
+    trainer_closes: bool = False  # the trainer evaluated it in its commit protocol and closes the loop itself
 
     @property
     def verdict(self) -> str | None:
@@ -209,6 +210,7 @@ class Observed:
     status: dict[str, Any] | None = None
     status_error: str | None = None
     errors: list[str] = field(default_factory=list)
+    notes_live: list[str] = field(default_factory=list)  # what the demo itself did, for the event lines
 
     def runs_with(self, event: str) -> list[RunInfo]:
         return [r for r in self.runs.values() if event in r.events]
@@ -319,6 +321,8 @@ class Monitor(threading.Thread):
         if ev.model_version is not None:
             run.model_version = ev.model_version
         d = ev.details or {}
+        if ev.event == "succeeded" and "evaluation" in (d.get("metrics") or {}):
+            run.trainer_closes = True
         if ev.event == "evaluated":
             run.metrics = dict(d.get("metrics") or {})
             report = d.get("report")
@@ -443,6 +447,7 @@ def _version(run: RunInfo) -> str:
 class DemoState:
     children: list[Child] = field(default_factory=list)
     closers: dict[str, Child] = field(default_factory=dict)  # run_id -> `tier3 close-loop` the demo started
+    oneshots: list[Child] = field(default_factory=list)  # `tier3 train-now` requests
     started_broker: bool = False
     broker_settings: Any = None
     monitor: Monitor | None = None
@@ -515,7 +520,7 @@ def _cleanup(state: DemoState, keep_running: bool) -> None:
         state.monitor.join(10)
     if keep_running:
         return
-    for child in [*state.closers.values(), *reversed(state.children)]:  # trainer first, then the worker
+    for child in [*state.oneshots, *state.closers.values(), *reversed(state.children)]:  # trainer before worker
         if child.alive():
             console.print(f"stopping {child.name} (pid {child.pid})")
         child.stop()
@@ -580,6 +585,8 @@ def _run(state: DemoState, examples_path: Path, recorded_path: Path, limit: int,
     # 2. the student, 3. the processes
     student = None
     closer_env: dict[str, str] | None = None
+    train_now_env: dict[str, str] | None = None
+    train_now_requested: set[int] = set()
     if have_trainer:
         with console.status("building the tiny student model (cached after the first time)…"):
             student = build_student(demo_dir / "student-build.log")
@@ -592,19 +599,25 @@ def _run(state: DemoState, examples_path: Path, recorded_path: Path, limit: int,
         state.children.append(start_child("worker", ["worker"], worker_env, demo_dir))
     if have_trainer:
         assert student is not None
-        # Two runs in a typical demo: the first when half the traces are there, the second when the other half
-        # is (or, should a poll have put more into the first, by the check interval), so the flywheel shows
-        # two model versions. The interval is long on purpose: right after a run it has always passed, and a
-        # short one would start a run for every trace that trickles in meanwhile.
-        min_traces = max(8, expected_sampled // 2)
-        trainer_env = {**env, "TIER3_BASE_MODEL": student, "TIER3_TRAINER_GROUP": trainer_group,
+        # Two runs in a typical demo, so the flywheel shows two model versions: the first by count when just over
+        # half the traces are there; the rest can then never reach the count, so the second is the demo's
+        # `tier3 train-now` once every trace is in (the manual trigger). The check interval is only a fallback
+        # and long on purpose: right after a run it has always passed, and a short one would start a run for
+        # every trace that trickles in meanwhile.
+        min_traces = max(8, expected_sampled // 2 + 1)
+        tiny = {} if os.environ.get("TIER3_BASE_MODEL") or os.environ.get("TIER3_EVAL_MAX_NEW_TOKENS") else {
+            # the tiny random-weight student never stops on its own: bound its evaluation on 2 CPU cores
+            "TIER3_EVAL_MAX_NEW_TOKENS": "128"}
+        trainer_env = {**env, **tiny, "TIER3_BASE_MODEL": student, "TIER3_TRAINER_GROUP": trainer_group,
                        "TIER3_MIN_TRACES": str(min_traces),
-                       "TIER3_CHECK_INTERVAL_S": str(publish_seconds + 45.0),
+                       "TIER3_CHECK_INTERVAL_S": str(publish_seconds + 90.0),
                        "TIER3_TRAINER_STATUS_INTERVAL_S": "1", "TIER3_TRAINER_BACKOFF_INITIAL_S": "2",
                        "TIER3_TRAINER_BACKOFF_MAX_S": "10"}
         state.children.append(start_child("trainer", ["trainer"], trainer_env, demo_dir))
         if "close-loop" in commands:
             closer_env = trainer_env
+        if "train-now" in commands:
+            train_now_env = trainer_env
     for child in state.children:
         console.print(f"started {child.name} (pid {child.pid}), log: {child.log_path}")
     if have_worker:
@@ -645,6 +658,7 @@ def _run(state: DemoState, examples_path: Path, recorded_path: Path, limit: int,
                 display.update(capture.stats().delivered, obs, expected_sampled)
                 _narrate(display, obs, told)
                 _start_closers(obs, state.closers, closer_env, demo_dir, eval_wait_s)
+                _maybe_train_now(obs, expected_sampled, train_now_env, demo_dir, train_now_requested, state.oneshots)
                 finished, why = _finished(obs, i == len(experiences), capture.stats().delivered, len(experiences),
                                           expected_sampled, have_worker, have_trainer, state.closers, eval_wait_s,
                                           export_wait_s)
@@ -687,6 +701,12 @@ def _run(state: DemoState, examples_path: Path, recorded_path: Path, limit: int,
 
 def _narrate(display: Display, obs: Observed, told: set[tuple[str, int]]) -> None:
     """One line per lifecycle event, each once (also what a log without a terminal shows)."""
+    for n, note in enumerate(obs.notes_live):
+        if ("demo", n) not in told:
+            told.add(("demo", n))
+            display.last_events.append(f"demo: {note}")
+            if not console.is_terminal:
+                console.print(f"demo: {note}")
     for r in sorted(obs.runs.values(), key=lambda x: x.first_ms):
         for n, ev in enumerate(r.events):
             if (r.run_id, n) in told:
@@ -769,7 +789,28 @@ def _run_pending(r: RunInfo, closer: Child | None, eval_wait_s: float, export_wa
         return False
     if closer is not None:
         return closer.exited_for_s() < 10.0  # it just finished: its events may still be on their way to us
+    if r.trainer_closes:  # the trainer's gate and export follow its commit: give them the export's time
+        bound = max(bound, export_wait_s)
     return time.monotonic() - since < bound
+
+
+def _maybe_train_now(obs: Observed, expected_sampled: int, env: dict[str, str] | None, log_dir: Path,
+                     requested: set[int], oneshots: list[Child]) -> None:
+    """Once every sampled experience is enriched, ask the trainer for a run over the traces it has not trained on
+    (``tier3 train-now``, the manual trigger) instead of waiting for its check interval."""
+    if env is None or len(obs.trace_ids) + obs.dead_letters < expected_sampled:
+        return
+    total = obs.traces_total
+    if total == 0 or obs.traces_committed >= total or total in requested:
+        return
+    if obs.heartbeat is None or obs.heartbeat.training_in_progress:
+        return
+    if any("started" in r.events and not {"succeeded", "failed"} & set(r.events) for r in obs.runs.values()):
+        return
+    requested.add(total)
+    oneshots.append(start_child(f"train-now-{len(requested)}", ["train-now"], env, log_dir))
+    display_note = f"all {len(obs.trace_ids)} traces are in: `tier3 train-now` for the ones not yet trained"
+    obs.notes_live.append(display_note)
 
 
 def _start_closers(obs: Observed, closers: dict[str, Child], env: dict[str, str] | None, log_dir: Path,
@@ -780,7 +821,7 @@ def _start_closers(obs: Observed, closers: dict[str, Child], env: dict[str, str]
         return
     for r in obs.runs.values():
         if ("succeeded" in r.events and "evaluated" not in r.events and r.run_id not in closers
-                and time.monotonic() - r.seen_mono["succeeded"] >= eval_wait_s):
+                and not r.trainer_closes and time.monotonic() - r.seen_mono["succeeded"] >= eval_wait_s):
             closers[r.run_id] = start_child(f"close-loop-{_version(r)}", ["close-loop", r.run_id], env, log_dir)
 
 

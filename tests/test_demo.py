@@ -49,9 +49,10 @@ def _demo_env(kafka_bootstrap: str, data_dir: Path) -> dict[str, str]:
     return env
 
 
-def _run_demo(env: dict[str, str], summary: Path, *args: str, timeout_s: float = 800) -> tuple[int, str]:
-    proc = subprocess.run([sys.executable, "-m", "streams.cli", "demo", "--examples", "120", "--publish-seconds", "10",
-                           "--eval-wait-s", "30", "--timeout-s", "600", "--summary-json", str(summary), *args],
+def _run_demo(env: dict[str, str], summary: Path, *args: str, examples: int = 120, timeout_s: float = 800
+              ) -> tuple[int, str]:
+    proc = subprocess.run([sys.executable, "-m", "streams.cli", "demo", "--examples", str(examples),
+                           "--publish-seconds", "10", "--timeout-s", "600", "--summary-json", str(summary), *args],
                           env=env, cwd=ROOT, capture_output=True, timeout=timeout_s, check=False)
     return proc.returncode, proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
 
@@ -80,6 +81,7 @@ def test_demo_runs_the_whole_flywheel(kafka_bootstrap: str, tmp_path: Path) -> N
     evaluated = [r for r in succeeded if "evaluated" in r["events"]]
     assert evaluated, f"no run was evaluated: {s['notes']}"
     assert all(r["verdict"] in ("promoted", "rejected") for r in evaluated)
+    assert all(r["events"].count("evaluated") == 1 for r in s["runs"]), "a run was evaluated twice"
     assert s["evaluation_report"] and Path(s["evaluation_report"]).exists()
 
     # offsets committed: read back from the broker, not from the demo's own summary
@@ -102,11 +104,13 @@ def test_demo_runs_the_whole_flywheel(kafka_bootstrap: str, tmp_path: Path) -> N
 
     # running it twice works: a fresh prefix, the same end state
     summary2 = tmp_path / "summary2.json"
-    rc2, out2 = _run_demo(_demo_env(kafka_bootstrap, tmp_path), summary2, "--eval-wait-s", "0")
+    rc2, out2 = _run_demo(_demo_env(kafka_bootstrap, tmp_path), summary2, examples=40)
     s2 = orjson.loads(summary2.read_bytes())
     assert rc2 == 0, out2[-4000:]
     assert s2["topic_prefix"] != s["topic_prefix"]
-    assert s2["traces"]["distinct"] == len(expected) and s2["offsets"]["all_committed"]
+    expected2 = {e.experience_id for e in examples[:40] if e.experience_id in expected}
+    assert s2["traces"]["distinct"] == len(expected2) and s2["offsets"]["all_committed"]
+    assert s2["runs"] and all(r["verdict"] for r in s2["runs"] if "succeeded" in r["events"])
     assert not [p["pid"] for p in s2["processes"] if _alive(p["pid"])]
 
 
