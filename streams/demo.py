@@ -803,7 +803,12 @@ def _maybe_train_now(obs: Observed, expected_sampled: int, env: dict[str, str] |
     total = obs.traces_total
     if total == 0 or obs.traces_committed >= total or total in requested:
         return
-    if obs.heartbeat is None or obs.heartbeat.training_in_progress:
+    hb = obs.heartbeat
+    if hb is None or hb.training_in_progress:
+        return
+    # only once the trainer has read every trace it has not trained on (else the run would take a few of them
+    # and the rest would wait for the next trigger)
+    if int(hb.details.get("pending_messages") or 0) < total - obs.traces_committed:
         return
     if any("started" in r.events and not {"succeeded", "failed"} & set(r.events) for r in obs.runs.values()):
         return
