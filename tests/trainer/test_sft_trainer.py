@@ -1,6 +1,6 @@
 """LoRA SFT on the tiny model: weights, loss mask, curriculum, atomic adapter, load + generate.
 
-One full run (100 traces, the default curriculum answer:1 + reasoning:2) is shared by the module's tests.
+One full run (100 traces, two curriculum phases, the tiny model's demo settings) is shared by the module's tests.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from trainer.sft_trainer import (
     train,
 )
 from trainer.synthetic import synthetic_traces
-from trainer.tiny_model import cached_tiny_model
+from trainer.tiny_model import TINY_DEMO_OVERRIDES, cached_tiny_model
 
 
 @dataclass
@@ -51,7 +51,7 @@ def _sha(path: Path) -> str:
 def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     base = cached_tiny_model()
     base_sha = _sha(base / "model.safetensors")
-    cfg = SFTConfig(tier3_base_model=str(base), tier3_backend="auto", tier3_learning_rate=2e-3)
+    cfg = SFTConfig(tier3_base_model=str(base), tier3_backend="auto", **TINY_DEMO_OVERRIDES)  # type: ignore[arg-type]
     out = tmp_path_factory.mktemp("run")
     ds = build_dataset(synthetic_traces(100), cfg, out / "data")
     steps: list[tuple[int, int]] = []
@@ -73,7 +73,8 @@ def test_result_progress_and_curriculum(run: Run) -> None:
     assert r.eot_in_loss is True and r.hyperparameters["eot_in_loss_checked"] is True
     hp = r.hyperparameters
     assert hp["tier3_lora_r"] == 16 and hp["tier3_lora_target_modules"] == "all-linear"
-    assert hp["phases"] == [{"kind": "answer", "epochs": 1.0}, {"kind": "reasoning", "epochs": 2.0}]
+    assert hp["phases"] == [{"kind": p.kind, "epochs": p.epochs} for p in run.cfg.phases]
+    assert [p.kind for p in run.cfg.phases] == ["answer", "reasoning"]
     assert hp["n_examples"] == {"answer": run.dataset.n_train, "reasoning": run.dataset.n_train}
     assert hp["tier3_base_model"] == str(run.base)
     # published atomically: nothing but the adapter and the dataset is left in the run folder
@@ -115,6 +116,19 @@ def test_adapter_loads_and_generates_greedily(run: Run) -> None:
     assert isinstance(text, str) and 1 <= n_tokens <= 12 and latency_s > 0
     assert (text, n_tokens) == generate(model, tok, msgs, max_new_tokens=12)[:2]  # greedy: deterministic
     assert tok.chat_template == cached_tiny_model_template()
+
+
+@pytest.mark.slow
+def test_the_student_learns_to_stop(run: Run) -> None:
+    """Behaviour, not just the mask: on unseen holdout prompts the trained student ends its turn by itself."""
+    from trainer.dataset import holdout_records
+
+    model, tok = load_student(run.result.adapter_dir)
+    records = holdout_records(run.dataset)
+    assert records
+    max_new = 160  # a reasoned answer here is ~60-100 tokens
+    stopped = [generate(model, tok, r["messages"], max_new_tokens=max_new)[1] < max_new for r in records]
+    assert sum(stopped) >= len(records) / 2, stopped
 
 
 def cached_tiny_model_template() -> str:
