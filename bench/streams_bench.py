@@ -66,6 +66,12 @@ def produce(settings: StreamsSettings, exps: list[Experience], rate_per_s: float
             stamp_now: bool = False) -> float:
     """Publish; with ``rate_per_s`` paced, with ``stamp_now`` each experience's created_at_ms is its send time."""
     p = Producer({**settings.client_config(), **RELIABLE_PRODUCER, "linger.ms": 5})
+    # warm up (connection, metadata, producer id) as a long-running application's producer would be: otherwise
+    # the first messages' "latency" is this fresh producer's start-up. The warm-up experience is not sampled.
+    warm = next(e for i in range(100) if (e := make_experience(i, 0.0, prefix="warmup")) and
+                sample_reason(e.experience_id, e.confidence) is None)
+    p.produce(settings.experiences_topic, key=warm.experience_id.encode(), value=encode(warm))
+    p.flush(30)
     t0 = time.perf_counter()
     for i, e in enumerate(exps):
         if rate_per_s:
@@ -127,6 +133,9 @@ def bench_sampling_path(data_dir: Path, backlog: int, rate_per_s: float, latency
         elapsed = samples[-1][0] - (zero[-1] if zero else samples[0][0])
         st = w.wait_for(lambda st: st["counts"]["enriched"] >= sampled, 120)
         throughput = backlog / elapsed
+        # steady state before measuring latency: the count table has caught up on the backlog's traces too
+        w.wait_for(lambda st: sum(n for win in [st["windows"]["current"], *st["windows"]["recent"]]
+                                  for n in win["by_task"].values()) >= sampled, 120)
 
         # latency at a steady publish rate, the backlog drained
         produce(s, lat_exps, rate_per_s=rate_per_s, stamp_now=True)
