@@ -633,7 +633,7 @@ def _run(state: DemoState, examples_path: Path, recorded_path: Path, limit: int,
     told: set[tuple[str, int]] = set()
     deadline = time.monotonic() + publish_seconds + timeout_s
     done_reason = "timed out"
-    next_line = 0.0
+    next_line, last_line = 0.0, ""
     # a live display redraws in a terminal; in a log (CI) it would print only at the end: lines instead
     live_ctx = Live(display.renderable(), console=console, refresh_per_second=4, transient=False) \
         if console.is_terminal else contextlib.nullcontext()
@@ -662,9 +662,12 @@ def _run(state: DemoState, examples_path: Path, recorded_path: Path, limit: int,
                 finished, why = _finished(obs, i == len(experiences), capture.stats().delivered, len(experiences),
                                           expected_sampled, have_worker, have_trainer, state.closers, eval_wait_s,
                                           export_wait_s)
-                if not console.is_terminal and time.monotonic() >= next_line:
-                    next_line = time.monotonic() + 5.0
-                    console.print(display.text_line())
+                line = display.text_line()
+                # in a log: a line when something moved (at most every 2 s), else one every 30 s as a heartbeat
+                if not console.is_terminal and (time.monotonic() >= next_line + 28.0
+                                                or (line != last_line and time.monotonic() >= next_line)):
+                    next_line, last_line = time.monotonic() + 2.0, line
+                    console.print(line)
             if live is not None:
                 live.update(display.renderable())
             if finished:
