@@ -264,6 +264,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--concurrency-traces", type=int, default=2000)
     ap.add_argument("--seed-traces", type=int, default=25)
+    ap.add_argument("--only", choices=["sampling", "concurrency"], default=None)
     args = ap.parse_args()
 
     if not os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
@@ -272,13 +273,15 @@ def main() -> None:
         os.environ["KAFKA_BOOTSTRAP_SERVERS"] = bs.bootstrap
     with tempfile.TemporaryDirectory(prefix="tier3-bench-") as tmp:
         data_dir = Path(tmp)
-        result = {
+        result: dict[str, Any] = {
             "bench": "streams",
             "machine": {"cpus": os.cpu_count(), "load_avg_1m_at_start": round(os.getloadavg()[0], 2)},
-            "sampling_path": bench_sampling_path(data_dir, args.backlog, args.rate, args.latency_n),
-            "concurrency": bench_concurrency(data_dir, args.latency_ms, args.concurrency,
-                                             args.concurrency_traces, args.seed_traces),
         }
+        if args.only in (None, "sampling"):
+            result["sampling_path"] = bench_sampling_path(data_dir, args.backlog, args.rate, args.latency_n)
+        if args.only in (None, "concurrency"):
+            result["concurrency"] = bench_concurrency(data_dir, args.latency_ms, args.concurrency,
+                                                      args.concurrency_traces, args.seed_traces)
     print(json.dumps(result, indent=2))
 
 

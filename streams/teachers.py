@@ -1,13 +1,14 @@
 """Teachers behind one interface: the Anthropic Messages API, the Claude CLI, any OpenAI-compatible endpoint, and a
 recorded teacher that answers from a JSONL file.
 
-Every client raises :class:`streams.errors.TeacherError` subclasses whose ``retryable`` flag drives the retry
+The OpenAI-compatible client speaks HTTP with httpx directly (see :class:`OpenAITeacher` for why). Every client
+raises :class:`streams.errors.TeacherError` subclasses whose ``retryable`` flag drives the retry
 policy in :mod:`streams.enrich`; no client retries on its own (the SDKs' built-in retries are switched off, so
 the attempt counts on a trace are true). Messages arrive with the system message first, exactly as production
 sent them plus the one output-format instruction (prompt parity, see ``schemas.tasks``).
 
-API keys are read from the settings' ``SecretStr`` fields and handed to the SDK only; no error message or log
-line built here contains them.
+API keys are read from the settings' ``SecretStr`` fields and handed to the HTTP client only; no error message
+or log line built here contains them.
 """
 
 from __future__ import annotations
@@ -136,45 +137,67 @@ class AnthropicTeacher:
 
 
 class OpenAITeacher:
-    """Any OpenAI-compatible chat endpoint: OpenAI, vLLM, Ollama (``/v1``), llama.cpp server."""
+    """Any OpenAI-compatible chat endpoint (OpenAI, vLLM, Ollama ``/v1``, llama.cpp server), over httpx.
+
+    Plain httpx + orjson rather than the ``openai`` SDK: the SDK costs ~50 % more CPU per call (1.85 vs 1.2 ms
+    measured), which on a small machine with 32 calls in flight is the difference between using the teacher's
+    concurrency and queueing behind our own event loop. The wire format is the stable chat-completions subset.
+    """
 
     kind = "openai"
     recorded = False
 
     def __init__(self, settings: StreamsSettings) -> None:
-        import openai
+        import httpx
 
-        self._openai = openai
+        self._httpx = httpx
         self.model = settings.tier3_teacher_model
         self._max_tokens = settings.tier3_teacher_max_tokens
         self._temperature = settings.tier3_teacher_temperature
-        # local servers ignore the key, but the SDK insists on one
-        key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else "not-needed"
-        self._client = openai.AsyncOpenAI(api_key=key, base_url=settings.tier3_teacher_base_url, max_retries=0,
-                                          timeout=settings.tier3_teacher_timeout_s)
+        base = (settings.tier3_teacher_base_url or "https://api.openai.com/v1").rstrip("/")
+        headers = {"content-type": "application/json"}
+        if settings.openai_api_key is not None:
+            headers["authorization"] = f"Bearer {settings.openai_api_key.get_secret_value()}"
+        # a pooled connection per call in flight, so calls never queue for a connection
+        n = settings.tier3_teacher_concurrency
+        self._client = httpx.AsyncClient(
+            base_url=base, headers=headers, timeout=settings.tier3_teacher_timeout_s,
+            limits=httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4))
 
     async def complete(self, messages: list[dict[str, str]]) -> TeacherReply:
-        o = self._openai
+        h = self._httpx
+        body = orjson.dumps({"model": self.model, "messages": messages, "max_tokens": self._max_tokens,
+                             "temperature": self._temperature})
         try:
-            resp = await self._client.chat.completions.create(
-                model=self.model, messages=messages,  # type: ignore[arg-type]
-                max_tokens=self._max_tokens, temperature=self._temperature)
-        except o.APITimeoutError as exc:
+            resp = await self._client.post("/chat/completions", content=body)
+        except h.TimeoutException as exc:
             raise TeacherTimeout(f"openai: {type(exc).__name__}") from None
-        except o.APIConnectionError as exc:
+        except h.TransportError as exc:
             raise TeacherUnavailable(f"openai: {type(exc).__name__}: {exc}") from None
-        except o.APIStatusError as exc:
-            raise error_for_status(exc.status_code, f"openai: {exc.message}") from None
-        if not resp.choices:
-            raise TeacherServerError("openai: the reply has no choices")
-        text = resp.choices[0].message.content or ""
-        usage = resp.usage
-        return TeacherReply(text=text, model=resp.model or self.model,
-                            input_tokens=usage.prompt_tokens if usage else None,
-                            output_tokens=usage.completion_tokens if usage else None)
+        if resp.status_code >= 400:
+            raise error_for_status(resp.status_code, f"openai: {_error_message(resp.content)}")
+        try:
+            doc = orjson.loads(resp.content)
+            text = doc["choices"][0]["message"]["content"] or ""
+        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
+            raise TeacherServerError("openai: the reply is not a chat completion") from None
+        usage = doc.get("usage") or {}
+        return TeacherReply(text=str(text), model=str(doc.get("model") or self.model),
+                            input_tokens=usage.get("prompt_tokens"), output_tokens=usage.get("completion_tokens"))
 
     async def aclose(self) -> None:
-        await self._client.close()
+        await self._client.aclose()
+
+
+def _error_message(content: bytes) -> str:
+    """The error text of an OpenAI-style error body, or the start of the body."""
+    try:
+        err = orjson.loads(content).get("error")
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])
+    except (orjson.JSONDecodeError, AttributeError):
+        pass
+    return content[:200].decode(errors="replace")
 
 
 class ClaudeCliTeacher:
