@@ -52,8 +52,8 @@ def run_variant(variant: str, n_traces: int, phases: str) -> dict[str, Any]:
         ds = build_dataset(synthetic_traces(n_traces), cfg, out / "data")
         if variant == "lora":
             r = train(ds, cfg, out)
-            res: dict[str, Any] = {"wall_s": r.wall_s, "train_wall_s": r.train_wall_s, "tokens": r.tokens, "steps": r.steps,
-                   "final_loss": r.train_loss, "trainable_params": None}
+            res: dict[str, Any] = {"wall_s": r.wall_s, "train_wall_s": r.train_wall_s, "tokens": r.tokens,
+                                   "steps": r.steps, "final_loss": r.train_loss, "trainable_params": None}
         elif variant == "full":
             t0 = time.perf_counter()
             model, tok = load_base_for_training(cfg, on_cuda=False)

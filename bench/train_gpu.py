@@ -63,7 +63,7 @@ def _fail(msg: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-def build_random_model(arch: str, folder: Path) -> Path:
+def build_random_model(arch: str, folder: Path, device: str = "cuda") -> Path:
     """A real-size model with random bf16 weights and the tiny tokenizer, saved as a normal model folder."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -76,7 +76,7 @@ def build_random_model(arch: str, folder: Path) -> Path:
     config = AutoConfig.for_model(model_type, **shape, bos_token_id=None, eos_token_id=2, pad_token_id=0,
                                   dtype="bfloat16")
     torch.manual_seed(0)
-    with torch.device("cuda"):  # random init on the GPU: seconds instead of minutes on CPU
+    with torch.device(device):  # random init on the GPU: seconds instead of minutes on CPU
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.generation_config.eos_token_id = 2
     model.save_pretrained(folder)
