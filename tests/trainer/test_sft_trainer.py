@@ -189,3 +189,54 @@ def test_a_failed_run_leaves_the_previous_adapter_in_place(run: Run, tmp_path: P
     assert e.value.retryable is False
     assert not (tmp_path / ADAPTER_DIR).exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".adapter", ".scratch"))]
+
+
+def test_unsloth_path_wiring_with_a_stand_in(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """unsloth is not installed here (no CUDA): a stand-in module checks what the unsloth path would call, and
+    that UNSLOTH_AUTO_INSTALL=0 is set before the import (else its GGUF helpers apt-get and git-clone)."""
+    import os
+    import types
+
+    from trainer import sft_trainer
+    from trainer.errors import BaseModelError
+
+    calls: dict[str, Any] = {}
+
+    class FastLanguageModel:
+        @staticmethod
+        def from_pretrained(**kwargs: Any) -> Any:
+            calls["from_pretrained"] = kwargs
+            calls["auto_install"] = os.environ.get("UNSLOTH_AUTO_INSTALL")
+            raise OSError("the stand-in stops here")
+
+    fake = types.ModuleType("unsloth")
+    fake.FastLanguageModel = FastLanguageModel  # type: ignore[attr-defined]
+    templates = types.ModuleType("unsloth.chat_templates")
+    templates.train_on_responses_only = lambda trainer, **kw: trainer  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "unsloth", fake)
+    monkeypatch.setitem(sys.modules, "unsloth.chat_templates", templates)
+    monkeypatch.setattr(sft_trainer, "cuda_available", lambda: True)
+    monkeypatch.setattr(sft_trainer, "unsloth_installed", lambda: True)
+    monkeypatch.setenv("UNSLOTH_AUTO_INSTALL", "1")  # a user's setting is overridden
+    monkeypatch.setenv("UNSLOTH_DISABLE_CPU_FALLBACK", "1")
+
+    base = cached_tiny_model()
+    cfg = SFTConfig(tier3_base_model=str(base), tier3_load_in_4bit=True, tier3_max_seq_len=1024)
+    ds = build_dataset(synthetic_traces(10), cfg, tmp_path / "data")
+    with pytest.raises(BaseModelError, match="unsloth cannot load"):
+        train(ds, cfg, tmp_path)
+    assert calls["auto_install"] == "0"
+    kw = calls["from_pretrained"]
+    assert kw["model_name"] == str(base) and kw["load_in_4bit"] is True and kw["max_seq_length"] == 1024
+    assert not (tmp_path / ADAPTER_DIR).exists()
+
+
+def test_turn_markers_for_responses_only_loss() -> None:
+    from trainer.errors import BaseModelError
+    from trainer.sft_trainer import turn_markers
+
+    assert turn_markers(cached_tiny_model_template()) == ("<|im_start|>user\n", "<|im_start|>assistant\n")
+    assert turn_markers("{{ '<|start_header_id|>' + role }}")[1] == "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    assert turn_markers("{{ '<start_of_turn>' }}")[1] == "<start_of_turn>model\n"
+    with pytest.raises(BaseModelError):
+        turn_markers("{{ messages }}")
