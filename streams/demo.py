@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -185,6 +186,8 @@ class RunInfo:
     first_ms: int = 0
     seen_mono: dict[str, float] = field(default_factory=dict)  # event -> when the demo saw it (monotonic s)
     trainer_closes: bool = False  # the trainer evaluated it in its commit protocol and closes the loop itself
+    exported: list[str] = field(default_factory=list)  # GGUF files of its export
+    ollama: str | None = None  # the Ollama tag it was registered as, or how to register it
 
     @property
     def verdict(self) -> str | None:
@@ -331,6 +334,16 @@ class Monitor(threading.Thread):
                 run.report = str(Path(run.report) / "report.md")
         if ev.event in VERDICTS:
             run.reasons = d.get("reasons")
+        if ev.event == "exported":
+            files = d.get("files") or {}
+            paths = files.values() if isinstance(files, dict) else files if isinstance(files, list) else []
+            run.exported = sorted(str(f.get("path") if isinstance(f, dict) else f) for f in paths
+                                  if str(f.get("path") if isinstance(f, dict) else f).endswith(".gguf"))
+            reg = d.get("ollama") or {}
+            if isinstance(reg, dict):
+                tags = ", ".join(reg.get("tags") or [])
+                run.ollama = (f"registered as {tags}" if reg.get("registered")
+                              else f"Ollama not reachable: {(reg.get('commands') or ['-'])[0]}")
         if ev.event == "failed":
             run.error = str(d.get("error") or d.get("reason") or "")[:300]
 
@@ -448,6 +461,7 @@ class DemoState:
     children: list[Child] = field(default_factory=list)
     closers: dict[str, Child] = field(default_factory=dict)  # run_id -> `tier3 close-loop` the demo started
     oneshots: list[Child] = field(default_factory=list)  # `tier3 train-now` requests
+    forced: str | None = None  # the run `--promote` promoted by hand
     started_broker: bool = False
     broker_settings: Any = None
     monitor: Monitor | None = None
@@ -485,6 +499,10 @@ def demo(
     eval_wait_s: Annotated[float, typer.Option(help="seconds to wait for the trainer's evaluation of a run "
                                                "before the demo runs `tier3 close-loop RUN_ID` itself")] = 30.0,
     export_wait_s: Annotated[float, typer.Option(help="seconds to wait for a promoted version's export")] = 600.0,
+    promote: Annotated[bool, typer.Option(help="if the gate promotes no version (the tiny CPU student never earns "
+                                          "it), promote the newest by hand and export it to GGUF, so the last "
+                                          "stages run too (downloads llama.cpp's converter once, ~75 MB)")]
+    = False,
 ) -> None:
     """Run the whole flywheel on this machine: broker, worker, trainer, the example traffic, every stage live."""
     examples_path = examples_file or EXAMPLES_DIR / "experiences.jsonl"
@@ -494,7 +512,7 @@ def demo(
     with _sigterm_as_interrupt():
         try:
             exit_code = _run(state, examples_path, recorded_path, examples, publish_seconds, keep_running,
-                             timeout_s, sample_rate, window_s, summary_json, eval_wait_s, export_wait_s)
+                             timeout_s, sample_rate, window_s, summary_json, eval_wait_s, export_wait_s, promote)
         except KeyboardInterrupt:
             console.print("\n[yellow]interrupted: stopping everything the demo started…[/]")
             exit_code = 130
@@ -533,7 +551,7 @@ def _cleanup(state: DemoState, keep_running: bool) -> None:
 
 def _run(state: DemoState, examples_path: Path, recorded_path: Path, limit: int, publish_seconds: float,
          keep_running: bool, timeout_s: float, sample_rate: float, window_s: int, summary_json: Path | None,
-         eval_wait_s: float, export_wait_s: float) -> int:
+         eval_wait_s: float, export_wait_s: float, promote: bool) -> int:
     from streams.producer import Capture, CaptureSettings
     from streams.topics import ensure_topics
 
@@ -668,6 +686,8 @@ def _run(state: DemoState, examples_path: Path, recorded_path: Path, limit: int,
                                                 or (line != last_line and time.monotonic() >= next_line)):
                     next_line, last_line = time.monotonic() + 2.0, line
                     console.print(line)
+                if finished and promote and not state.forced and closer_env is not None:
+                    finished = not _force_promote(obs, state, closer_env, demo_dir)
             if live is not None:
                 live.update(display.renderable())
             if finished:
@@ -821,6 +841,29 @@ def _maybe_train_now(obs: Observed, expected_sampled: int, env: dict[str, str] |
     obs.notes_live.append(display_note)
 
 
+def _force_promote(obs: Observed, state: DemoState, env: dict[str, str], log_dir: Path) -> bool:
+    """``--promote``: when no version earned a promotion, promote the newest evaluated one by hand (``tier3 promote
+    --force``, as an operator would) and export it (``tier3 export``), so the last stages run too. True if it
+    started."""
+    if any(r.verdict == "promoted" for r in obs.runs.values()):
+        return False
+    evaluated = sorted((r for r in obs.runs.values() if "evaluated" in r.events), key=lambda r: r.first_ms)
+    if not evaluated:
+        return False
+    run = evaluated[-1]
+    state.forced = run.run_id
+    cli = [sys.executable, "-m", "streams.cli"]
+    script = (f"{shlex.join([*cli, 'promote', run.run_id, '--force', '--reason', 'tier3 demo --promote'])} && "
+              f"{shlex.join([*cli, 'export', run.run_id])}")
+    log_path = log_dir / f"promote-{_version(run)}.log"
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(["/bin/sh", "-c", script], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(REPO_ROOT))
+    state.closers[run.run_id] = Child(f"promote-{_version(run)}", proc, log_path)
+    obs.notes_live.append(f"--promote: promoting {_version(run)} by hand (`tier3 promote --force`) and exporting it")
+    return True
+
+
 def _start_closers(obs: Observed, closers: dict[str, Child], env: dict[str, str] | None, log_dir: Path,
                    eval_wait_s: float) -> None:
     """``tier3 close-loop RUN_ID`` (evaluation, the gate's verdict, export when promoted) for each run that
@@ -840,7 +883,11 @@ def _summary(obs: Observed, settings: KafkaSettings, run_name: str, demo_dir: Pa
     runs = sorted(obs.runs.values(), key=lambda r: r.first_ms)
     reports = [r.report for r in runs if r.report]
     notes = []
-    closed_by_demo = [_version(r) for r in runs if r.run_id in state.closers]
+    closed_by_demo = [_version(r) for r in runs if r.run_id in state.closers and r.run_id != state.forced]
+    if state.forced:
+        forced = obs.runs.get(state.forced)
+        notes.append(f"--promote: {_version(forced) if forced else state.forced} was promoted by hand "
+                     f"(`tier3 promote --force`), not by the gate; log: {state.closers[state.forced].log_path}")
     if closed_by_demo:
         notes.append(f"the trainer sent no evaluation for {', '.join(closed_by_demo)}: the demo ran "
                      "`tier3 close-loop RUN_ID` (evaluation, gate, export) itself")
@@ -875,7 +922,8 @@ def _summary(obs: Observed, settings: KafkaSettings, run_name: str, demo_dir: Pa
                     "committed": {str(p): o for p, o in sorted(obs.committed.items())},
                     "all_committed": bool(obs.traces_end) and obs.traces_committed == obs.traces_total},
         "runs": [{"run_id": r.run_id, "model_version": r.model_version, "events": r.events, "verdict": r.verdict,
-                  "metrics": r.metrics, "report": r.report, "reasons": r.reasons, "error": r.error} for r in runs],
+                  "metrics": r.metrics, "report": r.report, "reasons": r.reasons, "error": r.error,
+                  "gguf": r.exported, "ollama": r.ollama} for r in runs],
         "evaluation_report": reports[-1] if reports else None,
         "processes": [{"name": c.name, "pid": c.pid, "log": str(c.log_path)}
                       for c in [*state.children, *state.closers.values()]],
@@ -909,6 +957,8 @@ def _print_summary(s: dict[str, Any], obs: Observed) -> None:
         detail = ", ".join(f"{k} {v:.2f}" for k, v in m.items()) or (r["error"] or "")
         table.add_row(f"run {r['model_version'] if r['model_version'] is not None else '?'}",
                       r["verdict"] or r["events"][-1] if r["events"] else "-", detail)
+        if "exported" in r["events"]:
+            table.add_row("exported", str(len(r["gguf"])) + " GGUF", "\n".join([*r["gguf"], r["ollama"] or ""]))
     console.print(table)
     if s["result"] != "complete":
         console.print(f"[yellow]the pipeline did not finish: {s['result']}[/]")

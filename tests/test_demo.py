@@ -104,13 +104,17 @@ def test_demo_runs_the_whole_flywheel(kafka_bootstrap: str, tmp_path: Path) -> N
 
     # running it twice works: a fresh prefix, the same end state
     summary2 = tmp_path / "summary2.json"
-    rc2, out2 = _run_demo(_demo_env(kafka_bootstrap, tmp_path), summary2, examples=40)
+    # (with --promote: the tiny student never earns a promotion, so the newest is promoted by hand and exported)
+    rc2, out2 = _run_demo(_demo_env(kafka_bootstrap, tmp_path), summary2, "--promote", examples=40)
     s2 = orjson.loads(summary2.read_bytes())
     assert rc2 == 0, out2[-4000:]
     assert s2["topic_prefix"] != s["topic_prefix"]
     expected2 = {e.experience_id for e in examples[:40] if e.experience_id in expected}
     assert s2["traces"]["distinct"] == len(expected2) and s2["offsets"]["all_committed"]
     assert s2["runs"] and all(r["verdict"] for r in s2["runs"] if "succeeded" in r["events"])
+    exported = [r for r in s2["runs"] if "exported" in r["events"]]
+    assert len(exported) == 1 and exported[0]["verdict"] == "promoted", s2["runs"]
+    assert exported[0]["gguf"] and all(Path(f).stat().st_size > 0 for f in exported[0]["gguf"])
     assert not [p["pid"] for p in s2["processes"] if _alive(p["pid"])]
 
 
