@@ -220,6 +220,8 @@ class TrainerConsumer:
         self._uncommitted: list[RunManifest] = []
         self._committed: dict[int, int] = {}  # what this process committed, per partition
         self._awaiting_manifest = False
+        self._awaiting_since: dict[str, float] = {}  # run_id -> when we started waiting for its batch
+        self._recheck_at: dict[str, float] = {}  # run_id -> next look at the group's committed offsets
         self._last_check_mono = time.monotonic()
         self.last_check_ms = now_ms()
         self._next_status_mono = 0.0
@@ -619,14 +621,31 @@ class TrainerConsumer:
         for m in list(self._uncommitted):
             if not set(m.offsets) <= self.assigned:
                 continue  # not (all) ours now; another trainer of the group may own the rest
+            # Where each partition of the manifest stands here: the first offset read since the last commit, or,
+            # with nothing read yet, the position the fetcher starts from (the group's committed offset)
             firsts = {p: self.pending.first_offset(p) for p in m.offsets}
-            if any(f is not None and f != m.offsets[p].start for p, f in firsts.items()):
-                log.info("run %s: the log moved on from its offsets; the manifest is stale", m.run_id)
+            moved = {p for p, f in firsts.items() if f is not None and f != m.offsets[p].start}
+            idle = [p for p, f in firsts.items() if f is None]
+            if idle and time.monotonic() >= self._recheck_at.get(m.run_id, 0.0):
+                # nothing read there yet: has the group committed past the start? (at most once a second: it asks
+                # the broker; a committed offset below the start is fine, the batch's messages are on their way)
+                self._recheck_at[m.run_id] = time.monotonic() + 1.0
+                tps = self.consumer.committed([TopicPartition(self.topic, p) for p in idle],
+                                              timeout=self.s.tier3_trainer_commit_timeout_s)
+                moved |= {tp.partition for tp in tps if tp.offset >= 0 and tp.offset > m.offsets[tp.partition].start}
+            waited_s = time.monotonic() - self._awaiting_since.setdefault(m.run_id, time.monotonic())
+            if moved or waited_s > self.s.tier3_trainer_commit_timeout_s:
+                # someone committed past its start (another trainer of the group took a partition over), or its
+                # batch does not come back: it can no longer be committed as recorded; its traces train again
+                log.info("run %s: the log moved on from its offsets (partitions %s, waited %.0f s); the manifest "
+                         "is stale", m.run_id, sorted(moved), waited_s)
                 self._uncommitted.remove(m)
+                self._awaiting_since.pop(m.run_id, None)
                 continue
             if not all((self.pending.next_offset(p) or -1) >= r.end for p, r in m.offsets.items()):
                 self._awaiting_manifest = True  # do not start a run that would train part of it again
                 continue
+            self._awaiting_since.pop(m.run_id, None)
             self._lost_since_batch.clear()
             try:
                 commit_recognised(m, self._context())

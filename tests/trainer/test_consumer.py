@@ -116,7 +116,7 @@ def test_a_full_run_trains_the_tiny_model_and_commits_exactly_what_it_read(
 @pytest.mark.chaos
 def test_training_raises_nothing_is_committed_and_the_same_traces_come_back(
         make_settings: Callable[..., Any], tiny_model: Path) -> None:
-    s = trainer_settings(make_settings, tier3_min_traces=12, tier3_trainer_backoff_initial_s=3.0)
+    s = trainer_settings(make_settings, tier3_min_traces=12, tier3_trainer_backoff_initial_s=5.0)
     produce_traces(s, synthetic_traces(12, seed=2))
     ends = end_offsets(s)
     calls: list[BuiltDataset] = []
