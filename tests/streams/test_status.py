@@ -1,0 +1,61 @@
+"""/status and /metrics built from a WorkerState, without Faust: the agreed JSON shape and the router hook."""
+
+from __future__ import annotations
+
+import time
+
+from schemas import TrainingRun
+from streams.app import STATUS_BLOCKS, WorkerState, metrics_text
+from streams.settings import StreamsSettings
+from streams.teachers import RecordedTeacher
+
+SHAPE = {"app", "worker_id", "uptime_s", "counts", "windows", "lag", "teacher", "dead_letters", "trainer", "router"}
+
+
+def state(tmp_path) -> WorkerState:  # type: ignore[no-untyped-def]
+    rec = tmp_path / "rec.jsonl"
+    rec.write_text("")
+    s = StreamsSettings(tier3_teacher="recorded", tier3_teacher_recorded_path=rec, tier3_worker_id="w9",
+                        openai_api_key="sk-should-never-show")
+    return WorkerState(s, RecordedTeacher(rec, model="rec-model"))
+
+
+def test_status_shape_and_metrics(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    st = state(tmp_path)
+    st.counts.update(consumed=10, sampled=4, enriched=3, dead_lettered=1, not_sampled=6)
+    st.dead_by_reason["not_json"] += 1
+    st.teacher_stats.calls, st.teacher_stats.errors = 5, 1
+    st.teacher_stats.latencies_ms.extend([10.0, 20.0, 30.0, 40.0])
+    st.lag = lambda: {"0": 2, "1": 0}
+    st.windows = lambda: {"size_s": 1800, "current": {"start_ms": 0, "end_ms": 1_800_000,
+                                                      "by_task": {"widget_selector": 3}}, "recent": []}
+    now = int(time.time() * 1000)
+    st.trainer.apply(TrainingRun(run_id="trainer", event="heartbeat", at_ms=now, training_in_progress=False,
+                                 last_check_time_ms=now, check_interval_s=1800.0, next_check_in_s=60.0))
+    out = st.status()
+    assert set(out) == SHAPE
+    assert out["counts"] == {"consumed": 10, "sampled": 4, "enriched": 3, "dead_lettered": 1, "not_sampled": 6}
+    assert out["teacher"] == {"kind": "recorded", "model": "rec-model", "in_flight": 0, "calls": 5, "errors": 1,
+                              "error_rate": 0.2, "latency_ms_p50": 30.0, "latency_ms_p95": 40.0}
+    assert out["dead_letters"] == {"count": 1, "by_reason": {"not_json": 1}}
+    assert out["trainer"]["tier3_sft"]["training_in_progress"] is False
+    assert set(out["router"]) == {"mode", "promoted_version", "arms"}
+    text = metrics_text(out)
+    assert 'tier3_worker_enriched_total{worker_id="w9"} 3' in text
+    assert 'tier3_worker_consumer_lag{worker_id="w9",partition="0"} 2' in text
+    assert 'tier3_teacher_error_rate{worker_id="w9",kind="recorded",model="rec-model"} 0.2' in text
+    assert 'tier3_trainer_training_in_progress{worker_id="w9"} 0' in text
+    assert "sk-should-never-show" not in text and "sk-should-never-show" not in str(out)
+
+
+def test_status_blocks_extend_and_replace(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    st = state(tmp_path)
+    STATUS_BLOCKS["router"] = lambda: {"mode": "ab", "promoted_version": 2, "arms": {}}
+    STATUS_BLOCKS["broken"] = lambda: 1 / 0  # type: ignore[assignment]
+    try:
+        out = st.status()
+        assert out["router"]["mode"] == "ab"
+        assert out["broken"] == {"error": "ZeroDivisionError"}  # an extension never takes /status down
+    finally:
+        STATUS_BLOCKS.pop("router")
+        STATUS_BLOCKS.pop("broken")
