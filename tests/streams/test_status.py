@@ -51,7 +51,7 @@ def test_status_shape_and_metrics(tmp_path) -> None:  # type: ignore[no-untyped-
 def test_status_blocks_extend_and_replace(tmp_path) -> None:  # type: ignore[no-untyped-def]
     st = state(tmp_path)
     STATUS_BLOCKS["router"] = lambda: {"mode": "ab", "promoted_version": 2, "arms": {}}
-    STATUS_BLOCKS["broken"] = lambda: 1 / 0  # type: ignore[assignment]
+    STATUS_BLOCKS["broken"] = lambda: 1 / 0  # type: ignore[assignment,return-value]
     try:
         out = st.status()
         assert out["router"]["mode"] == "ab"
