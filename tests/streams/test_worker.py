@@ -209,3 +209,21 @@ def test_two_workers_share_partitions(streams_settings: Callable[..., StreamsSet
     traces = consume_values(s, s.traces_topic, 400, 30)
     ids = [decode(m.value() or b"", EnrichedTrace).experience_id for m in traces]
     assert len(ids) == 400 and set(ids) == {e.experience_id for e in exps}
+
+
+def test_anthropic_teacher_end_to_end(streams_settings: Callable[..., StreamsSettings],
+                                      start_worker: Callable[..., WorkerProcess],
+                                      teacher_server: FakeTeacherServer) -> None:
+    s = streams_settings(tier3_teacher="anthropic", tier3_teacher_base_url=teacher_server.url,
+                         anthropic_api_key=API_KEY, openai_api_key=None)
+    exps = [make_experience(i, 0.95, prefix="claude") for i in range(30)]
+    produce_values(s, s.experiences_topic, as_records(exps))
+    w = start_worker(s)
+    w.wait_ready()
+    w.wait_for(lambda st: st["counts"]["enriched"] == 30, 60)
+    traces = [decode(m.value() or b"", EnrichedTrace) for m in consume_values(s, s.traces_topic, 30, 30)]
+    assert {t.experience_id for t in traces} == {e.experience_id for e in exps}
+    assert all(t.teacher.kind == "anthropic" and t.teacher.input_tokens for t in traces)
+    assert teacher_server.counters["anthropic:ok"] == 30 and API_KEY in teacher_server.keys_seen
+    w.stop()
+    assert API_KEY not in w.log_text()
