@@ -320,3 +320,56 @@ def test_dashboard_shows_known_counts_without_console_errors(tmp_path: Path) -> 
     assert second["dead"]["total"] == "20" and second["dead"]["bars"]["not_json"] == 12
     assert second["windows"]["current"] == "124" and second["windows"]["bars"][-1] == [T0_MS + 3 * WINDOW_MS, 124]
     assert second["runs"]["runs"] == "4"
+
+
+# --- the page as the real worker serves it ----------------------------------------------------------------------
+
+def test_dashboard_served_by_a_real_worker(make_settings: Any, tmp_path: Path) -> None:
+    """`tier3 worker` (recorded teacher) serves the page at / and its /status: after 60 example experiences and 3
+    poison messages the charts show the worker's own counts, with no console errors."""
+    from schemas import Experience, decode
+    from streams.app import changelog_spec
+    from streams.sampling import sample_reason
+    from streams.settings import StreamsSettings
+    from streams.topics import ensure_topics
+    from tests.conftest import settings_env
+    from tests.kafka_utils import produce_values
+    from tests.streams.helpers import WorkerProcess
+
+    examples_dir = ROOT / "examples" / "widget_selector"
+    settings = make_settings(StreamsSettings, tier3_teacher="recorded",
+                             tier3_teacher_recorded_path=examples_dir / "recorded_teacher.jsonl",
+                             tier3_commit_interval_s=0.5)
+    ensure_topics(settings, [changelog_spec(settings)])
+    lines = (examples_dir / "experiences.jsonl").read_bytes().splitlines()[:60]
+    exps = [decode(line, Experience) for line in lines]
+    sampled = sum(sample_reason(e.experience_id, e.confidence) is not None for e in exps)
+    worker = WorkerProcess(settings_env(settings), tmp_path / "worker.log")
+    try:
+        worker.wait_ready()
+        records = [(e.experience_id.encode(), line) for e, line in zip(exps, lines, strict=True)]
+        produce_values(settings, settings.experiences_topic,
+                       [*records, (b"p1", b"not json"), (b"p2", b"[1, 2]"), (b"p3", b'{"schema_version": 99}')])
+        status = worker.wait_for(lambda st: st["counts"]["consumed"] == 63 and st["counts"]["enriched"] == sampled
+                                 and st["counts"]["dead_lettered"] == 3, timeout_s=90)
+
+        async def look() -> tuple[dict[str, Any], list[str]]:
+            async with chromium(tmp_path) as browser:
+                await browser.send("Page.navigate", url=f"{worker.url}/?interval_s=0.5")
+                await browser.wait_for("document.body && Number(document.body.dataset.refreshes) >= 2")
+                snap = await browser.eval(SNAPSHOT_JS)
+                await asyncio.sleep(0.3)
+                return snap, list(browser.errors)
+
+        snap, errors = asyncio.run(look())
+    finally:
+        worker.stop()
+    assert errors == []
+    assert snap["state"] == "ok"
+    counts = status["counts"]
+    for k in ("consumed", "sampled", "enriched", "dead_lettered", "not_sampled"):
+        assert snap["tiles"][k] == str(counts[k]), k
+    assert snap["windows"]["total"] == str(sampled)  # every enriched trace counted in a window
+    assert snap["dead"]["total"] == "3" and sum(snap["dead"]["bars"].values()) == 3
+    assert len(snap["lag"]["bars"]) == settings.tier3_partitions
+    assert "recorded" in snap["header"]
