@@ -633,7 +633,7 @@ class TrainerConsumer:
                 tps = self.consumer.committed([TopicPartition(self.topic, p) for p in idle],
                                               timeout=self.s.tier3_trainer_commit_timeout_s)
                 moved |= {tp.partition for tp in tps if tp.offset >= 0 and tp.offset > m.offsets[tp.partition].start}
-            waited_s = time.monotonic() - self._awaiting_since.setdefault(m.run_id, time.monotonic())
+            waited_s = max(0.0, time.monotonic() - self._awaiting_since.setdefault(m.run_id, time.monotonic()))
             if moved or waited_s > self.s.tier3_trainer_commit_timeout_s:
                 # someone committed past its start (another trainer of the group took a partition over), or its
                 # batch does not come back: it can no longer be committed as recorded; its traces train again
