@@ -38,7 +38,7 @@ from typing import Annotated, Any
 import httpx
 import orjson
 import typer
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
@@ -47,6 +47,7 @@ from rich.table import Table
 from schemas import DeadLetter, EnrichedTrace, Experience, TrainingRun, decode
 from schemas.errors import SchemaError
 from schemas.settings import KafkaSettings
+from streams.errors import StreamsError
 from streams.sampling import sample_reason
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -580,10 +581,18 @@ def _run(state: DemoState, examples_path: Path, recorded_path: Path, limit: int,
         else:
             state.started_broker = True  # before up(): a Ctrl-C while it starts must still stop it
             with console.status("starting the local Kafka broker (the first time resolves its jars with Maven)…"):
-                st = broker_mod.up(state.broker_settings)
+                try:
+                    st = broker_mod.up(state.broker_settings)
+                except StreamsError as exc:
+                    raise DemoError(f"the local broker did not start: {exc}") from None
             console.print(f"Kafka {st.version}: started a local broker at [bold]{st.bootstrap}[/]")
         settings = settings.model_copy(update={"kafka_bootstrap_servers": st.bootstrap})
-    ensure_topics(settings)
+    try:
+        ensure_topics(settings)
+    except (KafkaException, StreamsError) as exc:
+        raise DemoError(f"cannot create the topics on {settings.kafka_bootstrap_servers}: {exc}. Check "
+                        "KAFKA_BOOTSTRAP_SERVERS (and its SASL/SSL settings), or unset it to let the demo run the "
+                        "local broker") from None
     console.print(f"topics: [bold]{prefix}[/]{{experiences, enriched-traces, dead-letters, training-runs}}")
 
     # which experiences the worker will sample: the same pure function it uses
