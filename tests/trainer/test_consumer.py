@@ -107,6 +107,16 @@ def test_a_full_run_trains_the_tiny_model_and_commits_exactly_what_it_read(
     train_ids = {r["experience_id"] for r in read_jsonl(run_dir / m.dataset.train_path)}
     assert len(train_ids) == m.dataset.n_train
     assert not train_ids & set(m.holdout_ids), "a holdout id was in the training file"
+    # the committed model is a trained LoRA adapter (lora_B starts at zero) that loads and generates
+    from safetensors.torch import load_file
+
+    from trainer.sft_trainer import generate, load_student
+
+    weights = load_file(str(run_dir / m.adapter_dir / "adapter_model.safetensors"))
+    assert any("lora_B" in k and t.abs().sum() > 0 for k, t in weights.items())
+    model, tok = load_student(run_dir / m.adapter_dir)
+    text, _n, _latency_s = generate(model, tok, [{"role": "user", "content": "Show me CPU for checkout."}], 8)
+    assert isinstance(text, str)
     assert [e for e, _ in lifecycle(s)] == ["started", "succeeded"]
     beats = [e for e in events(s) if e.event == "heartbeat"]
     assert beats and beats[0].check_interval_s == s.tier3_check_interval_s
