@@ -58,7 +58,7 @@ def known_status() -> dict[str, Any]:
                     "errors": 15, "error_rate": 0.0417, "latency_ms_p50": 12.5, "latency_ms_p95": 48.0},
         "dead_letters": {"count": 17, "by_reason": {"not_json": 9, "invalid": 5, "teacher_invalid_answer": 3}},
         "trainer": {
-            "tier3_sft": {"training_in_progress": False, "last_check_time": T0_MS + 3 * WINDOW_MS,
+            "tier3_sft": {"training_in_progress": False, "last_check_time": (T0_MS + 3 * WINDOW_MS) / 1000,
                           "check_interval_s": 1800, "next_check_in_s": 600},
             "runs": [
                 {"run_id": "run-a", "event": "started", "at_ms": T0_MS + 1000, "model_version": None, "metrics": {}},
@@ -313,6 +313,7 @@ def test_dashboard_shows_known_counts_without_console_errors(tmp_path: Path) -> 
     # router and trainer
     assert first["router"] == [["teacher", "700", "0.81", "0.70", "900"], ["student", "300", "0.74", "0.66", "80"]]
     assert "no" in first["trainer"] and "30 min" in first["trainer"] and "10 min" in first["trainer"]
+    assert "2026" in first["trainer"]  # last_check_time is epoch seconds (the original system's block)
     assert "worker-test-1" in first["header"] and "recorded" in first["header"]
 
     # after /status changed
