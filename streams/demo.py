@@ -276,7 +276,8 @@ class Monitor(threading.Thread):
                 for msg in consumer.consume(500, timeout=0.2):
                     err = msg.error()
                     if err is not None:
-                        if err.code() != KafkaError._PARTITION_EOF:
+                        # transient ones (a broker reconnect) are the client's business; report what is not
+                        if err.code() != KafkaError._PARTITION_EOF and not err.retriable():
                             self._error(f"monitor: {err}")
                         continue
                     self._apply(msg.topic() or "", msg.value() or b"")
