@@ -228,6 +228,8 @@ class TrainerConsumer:
         self._started = False
         self._closed = False
         self._closing = False
+        self.events.status = lambda: {"last_check_time_ms": self.last_check_ms,
+                                      "next_check_in_s": self.next_check_in_s()}
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def start(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import KafkaError, Message, Producer
@@ -35,6 +36,9 @@ class TrainerEvents:
         self._producer = Producer({**settings.client_config(), **RELIABLE_PRODUCER, "linger.ms": 5,
                                    "client.id": f"tier3-trainer-events-{settings.tier3_trainer_group}"})
         self._errors: list[str] = []
+        #: the trainer's check times, added to started/succeeded/failed too: a reader that keeps the latest event
+        #: with ``training_in_progress`` as the trainer's status then always has them
+        self.status: Callable[[], dict[str, Any]] | None = None
 
     # -- plumbing -----------------------------------------------------------------------------------------
     def _on_delivery(self, err: KafkaError | None, _msg: Message) -> None:
@@ -54,6 +58,14 @@ class TrainerEvents:
     def publish(self, run: TrainingRun) -> None:
         self._send(self.topic, run.run_id, encode(run))
 
+    def _check_fields(self) -> dict[str, Any]:
+        if self.status is None:
+            return {}
+        st = self.status()
+        return {"last_check_time_ms": st["last_check_time_ms"],
+                "check_interval_s": self.settings.tier3_check_interval_s,
+                "next_check_in_s": round(max(0.0, st["next_check_in_s"]), 3)}
+
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait for every event to be acknowledged; False if one failed or the wait timed out."""
         left = self._producer.flush(timeout_s if timeout_s is not None
@@ -69,18 +81,21 @@ class TrainerEvents:
     def started(self, run_id: str, *, model_version: int, base_model: str, details: dict[str, Any]) -> None:
         self.publish(TrainingRun(run_id=run_id, event="started", at_ms=now_ms(),
                                  model_name=self.settings.tier3_student_name, model_version=model_version,
-                                 base_model=base_model, training_in_progress=True, details=details))
+                                 base_model=base_model, training_in_progress=True, details=details,
+                                 **self._check_fields()))
 
     def succeeded(self, run_id: str, *, model_version: int, base_model: str, details: dict[str, Any]) -> None:
         self.publish(TrainingRun(run_id=run_id, event="succeeded", at_ms=now_ms(),
                                  model_name=self.settings.tier3_student_name, model_version=model_version,
-                                 base_model=base_model, training_in_progress=False, details=details))
+                                 base_model=base_model, training_in_progress=False, details=details,
+                                 **self._check_fields()))
 
     def failed(self, run_id: str, *, model_version: int | None, base_model: str | None,
                details: dict[str, Any]) -> None:
         self.publish(TrainingRun(run_id=run_id, event="failed", at_ms=now_ms(),
                                  model_name=self.settings.tier3_student_name, model_version=model_version,
-                                 base_model=base_model, training_in_progress=False, details=details))
+                                 base_model=base_model, training_in_progress=False, details=details,
+                                 **self._check_fields()))
 
     def heartbeat(self, *, training_in_progress: bool, last_check_time_ms: int, next_check_in_s: float,
                   details: dict[str, Any]) -> None:

@@ -143,6 +143,8 @@ def test_training_raises_nothing_is_committed_and_the_same_traces_come_back(
     watcher.join(60)
 
     assert seen["failed"].details["retryable"] is True
+    # lifecycle events carry the check times too, so /status stays complete between heartbeats
+    assert seen["failed"].check_interval_s == s.tier3_check_interval_s and seen["failed"].next_check_in_s is not None
     assert "injected" in seen["failed"].details["error"]
     assert set(seen["committed_after_failure"].values()) == {INVALID}, "a failed run committed offsets"
     assert stats.runs_failed == 1 and stats.runs_succeeded == 1
