@@ -22,7 +22,7 @@ from tests.trainer.trainer_kafka import (
 from trainer.consumer import TrainerConsumer
 from trainer.dataset import BuiltDataset, read_jsonl
 from trainer.errors import TrainingFailed
-from trainer.manifest import find_manifest
+from trainer.manifest import find_manifest, list_manifests
 from trainer.sft_config import SFTConfig
 from trainer.synthetic import synthetic_traces
 from trainer.tiny_model import cached_tiny_model
@@ -219,23 +219,23 @@ def test_a_run_longer_than_max_poll_interval_keeps_the_group(make_settings: Call
 
 
 @pytest.mark.slow
-def test_the_close_loop_hooks_evaluate_before_the_manifest_and_gate_after_the_commit(
-        make_settings: Callable[..., Any], tiny_model: Path) -> None:
-    from trainer.close_loop_settings import CloseLoopSettings
-    from trainer.evaluate import evaluation_hook
-    from trainer.gate import after_run
+def test_tier3_trainer_closes_the_loop_evaluate_before_the_manifest_gate_after_the_commit(
+        make_settings: Callable[..., Any], tiny_model: Path, tmp_path: Path) -> None:
+    """The command as users run it (TIER3_TRAINER_CLOSE_LOOP defaults to on), in a subprocess."""
+    from tests.trainer.trainer_kafka import start_trainer, stop
 
     s = trainer_settings(make_settings, tier3_min_traces=20)
-    loop = CloseLoopSettings(kafka_bootstrap_servers=s.kafka_bootstrap_servers, tier3_topic_prefix=s.tier3_topic_prefix,
-                             tier3_data_dir=s.tier3_data_dir, tier3_partitions=s.tier3_partitions,
-                             tier3_auto_export=False, tier3_eval_max_new_tokens=24)
-    assert loop.runs_dir == s.runs_dir
     produce_traces(s, synthetic_traces(20, seed=9))
-    tc = TrainerConsumer(s, sft_config(tiny_model, tier3_holdout_fraction=0.3, tier3_phases="answer:1"),
-                         evaluate=evaluation_hook(loop), after_success=lambda m: after_run(loop, m.run_id))
-    stats = tc.run(max_runs=1, timeout_s=180)
-    m = find_manifest(s.runs_dir, stats.last_run_id or "")
-    assert m.dataset.n_holdout > 0 and "json_valid_rate" in str(m.metrics["evaluation"])
+    log = tmp_path / "trainer.log"
+    proc = start_trainer(s, sft_config(tiny_model, tier3_holdout_fraction=0.3, tier3_phases="answer:1"), log,
+                         max_runs=1, tier3_trainer_close_loop="true", tier3_auto_export="false",
+                         tier3_eval_max_new_tokens=24)
+    try:
+        assert proc.wait(180) == 0, log.read_text()[-3000:]
+    finally:
+        stop(proc)
+    (m,) = list_manifests(s.runs_dir)
+    assert m.dataset.n_holdout > 0 and "json_valid_rate" in m.metrics["evaluation"]
     kinds = [e for e, _ in lifecycle(s)]
     assert kinds[:3] == ["started", "succeeded", "evaluated"] and kinds[3] in ("promoted", "rejected")
 
