@@ -21,6 +21,7 @@ What it does, in order:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shlex
 import signal
@@ -163,12 +164,32 @@ class Child:
             return ""
 
 
-def start_child(name: str, args: list[str], env: dict[str, str], log_dir: Path) -> Child:
+def _die_with_parent() -> Any:
+    """A ``preexec_fn`` that makes the child get SIGTERM when the demo dies, even by SIGKILL (Linux prctl
+    PR_SET_PDEATHSIG); None elsewhere. libc is loaded here, in the parent, so the child only makes the call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig, sigterm = 1, int(signal.SIGTERM)
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, sigterm)
+
+    return preexec
+
+
+def start_child(name: str, args: list[str], env: dict[str, str], log_dir: Path, *, keep_running: bool = False
+                ) -> Child:
+    """``python -m streams.cli ARGS`` in its own session (Ctrl-C reaches the demo, which stops it in order); unless
+    it is to outlive the demo (``--keep-running``), it also stops if the demo is killed outright."""
     log_path = log_dir / f"{name}.log"
     log = log_path.open("ab")
     proc = subprocess.Popen([sys.executable, "-m", "streams.cli", *args], env=env, stdout=log,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                            cwd=str(REPO_ROOT))
+                            cwd=str(REPO_ROOT), preexec_fn=None if keep_running else _die_with_parent())
     log.close()  # the child holds its own descriptor
     return Child(name, proc, log_path)
 
@@ -469,18 +490,28 @@ class DemoState:
     monitor: Monitor | None = None
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # a CI runner stopping the job; the terminal closing
+
+
 @contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (e.g. from a CI runner) stops the demo like Ctrl-C does."""
+def _stop_signals_as_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP stop the demo like Ctrl-C does: everything it started is stopped."""
 
     def handler(_signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt
 
-    old = signal.signal(signal.SIGTERM, handler)
+    old = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def _say(text: str) -> None:
+    """Print, unless the terminal is gone (SIGHUP): stopping the processes matters more than saying so."""
+    with contextlib.suppress(OSError, ValueError):
+        console.print(text)
 
 
 def demo(
@@ -511,25 +542,26 @@ def demo(
     recorded_path = recorded_teacher or EXAMPLES_DIR / "recorded_teacher.jsonl"
     state = DemoState()
     exit_code = 0
-    with _sigterm_as_interrupt():
+    completed = False  # only a demo that ran to its summary may leave things running (--keep-running)
+    with _stop_signals_as_interrupt():
         try:
             exit_code = _run(state, examples_path, recorded_path, examples, publish_seconds, keep_running,
                              timeout_s, sample_rate, window_s, summary_json, eval_wait_s, export_wait_s, promote)
+            completed = True
         except KeyboardInterrupt:
-            console.print("\n[yellow]interrupted: stopping everything the demo started…[/]")
+            _say("\n[yellow]interrupted: stopping everything the demo started…[/]")
             exit_code = 130
-            keep_running = False
         except DemoError as exc:
-            console.print(f"[bold red]demo failed:[/] {exc}")
+            _say(f"[bold red]demo failed:[/] {exc}")
             exit_code = 1
-            keep_running = False
         finally:
-            # a second Ctrl-C must not leave half-stopped processes behind: ignore it while cleaning up
-            old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            # a second Ctrl-C (or SIGTERM) must not leave half-stopped processes behind: ignore them meanwhile
+            old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, *STOP_SIGNALS)}
             try:
-                _cleanup(state, keep_running)
+                _cleanup(state, keep_running and completed)
             finally:
-                signal.signal(signal.SIGINT, old)
+                for sig, h in old.items():
+                    signal.signal(sig, h)
     if exit_code:
         raise typer.Exit(exit_code)
 
@@ -542,12 +574,12 @@ def _cleanup(state: DemoState, keep_running: bool) -> None:
         return
     for child in [*state.oneshots, *state.closers.values(), *reversed(state.children)]:  # trainer before worker
         if child.alive():
-            console.print(f"stopping {child.name} (pid {child.pid})")
+            _say(f"stopping {child.name} (pid {child.pid})")
         child.stop()
     if state.started_broker:
         from streams import broker as broker_mod
 
-        console.print("stopping the local broker the demo started")
+        _say("stopping the local broker the demo started")
         broker_mod.down(state.broker_settings)
 
 
@@ -624,7 +656,7 @@ def _run(state: DemoState, examples_path: Path, recorded_path: Path, limit: int,
                       "TIER3_WEB_HOST": "127.0.0.1", "TIER3_WEB_PORT": str(web_port),
                       "TIER3_WORKER_ID": f"{run_name}-worker", "TIER3_SAMPLE_RATE": str(sample_rate),
                       "TIER3_WINDOW_S": str(window_s), "TIER3_RECENT_WINDOWS": "40"}
-        state.children.append(start_child("worker", ["worker"], worker_env, demo_dir))
+        state.children.append(start_child("worker", ["worker"], worker_env, demo_dir, keep_running=keep_running))
     if have_trainer:
         assert student is not None
         # Two runs in a typical demo, so the flywheel shows two model versions: the first by count when just over
@@ -641,7 +673,7 @@ def _run(state: DemoState, examples_path: Path, recorded_path: Path, limit: int,
                        "TIER3_CHECK_INTERVAL_S": str(publish_seconds + 90.0),
                        "TIER3_TRAINER_STATUS_INTERVAL_S": "1", "TIER3_TRAINER_BACKOFF_INITIAL_S": "2",
                        "TIER3_TRAINER_BACKOFF_MAX_S": "10"}
-        state.children.append(start_child("trainer", ["trainer"], trainer_env, demo_dir))
+        state.children.append(start_child("trainer", ["trainer"], trainer_env, demo_dir, keep_running=keep_running))
         if "close-loop" in commands:
             closer_env = trainer_env
         if "train-now" in commands:
@@ -792,7 +824,8 @@ def _finished(obs: Observed, all_published: bool, delivered: int, n: int, expect
         return False, ""
     if not have_trainer:
         return True, "complete"
-    if obs.traces_total == 0 or obs.traces_committed < obs.traces_total:
+    # (the offsets probe runs every second: until it has seen every trace the consumer read, it is stale)
+    if obs.traces_total == 0 or obs.traces_total < obs.trace_messages or obs.traces_committed < obs.traces_total:
         return False, ""
     if any(_run_pending(r, closers.get(r.run_id), eval_wait_s, export_wait_s) for r in obs.runs.values()):
         return False, ""
@@ -834,6 +867,8 @@ def _maybe_train_now(obs: Observed, expected_sampled: int, env: dict[str, str] |
     if env is None or len(obs.trace_ids) + obs.dead_letters < expected_sampled:
         return
     total = obs.traces_total
+    if total < obs.trace_messages:  # the offsets probe (every second) has not caught up with the consumer yet
+        return
     if total == 0 or obs.traces_committed >= total or total in requested:
         return
     hb = obs.heartbeat
