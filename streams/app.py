@@ -42,6 +42,10 @@ RECENT_RUNS = 20
 STATUS_BLOCKS: dict[str, Callable[[], dict[str, Any]]] = {}
 #: callables run when the app is built: ``hook(app, settings, state)``; they may add agents, timers, pages
 APP_HOOKS: list[Callable[[faust.App, StreamsSettings, WorkerState], None]] = []
+#: called by the experiences agent with every valid experience and its partition, inside that event's context
+#: (so a Faust table written here is co-partitioned with the experiences topic). A second agent on the same
+#: topic would share the messages' acknowledgements with the main agent and hold up its shutdown.
+EXPERIENCE_OBSERVERS: list[Callable[[Any, int], None]] = []
 
 
 def _placeholder_router() -> dict[str, Any]:
@@ -357,7 +361,7 @@ async def _process(app: faust.App, stream: StreamT, settings: StreamsSettings, s
             source = Source(msg.topic, msg.partition, msg.offset, msg.key)
             counts["consumed"] += 1
             try:
-                decision = triage(raw, source, settings)
+                decision = triage(raw, source, settings, EXPERIENCE_OBSERVERS)
             except Exception as exc:  # a bug must not stop the stream: dead-letter the message, say why
                 log.exception("triage failed for %s/%s/%s", msg.topic, msg.partition, msg.offset)
                 decision = dead_letter(raw, source, stage="decode", error_kind="internal",

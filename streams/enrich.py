@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import random
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +34,8 @@ from streams.errors import InvalidTeacherOutput, TeacherConfigError, TeacherErro
 from streams.sampling import SampleReason, sample_reason
 from streams.settings import StreamsSettings
 from streams.teachers import Teacher, TeacherReply
+
+log = logging.getLogger("tier3.enrich")
 
 
 def now_ms() -> int:
@@ -90,15 +94,22 @@ def dead_letter(raw: bytes, source: Source, *, stage: DeadLetterStage, error_kin
         original_b64=base64.b64encode(raw).decode(), experience_id=experience_id, attempts=attempts)
 
 
-def triage(raw: bytes, source: Source, settings: StreamsSettings) -> ToEnrich | DeadLetter | None:
+def triage(raw: bytes, source: Source, settings: StreamsSettings,
+           observers: Sequence[Callable[[Experience, int], None]] = ()) -> ToEnrich | DeadLetter | None:
     """Decode, validate and sample one message: a ToEnrich, a DeadLetter (bad input), or None (not sampled).
 
-    Never raises on bad bytes: every SchemaError becomes a dead letter with the original bytes.
+    Never raises on bad bytes: every SchemaError becomes a dead letter with the original bytes. ``observers``
+    see every valid experience, sampled or not (e.g. the router's per-arm statistics), with its partition.
     """
     try:
         exp = decode(raw, Experience, max_bytes=settings.tier3_max_message_bytes)
     except SchemaError as exc:
         return dead_letter(raw, source, stage="decode", error_kind=exc.kind, reason=str(exc))
+    for observe in observers:
+        try:
+            observe(exp, source.partition)
+        except Exception:  # statistics are display-only: never let them dead-letter a valid experience
+            log.exception("experience observer %r failed", observe)
     try:
         task = get_task(exp.task)
     except SchemaError as exc:

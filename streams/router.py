@@ -460,18 +460,12 @@ def install_router_stats(app: faust.App, settings: StreamsSettings, state: Any) 
     ensure_topics(settings, [_changelog_spec(changelog, settings.tier3_partitions)])
     # values are plain dicts of sums, stored with the app's default (json) serializer
     table = app.Table(ARM_TABLE, default=dict, partitions=settings.tier3_partitions, key_type=str)
-    experiences = app.topic(settings.experiences_topic, partitions=settings.tier3_partitions, key_type=bytes,
-                            value_type=bytes, key_serializer="raw", value_serializer="raw")
+    def observe(exp: Experience, partition: int) -> None:
+        # runs inside the experiences agent's current event: the table write lands on the same partition
+        key = arm_key(exp, partition)
+        table[key] = add_experience(table[key], exp)
 
-    @app.agent(experiences, name="tier3_router_arm_stats")
-    async def router_arm_stats(stream: Any) -> None:
-        async for event in stream.events():
-            try:
-                exp = decode(event.value or b"", Experience, max_bytes=settings.tier3_max_message_bytes)
-            except SchemaError:
-                continue  # the main agent dead-letters it; statistics just skip it
-            key = arm_key(exp, event.message.partition)
-            table[key] = add_experience(table[key], exp)
+    app_mod.EXPERIENCE_OBSERVERS.append(observe)
 
     # the worker already follows training-runs for its trainer block: see every event there too
     trainer_view = getattr(state, "trainer", None)

@@ -17,7 +17,8 @@ def worker(
     import faust
     from pydantic import ValidationError
 
-    from streams.app import changelog_spec, create_app
+    from streams import router
+    from streams.app import APP_HOOKS, changelog_spec, create_app
     from streams.errors import StreamsError
     from streams.settings import StreamsSettings
     from streams.topics import ensure_topics
@@ -34,6 +35,8 @@ def worker(
         # every topic, the table's changelog included, exists before Faust starts (it will not consume a
         # topic that did not exist at start, and a changelog must have the source's partition count)
         ensure_topics(settings, [*settings.topic_specs(), changelog_spec(settings)])
+        if router.install_router_stats not in APP_HOOKS:
+            APP_HOOKS.append(router.install_router_stats)  # per-arm table and the /status router block
         app, _state = create_app(settings)
     except ValidationError as exc:
         typer.echo(f"error: invalid settings:\n{exc}", err=True)
