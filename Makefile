@@ -20,7 +20,7 @@ demo: setup
 	$(BIN)/tier3 demo
 
 lint: setup
-	$(BIN)/ruff check schemas streams trainer tests bench examples
+	$(BIN)/ruff check schemas streams trainer tests bench examples docs
 
 typecheck: setup
 	$(BIN)/mypy
