@@ -4,7 +4,7 @@ A tiny aiohttp server on 127.0.0.1 serves the page and a ``/status`` JSON with k
 worker serves); chromium is driven over the Chrome DevTools protocol (a websocket, with aiohttp's client: no
 extra driver). The test asserts that the page loads with no console errors or uncaught exceptions, that every
 chart shows the known counts (data attributes and the text drawn in the SVG), and that it follows /status when
-the counts change. ``.ci/install_browser.sh`` installs chromium in CI.
+the counts change. ``.ci/install_system_deps.sh`` (run by ``make test``) installs chromium.
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ class Browser:
 @asynccontextmanager
 async def chromium(tmp: Path) -> AsyncIterator[Browser]:
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert exe, "chromium is not installed: run .ci/install_browser.sh"
+    assert exe, "chromium is not installed: run .ci/install_system_deps.sh"
     profile = Path(tempfile.mkdtemp(prefix="chromium-profile-", dir=tmp))
     proc = subprocess.Popen([exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

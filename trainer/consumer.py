@@ -429,6 +429,9 @@ class TrainerConsumer:
                      manifest.dataset.sha256[:12], manifest.metrics.get("train_loss"))
         finally:
             self.training, self._current_run = False, None
+            # the next interval check is one interval after this run ended, not after it started: a run
+            # longer than the interval must not be followed at once by a run of the few traces read meanwhile
+            self._mark_check()
             self._status_heartbeat(force=True)
 
     def _run_after_success(self, manifest: RunManifest) -> None:
