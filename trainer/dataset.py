@@ -23,8 +23,6 @@ Files written to ``out_dir``:
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +33,7 @@ import orjson
 from schemas.errors import SchemaError
 from schemas.messages import EnrichedTrace, Experience
 from schemas.tasks import get_task
+from trainer.manifest import write_atomic
 from trainer.sft_config import Phase, PhaseKind, SFTConfig
 
 TRAIN_FILE = "train.jsonl"
@@ -126,20 +125,6 @@ def _line(obj: dict[str, Any]) -> bytes:
     return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS) + b"\n"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves a torn file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def build_dataset(traces: Iterable[EnrichedTrace], cfg: SFTConfig, out_dir: Path) -> BuiltDataset:
     """Project ``traces`` into ``out_dir/train.jsonl`` and ``out_dir/holdout.jsonl`` (see the module doc).
 
@@ -185,8 +170,8 @@ def build_dataset(traces: Iterable[EnrichedTrace], cfg: SFTConfig, out_dir: Path
     train_bytes = b"".join(b"".join(per_kind[k]) for k in kinds)
     holdout_bytes = b"".join(holdout_lines)
     train_path, holdout_path = out_dir / TRAIN_FILE, out_dir / HOLDOUT_FILE
-    _write_atomic(train_path, train_bytes)
-    _write_atomic(holdout_path, holdout_bytes)
+    write_atomic(train_path, train_bytes)
+    write_atomic(holdout_path, holdout_bytes)
     train_sha = hashlib.sha256(train_bytes).hexdigest()
     holdout_sha = hashlib.sha256(holdout_bytes).hexdigest()
     # one hash for the pair, unambiguous because each part's length is fixed (hex digests)
@@ -196,7 +181,7 @@ def build_dataset(traces: Iterable[EnrichedTrace], cfg: SFTConfig, out_dir: Path
         n_holdout=len(holdout_ids), holdout_ids=holdout_ids, phases=phases, train_ids=train_ids,
         n_duplicates=n_dup, skipped=skipped, train_sha256=train_sha, holdout_sha256=holdout_sha,
     )
-    _write_atomic(out_dir / SUMMARY_FILE, orjson.dumps(built.summary(), option=orjson.OPT_SORT_KEYS |
+    write_atomic(out_dir / SUMMARY_FILE, orjson.dumps(built.summary(), option=orjson.OPT_SORT_KEYS |
                                                        orjson.OPT_INDENT_2))
     return built
 

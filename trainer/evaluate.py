@@ -24,8 +24,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +35,7 @@ from schemas import EnrichedTrace, InvalidAnswer, TaskDefinition, TrainingRun, g
 from schemas.tasks import field_f1, parse_json_answer, set_f1
 from trainer.close_loop_settings import CloseLoopSettings
 from trainer.errors import EvaluationError, TrainerError
+from trainer.manifest import write_atomic
 
 log = logging.getLogger("tier3.trainer.evaluate")
 
@@ -218,21 +217,6 @@ def model_generator(adapter_dir: Path, max_new_tokens: int) -> Generate:
 # --------------------------------------------------------------------------------------------- report
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, rename: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _fmt(v: Any) -> str:
     if v is None:
         return "–"
@@ -261,11 +245,11 @@ def write_report(report_dir: Path, *, run_id: str, model_version: int | None, re
     paths: dict[str, Path] = {}
 
     paths["metrics"] = report_dir / "metrics.json"
-    _atomic_write(paths["metrics"], json.dumps({"run_id": run_id, "model_version": model_version, "metrics": m,
+    write_atomic(paths["metrics"], json.dumps({"run_id": run_id, "model_version": model_version, "metrics": m,
                                                 "history": {str(v): dict(versions[v]) for v in order}},
                                                indent=2, sort_keys=True).encode())
     paths["examples"] = report_dir / "examples.jsonl"
-    _atomic_write(paths["examples"], b"".join(orjson.dumps(asdict(r)) + b"\n" for r in result.rows))
+    write_atomic(paths["examples"], b"".join(orjson.dumps(asdict(r)) + b"\n" for r in result.rows))
 
     def series(key: str) -> list[float]:
         return [float(versions[v].get(key) or 0.0) for v in order]
@@ -341,7 +325,7 @@ def write_report(report_dir: Path, *, run_id: str, model_version: int | None, re
         "",
     ]
     paths["report_md"] = report_dir / "report.md"
-    _atomic_write(paths["report_md"], "\n".join(lines).encode())
+    write_atomic(paths["report_md"], "\n".join(lines).encode())
     return paths
 
 
