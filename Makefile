@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
+	bash .ci/install_system_deps.sh --no-browser
 	$(BIN)/tier3 demo
 
 lint: setup
