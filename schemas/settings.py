@@ -93,6 +93,17 @@ class KafkaSettings(BaseSettings):
         conf.update({k: v for k, v in optional.items() if v is not None})
         return conf
 
+    def as_env(self) -> dict[str, str]:
+        """These settings as environment variables (field name == variable name), for a child process."""
+        env: dict[str, str] = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            env[name.upper()] = str(value)
+        return env
+
     def topic_specs(self) -> list[TopicSpec]:
         """The four topics of DESIGN.md with partitions, retention and cleanup policy."""
         forever = "-1"

@@ -89,18 +89,6 @@ def load_examples(path: Path, limit: int) -> list[Experience]:
     return out[:limit] if limit > 0 else out
 
 
-def _settings_env(settings: KafkaSettings) -> dict[str, str]:
-    """The environment that makes a subprocess use ``settings`` (same names: field == env var)."""
-    env: dict[str, str] = {}
-    for name, value in settings.model_dump().items():
-        if value is None:
-            continue
-        if hasattr(value, "get_secret_value"):
-            value = value.get_secret_value()
-        env[name.upper()] = str(value)
-    return env
-
-
 def build_student(log_path: Path, timeout_s: float = 600.0) -> str:
     """``TIER3_BASE_MODEL`` if the user set one, else the tiny offline model (built once, cached), by path."""
     configured = os.environ.get("TIER3_BASE_MODEL")
@@ -637,7 +625,7 @@ def _run(state: DemoState, examples_path: Path, recorded_path: Path, limit: int,
     if missing:
         console.print(f"[yellow]not installed here: {', '.join(missing)} — those stages are skipped[/]")
 
-    env = {**os.environ, **_settings_env(settings), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **settings.as_env(), "PYTHONUNBUFFERED": "1"}
     web_port = _free_port()
     status_url = f"http://127.0.0.1:{web_port}/status"
     trainer_group = f"{prefix}trainer"

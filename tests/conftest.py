@@ -62,11 +62,4 @@ def make_settings(kafka_bootstrap: str, tmp_path: Path) -> Callable[..., KafkaSe
 
 def settings_env(settings: KafkaSettings) -> dict[str, str]:
     """The environment that makes a subprocess (`tier3 worker`, `tier3 trainer`) use ``settings``."""
-    env = dict(os.environ)
-    for name, value in settings.model_dump().items():
-        if value is None:
-            continue
-        if hasattr(value, "get_secret_value"):
-            value = value.get_secret_value()
-        env[name.upper()] = str(value)
-    return env
+    return {**os.environ, **settings.as_env()}
