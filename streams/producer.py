@@ -177,6 +177,8 @@ class Capture:
             return
         left = self.flush()
         self._closed = True
+        self._producer = None  # release librdkafka's threads and sockets now, not at interpreter exit
+        atexit.unregister(self.close)
         if left:
             log.warning("capture closed with %d experiences not delivered", left)
 

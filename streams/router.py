@@ -263,6 +263,7 @@ class Router:
         self._teacher = teacher
         self._student = student
         self._capture = capture
+        self._owns_capture = False  # a capture handed in is the caller's to close
         self.view = view or PromotionView()
         self._follower: PromotionFollower | None = None
 
@@ -282,7 +283,10 @@ class Router:
         if self._teacher is not None:
             await self._teacher.aclose()
         if self._capture is not None:
-            self._capture.flush()
+            if self._owns_capture:
+                self._capture.close()
+            else:
+                self._capture.flush()
 
     @property
     def teacher(self) -> Teacher:
@@ -304,6 +308,7 @@ class Router:
             from streams.producer import Capture, CaptureSettings
 
             self._capture = Capture(CaptureSettings(**self.settings.model_dump()))
+            self._owns_capture = True
         return self._capture
 
     # -- deciding ----------------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ def test_publish_10000_all_present_none_duplicated(make_settings: Callable[..., 
         value = by_id[exp.experience_id]
         assert decode(value, Experience) == exp
         assert value == encode(exp)  # bytes equal
+    cap.close()
 
 
 def test_invalid_experience_is_counted_not_raised(make_settings: Callable[..., KafkaSettings],
@@ -113,5 +114,6 @@ def test_broker_down_mid_stream(tmp_path: Path) -> None:
         lat_down.sort()
         assert lat_down[len(lat_down) // 2] < 0.001
         assert max(lat_down) < 0.05
+        cap.close()
     finally:
         broker.down(bs)
