@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -41,4 +43,26 @@ def ensure_topics(settings: KafkaSettings, specs: list[TopicSpec] | None = None,
                     result[name] = "exists"
                 else:
                     raise StreamsError(f"could not create topic {name}: {exc.args[0].str()}") from None
+    # also for topics that "exist": one created a moment ago by another process may still have no leader
+    _wait_until_served(admin, {spec.name: spec.partitions for spec in specs}, timeout_s)
     return result
+
+
+def _wait_until_served(admin: AdminClient, want: dict[str, int], timeout_s: float) -> None:
+    """Wait until new topics show in metadata with a leader for every partition.
+
+    CreateTopics returns before the metadata has spread: a Faust worker that asks for metadata right then finds
+    the topics "missing", drops them from its subscription and never consumes them.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        topics = admin.list_topics(timeout=timeout_s).topics
+        ready = all(name in topics and topics[name].error is None and len(topics[name].partitions) == n
+                    and all(p.leader >= 0 for p in topics[name].partitions.values())
+                    for name, n in want.items())
+        if ready:
+            return
+        if time.monotonic() > deadline:
+            raise StreamsError(f"created topics did not appear in the cluster metadata within {timeout_s:.0f} s: "
+                               f"{', '.join(sorted(want))}")
+        time.sleep(0.1)
