@@ -258,32 +258,25 @@ def write_report(report_dir: Path, *, run_id: str, model_version: int | None, re
         versions, order = {0: m}, [0]
     labels = [f"v{v}" if v else "this run" for v in order]
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key, name in [("f1", "student F1 vs teacher"), ("exact_match", "student exact match"),
-                      ("baseline_f1", "production baseline F1")]:
-        ax.plot(labels, series(key), marker="o", label=name)
-    ax.set_ylim(0, 1.05)
-    ax.set_xlabel("model version")
-    ax.set_ylabel("agreement with teacher")
-    ax.legend(loc="lower right", fontsize=8)
-    ax.set_title("Agreement per model version")
-    fig.tight_layout()
-    paths["agreement_png"] = report_dir / "agreement.png"
-    fig.savefig(paths["agreement_png"], dpi=100)
-    plt.close(fig)
+    def per_version_plot(name: str, lines: list[tuple[str, str]], ylabel: str, title: str) -> None:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for key, label in lines:
+            ax.plot(labels, series(key), marker="o", label=label)
+        ax.set_ylim(0, 1.05)
+        ax.set_xlabel("model version")
+        ax.set_ylabel(ylabel)
+        ax.legend(loc="lower right", fontsize=8)
+        ax.set_title(title)
+        fig.tight_layout()
+        paths[f"{name}_png"] = report_dir / f"{name}.png"
+        fig.savefig(paths[f"{name}_png"], dpi=100)
+        plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key, name in [("json_valid_rate", "JSON valid"), ("schema_valid_rate", "schema valid")]:
-        ax.plot(labels, series(key), marker="o", label=name)
-    ax.set_ylim(0, 1.05)
-    ax.set_xlabel("model version")
-    ax.set_ylabel("rate")
-    ax.legend(loc="lower right", fontsize=8)
-    ax.set_title("Output validity per model version")
-    fig.tight_layout()
-    paths["validity_png"] = report_dir / "validity.png"
-    fig.savefig(paths["validity_png"], dpi=100)
-    plt.close(fig)
+    per_version_plot("agreement", [("f1", "student F1 vs teacher"), ("exact_match", "student exact match"),
+                                   ("baseline_f1", "production baseline F1")],
+                     "agreement with teacher", "Agreement per model version")
+    per_version_plot("validity", [("json_valid_rate", "JSON valid"), ("schema_valid_rate", "schema valid")],
+                     "rate", "Output validity per model version")
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
     ax1.hist([r.latency_ms for r in result.rows] or [0.0], bins=20)
