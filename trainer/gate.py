@@ -36,6 +36,7 @@ from schemas.errors import SchemaError
 from schemas.settings import RELIABLE_PRODUCER, KafkaSettings
 from trainer.close_loop_settings import CloseLoopSettings
 from trainer.errors import ConfigError, TrainerError
+from trainer.events import now_ms
 
 log = logging.getLogger("tier3.trainer.gate")
 
@@ -47,10 +48,6 @@ class EventLogError(TrainerError):
 
 
 # ------------------------------------------------------------------------------------------- the event log
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def publish_run_events(settings: KafkaSettings, events: Iterable[TrainingRun], timeout_s: float = 30.0) -> None:
