@@ -129,6 +129,12 @@ class Child:
         """Seconds since the demo first saw this process gone (0 while it runs)."""
         return 0.0 if self.alive() or self.exited_mono is None else time.monotonic() - self.exited_mono
 
+    def terminate(self) -> None:
+        """SIGTERM the group without waiting (``stop`` waits)."""
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+
     def stop(self, timeout_s: float = 30.0) -> int | None:
         """SIGTERM the group (both the worker and the trainer shut down cleanly on it), SIGKILL after timeout."""
         if self.alive():
@@ -478,12 +484,16 @@ class DemoState:
     monitor: Monitor | None = None
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # a CI runner stopping the job; the terminal closing
+# Ctrl-C; a CI runner stopping the job; the terminal closing. SIGINT is here too, not left to Python's default:
+# a process started with SIGINT ignored (any command run in the background of a non-interactive shell, as CI
+# runners and `cmd &` do) inherits SIG_IGN, and Python then never installs its KeyboardInterrupt handler, so
+# Ctrl-C (or `kill -INT`) was silently ignored and the demo ran to its end.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @contextlib.contextmanager
 def _stop_signals_as_interrupt() -> Iterator[None]:
-    """SIGTERM and SIGHUP stop the demo like Ctrl-C does: everything it started is stopped."""
+    """SIGINT, SIGTERM and SIGHUP stop the demo: everything it started is stopped, whatever the demo inherited."""
 
     def handler(_signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt
@@ -544,7 +554,7 @@ def demo(
             exit_code = 1
         finally:
             # a second Ctrl-C (or SIGTERM) must not leave half-stopped processes behind: ignore them meanwhile
-            old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, *STOP_SIGNALS)}
+            old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
             try:
                 _cleanup(state, keep_running and completed)
             finally:
@@ -560,10 +570,14 @@ def _cleanup(state: DemoState, keep_running: bool) -> None:
         state.monitor.join(10)
     if keep_running:
         return
-    for child in [*state.oneshots, *state.closers.values(), *reversed(state.children)]:  # trainer before worker
+    children = [*state.oneshots, *state.closers.values(), *reversed(state.children)]  # trainer before worker
+    for child in children:  # all asked at once: a loaded machine must not wait out each child's grace in turn
         if child.alive():
             _say(f"stopping {child.name} (pid {child.pid})")
-        child.stop()
+            child.terminate()
+    deadline = time.monotonic() + 30.0
+    for child in children:
+        child.stop(timeout_s=max(0.1, deadline - time.monotonic()))
     if state.started_broker:
         from streams import broker as broker_mod
 
