@@ -14,8 +14,9 @@ What it does, in order:
    trainer group's committed offsets and the worker's ``/status``, with one progress bar per stage.
 6. When every sampled experience is enriched (or dead-lettered), every trace is inside a trained model (the
    trainer's committed offsets reach the end of enriched-traces) and every run has its verdict, it prints a
-   summary table, the evaluation report's path and the status URL, writes ``summary.json``, and stops what it
-   started (unless ``--keep-running``). Ctrl-C at any point stops everything cleanly.
+   summary table and the evaluation report's path, writes ``summary.json``, and stops what it started (unless
+   ``--keep-running``: then it prints the status and dashboard URLs, which still answer). Ctrl-C at any point
+   stops everything cleanly.
 """
 
 from __future__ import annotations
@@ -262,6 +263,26 @@ class Observed:
         return ((self.status or {}).get("windows") or {}).get("size_s", "?")
 
 
+#: errors of a Kafka request that a later retry may not see: the group coordinator moved or is loading its offsets,
+#: a leader election, a timeout or a reconnect. librdkafka does not mark every one retriable() (committed()'s
+#: NOT_COORDINATOR is not), hence the list.
+TRANSIENT_KAFKA_ERRORS = frozenset({
+    KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+    KafkaError.REBALANCE_IN_PROGRESS, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.REQUEST_TIMED_OUT, KafkaError.NETWORK_EXCEPTION, KafkaError.UNKNOWN_TOPIC_OR_PART,
+    KafkaError._TIMED_OUT, KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._WAIT_COORD,
+    KafkaError._MSG_TIMED_OUT, KafkaError._RESOLVE})
+PROBE_GIVE_UP_S = 60.0  # a "transient" error that lasts this long is reported after all
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether a Kafka client exception is worth retrying (see :data:`TRANSIENT_KAFKA_ERRORS`)."""
+    err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+    if not isinstance(err, KafkaError):
+        return False
+    return bool(err.retriable()) or err.code() in TRANSIENT_KAFKA_ERRORS
+
+
 class Monitor(threading.Thread):
     """Reads the four topics from the beginning, the trainer group's committed offsets and /status."""
 
@@ -270,13 +291,18 @@ class Monitor(threading.Thread):
         self.s, self.group, self.status_url, self.obs = settings, trainer_group, status_url, obs
         self.stop_event = threading.Event()
         self.lock = threading.Lock()
+        self.probe_failing_since: float | None = None  # monotonic time of the first failure in a row
+        self.probe_retries = 0  # transient probe failures, retried on the next probe (a second later)
+
+    def make_probe(self) -> Consumer:
+        """The committed-offsets probe: the trainer's group id, but it never subscribes, so it never joins."""
+        return Consumer({**self.s.client_config(), "group.id": self.group, "enable.auto.commit": False})
 
     def run(self) -> None:
         conf = {**self.s.client_config(), "group.id": f"{self.s.tier3_topic_prefix}demo-monitor",
                 "enable.auto.commit": False, "auto.offset.reset": "earliest", "isolation.level": "read_committed"}
         consumer = Consumer(conf)
-        # the committed-offsets probe: the trainer's group id, but it never subscribes, so it never joins the group
-        probe = Consumer({**self.s.client_config(), "group.id": self.group, "enable.auto.commit": False})
+        probe = self.make_probe()
         http = httpx.Client(timeout=2.0)
         try:
             topics = [self.s.experiences_topic, self.s.traces_topic, self.s.dead_letters_topic,
@@ -365,15 +391,29 @@ class Monitor(threading.Thread):
             run.error = str(d.get("error") or d.get("reason") or "")[:300]
 
     def _probe(self, probe: Consumer, parts: list[int]) -> None:
+        """Read the end offsets and the trainer group's committed offsets. A transient error (the group's
+        coordinator moving or loading, a timeout, a reconnect) is retried by the next probe, a second later, and
+        never reported; one that persists for ``PROBE_GIVE_UP_S``, or any other error, is."""
         if not parts:
             return
         try:
             ends = {p: probe.get_watermark_offsets(TopicPartition(self.s.traces_topic, p), timeout=2)[1]
                     for p in parts}
             committed = probe.committed([TopicPartition(self.s.traces_topic, p) for p in parts], timeout=5)
+            bad = next((tp.error for tp in committed if tp.error is not None), None)
+            if bad is not None:
+                raise KafkaException(bad)
         except Exception as exc:
-            self._error(f"offset probe: {exc!r}")
+            now = time.monotonic()
+            if self.probe_failing_since is None:
+                self.probe_failing_since = now
+            if transient(exc) and now - self.probe_failing_since < PROBE_GIVE_UP_S:
+                self.probe_retries += 1
+                return
+            self._error(f"offset probe: {exc!r}"
+                        + (f" (failing for {now - self.probe_failing_since:.0f} s)" if transient(exc) else ""))
             return
+        self.probe_failing_since = None
         with self.lock:
             self.obs.traces_end = ends
             self.obs.committed = {tp.partition: max(tp.offset, 0) for tp in committed}
@@ -1014,7 +1054,9 @@ def _print_summary(s: dict[str, Any], obs: Observed) -> None:
     for e in [*s["notes"], *s["errors"]]:
         console.print(f"[yellow]{e}[/]")
     console.print(f"evaluation report: [bold]{s['evaluation_report'] or '(none yet)'}[/]")
-    if s["status_url"]:
-        alive = " (still running)" if s["kept_running"] else " (the worker has been stopped)"
-        console.print(f"status: [bold]{s['status_url']}[/]{alive}   dashboard: {s['dashboard_url']}")
+    # the URLs only while they answer: printed at the start when the worker started, and here only when it keeps
+    # running (without --keep-running the worker is stopped right after this summary)
+    if s["status_url"] and s["kept_running"]:
+        console.print(f"status: [bold]{s['status_url']}[/]   dashboard: [bold]{s['dashboard_url']}[/] "
+                      "(the worker keeps running)")
     console.print(f"logs and state: {s['demo_dir']}")

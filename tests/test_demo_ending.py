@@ -1,0 +1,129 @@
+"""The demo's ending (streams/demo.py): what it reports is true.
+
+- The committed-offsets probe (the trainer group's offsets on enriched-traces, read every second) retries a
+  transient error such as NOT_COORDINATOR (the group's coordinator moving or loading) and never reports it; an
+  error that persists, or one that is not transient, is reported. The probe is a real consumer on the real broker;
+  the only thing injected is the coordinator's answer, which a single local broker cannot be made to give on cue.
+- The summary prints the status and dashboard URLs only when they still answer (``--keep-running``).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+
+from schemas.settings import RELIABLE_PRODUCER, KafkaSettings
+from streams import demo
+
+
+class FlakyProbe(Consumer):  # type: ignore[misc]
+    """A real consumer whose ``committed()`` first fails ``fail`` times with ``code`` (-1: always)."""
+
+    def __init__(self, conf: dict[str, Any], code: int, fail: int) -> None:
+        super().__init__(conf)
+        self.code, self.fail, self.calls = code, fail, 0
+
+    def committed(self, partitions: list[TopicPartition], timeout: float = -1) -> list[TopicPartition]:
+        self.calls += 1
+        if self.fail < 0 or self.calls <= self.fail:
+            raise KafkaException(KafkaError(self.code))
+        return super().committed(partitions, timeout=timeout)
+
+
+def _traces_with_commits(make_settings: Callable[..., KafkaSettings]) -> tuple[KafkaSettings, str, dict[int, int],
+                                                                             dict[int, int]]:
+    """A traces topic with 5/3/1 messages and a trainer group that committed 4/3/0 of them."""
+    s = make_settings(tier3_partitions=3)
+    group = f"{s.tier3_topic_prefix}trainer"
+    counts, commits = {0: 5, 1: 3, 2: 1}, {0: 4, 1: 3}
+    prod = Producer({**s.client_config(), **RELIABLE_PRODUCER})
+    for p, n in counts.items():
+        for _ in range(n):
+            prod.produce(s.traces_topic, value=b"{}", partition=p)
+    assert prod.flush(30) == 0
+    committer = Consumer({**s.client_config(), "group.id": group, "enable.auto.commit": False})
+    try:
+        committer.commit(offsets=[TopicPartition(s.traces_topic, p, o) for p, o in commits.items()],
+                         asynchronous=False)
+    finally:
+        committer.close()
+    return s, group, counts, {0: 4, 1: 3, 2: 0}
+
+
+def _monitor(s: KafkaSettings, group: str) -> demo.Monitor:
+    return demo.Monitor(s, group, "http://127.0.0.1:9/status", demo.Observed())
+
+
+def test_a_transient_not_coordinator_is_retried_and_never_reported(make_settings: Any) -> None:
+    s, group, ends, committed = _traces_with_commits(make_settings)
+    mon = _monitor(s, group)
+    probe = FlakyProbe({**s.client_config(), "group.id": group, "enable.auto.commit": False},
+                       KafkaError.NOT_COORDINATOR, fail=2)
+    try:
+        for _ in range(2):
+            mon._probe(probe, [0, 1, 2])
+            assert mon.obs.errors == [] and mon.obs.committed == {}
+        mon._probe(probe, [0, 1, 2])
+    finally:
+        probe.close()
+    assert mon.obs.errors == []
+    assert mon.probe_retries == 2 and mon.probe_failing_since is None
+    assert mon.obs.traces_end == ends and mon.obs.committed == committed
+    assert mon.obs.traces_committed == 7 and mon.obs.traces_total == 9
+
+
+def test_a_persistent_or_fatal_probe_error_is_reported(make_settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    s, group, _ends, _committed = _traces_with_commits(make_settings)
+    conf = {**s.client_config(), "group.id": group, "enable.auto.commit": False}
+    # a coordinator that never comes back: reported once the give-up time has passed
+    monkeypatch.setattr(demo, "PROBE_GIVE_UP_S", 1.0)
+    mon = _monitor(s, group)
+    probe = FlakyProbe(conf, KafkaError.NOT_COORDINATOR, fail=-1)
+    try:
+        mon._probe(probe, [0, 1, 2])
+        assert mon.obs.errors == []
+        time.sleep(1.1)
+        mon._probe(probe, [0, 1, 2])
+    finally:
+        probe.close()
+    assert len(mon.obs.errors) == 1 and "NOT_COORDINATOR" in mon.obs.errors[0], mon.obs.errors
+    assert "failing for" in mon.obs.errors[0]
+    # an error no retry mends (no access to the group): reported at once
+    mon = _monitor(s, group)
+    probe = FlakyProbe(conf, KafkaError.GROUP_AUTHORIZATION_FAILED, fail=-1)
+    try:
+        mon._probe(probe, [0, 1, 2])
+    finally:
+        probe.close()
+    assert len(mon.obs.errors) == 1 and "GROUP_AUTHORIZATION_FAILED" in mon.obs.errors[0]
+
+
+def test_transient_classification() -> None:
+    assert demo.transient(KafkaException(KafkaError(KafkaError.NOT_COORDINATOR)))
+    assert demo.transient(KafkaException(KafkaError(KafkaError._TIMED_OUT)))
+    assert demo.transient(KafkaException(KafkaError(KafkaError.INVALID_CONFIG, retriable=True)))
+    assert not demo.transient(KafkaException(KafkaError(KafkaError.GROUP_AUTHORIZATION_FAILED)))
+    assert not demo.transient(ValueError("not Kafka's"))
+
+
+@pytest.mark.parametrize("keep_running", [False, True])
+def test_summary_prints_the_urls_only_while_they_answer(keep_running: bool, tmp_path: Path) -> None:
+    s = KafkaSettings(tier3_topic_prefix=f"t{uuid.uuid4().hex[:8]}.")
+    url = "http://127.0.0.1:6123/status"
+    summary = demo._summary(demo.Observed(), s, "demo-x", tmp_path, url, "g", 10,
+                            {"sent": 10, "delivered": 10}, 3, demo.DemoState(), "complete", [], 1.0, keep_running,
+                            True)
+    with demo.console.capture() as cap:
+        demo._print_summary(summary, demo.Observed())
+    out = cap.get()
+    if keep_running:
+        assert url in out and "http://127.0.0.1:6123/" in out and "keeps running" in out
+    else:  # the worker is stopped right after the summary: a URL there would point at nothing
+        assert "127.0.0.1:6123" not in out
+    assert "summary" in out  # the table itself was printed
