@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from streams.counts import WindowCounts
 from streams.delivery import DeliveryProducer
 from streams.enrich import Source, TeacherStats, ToEnrich, dead_letter, enrich, triage
 from streams.inflight import InOrderAcker
+from streams.runs_view import RunHistory
 from streams.settings import StreamsSettings
 from streams.teachers import Teacher, make_teacher
 
@@ -36,7 +37,6 @@ log = logging.getLogger("tier3.worker")
 
 STATIC_DIR = Path(__file__).parent / "static"
 COUNT_TABLE = "trace_counts"
-RECENT_RUNS = 20
 
 #: name -> callable returning a JSON-able dict, merged into /status (and /metrics, for numeric leaves)
 STATUS_BLOCKS: dict[str, Callable[[], dict[str, Any]]] = {}
@@ -48,8 +48,8 @@ APP_HOOKS: list[Callable[[faust.App, StreamsSettings, WorkerState], None]] = []
 EXPERIENCE_OBSERVERS: list[Callable[[Any, int], None]] = []
 
 
-def _placeholder_router() -> dict[str, Any]:
-    return {"mode": "teacher", "promoted_version": None,
+def _placeholder_router() -> dict[str, Any]:  # no router stats installed: nothing is known about serving
+    return {"mode": None, "promoted_version": None,
             "arms": {"teacher": {"count": 0, "confidence_mean": None, "reward_mean": None, "latency_ms_mean": None}}}
 
 
@@ -66,7 +66,7 @@ class TrainerView:
     def __init__(self) -> None:
         self.heartbeat: TrainingRun | None = None
         self.training_in_progress: bool | None = None
-        self.runs: deque[dict[str, Any]] = deque(maxlen=RECENT_RUNS)
+        self.history = RunHistory()  # every run's lifecycle (streams/runs_view.py): bounded by runs, not events
 
     def apply(self, run: TrainingRun) -> None:
         if run.event == "heartbeat" or run.training_in_progress is not None:
@@ -78,9 +78,7 @@ class TrainerView:
         elif run.event in ("succeeded", "failed"):
             self.training_in_progress = False
         if run.event != "heartbeat":
-            self.runs.append({"run_id": run.run_id, "event": run.event, "at_ms": run.at_ms,
-                              "model_version": run.model_version,
-                              "metrics": run.details.get("metrics", {}) if isinstance(run.details, dict) else {}})
+            self.history.apply(run)
 
     def block(self, now_ms: int) -> dict[str, Any]:
         hb = self.heartbeat
@@ -94,7 +92,7 @@ class TrainerView:
                 "check_interval_s": hb.check_interval_s if hb else None,
                 "next_check_in_s": next_in,
             },
-            "runs": list(self.runs),
+            **self.history.block(),  # totals, in_force, runs (one record per run), versions
         }
 
 

@@ -30,6 +30,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import Counter, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -53,6 +54,7 @@ ServeMode = Literal["teacher", "student", "ab"]
 Arm = Literal["teacher", "student"]
 _BUCKETS = float(1 << 64)
 ARM_TABLE = "router_arms"
+RECENT_SERVED = 1000  # routed experiences behind the mode and share of /status's router block
 
 
 class RouterError(StreamsError):
@@ -450,6 +452,15 @@ def summarize_arms(items: Iterable[tuple[str, Mapping[str, float]]]) -> tuple[di
     return ({k: means(v) for k, v in sorted(by_arm.items())}, {k: means(v) for k, v in sorted(by_version.items())})
 
 
+def observed_mode(teacher: int, student: int) -> tuple[ServeMode | None, float | None]:
+    """(mode, student share) that served ``teacher`` and ``student`` requests: None, None when none was routed."""
+    routed = teacher + student
+    if routed == 0:
+        return None, None
+    mode: ServeMode = "teacher" if student == 0 else "student" if teacher == 0 else "ab"
+    return mode, round(student / routed, 4)
+
+
 def install_router_stats(app: faust.App, settings: StreamsSettings, state: Any) -> None:
     """``streams.app.APP_HOOKS`` entry: a per-arm table over experiences and the /status ``router`` block.
 
@@ -459,16 +470,19 @@ def install_router_stats(app: faust.App, settings: StreamsSettings, state: Any) 
     from streams import app as app_mod
     from streams.topics import ensure_topics
 
-    rs = settings if isinstance(settings, RouterSettings) else RouterSettings(**settings.model_dump())
     view = PromotionView()
     changelog = f"{settings.faust_app_id}-{ARM_TABLE}-changelog"
     ensure_topics(settings, [_changelog_spec(changelog, settings.tier3_partitions)])
     # values are plain dicts of sums, stored with the app's default (json) serializer
     table = app.Table(ARM_TABLE, default=dict, partitions=settings.tier3_partitions, key_type=str)
+    recent: deque[str] = deque(maxlen=RECENT_SERVED)  # arms of the latest routed experiences this worker read
+
     def observe(exp: Experience, partition: int) -> None:
         # runs inside the experiences agent's current event: the table write lands on the same partition
         key = arm_key(exp, partition)
         table[key] = add_experience(table[key], exp)
+        if exp.served_by.arm in ("teacher", "student") and exp.metadata.get("route_reason") != "fallback":
+            recent.append(exp.served_by.arm)
 
     app_mod.EXPERIENCE_OBSERVERS.append(observe)
 
@@ -489,7 +503,15 @@ def install_router_stats(app: faust.App, settings: StreamsSettings, state: Any) 
         for arm in ("teacher", "student"):
             arms.setdefault(arm, {"count": 0, "confidence_mean": None, "reward_mean": None,
                                   "latency_ms_mean": None})
-        return {"mode": rs.tier3_serve, "ab_student_share": rs.tier3_ab_student_share,
+        # what the application runs, from the served_by of what it captured (not this worker's TIER3_SERVE,
+        # which the application never reads): the latest routed experiences, else every one in the table
+        if recent:
+            counts, over = Counter(recent), f"latest {len(recent)} routed experiences read by this worker"
+        else:
+            counts, over = Counter({a: int(arms[a]["count"]) for a in ("teacher", "student")}), \
+                "every routed experience in the arms table"
+        mode, share = observed_mode(counts["teacher"], counts["student"])
+        return {"mode": mode, "ab_student_share": share, "observed_over": over,
                 "promoted_version": cur.model_version if cur else None,
                 "promoted_run_id": cur.run_id if cur else None, "arms": arms, "arms_by_version": by_version}
 

@@ -24,6 +24,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from schemas import TrainingRun
+
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "streams" / "static" / "dashboard.html"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -33,6 +35,42 @@ WINDOW_MS = 1_800_000
 T0_MS = 1_793_001_600_000  # 2026-10-26 08:00 UTC
 
 pytestmark = pytest.mark.browser
+
+
+def _ev(run_id: str, event: str, at_s: int, version: int | None = None, **metrics: float) -> TrainingRun:
+    return TrainingRun(run_id=run_id, event=event, at_ms=T0_MS + at_s * 1000,  # type: ignore[arg-type]
+                       model_version=version, details={"metrics": metrics} if metrics else {})
+
+
+EVAL_A = {"json_valid_rate": 0.5, "schema_valid_rate": 0.25, "exact_match": 0.0, "f1": 0.375, "baseline_f1": 0.625,
+          "latency_ms_p95": 850.0}
+EVAL_C = {"json_valid_rate": 1.0, "schema_valid_rate": 0.75, "exact_match": 0.5, "f1": 0.875, "baseline_f1": 0.625,
+          "latency_ms_p95": 400.0}
+EVAL_D = {"json_valid_rate": 1.0, "schema_valid_rate": 1.0, "exact_match": 0.5, "f1": 0.9, "baseline_f1": 0.625,
+          "latency_ms_p95": 300.0}
+# v1 promoted, a failed run, v3 evaluated (and rejected) before v2, v2 promoted and exported, then both rolled back:
+# the teacher serves again and no version may still read "promoted"
+KNOWN_RUN_EVENTS = [
+    _ev("run-a", "started", 1, 1), _ev("run-a", "succeeded", 90, 1, train_loss=1.9),
+    _ev("run-a", "evaluated", 120, 1, **EVAL_A), _ev("run-a", "promoted", 121, 1),
+    _ev("run-b", "started", 2000), _ev("run-b", "failed", 2100),
+    _ev("run-d", "started", 2200, 3), _ev("run-d", "succeeded", 2300, 3), _ev("run-d", "evaluated", 2350, 3, **EVAL_D),
+    _ev("run-d", "rejected", 2351, 3),
+    _ev("run-c", "started", 2400, 2), _ev("run-c", "succeeded", 2500, 2), _ev("run-c", "evaluated", 2600, 2, **EVAL_C),
+    _ev("run-c", "promoted", 2601, 2), _ev("run-c", "exported", 2700, 2),
+    _ev("run-c", "rollback", 2800, 1),  # model_version: the version in force after it (v1)
+    _ev("run-a", "rollback", 2900, None),
+]
+
+
+def history_block(events: list[TrainingRun]) -> dict[str, Any]:
+    """The trainer block's history, as the worker folds it (streams/runs_view.py)."""
+    from streams.runs_view import RunHistory
+
+    h = RunHistory()
+    for ev in events:
+        h.apply(ev)
+    return h.block()
 
 
 def known_status() -> dict[str, Any]:
@@ -60,32 +98,10 @@ def known_status() -> dict[str, Any]:
         "trainer": {
             "tier3_sft": {"training_in_progress": False, "last_check_time": (T0_MS + 3 * WINDOW_MS) / 1000,
                           "check_interval_s": 1800, "next_check_in_s": 600},
-            "runs": [
-                {"run_id": "run-a", "event": "started", "at_ms": T0_MS + 1000, "model_version": None, "metrics": {}},
-                {"run_id": "run-a", "event": "succeeded", "at_ms": T0_MS + 90_000, "model_version": 1,
-                 "metrics": {"train_loss": 1.9}},
-                {"run_id": "run-a", "event": "evaluated", "at_ms": T0_MS + 120_000, "model_version": 1,
-                 "metrics": {"json_valid_rate": 0.5, "schema_valid_rate": 0.25, "exact_match": 0.125, "f1": 0.375,
-                             "baseline_f1": 0.625, "latency_ms_p95": 850.0}},
-                {"run_id": "run-a", "event": "rejected", "at_ms": T0_MS + 121_000, "model_version": 1, "metrics": {}},
-                {"run_id": "run-b", "event": "started", "at_ms": T0_MS + 2_000_000, "model_version": None,
-                 "metrics": {}},
-                {"run_id": "run-b", "event": "failed", "at_ms": T0_MS + 2_100_000, "model_version": None,
-                 "metrics": {}},
-                {"run_id": "run-c", "event": "started", "at_ms": T0_MS + 2_400_000, "model_version": None,
-                 "metrics": {}},
-                {"run_id": "run-c", "event": "succeeded", "at_ms": T0_MS + 2_500_000, "model_version": 2,
-                 "metrics": {}},
-                {"run_id": "run-c", "event": "evaluated", "at_ms": T0_MS + 2_600_000, "model_version": 2,
-                 "metrics": {"json_valid_rate": 1.0, "schema_valid_rate": 0.75, "exact_match": 0.5, "f1": 0.875,
-                             "baseline_f1": 0.625, "latency_ms_p95": 400.0}},
-                {"run_id": "run-c", "event": "promoted", "at_ms": T0_MS + 2_601_000, "model_version": 2,
-                 "metrics": {}},
-                {"run_id": "run-c", "event": "exported", "at_ms": T0_MS + 2_700_000, "model_version": 2,
-                 "metrics": {}},
-            ],
+            **history_block(KNOWN_RUN_EVENTS),
         },
-        "router": {"mode": "ab", "promoted_version": 2,
+        "router": {"mode": "ab", "ab_student_share": 0.3, "promoted_version": None,
+                   "observed_over": "latest 1000 routed experiences read by this worker",
                    "arms": {"teacher": {"count": 700, "confidence_mean": 0.81, "reward_mean": 0.7,
                                         "latency_ms_mean": 900.0},
                             "student": {"count": 300, "confidence_mean": 0.74, "reward_mean": 0.66,
@@ -235,14 +251,24 @@ SNAPSHOT_JS = """(() => {
             (g) => [g.dataset.topic + ':' + g.dataset.partition, Number(g.dataset.count)])),
           text: q('#chart-lag svg').textContent},
     runs: {runs: q('#chart-runs').dataset.runs, events: q('#chart-runs').dataset.events,
+           rows: q('#chart-runs').dataset.rows,
+           byEvent: Object.fromEntries(Object.entries(q('#chart-runs').dataset).filter(([k]) => k.startsWith('count'))
+             .map(([k, v]) => [k.slice(5).toLowerCase(), Number(v)])),
+           table: all('#chart-runs g.run').map((g) => [g.dataset.runId, g.dataset.status,
+             [...g.querySelectorAll('circle')].map((c) => c.dataset.event)]),
+           rowYs: all('#chart-runs g.run').map((g) => Number(g.querySelector('circle').getAttribute('cy'))),
            dots: all('#chart-runs circle').map((c) => c.dataset.event),
            legend: q('#chart-runs .legend').textContent},
     evals: {versions: q('#chart-eval').dataset.versions, metrics: q('#chart-eval').dataset.metrics,
             bars: all('#chart-eval rect').map(
               (r) => [r.parentNode.dataset.version, r.dataset.metric, Number(r.dataset.value)]),
+            zeroBars: all('#chart-eval rect.zero').map((r) => [r.parentNode.dataset.version, r.dataset.metric,
+              r.getBBox().height, r.parentNode.textContent]),
             verdicts: all('#chart-eval g.version').map((g) => [g.dataset.version, g.dataset.verdict]),
+            labels: all('#chart-eval g.version').map((g) => g.lastChild.textContent),
             table: q('#eval-table').textContent},
     router: all('#router-table tbody tr').map((tr) => [...tr.children].map((td) => td.textContent)),
+    routerSub: q('#router-sub').textContent,
     trainer: q('#trainer-table').textContent,
     header: document.querySelector('header').textContent,
     svgs: all('svg').length,
@@ -261,8 +287,7 @@ async def _run_dashboard(tmp: Path) -> tuple[dict[str, Any], dict[str, Any], lis
         status["dead_letters"] = {"count": 20, "by_reason": {"not_json": 12, "invalid": 5,
                                                              "teacher_invalid_answer": 3}}
         status["windows"]["current"]["by_task"]["widget_selector"] = 120
-        status["trainer"]["runs"].append({"run_id": "run-d", "event": "started", "at_ms": T0_MS + 3_000_000,
-                                          "model_version": None, "metrics": {}})
+        status["trainer"].update(history_block([*KNOWN_RUN_EVENTS, _ev("run-e", "started", 3000, 4)]))
         await browser.wait_for("document.getElementById('tile-enriched').dataset.value === '400'")
         await browser.wait_for(f"Number(document.body.dataset.refreshes) >= {first['refreshes'] + 2}")
         second = await browser.eval(SNAPSHOT_JS)
@@ -295,32 +320,46 @@ def test_dashboard_shows_known_counts_without_console_errors(tmp_path: Path) -> 
     assert first["lag"]["total"] == "17"
     assert first["lag"]["bars"] == {"experiences:0": 5, "experiences:1": 0, "experiences:2": 12}
     assert "12" in first["lag"]["text"]
-    # training runs: 3 runs, 11 events, one dot each
+    # training runs: one row per run, in the order they started, its stages marked on it
     r = first["runs"]
-    assert (r["runs"], r["events"]) == ("3", "11")
-    assert sorted(r["dots"]) == sorted(["started"] * 3 + ["succeeded"] * 2 + ["evaluated"] * 2 + ["failed",
-                                        "rejected", "promoted", "exported"])
-    assert "started (3)" in r["legend"] and "promoted (1)" in r["legend"]
-    # evaluation metrics per model version (rates as bars, latency in the table only)
+    assert (r["runs"], r["events"], r["rows"]) == ("4", "17", "4")
+    assert r["byEvent"] == {"started": 4, "succeeded": 3, "failed": 1, "evaluated": 3, "promoted": 2,
+                            "rejected": 1, "exported": 1, "rollback": 2}
+    assert r["table"] == [
+        ["run-a", "rolled back", ["started", "succeeded", "evaluated", "promoted", "rollback"]],
+        ["run-b", "failed", ["started", "failed"]],
+        ["run-d", "rejected", ["started", "succeeded", "evaluated", "rejected"]],
+        ["run-c", "rolled back", ["started", "succeeded", "evaluated", "promoted", "exported", "rollback"]]]
+    assert r["rowYs"] == sorted(set(r["rowYs"]))  # a row each, never crossing
+    assert "started (4)" in r["legend"] and "rollback (2)" in r["legend"]
+    # evaluation metrics per model version: by version number (v3 was evaluated before v2), rates as bars
     e = first["evals"]
-    assert e["versions"] == "2"
+    assert e["versions"] == "3"
     assert e["metrics"].split(",") == ["json_valid_rate", "schema_valid_rate", "exact_match", "f1", "baseline_f1"]
     bars = {(v, m): x for v, m, x in e["bars"]}
-    assert bars[("v1", "f1")] == 0.375 and bars[("v2", "f1")] == 0.875 and bars[("v2", "json_valid_rate")] == 1.0
-    assert len(bars) == 10
-    assert e["verdicts"] == [["v1", "rejected"], ["v2", "promoted"]]
+    assert bars[("v1", "f1")] == 0.375 and bars[("v2", "f1")] == 0.875 and bars[("v3", "f1")] == 0.9
+    assert len(bars) == 15
+    # rolled back twice: nothing is "promoted" any more, v1 included
+    assert e["verdicts"] == [["v1", "rolled back"], ["v2", "rolled back"], ["v3", "rejected"]]
+    assert e["labels"] == ["v1 · rolled back", "v2 · rolled back", "v3 · rejected"]
+    assert "promoted" not in " ".join(e["labels"]) and "promoted" not in e["table"]
+    # v1's exact match is 0: a visible stub with its number, not an invisible bar
+    assert [(v, m) for v, m, _h, _t in e["zeroBars"]] == [("v1", "exact_match")]
+    assert e["zeroBars"][0][2] >= 2 and "0" in e["zeroBars"][0][3]
     assert "850" in e["table"] and "400" in e["table"]
     # router and trainer
     assert first["router"] == [["teacher", "700", "0.81", "0.70", "900"], ["student", "300", "0.74", "0.66", "80"]]
     assert "no" in first["trainer"] and "30 min" in first["trainer"] and "10 min" in first["trainer"]
     assert "2026" in first["trainer"]  # last_check_time is epoch seconds (the original system's block)
+    assert "runs (all time)4" in first["trainer"] and "model in forceteacher" in first["trainer"]
+    assert "served: ab" in first["routerSub"] and "student share 0.30" in first["routerSub"]
     assert "worker-test-1" in first["header"] and "recorded" in first["header"]
 
     # after /status changed
     assert second["tiles"]["enriched"] == "400" and second["tiles"]["dead_lettered"] == "17"
     assert second["dead"]["total"] == "20" and second["dead"]["bars"]["not_json"] == 12
     assert second["windows"]["current"] == "124" and second["windows"]["bars"][-1] == [T0_MS + 3 * WINDOW_MS, 124]
-    assert second["runs"]["runs"] == "4"
+    assert second["runs"]["runs"] == "5" and second["runs"]["table"][-1] == ["run-e", "started", ["started"]]
 
 
 # --- the page as the real worker serves it ----------------------------------------------------------------------

@@ -38,7 +38,9 @@ def _exp(i: int, arm: str, version: str | None, confidence: float, reward: float
 
 def test_status_router_block_compares_arms(make_settings: Callable[..., RouterSettings], tmp_path: Path) -> None:
     with FakeTeacherServer() as srv:
-        s = make_settings(cls=RouterSettings, tier3_serve="ab", tier3_ab_student_share=0.25,
+        # the worker's own TIER3_SERVE / share say nothing about what the application runs: the block must not
+        # report them (the application below routes half of its requests to the student)
+        s = make_settings(cls=RouterSettings, tier3_serve="teacher", tier3_ab_student_share=0.25,
                           tier3_teacher="openai", tier3_teacher_model="fake-teacher",
                           tier3_teacher_base_url=f"{srv.url}/v1", openai_api_key="k",
                           tier3_sample_rate=0.0, tier3_confidence_threshold=1.0,  # enrich nothing: stats only
@@ -71,7 +73,8 @@ def test_status_router_block_compares_arms(make_settings: Callable[..., RouterSe
                 time.sleep(0.5)
             assert ready(st), (st.get("router"), (tmp_path / "worker.log").read_text()[-4000:])
             r = st["router"]
-            assert r["mode"] == "ab" and r["ab_student_share"] == 0.25 and r["promoted_run_id"] == "run-3"
+            assert r["mode"] == "ab" and r["ab_student_share"] == 0.5 and r["promoted_run_id"] == "run-3"
+            assert "4 routed experiences" in r["observed_over"]
             assert r["arms"]["teacher"] == {"count": 2, "confidence_mean": 0.8, "reward_mean": 0.5,
                                             "latency_ms_mean": 200.0}
             assert r["arms"]["student"] == {"count": 2, "confidence_mean": 0.6, "reward_mean": 1.0,

@@ -177,12 +177,19 @@ def test_status_trainer_block_from_training_runs(streams_settings: Callable[...,
     produce_values(s, s.training_runs_topic, [(r.run_id.encode(), encode(r)) for r in runs])
     w = start_worker(s)
     w.wait_ready()
-    st = w.wait_for(lambda st: len(st["trainer"]["runs"]) == 2, 30)
+    st = w.wait_for(lambda st: st["trainer"]["totals"]["events"] == 2, 30)
     sft = st["trainer"]["tier3_sft"]
     assert sft["training_in_progress"] is True and sft["check_interval_s"] == 1800.0
     assert sft["last_check_time"] == (now - 1000) / 1000 and 0 < sft["next_check_in_s"] <= 1799.0
-    assert st["trainer"]["runs"][-1] == {"run_id": "run-1", "event": "evaluated", "at_ms": now + 2,
-                                         "model_version": 1, "metrics": {"json_valid": 1.0}}
+    # one record per run (the heartbeat is the trainer's, not a run's)
+    assert st["trainer"]["totals"] == {"runs": 1, "events": 2, "by_event": {"started": 1, "evaluated": 1},
+                                       "runs_kept": 1}
+    run = st["trainer"]["runs"][-1]
+    assert (run["run_id"], run["model_version"], run["stages"], run["status"]) == (
+        "run-1", 1, {"started": now + 1, "evaluated": now + 2}, "evaluated")
+    assert st["trainer"]["versions"] == [{"model_version": 1, "run_id": "run-1", "metrics": {"json_valid": 1.0},
+                                          "verdict": None, "rolled_back": False, "in_force": False,
+                                          "status": "evaluated", "evaluated_ms": now + 2}]
 
 
 def test_two_workers_share_partitions(streams_settings: Callable[..., StreamsSettings],
