@@ -364,16 +364,41 @@ def test_dashboard_shows_known_counts_without_console_errors(tmp_path: Path) -> 
 
 # --- the page as the real worker serves it ----------------------------------------------------------------------
 
+def many_runs(n: int = 24) -> list[TrainingRun]:
+    """``n`` runs' lifecycle events (more than the 20 events the dashboard once kept), with the trainer's heartbeats
+    between them: every 6th run fails, v5 and v11 are promoted, v11 is rolled back (v5 is in force again)."""
+    out: list[TrainingRun] = []
+    for i in range(1, n + 1):
+        rid, at = f"run-{i:03d}", T0_MS + i * 600_000
+        out.append(TrainingRun(run_id=rid, event="started", at_ms=at, model_version=i))
+        if i % 6 == 0:
+            out.append(TrainingRun(run_id=rid, event="failed", at_ms=at + 60_000, details={"error": "boom"}))
+        else:
+            out += [TrainingRun(run_id=rid, event="succeeded", at_ms=at + 60_000, model_version=i),
+                    TrainingRun(run_id=rid, event="evaluated", at_ms=at + 70_000, model_version=i,
+                                details={"metrics": {"f1": i / 100, "json_valid_rate": 1.0, "exact_match": 0.0}}),
+                    TrainingRun(run_id=rid, event="promoted" if i in (5, 11) else "rejected", at_ms=at + 71_000,
+                                model_version=i)]
+            if i in (5, 11):
+                out.append(TrainingRun(run_id=rid, event="exported", at_ms=at + 90_000, model_version=i))
+        out.append(TrainingRun(run_id="trainer", event="heartbeat", at_ms=at + 100_000, training_in_progress=False,
+                               last_check_time_ms=at, check_interval_s=1800.0, next_check_in_s=1700.0))
+        if i == 13:
+            out.append(TrainingRun(run_id="run-011", event="rollback", at_ms=at + 200_000, model_version=5))
+    return out
+
+
 def test_dashboard_served_by_a_real_worker(make_settings: Any, tmp_path: Path) -> None:
     """`tier3 worker` (recorded teacher) serves the page at / and its /status: after 60 example experiences and 3
-    poison messages the charts show the worker's own counts, with no console errors."""
-    from schemas import Experience, decode
+    poison messages, and 24 training runs' lifecycle events, the charts show the numbers on the topics, with no
+    console errors."""
+    from schemas import Experience, decode, encode
     from streams.app import changelog_spec
     from streams.sampling import sample_reason
     from streams.settings import StreamsSettings
     from streams.topics import ensure_topics
     from tests.conftest import settings_env
-    from tests.kafka_utils import produce_values
+    from tests.kafka_utils import consume_values, produce_values
     from tests.streams.helpers import WorkerProcess
 
     examples_dir = ROOT / "examples" / "widget_selector"
@@ -390,8 +415,14 @@ def test_dashboard_served_by_a_real_worker(make_settings: Any, tmp_path: Path) -
         records = [(e.experience_id.encode(), line) for e, line in zip(exps, lines, strict=True)]
         produce_values(settings, settings.experiences_topic,
                        [*records, (b"p1", b"not json"), (b"p2", b"[1, 2]"), (b"p3", b'{"schema_version": 99}')])
+        produce_values(settings, settings.training_runs_topic, [(r.run_id.encode(), encode(r)) for r in many_runs()])
+        # what is on the topic, read back from the broker (not from the worker)
+        on_topic = [decode(m.value() or b"", TrainingRun)
+                    for m in consume_values(settings, settings.training_runs_topic, len(many_runs()), 60)]
+        lifecycle = [r for r in on_topic if r.event != "heartbeat"]
         status = worker.wait_for(lambda st: st["counts"]["consumed"] == 63 and st["counts"]["enriched"] == sampled
-                                 and st["counts"]["dead_lettered"] == 3, timeout_s=90)
+                                 and st["counts"]["dead_lettered"] == 3
+                                 and st["trainer"]["totals"]["events"] == len(lifecycle), timeout_s=90)
 
         async def look() -> tuple[dict[str, Any], list[str]]:
             async with chromium(tmp_path) as browser:
@@ -413,3 +444,26 @@ def test_dashboard_served_by_a_real_worker(make_settings: Any, tmp_path: Path) -
     assert snap["dead"]["total"] == "3" and sum(snap["dead"]["bars"].values()) == 3
     assert len(snap["lag"]["bars"]) == settings.tier3_partitions
     assert "recorded" in snap["header"]
+
+    # training history: the topic's numbers, after far more than 20 lifecycle events
+    run_ids = list(dict.fromkeys(r.run_id for r in lifecycle))
+    by_event: dict[str, int] = {}
+    for r in lifecycle:
+        by_event[r.event] = by_event.get(r.event, 0) + 1
+    assert len(run_ids) == 24 and len(lifecycle) > 80
+    runs = snap["runs"]
+    assert (runs["runs"], runs["events"], runs["rows"]) == (str(len(run_ids)), str(len(lifecycle)), "24")
+    assert runs["byEvent"] == by_event
+    assert [row[0] for row in runs["table"]] == run_ids  # one row per run, in the topic's order
+    for rid, _status, stages in runs["table"]:
+        assert stages == list(dict.fromkeys(r.event for r in lifecycle if r.run_id == rid)), rid
+    evaluated = sorted({r.model_version for r in lifecycle if r.event == "evaluated" and r.model_version})
+    e = snap["evals"]
+    assert e["versions"] == str(len(evaluated))
+    assert [v for v, _ in e["verdicts"]] == [f"v{v}" for v in evaluated]  # by version number
+    verdicts = dict(e["verdicts"])
+    assert verdicts["v5"] == "in force" and verdicts["v11"] == "rolled back"  # v11 promoted, then rolled back
+    assert {s for v, s in verdicts.items() if v not in ("v5", "v11")} == {"rejected"}
+    assert {(v, m) for v, m, _h, _t in e["zeroBars"]} == {(f"v{v}", "exact_match") for v in evaluated}
+    assert all(h >= 2 for _v, _m, h, _t in e["zeroBars"])
+    assert "runs (all time)24" in snap["trainer"] and "model in forcev5 (run-005)" in snap["trainer"]
