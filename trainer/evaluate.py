@@ -225,6 +225,28 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+PLOT_MARKERS = ("o", "s", "^", "D", "v", "P")
+PLOT_DASHES = ("-", "--", ":", "-.")  # lines on top of each other show through each other's gaps
+
+
+def plot_per_version(ax: Any, labels: Sequence[str], lines: Sequence[tuple[str, Sequence[float]]]) -> None:
+    """Rates (0..1) per model version, one line each, every line visible even where they coincide (a student at 0
+    on every version lies on the others and on the axis): each line is shifted a little sideways and has its own
+    marker and dash pattern, the y axis starts below 0, and the legend sits below the axes, off the data."""
+    n = len(lines)
+    step = min(0.08, 0.5 / max(1, n))
+    for j, (label, values) in enumerate(lines):
+        dx = (j - (n - 1) / 2) * step
+        ax.plot([i + dx for i in range(len(labels))], list(values), marker=PLOT_MARKERS[j % len(PLOT_MARKERS)],
+                linestyle=PLOT_DASHES[j % len(PLOT_DASHES)], markersize=7 - min(j, 3), linewidth=1.6, label=label,
+                zorder=3 + j, clip_on=False)
+    ax.set_xticks(range(len(labels)), list(labels))
+    ax.set_xlim(-0.5, len(labels) - 0.5)
+    ax.set_ylim(-0.06, 1.06)
+    ax.axhline(0, color="0.75", linewidth=0.8, zorder=1)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=min(3, max(1, n)), fontsize=8, frameon=False)
+
+
 def write_report(report_dir: Path, *, run_id: str, model_version: int | None, result: EvalResult,
                  history: Sequence[tuple[int, Mapping[str, Any]]] = ()) -> dict[str, Path]:
     """Write ``report.md``, ``metrics.json``, ``examples.jsonl`` and PNG plots into ``report_dir``.
@@ -251,25 +273,21 @@ def write_report(report_dir: Path, *, run_id: str, model_version: int | None, re
     paths["examples"] = report_dir / "examples.jsonl"
     write_atomic(paths["examples"], b"".join(orjson.dumps(asdict(r)) + b"\n" for r in result.rows))
 
-    def series(key: str) -> list[float]:
-        return [float(versions[v].get(key) or 0.0) for v in order]
+    def series(key: str) -> list[float]:  # a metric a version lacks is a gap, never a 0
+        return [float(x) if isinstance(x := versions[v].get(key), int | float) else math.nan for v in order]
 
     if not order:  # no version number yet: plot this run alone
         versions, order = {0: m}, [0]
     labels = [f"v{v}" if v else "this run" for v in order]
 
     def per_version_plot(name: str, lines: list[tuple[str, str]], ylabel: str, title: str) -> None:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for key, label in lines:
-            ax.plot(labels, series(key), marker="o", label=label)
-        ax.set_ylim(0, 1.05)
+        fig, ax = plt.subplots(figsize=(6, 3.8))
+        plot_per_version(ax, labels, [(label, series(key)) for key, label in lines])
         ax.set_xlabel("model version")
         ax.set_ylabel(ylabel)
-        ax.legend(loc="lower right", fontsize=8)
         ax.set_title(title)
-        fig.tight_layout()
         paths[f"{name}_png"] = report_dir / f"{name}.png"
-        fig.savefig(paths[f"{name}_png"], dpi=100)
+        fig.savefig(paths[f"{name}_png"], dpi=100, bbox_inches="tight")  # the legend sits below the axes
         plt.close(fig)
 
     per_version_plot("agreement", [("f1", "student F1 vs teacher"), ("exact_match", "student exact match"),
@@ -284,7 +302,7 @@ def write_report(report_dir: Path, *, run_id: str, model_version: int | None, re
     ax1.set_ylabel("examples")
     ax1.set_title("This run")
     ax2.plot(labels, series("latency_ms_p50"), marker="o", label="p50")
-    ax2.plot(labels, series("latency_ms_p95"), marker="o", label="p95")
+    ax2.plot(labels, series("latency_ms_p95"), marker="s", label="p95")
     ax2.set_xlabel("model version")
     ax2.set_ylabel("ms")
     ax2.legend(fontsize=8)

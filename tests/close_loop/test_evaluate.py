@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -125,3 +126,58 @@ def test_empty_holdout_gives_zero_examples_and_a_report(tmp_path: Path) -> None:
     assert res.metrics["n_examples"] == 0 and res.metrics["f1"] is None and res.metrics["latency_ms_p95"] is None
     paths = write_report(tmp_path / "empty", run_id="r0", model_version=None, result=res)
     assert "| f1 | – | – |" in paths["report_md"].read_text()
+
+
+def _visible_pixels(lines: list[tuple[str, list[float]]], labels: list[str], plot: Any) -> dict[str, int]:
+    """Render lines with ``plot(ax, labels, lines)`` and count, per line, the pixels of its colour inside the axes
+    (the legend taken off first, so its swatches do not count)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6, 3.8), dpi=100)
+    try:
+        plot(ax, labels, lines)
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+        fig.canvas.draw()
+        img = np.asarray(fig.canvas.buffer_rgba())[:, :, :3].astype(int)
+        box = ax.get_window_extent()
+        h = img.shape[0]
+        # the axes, and a margin around it: points drawn on the bottom spine spill over it
+        crop = img[max(0, int(h - box.y1) - 8):int(h - box.y0) + 8, max(0, int(box.x0) - 8):int(box.x1) + 8]
+        out = {}
+        for line in ax.get_lines():
+            label = str(line.get_label())
+            if label.startswith("_"):
+                continue
+            rgb = np.array(matplotlib.colors.to_rgb(line.get_color())) * 255
+            out[label] = int((np.abs(crop - rgb).sum(axis=2) < 40).sum())
+        return out
+    finally:
+        plt.close(fig)
+
+
+def test_student_lines_at_zero_stay_visible() -> None:
+    """The agreement chart of a student that never agrees: its lines lie at 0 on every version, with each other
+    and on the axis. Each must still show (not only the last one drawn)."""
+    from trainer.evaluate import plot_per_version
+
+    labels = ["v1", "v2", "v3"]
+    lines = [("student F1 vs teacher", [0.0, 0.0, 0.0]), ("student exact match", [0.0, 0.0, 0.0]),
+             ("production baseline F1", [0.0, 0.0, 0.0])]
+    seen = _visible_pixels(lines, labels, plot_per_version)
+    assert set(seen) == {label for label, _ in lines}
+    assert all(n >= 30 for n in seen.values()), seen
+
+    # the way the charts were drawn before: one marker, no offset, the axis at 0 -> all but the last hidden
+    def before(ax: Any, labels: list[str], lines: list[tuple[str, list[float]]]) -> None:
+        for label, values in lines:
+            ax.plot(labels, values, marker="o", label=label)
+        ax.set_ylim(0, 1.05)
+
+    old = _visible_pixels(lines, labels, before)
+    assert old["student F1 vs teacher"] < 30 and old["student exact match"] < 30, old
+
