@@ -228,7 +228,7 @@ def test_no_secret_in_any_output_of_any_command(env_base: dict[str, str], kafka_
         if name in ("topics create", "demo"):  # they create the topics (the demo under its own prefix)
             continue
         cases.append(Case(f"{name}: topics missing", args, {"TIER3_TOPIC_PREFIX": fresh},
-                          must_say=("does not exist", "tier3 topics create")))
+                          must_say=("not exist", "tier3 topics create")))
     for name in ("worker", "trainer", "publish", "topics create"):
         cases.append(Case(f"{name}: other partition count", KAFKA_COMMANDS[name],
                           {"TIER3_TOPIC_PREFIX": ready_prefix, "TIER3_PARTITIONS": "3"},
