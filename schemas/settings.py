@@ -89,7 +89,7 @@ class KafkaSettings(BaseSettings):
     kafka_ssl_key_location: str | None = Field(None, description="client key for mutual TLS")
     kafka_ssl_key_password: SecretStr | None = Field(None, description="password of an encrypted client key "
                                                      "(never logged)")
-    tier3_kafka_timeout_s: float = Field(8.0, gt=0, le=300, description="how long a command waits at start for "
+    tier3_kafka_timeout_s: float = Field(6.0, gt=0, le=300, description="how long a command waits at start for "
                                          "a Kafka broker to answer before it says none does and exits (s)")
 
     tier3_topic_prefix: str = Field("tier3.", description="prefix of every topic name (tenants, tests)")
