@@ -286,7 +286,8 @@ def test_user_mistakes_give_one_line_and_exit_2(env_base: dict[str, str], kafka_
         Case("publish no experience in file", ["publish", str(bad_jsonl)], ready, one_line=False,
              must_say=("no line of",)),
         *[Case(f"{cmd} unknown run", [cmd, "no-such-run"], ready, must_say=("no run 'no-such-run'",))
-          for cmd in ("eval", "promote", "export", "close-loop")],
+          for cmd in ("eval", "export", "close-loop")],
+        Case("promote unknown run", ["promote", "no-such-run"], ready, must_say=("tier3 eval no-such-run",)),
         Case("dlq --limit -1", ["dlq", "--limit", "-1"], ready, must_say=("--limit",)),
         Case("worker --web-port 0", ["worker", "--web-port", "0"], ready, must_say=("TIER3_WEB_PORT",)),
         Case("trainer TIER3_MIN_TRACES=0", ["trainer"], {**ready, "TIER3_MIN_TRACES": "0"},
@@ -423,3 +424,22 @@ def test_converter_folder_is_documented_where_the_code_puts_it() -> None:
     home_cache = Path.home() / ".cache" / "tier3" / "tools"
     assert os.environ.get("XDG_CACHE_HOME") or default_tools_dir() == home_cache
     assert "~/.cache/tier3/tools" in row and "<data_dir>/tools" not in row, row
+
+
+def test_router_says_when_training_runs_is_missing(kafka_bootstrap: str, caplog: pytest.LogCaptureFixture) -> None:
+    from streams.router import PromotionFollower, PromotionView
+    from streams.settings import StreamsSettings
+
+    prefix = f"clierrrouter{uuid.uuid4().hex[:8]}."
+    settings = StreamsSettings(kafka_bootstrap_servers=kafka_bootstrap, tier3_topic_prefix=prefix)
+    caplog.set_level(logging.WARNING, logger="tier3.router")
+    follower = PromotionFollower(settings, PromotionView())
+    follower.start(wait_s=0.1)
+    try:
+        deadline = time.monotonic() + 60
+        while "tier3 topics create" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        follower.stop()
+    assert f"{prefix}training-runs does not exist" in caplog.text, caplog.text
+    assert _topics_with_prefix(kafka_bootstrap, prefix) == []

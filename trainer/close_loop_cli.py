@@ -40,7 +40,7 @@ def _run_dir(s: Any, run_id: str) -> None:
 
 def _fail(exc: Exception) -> typer.Exit:
     typer.echo(f"error: {exc}", err=True)
-    return typer.Exit(1)
+    return typer.Exit(exc.exit_code if isinstance(exc, UserError) else 1)
 
 
 def _print(doc: Any) -> None:
@@ -74,8 +74,7 @@ def promote_cmd(
     from trainer.gate import gate_run
 
     s = _settings()
-    _run_dir(s, run_id)
-    try:
+    try:  # from the events on training-runs: the run's folder may be on another machine
         ev = gate_run(s, run_id, force=force, reason=reason)
     except TrainerError as exc:
         raise _fail(exc) from None
