@@ -24,6 +24,7 @@ from typing import Any
 from confluent_kafka import Producer
 
 from schemas import Experience, encode, get_task
+from schemas.preflight import kafka_metadata, load_settings, run_cli
 from schemas.settings import RELIABLE_PRODUCER
 from streams.producer import Capture, CaptureSettings
 from streams.topics import ensure_topics
@@ -124,8 +125,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("-n", type=int, default=200_000)
     args = ap.parse_args()
+    base = load_settings(CaptureSettings)
+    kafka_metadata(base)  # no broker: one line saying where it looked and what to do, exit 2 (not a flood)
     exps = experiences(args.n)
-    base = CaptureSettings()
     results: dict[str, Any] = {"n": args.n, "message_bytes": len(encode(exps[0])), "python": platform.python_version()}
     # warm-up (JIT of the broker, connections, page cache), discarded; then each client on a fresh topic
     for name in ("warmup", "raw", "tier3"):
@@ -145,4 +147,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -286,4 +286,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from schemas.preflight import run_cli
+
+    run_cli(main)  # no broker, missing settings: one line, exit 2

@@ -1,4 +1,4 @@
-"""The four message types on tier3's topics (DESIGN.md, "Topics").
+"""The four message types on tier3's topics (docs/design.md, "Topics").
 
 They are frozen pydantic models: typed, validated on construction, and the source of the JSON Schema files in
 ``schemas/json/`` (``python -m schemas.export`` writes them; a test checks they are up to date).

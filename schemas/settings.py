@@ -8,6 +8,10 @@ variable.
 
 from __future__ import annotations
 
+import logging
+import re
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +35,43 @@ RELIABLE_CONSUMER: dict[str, Any] = {
 }
 
 
+class _RateLimit(logging.Filter):
+    """Let one line of each kind through per interval; count the rest and say so with the next one shown.
+
+    librdkafka repeats a connection error many times a second while a broker is away (about 20 lines/s per
+    client); an application's log must not be flooded by that. A "kind" is the message with its numbers blanked
+    (so "after 0ms" and "after 3ms" are the same kind).
+    """
+
+    _DIGITS = re.compile(r"\d+")
+
+    def __init__(self, interval_s: float) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self._seen: dict[str, tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kind = self._DIGITS.sub("#", record.getMessage())
+        now = time.monotonic()
+        with self._lock:
+            last, hidden = self._seen.get(kind, (None, 0))
+            if last is not None and now - last < self.interval_s:
+                self._seen[kind] = (last, hidden + 1)
+                return False
+            if len(self._seen) > 1000:  # bounded: kinds are few, but host names can vary
+                self._seen.clear()
+            self._seen[kind] = (now, 0)
+        if hidden:
+            record.msg = f"{record.msg} ({hidden} more like this in the last {self.interval_s:.0f} s not shown)"
+        return True
+
+
+#: every librdkafka client's log goes here (``client_config()["logger"]``), at most one line of a kind a minute
+KAFKA_CLIENT_LOG = logging.getLogger("tier3.kafka")
+KAFKA_CLIENT_LOG.addFilter(_RateLimit(60.0))
+
+
 class KafkaSettings(BaseSettings):
     """Connection and topic settings. Field name == environment variable name (case-insensitive)."""
 
@@ -46,6 +87,10 @@ class KafkaSettings(BaseSettings):
     kafka_ssl_ca_location: str | None = Field(None, description="CA certificate file for SSL")
     kafka_ssl_certificate_location: str | None = Field(None, description="client certificate for mutual TLS")
     kafka_ssl_key_location: str | None = Field(None, description="client key for mutual TLS")
+    kafka_ssl_key_password: SecretStr | None = Field(None, description="password of an encrypted client key "
+                                                     "(never logged)")
+    tier3_kafka_timeout_s: float = Field(6.0, gt=0, le=300, description="how long a command waits at start for "
+                                         "a Kafka broker to answer before it says none does and exits (s)")
 
     tier3_topic_prefix: str = Field("tier3.", description="prefix of every topic name (tenants, tests)")
     tier3_partitions: int = Field(6, ge=1, le=1000, description="partitions of experiences, enriched-traces "
@@ -77,10 +122,17 @@ class KafkaSettings(BaseSettings):
         return self.topic("training-runs")
 
     def client_config(self) -> dict[str, Any]:
-        """The librdkafka connection settings (bootstrap + security) for any client."""
+        """The librdkafka connection settings (bootstrap + security) for any client.
+
+        Also: the client's log goes to :data:`KAFKA_CLIENT_LOG` (rate-limited, instead of ~20 lines a second on
+        stderr while a broker is away), and no client ever makes the broker create a topic by asking for it: a
+        topic auto-created that way would get the broker's default partition count, not ours.
+        """
         conf: dict[str, Any] = {
             "bootstrap.servers": self.kafka_bootstrap_servers,
             "security.protocol": self.kafka_security_protocol,
+            "allow.auto.create.topics": False,
+            "logger": KAFKA_CLIENT_LOG,
         }
         optional = {
             "sasl.mechanism": self.kafka_sasl_mechanism,
@@ -89,6 +141,8 @@ class KafkaSettings(BaseSettings):
             "ssl.ca.location": self.kafka_ssl_ca_location,
             "ssl.certificate.location": self.kafka_ssl_certificate_location,
             "ssl.key.location": self.kafka_ssl_key_location,
+            "ssl.key.password": (self.kafka_ssl_key_password.get_secret_value() if self.kafka_ssl_key_password
+                                 else None),
         }
         conf.update({k: v for k, v in optional.items() if v is not None})
         return conf
@@ -105,7 +159,7 @@ class KafkaSettings(BaseSettings):
         return env
 
     def topic_specs(self) -> list[TopicSpec]:
-        """The four topics of DESIGN.md with partitions, retention and cleanup policy."""
+        """The four topics (docs/design.md, "Topics") with partitions, retention and cleanup policy."""
         forever = "-1"
         return [
             TopicSpec(self.experiences_topic, self.tier3_partitions,
@@ -117,6 +171,11 @@ class KafkaSettings(BaseSettings):
             # one partition: lifecycle events (promoted, rollback) must be read in the order they happened
             TopicSpec(self.training_runs_topic, 1, {"retention.ms": forever}),
         ]
+
+    def specs_of(self, *topics: str) -> list[TopicSpec]:
+        """The specs of these topics, by full name (``settings.specs_of(settings.traces_topic)``)."""
+        by_name = {spec.name: spec for spec in self.topic_specs()}
+        return [by_name[t] for t in topics]
 
 
 @dataclass(frozen=True)

@@ -195,7 +195,7 @@ def create_app(settings: StreamsSettings, teacher: Teacher | None = None) -> tup
         settings.faust_app_id,
         broker=settings.faust_broker_url(),
         broker_credentials=settings.faust_credentials(),
-        store="memory://",  # the count table is display-only (DESIGN.md); its changelog restores it
+        store="memory://",  # the count table is display-only (docs/design.md); its changelog restores it
         datadir=str(data_dir),
         autodiscover=False,
         topic_partitions=settings.tier3_partitions,

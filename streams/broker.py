@@ -155,6 +155,10 @@ def _server_properties(s: BrokerSettings, data: Path) -> str:
         "inter.broker.listener.name=PLAINTEXT",
         f"log.dirs={data / 'logs'}",
         "num.partitions=1",
+        # a topic exists only when `tier3 topics create` made it, with our partition counts: a request for a
+        # missing topic must fail, not create it with num.partitions (issue: a trainer started first made
+        # 1-partition topics and broke the co-partitioning of experiences and traces)
+        "auto.create.topics.enable=false",
         # one node: every internal topic has one replica
         "offsets.topic.replication.factor=1",
         "offsets.topic.num.partitions=10",

@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from schemas.preflight import UserError, check_topics, load_settings, run_cli
 from schemas.settings import KafkaSettings
 from streams import broker as broker_mod
 from streams.errors import StreamsError
@@ -54,7 +55,7 @@ def broker_down() -> None:
 @broker_app.command("status")
 def broker_status() -> None:
     """Bootstrap address, version and topics; exit code 1 when no broker answers."""
-    kafka = KafkaSettings()
+    kafka = load_settings(KafkaSettings)
     st = broker_mod.status(bootstrap=kafka.kafka_bootstrap_servers)
     if not st.running:
         console.print(f"no broker answers at {st.bootstrap} (start one with `tier3 broker up`)")
@@ -65,13 +66,14 @@ def broker_status() -> None:
 
 @topics_app.command("create")
 def topics_create() -> None:
-    """Create the four topics of DESIGN.md (idempotent), with partitions and retention from settings."""
+    """Create the four topics (docs/design.md, "Topics"), idempotently, with partitions and retention from
+    settings. Every other command only checks them."""
     from streams.topics import ensure_topics
 
-    settings = KafkaSettings()
+    settings = load_settings(KafkaSettings)
     try:
         result = ensure_topics(settings)
-    except (StreamsError, Exception) as exc:
+    except StreamsError as exc:
         raise _fail(exc) from None
     table = Table("topic", "partitions", "state")
     for spec in settings.topic_specs():
@@ -84,11 +86,26 @@ def publish_file(
     path: Annotated[Path, typer.Argument(help="JSONL file of Experience records")],
     rate_per_s: Annotated[float, typer.Option(help="publish rate; 0 = as fast as possible")] = 0.0,
 ) -> None:
-    """Publish experiences from a JSONL file through the capture library, as an application would."""
-    from streams.producer import publish_jsonl
+    """Publish experiences from a JSONL file through the capture library, as an application would.
 
-    stats = publish_jsonl(path, rate_per_s=rate_per_s)
+    A line is published if ``publish()`` would accept it (``schema_version`` may be left out); the others are
+    skipped, each with a warning naming its line, and counted as ``invalid``."""
+    from streams.producer import Capture, CaptureSettings, publish_jsonl
+
+    if rate_per_s < 0:
+        raise UserError(f"--rate-per-s must be >= 0, not {rate_per_s:g}")
+    if not path.is_file():
+        raise UserError(f"{path}: no such file" if not path.exists() else f"{path} is not a file")
+    settings = load_settings(CaptureSettings)
+    check_topics(settings, settings.specs_of(settings.experiences_topic))
+    capture = Capture(settings)
+    try:
+        stats = publish_jsonl(path, rate_per_s=rate_per_s, capture=capture)
+    finally:
+        capture.close()
     console.print(stats)
+    if stats["lines"] and stats["invalid"] == stats["lines"]:
+        raise UserError(f"no line of {path} is an Experience (see the warnings above)")
 
 
 def _register_plugins() -> None:
@@ -120,7 +137,7 @@ _register_plugins()
 
 def main() -> None:
     try:
-        app()
+        run_cli(app)  # a user's mistake (settings, arguments, no broker, missing topics): one line, exit 2
     except StreamsError as exc:
         console.print(f"[bold red]error:[/] {exc}")
         sys.exit(1)

@@ -3,7 +3,8 @@
 Keys are ``"<task>@<partition>@<window start s>"``: the partition is the trace's (= its experience's), so each
 key is written to the changelog partition of the source partition it counts, and one partition's count never
 overwrites another's. Windows are computed here from the trace's timestamp (tumbling, ``size_s``), not by
-Faust's windowed tables, whose expiry and ``on_window_close`` are unreliable across restarts (DESIGN.md).
+Faust's windowed tables, whose expiry and ``on_window_close`` are unreliable across restarts
+(docs/design.md, "Display-only state").
 
 Every table write is a changelog message; one per trace cost a quarter of the worker's time in our
 measurements. So counts accumulate in memory and a key is written at most once per ``flush_every_s``

@@ -24,6 +24,7 @@ from rich.table import Table
 from schemas.codec import decode
 from schemas.errors import SchemaError
 from schemas.messages import DeadLetter
+from schemas.preflight import UserError, check_topics, load_settings
 from schemas.settings import RELIABLE_PRODUCER, KafkaSettings
 
 console = Console()
@@ -101,7 +102,11 @@ def dlq(
                                              "source topic")] = False,
 ) -> None:
     """Dead letters: counts by stage and reason, the latest ones, and re-drive."""
-    settings = KafkaSettings()
+    if limit < 0:
+        raise UserError(f"--limit must be >= 0, not {limit}")
+    settings = load_settings(KafkaSettings)
+    # re-driving writes to the source topics too: all four must be there, as `tier3 topics create` made them
+    check_topics(settings, None if do_redrive else settings.specs_of(settings.dead_letters_topic))
     letters = read_dead_letters(settings)
     selected = [item for item in letters if item.letter is not None
                 and (not stage or item.letter.stage in stage) and (not kind or item.letter.error_kind in kind)]
@@ -111,7 +116,7 @@ def dlq(
         table.add_row(st, kd, str(c))
     console.print(table)
     latest = Table("partition/offset", "stage", "kind", "source", "reason", title="latest selected")
-    for item in selected[-limit:]:
+    for item in (selected[-limit:] if limit else []):
         dl = item.letter
         assert dl is not None
         latest.add_row(f"{item.partition}/{item.offset}", dl.stage, dl.error_kind,

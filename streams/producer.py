@@ -1,6 +1,6 @@
 """The capture library: what the RL / LLM application calls to put an experience into the log.
 
-Contract (DESIGN.md, "Capture never hurts the caller"):
+Contract (docs/design.md, "Capture never hurts the caller"):
 
 - ``publish()`` returns in microseconds and never raises into the caller (unless strict mode is on);
 - it never blocks when the broker is down: librdkafka keeps the messages in its bounded in-memory queue and
@@ -27,10 +27,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 from confluent_kafka import KafkaError, Message, Producer
 from pydantic import Field, ValidationError
 
-from schemas.codec import decode, encode
+from schemas.codec import encode
 from schemas.errors import SchemaError
 from schemas.messages import Experience
 from schemas.settings import RELIABLE_PRODUCER, KafkaSettings
@@ -203,17 +204,33 @@ def publish(experience: Experience | Mapping[str, Any]) -> bool:
 
 
 def publish_jsonl(path: Path, rate_per_s: float = 0.0, capture: Capture | None = None) -> dict[str, int]:
-    """Publish every Experience in a JSONL file (e.g. the shipped examples), optionally at a steady rate."""
+    """Publish every Experience in a JSONL file (e.g. the shipped examples), optionally at a steady rate.
+
+    A line is accepted exactly when :func:`publish` would accept the record (``schema_version`` may be left
+    out). Other lines (not JSON, not an object, not a valid Experience) are skipped with a warning naming the
+    line and the field, and counted in ``invalid``; ``lines`` counts the non-empty lines read.
+    """
     cap = capture or get_capture()
     start = time.monotonic()
+    lines = skipped = 0
     with path.open("rb") as fh:
         for i, line in enumerate(fh):
             if not line.strip():
                 continue
+            lines += 1
             try:
-                exp = decode(line, Experience)
-            except SchemaError as exc:
-                log.warning("%s line %d skipped: %s", path, i + 1, exc)
+                obj = orjson.loads(line)
+                if not isinstance(obj, dict):
+                    raise TypeError(f"expected a JSON object, got {type(obj).__name__}")
+                exp = Experience.model_validate(obj, strict=True)  # what publish() does with a mapping
+            except (orjson.JSONDecodeError, TypeError, ValidationError) as exc:
+                skipped += 1
+                if isinstance(exc, ValidationError):
+                    e = exc.errors(include_url=False, include_input=False)[0]
+                    reason = f"{'.'.join(str(p) for p in e['loc']) or 'record'}: {e['msg']}"
+                else:
+                    reason = str(exc) if isinstance(exc, TypeError) else f"not JSON ({exc})"
+                log.warning("%s line %d skipped: %s", path, i + 1, reason)
                 continue
             cap.publish(exp)
             if rate_per_s > 0:
@@ -221,7 +238,10 @@ def publish_jsonl(path: Path, rate_per_s: float = 0.0, capture: Capture | None =
                 if delay > 0:
                     time.sleep(delay)
     cap.flush(60.0)
-    return cap.stats().as_dict()
+    stats = cap.stats().as_dict()
+    stats["invalid"] += skipped
+    stats["lines"] = lines
+    return stats
 
 
 __all__ = ["Capture", "CaptureSettings", "CaptureStats", "get_capture", "publish", "publish_jsonl"]

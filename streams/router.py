@@ -167,12 +167,21 @@ class PromotionFollower:
         from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
         topic = self.settings.training_runs_topic
+        missing_said = False
         while not self._stop.is_set():
             consumer = Consumer({**self.settings.client_config(), "group.id": f"tier3-router-{uuid.uuid4().hex}",
                                  "enable.auto.commit": False, "isolation.level": "read_committed"})
             try:
                 md = consumer.list_topics(topic, timeout=10)
-                parts = sorted(md.topics[topic].partitions) if topic in md.topics else [0]
+                if topic not in md.topics or md.topics[topic].error is not None:
+                    # never created on the side (no auto-creation): say what to run, serve the teacher meanwhile
+                    if not missing_said:
+                        log.warning("router: topic %s does not exist; run `tier3 topics create`. Serving the "
+                                    "teacher until it does", topic)
+                        missing_said = True
+                    self._stop.wait(5.0)
+                    continue
+                parts = sorted(md.topics[topic].partitions)
                 ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
                 consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
                 positions = {p: 0 for p in parts}

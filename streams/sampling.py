@@ -1,4 +1,4 @@
-"""Which experiences go to the teacher: a pure, deterministic function (DESIGN.md, "Sampling is deterministic").
+"""Which experiences go to the teacher: a pure, deterministic function (docs/design.md, "Sampling is deterministic").
 
 The original system sampled 15 % at random plus every experience with confidence > 0.8. tier3 keeps the rule
 but replaces ``random()`` with a hash of ``experience_id``: every process, every replay and every re-delivery

@@ -115,7 +115,9 @@ class StreamsSettings(KafkaSettings):
         if proto in ("SSL", "SASL_SSL"):
             ctx = ssl.create_default_context(cafile=self.kafka_ssl_ca_location)
             if self.kafka_ssl_certificate_location:
-                ctx.load_cert_chain(self.kafka_ssl_certificate_location, self.kafka_ssl_key_location)
+                ctx.load_cert_chain(self.kafka_ssl_certificate_location, self.kafka_ssl_key_location,
+                                    password=(self.kafka_ssl_key_password.get_secret_value()
+                                              if self.kafka_ssl_key_password else None))
         if proto == "SSL":
             return faust.SSLCredentials(ctx)
         return faust.SASLCredentials(

@@ -1,4 +1,10 @@
-"""Create tier3's topics up front, idempotently (Faust will not consume a topic that did not exist at start)."""
+"""Create tier3's topics up front, idempotently (Faust will not consume a topic that did not exist at start).
+
+Only ``tier3 topics create`` (and the demo, the benchmarks and the worker's own changelog topics) create topics;
+every other command checks them with :func:`schemas.preflight.check_topics` and says to run ``tier3 topics
+create``. No client ever creates one by asking for it (``allow.auto.create.topics`` is off in
+``KafkaSettings.client_config``; the local broker has ``auto.create.topics.enable=false``).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import time
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from schemas.preflight import TopicsNotReady, kafka_metadata
 from schemas.settings import KafkaSettings, TopicSpec
 from streams.errors import StreamsError
 
@@ -15,20 +22,21 @@ def ensure_topics(settings: KafkaSettings, specs: list[TopicSpec] | None = None,
                   timeout_s: float = 30.0) -> dict[str, str]:
     """Create the missing topics; return ``{name: "created" | "exists"}``.
 
-    An existing topic with a different partition count is an error, not a silent mismatch: a Faust table's
-    source topic and its changelog must agree.
+    An existing topic with a different partition count is an error (:class:`TopicsNotReady`), not a silent
+    mismatch: a Faust table's source topic and its changelog must agree. No broker answering within
+    ``TIER3_KAFKA_TIMEOUT_S`` is :class:`schemas.preflight.KafkaUnreachable` (one line, what to do).
     """
     specs = specs if specs is not None else settings.topic_specs()
+    existing = kafka_metadata(settings).topics
     admin = AdminClient(settings.client_config())
-    existing = admin.list_topics(timeout=timeout_s).topics
     result: dict[str, str] = {}
     new: list[NewTopic] = []
     for spec in specs:
         if spec.name in existing:
             have = len(existing[spec.name].partitions)
             if have != spec.partitions:
-                raise StreamsError(f"topic {spec.name} exists with {have} partitions, settings say "
-                                   f"{spec.partitions}: use another TIER3_TOPIC_PREFIX or fix the setting")
+                raise TopicsNotReady(f"topic {spec.name} exists with {have} partitions, settings say "
+                                     f"{spec.partitions}: use another TIER3_TOPIC_PREFIX or fix the setting")
             result[spec.name] = "exists"
         else:
             new.append(NewTopic(spec.name, num_partitions=spec.partitions,

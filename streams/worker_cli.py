@@ -14,14 +14,8 @@ def worker(
     loglevel: Annotated[str | None, typer.Option(help="log level (TIER3_LOG_LEVEL)")] = None,
 ) -> None:
     """Run the streams worker: sample experiences, enrich them with the teacher, write traces / dead letters."""
-    import faust
-    from pydantic import ValidationError
-
-    from streams import router
-    from streams.app import APP_HOOKS, changelog_spec, create_app
-    from streams.errors import StreamsError
+    from schemas.preflight import UserError, check_topics, load_settings
     from streams.settings import StreamsSettings
-    from streams.topics import ensure_topics
 
     overrides: dict[str, object] = {}
     if web_port is not None:
@@ -30,18 +24,24 @@ def worker(
         overrides["tier3_worker_id"] = worker_id
     if loglevel is not None:
         overrides["tier3_log_level"] = loglevel
+    settings = load_settings(StreamsSettings, **overrides)  # an invalid setting: one line each, exit 2
+    # the four topics are `tier3 topics create`'s (checked, never created here: a broker would give them its
+    # default partition count); the worker's own changelog topics it creates, with the source's partition
+    # count. Every topic exists before Faust starts: it will not consume a topic that did not exist at start.
+    check_topics(settings)  # before importing Faust (seconds): a mistake is reported at once
+
+    import faust
+
+    from streams import router
+    from streams.app import APP_HOOKS, changelog_spec, create_app
+    from streams.errors import StreamsError
+    from streams.topics import ensure_topics
+
     try:
-        settings = StreamsSettings(**overrides)  # type: ignore[arg-type]
-        # every topic, the table's changelog included, exists before Faust starts (it will not consume a
-        # topic that did not exist at start, and a changelog must have the source's partition count)
-        ensure_topics(settings, [*settings.topic_specs(), changelog_spec(settings)])
+        ensure_topics(settings, [changelog_spec(settings)])
         if router.install_router_stats not in APP_HOOKS:
             APP_HOOKS.append(router.install_router_stats)  # per-arm table and the /status router block
         app, _state = create_app(settings)
-    except ValidationError as exc:
-        typer.echo(f"error: invalid settings:\n{exc}", err=True)
-        raise typer.Exit(2) from None
-    except StreamsError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+    except StreamsError as exc:  # a teacher that cannot be set up (no key, no recorded file, ...)
+        raise UserError(str(exc)) from None
     faust.Worker(app, loglevel=settings.tier3_log_level.upper()).execute_from_commandline()

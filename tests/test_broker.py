@@ -40,6 +40,21 @@ def test_up_twice_down_and_status(tmp_path: Path) -> None:
         assert topics.returncode == 0 and "brokertest.enriched-traces" in topics.stdout
         again = _cli(["topics", "create"], {**env, "TIER3_TOPIC_PREFIX": "brokertest."})
         assert "exists" in again.stdout and "created" not in again.stdout
+        # the broker refuses to create a topic a client merely asks for (librdkafka's producer asks by
+        # default): only `tier3 topics create` makes topics, with our partition counts
+        from confluent_kafka import Producer
+
+        errors: list[object] = []
+        producer = Producer({"bootstrap.servers": "127.0.0.1:19392", "message.timeout.ms": 5000})
+        producer.produce("brokertest.asked-for", b"x", on_delivery=lambda err, _m: errors.append(err))
+        producer.flush(30)
+        assert errors and errors[0] is not None
+        assert "brokertest.asked-for" not in (broker.list_topics("127.0.0.1:19392") or [])
+        # and a command started before the topics exist says what to run instead of creating them
+        early = _cli(["publish", str(Path(__file__).parent.parent / "examples" / "widget_selector" /
+                                     "experiences.jsonl")], {**env, "TIER3_TOPIC_PREFIX": "early."})
+        assert early.returncode == 2 and "tier3 topics create" in early.stderr, early.stderr
+        assert not [t for t in broker.list_topics("127.0.0.1:19392") or [] if t.startswith("early.")]
     finally:
         down = _cli(["broker", "down"], env)
     assert "broker stopped" in down.stdout

@@ -24,8 +24,8 @@ from typing import Annotated, Any
 
 import orjson
 import typer
-from pydantic import ValidationError
 
+from schemas.preflight import UserError, check_topics, load_settings, run_cli
 from trainer.errors import TrainerError
 
 
@@ -38,11 +38,8 @@ def _settings() -> Any:
     from trainer.settings import TrainerSettings
     from trainer.sft_config import SFTConfig
 
-    try:
-        return TrainerSettings(), SFTConfig()
-    except ValidationError as exc:  # names the variable and the reason; no traceback for a config mistake
-        typer.echo(f"error: invalid settings:\n{exc}", err=True)
-        raise typer.Exit(2) from None
+    # an invalid setting: one line each (name and reason, never the value), exit 2
+    return load_settings(TrainerSettings), load_settings(SFTConfig)
 
 
 def trainer_cmd(
@@ -54,6 +51,9 @@ def trainer_cmd(
 
     _setup_logging(log_level)
     settings, cfg = _settings()
+    # its topics exist as `tier3 topics create` made them (else one line saying so, exit 2): a consumer that
+    # subscribes to a missing topic waits forever, and one that made the broker create it broke the partitioning
+    check_topics(settings, settings.specs_of(settings.traces_topic, settings.training_runs_topic))
     evaluate: Any = None
     after_success: Any = None
     if settings.tier3_trainer_close_loop:
@@ -62,11 +62,7 @@ def trainer_cmd(
         from trainer.evaluate import evaluation_hook
         from trainer.gate import after_run
 
-        try:
-            loop_settings = CloseLoopSettings()
-        except ValidationError as exc:
-            typer.echo(f"error: invalid settings:\n{exc}", err=True)
-            raise typer.Exit(2) from None
+        loop_settings = load_settings(CloseLoopSettings)
         evaluate = evaluation_hook(loop_settings)
 
         def after_success(m: Any) -> None:
@@ -91,7 +87,7 @@ def train_now_cmd() -> None:
     from trainer.manifest import write_atomic
     from trainer.settings import TrainerSettings
 
-    settings = TrainerSettings()
+    settings = load_settings(TrainerSettings)
     write_atomic(settings.train_now_path, f"{time.time():.3f}\n".encode())
     typer.echo(f"requested a run: {settings.train_now_path} (the trainer picks it up within a second)")
 
@@ -100,7 +96,11 @@ def _parse_time(value: str) -> int:
     """Epoch milliseconds, or an ISO 8601 time (UTC unless it says otherwise)."""
     if value.isdigit():
         return int(value)
-    dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise UserError(f"--since {value!r} is not a time: give ISO 8601 (2026-05-01T12:00:00Z, 2026-05-01) or "
+                        "epoch milliseconds") from None
     if dt.tzinfo is None:
         from datetime import UTC
 
@@ -125,17 +125,25 @@ def replay_cmd(
     _setup_logging(log_level)
     settings, cfg = _settings()
     if sum(x is not None for x in (run, manifest, since)) > 1:
-        typer.echo("error: give at most one of --run, --manifest, --since", err=True)
-        raise typer.Exit(2)
+        raise UserError("give at most one of --run, --manifest, --since")
+    since_ms = _parse_time(since) if since is not None else None
+    if manifest is not None and not manifest.is_file():
+        raise UserError(f"--manifest {manifest}: no such file")
+    if run is not None and not (settings.runs_dir / run).is_dir():
+        raise UserError(f"--run {run}: no such run in {settings.runs_dir} (TIER3_RUNS_DIR)")
     try:
         m = find_manifest(settings.runs_dir, run) if run else read_manifest(manifest) if manifest else None
         topic = m.topic if m else settings.traces_topic
+        if topic == settings.traces_topic:
+            check_topics(settings, settings.specs_of(topic))
+        else:  # a run recorded under another prefix: its topic must still be there
+            _require_topic(settings, topic)
         if m is not None:
             ranges = dict(m.dataset_offsets)
             # the run's own dataset settings (holdout fraction, phases, ...) are what its sha256 depends on
             cfg = type(cfg)(**{k: v for k, v in m.hyperparameters.items() if k in type(cfg).model_fields})
-        elif since is not None:
-            ranges = ranges_from_time(settings, topic, _parse_time(since))
+        elif since_ms is not None:
+            ranges = ranges_from_time(settings, topic, since_ms)
         else:
             ranges = ranges_from_beginning(settings, topic)
         out_dir = out or settings.tier3_data_dir / "replays" / time.strftime(
@@ -150,6 +158,15 @@ def replay_cmd(
         raise typer.Exit(3)
 
 
+def _require_topic(settings: Any, topic: str) -> None:
+    from schemas.preflight import TopicsNotReady, kafka_metadata
+
+    if topic not in kafka_metadata(settings).topics:
+        raise TopicsNotReady(f"topic {topic} (from the run's manifest) does not exist on "
+                             f"{settings.kafka_bootstrap_servers}: its traces are gone; replay from the beginning "
+                             "instead")
+
+
 def register(app: typer.Typer) -> None:
     """Entry point of the ``tier3.commands`` group: add the trainer's commands to the ``tier3`` CLI."""
     app.command("trainer")(trainer_cmd)
@@ -160,7 +177,7 @@ def register(app: typer.Typer) -> None:
 def main() -> None:
     app = typer.Typer(help="tier3 trainer commands", no_args_is_help=True, pretty_exceptions_enable=False)
     register(app)
-    app()
+    run_cli(app)
 
 
 if __name__ == "__main__":

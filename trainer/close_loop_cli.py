@@ -15,28 +15,32 @@
 from __future__ import annotations
 
 import json
-import sys
 from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
 
+from schemas.preflight import UserError, check_topics, load_settings, run_cli
 from trainer.errors import TrainerError
 
 
 def _settings(**overrides: Any) -> Any:
+    """The settings (an invalid one: one line each, exit 2), after checking that a broker answers and
+    training-runs exists as `tier3 topics create` made it: every command here reads or writes its events."""
     from trainer.close_loop_settings import CloseLoopSettings
 
-    try:
-        return CloseLoopSettings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        typer.echo(f"error: invalid settings:\n{exc}", err=True)
-        raise typer.Exit(2) from None
+    s = load_settings(CloseLoopSettings, **{k: v for k, v in overrides.items() if v is not None})
+    check_topics(s, s.specs_of(s.training_runs_topic))
+    return s
+
+
+def _run_dir(s: Any, run_id: str) -> None:
+    if not (s.runs_dir / run_id).is_dir():
+        raise UserError(f"no run {run_id!r} in {s.runs_dir} (TIER3_RUNS_DIR)")
 
 
 def _fail(exc: Exception) -> typer.Exit:
     typer.echo(f"error: {exc}", err=True)
-    return typer.Exit(1)
+    return typer.Exit(exc.exit_code if isinstance(exc, UserError) else 1)
 
 
 def _print(doc: Any) -> None:
@@ -52,6 +56,7 @@ def eval_cmd(
     from trainer.evaluate import evaluate_run
 
     s = _settings(tier3_eval_max_examples=max_examples, tier3_eval_max_new_tokens=max_new_tokens)
+    _run_dir(s, run_id)
     try:
         res = evaluate_run(s, run_id)
     except TrainerError as exc:
@@ -69,7 +74,7 @@ def promote_cmd(
     from trainer.gate import gate_run
 
     s = _settings()
-    try:
+    try:  # from the events on training-runs: the run's folder may be on another machine
         ev = gate_run(s, run_id, force=force, reason=reason)
     except TrainerError as exc:
         raise _fail(exc) from None
@@ -98,6 +103,7 @@ def export_cmd(run_id: Annotated[str, typer.Argument(help="the run to export")])
     from trainer.export import export_run
 
     s = _settings()
+    _run_dir(s, run_id)
     try:
         res = export_run(s, run_id)
     except TrainerError as exc:
@@ -115,6 +121,7 @@ def close_loop_cmd(run_id: Annotated[str, typer.Argument(help="a trained run")])
     from trainer.gate import after_run
 
     s = _settings()
+    _run_dir(s, run_id)
     try:
         out = after_run(s, run_id)
     except TrainerError as exc:
@@ -135,4 +142,4 @@ def register(app: typer.Typer) -> None:
 if __name__ == "__main__":
     _app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
     register(_app)
-    sys.exit(_app())
+    run_cli(_app)

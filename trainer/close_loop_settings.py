@@ -49,7 +49,8 @@ class CloseLoopSettings(TrainerSettings):
                                                  "models); real upstream tokenizers need none")
     tier3_llama_cpp_dir: Path | None = Field(None, description="folder with convert_hf_to_gguf.py, conversion/ "
                                              "and gguf-py/; default: extracted once from the llama-cpp-python "
-                                             "source distribution into <data_dir>/tools")
+                                             "source distribution into $XDG_CACHE_HOME/tier3/tools "
+                                             "(~/.cache/tier3/tools), shared by every data dir")
     tier3_llama_cpp_python_version: str = Field("0.3.36", description="llama-cpp-python sdist that carries the "
                                                 "converter (pip download, never built)")
 

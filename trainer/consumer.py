@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from schemas import SchemaError
+from schemas.settings import KAFKA_CLIENT_LOG
 from trainer.errors import CommitFailed, DatasetError, ManifestError, TrainerError
 from trainer.events import TrainerEvents, now_ms
 from trainer.manifest import OffsetRange, RunManifest, list_manifests, read_manifest
@@ -358,7 +359,7 @@ class TrainerConsumer:
         self.pending.drop(ps)  # the new owner reads them again from the committed offset
 
     def _on_error(self, err: KafkaError) -> None:
-        log.warning("kafka: %s", err.str())
+        KAFKA_CLIENT_LOG.warning("trainer consumer: %s", err.str())  # rate-limited: a broker outage repeats it
 
     # -- when to train ------------------------------------------------------------------------------------
     def _mark_check(self) -> None:

@@ -7,6 +7,8 @@ in a ``failed`` event and needs an operator, because retrying would fail the sam
 
 from __future__ import annotations
 
+from schemas.preflight import UserError
+
 
 class TrainerError(Exception):
     """Root of every error raised by ``trainer``."""
@@ -23,6 +25,11 @@ class ConfigError(TrainerError):
     """A setting is invalid or the settings contradict each other (the message names the variable)."""
 
     retryable = False
+
+
+class RunNotEvaluated(ConfigError, UserError):
+    """The gate was asked about a run with no ``evaluated`` event (unknown, or not evaluated yet): a user's
+    mistake, one line and exit code 2 in the CLI."""
 
 
 class DatasetError(TrainerError):

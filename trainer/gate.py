@@ -35,7 +35,7 @@ from schemas import TrainingRun, decode, encode
 from schemas.errors import SchemaError
 from schemas.settings import RELIABLE_PRODUCER, KafkaSettings
 from trainer.close_loop_settings import CloseLoopSettings
-from trainer.errors import ConfigError, TrainerError
+from trainer.errors import ConfigError, RunNotEvaluated, TrainerError
 from trainer.events import now_ms
 
 log = logging.getLogger("tier3.trainer.gate")
@@ -209,7 +209,7 @@ def gate_run(settings: CloseLoopSettings, run_id: str, *, force: bool = False, r
     view = fold_runs(events)
     ev = view.evaluated.get(run_id)
     if ev is None:
-        raise ConfigError(f"run {run_id} has no `evaluated` event on {settings.training_runs_topic}; run "
+        raise RunNotEvaluated(f"run {run_id} has no `evaluated` event on {settings.training_runs_topic}; run "
                           f"`tier3 eval {run_id}` first")
     current = view.current
     promoted_metrics = None

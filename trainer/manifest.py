@@ -2,7 +2,7 @@
 
 A manifest is the durable record that ties a model (the adapter beside it) to the exact slice of the log it was
 trained on: per-partition offset ranges, the dataset's sha256 and holdout ids, the base model and every
-hyper-parameter. It is written *before* the offsets are committed (DESIGN.md, "Commit only after success"), so a
+hyper-parameter. It is written *before* the offsets are committed (docs/design.md, "Commit only after success"), so a
 trainer that crashes between the two finds it on restart and commits instead of training the batch again.
 
 Offset ranges are half-open ``[start, end)``: ``end`` is the offset committed to Kafka (the next one to read).

@@ -177,8 +177,8 @@ def read_ranges(settings: KafkaSettings, topic: str, ranges: dict[int, OffsetRan
 
 def read_ids(settings: KafkaSettings, topic: str, ranges: dict[int, OffsetRange], *, timeout_s: float = 300.0
              ) -> set[str]:
-    """The experience ids in ``ranges``: the record keys (DESIGN.md: key = experience_id), decoding only records
-    without a key. Cheap enough to run at every assignment."""
+    """The experience ids in ``ranges``: the record keys (docs/design.md, "Topics": key = experience_id),
+    decoding only records without a key. Cheap enough to run at every assignment."""
     ids: set[str] = set()
     for msg in iter_slice(settings, topic, ranges, timeout_s=timeout_s):
         key = msg.key()

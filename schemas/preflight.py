@@ -1,0 +1,185 @@
+"""What every command checks before it starts, and the one line a user's mistake gets (exit code 2).
+
+- **Settings.** An invalid setting is reported as ``error: invalid setting NAME: what is wrong``, one line per
+  setting, never with its value: pydantic's own message prints every value it read (``input_value=``), API keys
+  and passwords included.
+- **Kafka.** A broker answers within ``TIER3_KAFKA_TIMEOUT_S`` (else one line: the bootstrap servers tried, why,
+  and what to do), and the command's topics exist with the partition counts of the settings. A missing topic is
+  never created on the side: one auto-created by a client's request gets the broker's default partition count
+  and silently breaks the co-partitioning of experiences and traces (docs/design.md, "Topics").
+- **Mistakes.** :class:`UserError` is what a command raises for anything the user can fix (an argument, a file,
+  a setting, no broker, missing topics); :func:`run_cli` prints it as one line and exits with code 2, without a
+  traceback. A crash (a bug) still ends in a traceback, exit code 1.
+
+Used by ``streams/`` and ``trainer/`` alike; like the rest of ``schemas/`` it imports nothing of theirs.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pydantic import ValidationError
+
+if TYPE_CHECKING:
+    from confluent_kafka.admin import ClusterMetadata
+
+    from schemas.settings import KafkaSettings, TopicSpec
+
+#: exit code of a command stopped by a user's mistake (click's own usage errors use it too)
+EXIT_USAGE = 2
+
+S = TypeVar("S")
+
+# the probe's own client: its errors are collected and summarised in one line, its log is not shown
+_QUIET = logging.getLogger("tier3.kafka.probe")
+_QUIET.propagate = False
+_QUIET.addHandler(logging.NullHandler())
+
+
+class UserError(Exception):
+    """A mistake the user can fix. ``str(exc)`` is the whole message: one line per problem, no traceback."""
+
+    exit_code = EXIT_USAGE
+
+
+class KafkaUnreachable(UserError):
+    """No broker answered at the bootstrap servers (down, wrong address, or refused the credentials)."""
+
+
+class TopicsNotReady(UserError):
+    """A topic the command needs is missing, or has another partition count than the settings say."""
+
+
+# ----------------------------------------------------------------------------------------------- settings
+
+
+def _setting_name(loc: tuple[int | str, ...]) -> str:
+    """A settings field is named after its environment variable: ``tier3_sample_rate`` -> TIER3_SAMPLE_RATE."""
+    if not loc:
+        return ""
+    head, *rest = (str(p) for p in loc)
+    return ".".join([head.upper(), *rest])
+
+
+def validation_problems(exc: ValidationError) -> list[str]:
+    """One line per invalid field: its name and what is wrong. Never the value (it may be a secret)."""
+    lines: list[str] = []
+    for err in exc.errors(include_url=False, include_input=False, include_context=False):
+        msg = str(err["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        name = _setting_name(tuple(err["loc"]))
+        lines.append(f"invalid setting {name}: {msg}" if name else f"invalid settings: {msg}")
+    return lines or ["invalid settings"]
+
+
+def settings_error(exc: Exception) -> UserError:
+    """The :class:`UserError` for a settings class that refused the environment (no value in the message)."""
+    if isinstance(exc, ValidationError):
+        return UserError("\n".join(validation_problems(exc)))
+    # pydantic-settings' SettingsError names the field and the source, not the value
+    return UserError(f"invalid settings: {exc}")
+
+
+def load_settings(cls: Callable[..., S], **overrides: Any) -> S:
+    """``cls(**overrides)`` (the rest from the environment), or a :class:`UserError` naming each bad setting."""
+    from pydantic_settings import SettingsError
+
+    try:
+        return cls(**overrides)
+    except (ValidationError, SettingsError) as exc:
+        raise settings_error(exc) from None
+
+
+# ----------------------------------------------------------------------------------------------- Kafka
+
+
+def _reason(errors: list[Any]) -> str:
+    """The most telling client error, without librdkafka's prefix and timing: "Connection refused", ..."""
+    for err in errors:
+        if err.name() != "_ALL_BROKERS_DOWN":
+            text = re.sub(r"\s*\(after \d+ms in state \w+\)", "", err.str())
+            return re.sub(r"^\S+/bootstrap: ", "", text)
+    return "no answer"
+
+
+def kafka_metadata(settings: KafkaSettings, timeout_s: float | None = None) -> ClusterMetadata:
+    """The cluster's metadata, or :class:`KafkaUnreachable` within ``timeout_s`` (default TIER3_KAFKA_TIMEOUT_S).
+
+    The message names the bootstrap servers it tried, librdkafka's reason (connection refused, name not
+    resolved, authentication failed) and what to do. Nothing else is printed: the probe's client log is muted.
+    """
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    timeout = settings.tier3_kafka_timeout_s if timeout_s is None else timeout_s
+    errors: list[Any] = []
+    conf: dict[str, Any] = {**settings.client_config(), "logger": _QUIET, "error_cb": errors.append}
+    admin = AdminClient(conf)
+    try:
+        return admin.list_topics(timeout=timeout)
+    except KafkaException:
+        admin.poll(0)  # serves error_cb: why the brokers did not answer
+        reason = _reason(errors)
+        if any(e.name() in ("_AUTHENTICATION", "_SSL") for e in errors):
+            hint = "check KAFKA_SECURITY_PROTOCOL, KAFKA_SASL_* and KAFKA_SSL_* (the credentials or certificates)"
+        else:
+            hint = ("start the local broker with `tier3 broker up`, or set KAFKA_BOOTSTRAP_SERVERS to your "
+                    "cluster's host:port")
+        raise KafkaUnreachable(f"no Kafka broker answered at {settings.kafka_bootstrap_servers} within "
+                               f"{timeout:g} s ({reason}): {hint}") from None
+
+
+def check_topics(settings: KafkaSettings, specs: Iterable[TopicSpec] | None = None, *,
+                 timeout_s: float | None = None) -> ClusterMetadata:
+    """A broker answers and every topic of ``specs`` (default: all four) exists with its partition count.
+
+    Raises :class:`KafkaUnreachable` or :class:`TopicsNotReady` (saying to run ``tier3 topics create``); creates
+    nothing. Returns the metadata it read.
+    """
+    wanted = list(specs if specs is not None else settings.topic_specs())
+    md = kafka_metadata(settings, timeout_s)
+    missing = [s.name for s in wanted if s.name not in md.topics or md.topics[s.name].error is not None]
+    if missing:
+        raise TopicsNotReady(f"topic{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                             f"{'do' if len(missing) > 1 else 'does'} not exist on "
+                             f"{settings.kafka_bootstrap_servers}: run `tier3 topics create` (with the same "
+                             "TIER3_TOPIC_PREFIX and partition settings as this command)")
+    wrong = [(s, len(md.topics[s.name].partitions)) for s in wanted if len(md.topics[s.name].partitions)
+             != s.partitions]
+    if wrong:
+        desc = ", ".join(f"{s.name} has {have} partitions, the settings say {s.partitions}" for s, have in wrong)
+        raise TopicsNotReady(f"{desc}: experiences and traces must be co-partitioned as configured. Use another "
+                             "TIER3_TOPIC_PREFIX and `tier3 topics create`, or fix TIER3_PARTITIONS / "
+                             "TIER3_DEAD_LETTER_PARTITIONS")
+    return md
+
+
+# ----------------------------------------------------------------------------------------------- the CLI
+
+
+def print_error(message: str) -> None:
+    """``error: <line>`` on stderr for each line of ``message``."""
+    for line in message.splitlines() or [""]:
+        print(f"error: {line}", file=sys.stderr, flush=True)
+
+
+def run_cli(app: Callable[[], Any]) -> None:
+    """Run a Typer/Click app; a :class:`UserError` (or a settings class refusing the environment) anywhere in
+    a command becomes its one line on stderr and exit code 2, not a traceback."""
+    from pydantic_settings import SettingsError
+
+    try:
+        app()
+    except UserError as exc:
+        print_error(str(exc))
+        sys.exit(exc.exit_code)
+    except (ValidationError, SettingsError) as exc:
+        print_error(str(settings_error(exc)))
+        sys.exit(EXIT_USAGE)
+
+
+__all__ = ["EXIT_USAGE", "KafkaUnreachable", "TopicsNotReady", "UserError", "check_topics", "kafka_metadata",
+           "load_settings", "print_error", "run_cli", "settings_error", "validation_problems"]
