@@ -66,9 +66,15 @@ def broker_status() -> None:
 @topics_app.command("create")
 def topics_create() -> None:
     """Create the four topics of DESIGN.md (idempotent), with partitions and retention from settings."""
+    from schemas.kafka_access import ACCESS_EXIT_CODE, KafkaAccessError, check_kafka_access
     from streams.topics import ensure_topics
 
     settings = KafkaSettings()
+    try:
+        check_kafka_access(settings)
+    except KafkaAccessError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(ACCESS_EXIT_CODE) from None
     try:
         result = ensure_topics(settings)
     except (StreamsError, Exception) as exc:

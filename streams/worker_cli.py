@@ -17,6 +17,7 @@ def worker(
     import faust
     from pydantic import ValidationError
 
+    from schemas.kafka_access import ACCESS_EXIT_CODE, KafkaAccessError, check_kafka_access
     from streams import router
     from streams.app import APP_HOOKS, changelog_spec, create_app
     from streams.errors import StreamsError
@@ -32,6 +33,8 @@ def worker(
         overrides["tier3_log_level"] = loglevel
     try:
         settings = StreamsSettings(**overrides)  # type: ignore[arg-type]
+        # refused credentials / TLS / ACLs: one line and exit 2, before Faust (which would retry forever)
+        check_kafka_access(settings, [s.name for s in settings.topic_specs()])
         # every topic, the table's changelog included, exists before Faust starts (it will not consume a
         # topic that did not exist at start, and a changelog must have the source's partition count)
         ensure_topics(settings, [*settings.topic_specs(), changelog_spec(settings)])
@@ -41,6 +44,9 @@ def worker(
     except ValidationError as exc:
         typer.echo(f"error: invalid settings:\n{exc}", err=True)
         raise typer.Exit(2) from None
+    except KafkaAccessError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(ACCESS_EXIT_CODE) from None
     except StreamsError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None

@@ -45,6 +45,17 @@ def _settings() -> Any:
         raise typer.Exit(2) from None
 
 
+def _check_access(settings: Any, topics: list[str]) -> None:
+    """Refused credentials, TLS or ACLs: one line and exit 2, instead of librdkafka's endless reconnects."""
+    from schemas.kafka_access import ACCESS_EXIT_CODE, KafkaAccessError, check_kafka_access
+
+    try:
+        check_kafka_access(settings, topics)
+    except KafkaAccessError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(ACCESS_EXIT_CODE) from None
+
+
 def trainer_cmd(
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
     max_runs: Annotated[int | None, typer.Option(help="exit after this many committed runs (testing)")] = None,
@@ -54,6 +65,7 @@ def trainer_cmd(
 
     _setup_logging(log_level)
     settings, cfg = _settings()
+    _check_access(settings, [settings.traces_topic, settings.training_runs_topic])
     evaluate: Any = None
     after_success: Any = None
     if settings.tier3_trainer_close_loop:
@@ -127,6 +139,7 @@ def replay_cmd(
     if sum(x is not None for x in (run, manifest, since)) > 1:
         typer.echo("error: give at most one of --run, --manifest, --since", err=True)
         raise typer.Exit(2)
+    _check_access(settings, [settings.traces_topic])
     try:
         m = find_manifest(settings.runs_dir, run) if run else read_manifest(manifest) if manifest else None
         topic = m.topic if m else settings.traces_topic
