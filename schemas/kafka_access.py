@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
@@ -39,8 +40,9 @@ def check_kafka_access(settings: KafkaSettings, topics: Sequence[str] = (), time
     the credentials, the TLS handshake, or access to one of the topics. Return True when the cluster answered,
     False when no broker answered within ``timeout_s``."""
     errors: list[KafkaError] = []
-    admin = AdminClient({**settings.client_config(), "error_cb": errors.append, "logger": _QUIET,
-                         "allow.auto.create.topics": False})  # describing a topic must never create it
+    conf: dict[str, Any] = {**settings.client_config(), "error_cb": errors.append, "logger": _QUIET,
+                            "allow.auto.create.topics": False}  # describing a topic must never create it
+    admin = AdminClient(conf)
     deadline = time.monotonic() + timeout_s
     while True:
         try:
