@@ -142,7 +142,9 @@ def test_every_client_works_over_sasl_ssl(admin_env: dict[str, str], app_env: di
     assert stats["delivered"] == N_EXPERIENCES and stats["failed"] == 0, stats
 
     # the Faust worker (aiokafka consumer, librdkafka producer) as the admin
-    worker = WorkerProcess({**os.environ, **_worker_env(admin_env), "TIER3_WORKER_ID": "secure-w1"},
+    # PYTHONPATH: the `tier3` script would import the installed checkout, not this one
+    worker = WorkerProcess({**os.environ, **_worker_env(admin_env), "TIER3_WORKER_ID": "secure-w1",
+                            "PYTHONPATH": str(ROOT)},
                            tmp_path / "worker.log")
     try:
         worker.wait_ready(timeout_s=240)
