@@ -43,24 +43,32 @@ WRONG_PASSWORD = "wrong-Canary-5e1f0c"  # must never be printed
 
 
 @pytest.fixture(scope="module")
-def secure_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[broker.BrokerSettings]:
+def prefix() -> str:
+    return f"sec{uuid.uuid4().hex[:8]}."
+
+
+@pytest.fixture(scope="module")
+def secure_broker(tmp_path_factory: pytest.TempPathFactory, prefix: str) -> Iterator[broker.BrokerSettings]:
+    """`tier3 broker up --secure` on free ports and a folder of its own; stopped at the end of the module."""
     port = free_port()
     ctrl = free_port()
     while ctrl == port:
         ctrl = free_port()
     s = broker.BrokerSettings(tier3_broker_secure=True, tier3_broker_port=port, tier3_broker_controller_port=ctrl,
-                              tier3_broker_dir=tmp_path_factory.mktemp("secure-broker"),
-                              tier3_broker_start_timeout_s=300)
-    broker.up(s)
+                              tier3_broker_dir=tmp_path_factory.mktemp("secure-broker"))
+    env = {"TIER3_BROKER_PORT": str(port), "TIER3_BROKER_CONTROLLER_PORT": str(ctrl),
+           "TIER3_BROKER_DIR": str(s.tier3_broker_dir), "TIER3_BROKER_START_TIMEOUT_S": "300",
+           "TIER3_TOPIC_PREFIX": prefix}
     try:
+        up = _tier3(["broker", "up", "--secure"], env, timeout_s=600)
+        assert up.returncode == 0, up.stdout + up.stderr
+        output = " ".join((up.stdout + up.stderr).split())  # rich wraps long lines
+        assert "client.env" in output and "app.env" in output and f"write {prefix}experiences" in output
+        for secret in (s.tier3_broker_dir / "secrets").iterdir():
+            assert secret.read_text().strip() not in up.stdout + up.stderr
         yield s
     finally:
         broker.down(s)
-
-
-@pytest.fixture(scope="module")
-def prefix() -> str:
-    return f"sec{uuid.uuid4().hex[:8]}."
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +96,10 @@ def topics(admin_env: dict[str, str]) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def app_env(secure_broker: broker.BrokerSettings, admin_env: dict[str, str], topics: dict[str, str]
             ) -> dict[str, str]:
-    """The application's principal: write access to experiences only."""
+    """The application's principal: write access to experiences only (made by `up --secure`; idempotent)."""
+    made_by_up = _read_env(secure_broker.tier3_broker_dir / "app.env")
     env = broker.ensure_app_principal(secure_broker, topics["experiences"])
-    assert env == _read_env(secure_broker.tier3_broker_dir / "app.env")
+    assert env == made_by_up
     assert env["KAFKA_SASL_USERNAME"] == "app" and env["KAFKA_SASL_PASSWORD"] != admin_env["KAFKA_SASL_PASSWORD"]
     return {**admin_env, **env}
 
@@ -243,6 +252,16 @@ def test_the_app_principal_may_write_experiences_and_nothing_else(app_env: dict[
                                                           KafkaError.GROUP_AUTHORIZATION_FAILED), refused
     finally:
         consumer.close()
+
+    # capture with a refused password: publish() never raises, the experiences count as failed after the timeout
+    capture = Capture(CaptureSettings(**_fields(app_env), kafka_sasl_password=WRONG_PASSWORD,
+                                      tier3_capture_delivery_timeout_ms=3000))
+    try:
+        assert all(capture.publish(e) for e in _examples(2))
+        capture.flush(60)
+        assert capture.stats().failed == 2 and capture.stats().delivered == 0, capture.stats()
+    finally:
+        capture.close()
 
     # ... and the commands that read traces stop with one line, naming the topic and the principal
     for args in (["replay"], ["trainer"]):
