@@ -228,16 +228,16 @@ def test_the_app_principal_may_write_experiences_and_nothing_else(app_env: dict[
     assert _publish(app_env, _examples(3))["delivered"] == 3
 
     # it may not write traces
-    errors: list[KafkaError] = []
+    errors: list[KafkaError | None] = []
     producer = Producer({**app.client_config(), "enable.idempotence": True, "acks": "all"})
     producer.produce(topics["traces"], b"forged", on_delivery=lambda err, _msg: errors.append(err))
     assert producer.flush(60) == 0
-    assert [e.code() for e in errors] == [KafkaError.TOPIC_AUTHORIZATION_FAILED]
+    assert [e.code() if e is not None else None for e in errors] == [KafkaError.TOPIC_AUTHORIZATION_FAILED]
 
     # nor read them: the broker says so to a plain consumer ...
     admin = AdminClient(app.client_config())
-    assert admin.list_topics(topic=topics["traces"], timeout=30).topics[topics["traces"]].error.code() == \
-        KafkaError.TOPIC_AUTHORIZATION_FAILED
+    denied = admin.list_topics(topic=topics["traces"], timeout=30).topics[topics["traces"]].error
+    assert denied is not None and denied.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
     consumer = Consumer({**app.client_config(), "group.id": f"app-{uuid.uuid4().hex[:6]}",
                          "enable.auto.commit": False})
     try:
@@ -254,8 +254,8 @@ def test_the_app_principal_may_write_experiences_and_nothing_else(app_env: dict[
         consumer.close()
 
     # capture with a refused password: publish() never raises, the experiences count as failed after the timeout
-    capture = Capture(CaptureSettings(**_fields(app_env), kafka_sasl_password=WRONG_PASSWORD,
-                                      tier3_capture_delivery_timeout_ms=3000))
+    capture = Capture(CaptureSettings(**{**_fields(app_env), "kafka_sasl_password": WRONG_PASSWORD,
+                                         "tier3_capture_delivery_timeout_ms": 3000}))
     try:
         assert all(capture.publish(e) for e in _examples(2))
         capture.flush(60)
@@ -271,11 +271,15 @@ def test_the_app_principal_may_write_experiences_and_nothing_else(app_env: dict[
         assert f"does not let user 'app' use topic {topics['traces']}" in lines[0], lines[0]
 
 
-def test_the_broker_folder_is_secured_for_good(secure_broker: broker.BrokerSettings) -> None:
+def test_the_broker_folder_is_secured_for_good(secure_broker: broker.BrokerSettings,
+                                               admin_env: dict[str, str]) -> None:
     """A secured broker's folder cannot be started plain (its listeners and users would not match), and `up`
     on the running secured broker is idempotent (it finds it over SASL_SSL)."""
     again = broker.up(secure_broker)
     assert again.running and again.pid == broker.status(secure_broker).pid
+    # `tier3 broker status` with the client settings of client.env
+    st = _tier3(["broker", "status"], {**admin_env, "TIER3_BROKER_DIR": str(secure_broker.tier3_broker_dir)})
+    assert st.returncode == 0 and f"pid: {again.pid}" in st.stdout, st.stdout + st.stderr
     plain = secure_broker.model_copy(update={"tier3_broker_secure": False})
     with pytest.raises(broker.BrokerError, match="was set up sasl_ssl, not plaintext"):
         broker.up(plain)
