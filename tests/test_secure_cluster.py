@@ -57,10 +57,10 @@ def secure_broker(tmp_path_factory: pytest.TempPathFactory, prefix: str) -> Iter
     s = broker.BrokerSettings(tier3_broker_secure=True, tier3_broker_port=port, tier3_broker_controller_port=ctrl,
                               tier3_broker_dir=tmp_path_factory.mktemp("secure-broker"))
     env = {"TIER3_BROKER_PORT": str(port), "TIER3_BROKER_CONTROLLER_PORT": str(ctrl),
-           "TIER3_BROKER_DIR": str(s.tier3_broker_dir), "TIER3_BROKER_START_TIMEOUT_S": "300",
+           "TIER3_BROKER_DIR": str(s.tier3_broker_dir), "TIER3_BROKER_START_TIMEOUT_S": "600",
            "TIER3_TOPIC_PREFIX": prefix}
     try:
-        up = _tier3(["broker", "up", "--secure"], env, timeout_s=600)
+        up = _tier3(["broker", "up", "--secure"], env, timeout_s=900)  # a JVM start on a loaded 2-core box
         assert up.returncode == 0, up.stdout + up.stderr
         output = " ".join((up.stdout + up.stderr).split())  # rich wraps long lines
         assert "client.env" in output and "app.env" in output and f"write {prefix}experiences" in output
