@@ -35,7 +35,8 @@ from trainer.replay import ranges_from_beginning, replay
 from trainer.settings import TrainerSettings
 from trainer.tiny_model import cached_tiny_model
 
-pytestmark = pytest.mark.chaos  # starts and stops a broker of its own
+# starts and stops a broker of its own; its start (a JVM) counts in the first test's time on a loaded machine
+pytestmark = [pytest.mark.chaos, pytest.mark.timeout(1800)]
 
 EXAMPLES = ROOT / "examples" / "widget_selector"
 N_EXPERIENCES = 30
