@@ -105,7 +105,8 @@ def _reason(errors: list[Any]) -> str:
     return "no answer"
 
 
-def kafka_metadata(settings: KafkaSettings, timeout_s: float | None = None) -> ClusterMetadata:
+def kafka_metadata(settings: KafkaSettings, timeout_s: float | None = None, *, waited_s: float | None = None
+                   ) -> ClusterMetadata:
     """The cluster's metadata, or :class:`KafkaUnreachable` within ``timeout_s`` (default TIER3_KAFKA_TIMEOUT_S).
 
     The message names the bootstrap servers it tried, librdkafka's reason (connection refused, name not
@@ -128,8 +129,9 @@ def kafka_metadata(settings: KafkaSettings, timeout_s: float | None = None) -> C
         else:
             hint = ("start the local broker with `tier3 broker up`, or set KAFKA_BOOTSTRAP_SERVERS to your "
                     "cluster's host:port")
+        waited = timeout if waited_s is None else waited_s  # a caller that already waited says how long
         raise KafkaUnreachable(f"no Kafka broker answered at {settings.kafka_bootstrap_servers} within "
-                               f"{timeout:g} s ({reason}): {hint}") from None
+                               f"{waited:g} s ({reason}): {hint}") from None
 
 
 def check_topics(settings: KafkaSettings, specs: Iterable[TopicSpec] | None = None, *,
@@ -139,8 +141,17 @@ def check_topics(settings: KafkaSettings, specs: Iterable[TopicSpec] | None = No
     Raises :class:`KafkaUnreachable` or :class:`TopicsNotReady` (saying to run ``tier3 topics create``); creates
     nothing. Returns the metadata it read.
     """
+    from schemas.kafka_access import KafkaAccessError, check_kafka_access
+
     wanted = list(specs if specs is not None else settings.topic_specs())
-    md = kafka_metadata(settings, timeout_s)
+    timeout = settings.tier3_kafka_timeout_s if timeout_s is None else timeout_s
+    # refused credentials, TLS or ACLs first: one line naming the user or topic (a topic the principal may not
+    # see would otherwise read as missing), instead of librdkafka's endless reconnects
+    try:
+        answered = check_kafka_access(settings, [s.name for s in wanted], timeout_s=timeout)
+    except KafkaAccessError as exc:
+        raise UserError(str(exc)) from None
+    md = kafka_metadata(settings, timeout if answered else 1.0, waited_s=None if answered else timeout)
     missing = [s.name for s in wanted if s.name not in md.topics or md.topics[s.name].error is not None]
     if missing:
         raise TopicsNotReady(f"topic{'s' if len(missing) > 1 else ''} {', '.join(missing)} "

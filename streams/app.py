@@ -385,18 +385,12 @@ async def _process(app: faust.App, stream: StreamT, settings: StreamsSettings, s
 async def _follow_training_runs(settings: StreamsSettings, state: WorkerState) -> None:
     """Read training-runs from the beginning, outside the consumer group: every worker sees every event."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
+    from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 
+    # security exactly as Faust's own consumer gets it (SASL_SSL needs the TLS context as well as the SASL user)
     kwargs: dict[str, Any] = {"bootstrap_servers": settings.kafka_bootstrap_servers, "group_id": None,
                               "enable_auto_commit": False, "auto_offset_reset": "earliest",
-                              "security_protocol": settings.kafka_security_protocol}
-    if settings.kafka_security_protocol.startswith("SASL"):
-        kwargs.update(sasl_mechanism=settings.kafka_sasl_mechanism or "PLAIN",
-                      sasl_plain_username=settings.kafka_sasl_username,
-                      sasl_plain_password=(settings.kafka_sasl_password.get_secret_value()
-                                           if settings.kafka_sasl_password else None))
-    creds = settings.faust_credentials()
-    if creds is not None and getattr(creds, "context", None) is not None:
-        kwargs["ssl_context"] = creds.context
+                              **credentials_to_aiokafka_auth(settings.faust_credentials())}
     while True:
         consumer = AIOKafkaConsumer(**kwargs)
         try:

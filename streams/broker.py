@@ -6,12 +6,22 @@ starts ``java kafka.Kafka server.properties`` in the background (pid and log kep
 waits until the broker answers a metadata request: the TCP port opens before the broker can serve.
 
 ``KAFKA_BOOTSTRAP_SERVERS`` pointing anywhere else means "use that cluster"; nothing is started then.
+
+``tier3 broker up --secure`` (``TIER3_BROKER_SECURE=true``) starts it secured instead: the client port speaks
+SASL_SSL with SCRAM-SHA-512 only, its certificate is signed by a CA made at the first start (``tls/ca.pem`` in the
+broker folder; the CA's key is not kept), ACLs are enforced (KRaft's StandardAuthorizer, super user ``admin``,
+nothing allowed to anyone else unless an ACL says so) and the controller port (loopback) needs SASL/PLAIN. The
+admin's SCRAM credential is written into the metadata when the storage is formatted. ``client.env`` in the broker
+folder (mode 0600) holds the admin's client settings; :func:`ensure_app_principal` adds a principal that may only
+write experiences (the capture library's), with its settings in ``app.env``.
 """
 
 from __future__ import annotations
 
 import base64
+import datetime
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -24,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka.admin import AdminClient
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streams.errors import BrokerError
@@ -71,10 +81,35 @@ class BrokerSettings(BaseSettings):
     tier3_cache_dir: Path = Field(Path.home() / ".cache" / "tier3", description="cache of resolved jars")
     tier3_broker_heap: str = Field("-Xms256m -Xmx768m", description="JVM heap options of the local broker")
     tier3_broker_start_timeout_s: float = Field(120.0, description="how long `up` waits for the broker")
+    tier3_broker_secure: bool = Field(False, description="start the local broker secured (`tier3 broker up "
+                                      "--secure`): SASL_SSL with SCRAM-SHA-512, a self-signed CA made at the "
+                                      "first start, ACLs enforced; client settings in <broker dir>/client.env")
+    tier3_broker_admin_password: SecretStr | None = Field(None, description="password of the secured broker's "
+                                                          "super user `admin`, fixed when its storage is "
+                                                          "formatted (default: generated, kept in <broker "
+                                                          "dir>/secrets/admin.password)")
 
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.tier3_broker_port}"
+
+    def client_env(self) -> dict[str, str]:
+        """The client settings (environment variables of KafkaSettings) of the broker's super user."""
+        env = {"KAFKA_BOOTSTRAP_SERVERS": self.bootstrap}
+        if self.tier3_broker_secure:
+            data = self.tier3_broker_dir.resolve()
+            env.update(_secure_client_env(data / "tls" / "ca.pem", ADMIN_USER, _read_secret(data, ADMIN_USER)))
+        return env
+
+    def client_config(self) -> dict[str, Any]:
+        """The librdkafka settings that reach this broker as its super user."""
+        env = self.client_env()
+        conf = {"bootstrap.servers": env["KAFKA_BOOTSTRAP_SERVERS"]}
+        if self.tier3_broker_secure:
+            conf.update({"security.protocol": env["KAFKA_SECURITY_PROTOCOL"],
+                         "sasl.mechanism": env["KAFKA_SASL_MECHANISM"], "sasl.username": env["KAFKA_SASL_USERNAME"],
+                         "sasl.password": env["KAFKA_SASL_PASSWORD"], "ssl.ca.location": env["KAFKA_SSL_CA_LOCATION"]})
+        return conf
 
 
 @dataclass(frozen=True)
@@ -172,6 +207,197 @@ def _server_properties(s: BrokerSettings, data: Path) -> str:
     ])
 
 
+ADMIN_USER = "admin"
+APP_USER = "app"
+SCRAM = "SCRAM-SHA-512"
+
+
+def _secure_client_env(ca: Path, user: str, password: str) -> dict[str, str]:
+    return {"KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "KAFKA_SASL_MECHANISM": SCRAM, "KAFKA_SASL_USERNAME": user,
+            "KAFKA_SASL_PASSWORD": password, "KAFKA_SSL_CA_LOCATION": str(ca)}
+
+
+def _write_private(path: Path, text: str | bytes) -> None:
+    """Write a file only its owner can read (created 0600, never world-readable in between)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    data = text.encode() if isinstance(text, str) else text
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:6]}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _read_secret(data: Path, user: str) -> str:
+    path = data / "secrets" / f"{user}.password"
+    if not path.exists():
+        raise BrokerError(f"no password for `{user}` in {path.parent}: start the broker with `tier3 broker up "
+                          "--secure` first")
+    return path.read_text().strip()
+
+
+def _password(data: Path, user: str, given: SecretStr | None) -> str:
+    """The user's password: the one kept in the broker folder, else the given one, else a new random one."""
+    path = data / "secrets" / f"{user}.password"
+    if path.exists():
+        kept = path.read_text().strip()
+        if given is not None and given.get_secret_value() != kept:
+            raise BrokerError(f"the secured broker in {data} was formatted with another `{user}` password: unset "
+                              "TIER3_BROKER_ADMIN_PASSWORD, or use a new TIER3_BROKER_DIR")
+        return kept
+    password = given.get_secret_value() if given is not None else secrets.token_hex(24)
+    if not password or any(c in password for c in ',[]="\\\n\r '):
+        raise BrokerError("TIER3_BROKER_ADMIN_PASSWORD must be non-empty, without spaces, commas, brackets, "
+                          "quotes or backslashes")
+    _write_private(path, password + "\n")
+    return password
+
+
+def _make_tls(tls: Path, validity_days: int = 825) -> str:
+    """A CA and the broker's certificate (for 127.0.0.1 and localhost), signed by it; return the keystore
+    password. ``ca.pem`` is what clients trust; ``broker.p12`` holds the broker's key. The CA's key is dropped."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import pkcs12
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
+    until = now + datetime.timedelta(days=validity_days)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"tier3 local CA {uuid.uuid4().hex[:8]}")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(until)
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                       data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                       crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now).not_valid_after(until)
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(_ip("127.0.0.1")),
+                                                        x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    store_password = secrets.token_hex(16)
+    p12 = pkcs12.serialize_key_and_certificates(b"broker", key, cert, [ca], serialization.BestAvailableEncryption(
+        store_password.encode()))
+    _write_private(tls / "broker.p12", p12)
+    _write_private(tls / "broker.p12.password", store_password + "\n")
+    (tls / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))  # public: every client reads it
+    return store_password
+
+
+def _ip(addr: str) -> Any:
+    import ipaddress
+
+    return ipaddress.ip_address(addr)
+
+
+def _secure_properties(s: BrokerSettings, data: Path, admin_password: str) -> dict[str, str]:
+    """What a secured broker changes in the plain configuration (see the module's docstring)."""
+    tls = data / "tls"
+    if not (tls / "broker.p12").exists() or not (tls / "ca.pem").exists():
+        store_password = _make_tls(tls)
+    else:
+        store_password = (tls / "broker.p12.password").read_text().strip()
+    port, ctrl = s.tier3_broker_port, s.tier3_broker_controller_port
+    scram = f'org.apache.kafka.common.security.scram.ScramLoginModule required username="{ADMIN_USER}" ' \
+            f'password="{admin_password}";'
+    plain = f'org.apache.kafka.common.security.plain.PlainLoginModule required username="{ADMIN_USER}" ' \
+            f'password="{admin_password}" user_{ADMIN_USER}="{admin_password}";'
+    return {
+        "listeners": f"SASL_SSL://127.0.0.1:{port},CONTROLLER://127.0.0.1:{ctrl}",
+        "advertised.listeners": f"SASL_SSL://127.0.0.1:{port}",
+        "listener.security.protocol.map": "SASL_SSL:SASL_SSL,CONTROLLER:SASL_PLAINTEXT",
+        "inter.broker.listener.name": "SASL_SSL",
+        # clients and the broker itself: SCRAM over TLS
+        "sasl.enabled.mechanisms": SCRAM,
+        "sasl.mechanism.inter.broker.protocol": SCRAM,
+        "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config": scram,
+        # the controller (loopback): PLAIN with a static user, so the broker reaches it as the super user
+        # (SCRAM cannot serve the controller: its credentials live in the metadata the controller serves)
+        "sasl.mechanism.controller.protocol": "PLAIN",
+        "listener.name.controller.sasl.enabled.mechanisms": "PLAIN",
+        "listener.name.controller.plain.sasl.jaas.config": plain,
+        "ssl.keystore.type": "PKCS12",
+        "ssl.keystore.location": str(tls / "broker.p12"),
+        "ssl.keystore.password": store_password,
+        "ssl.key.password": store_password,
+        "ssl.truststore.type": "PEM",  # the broker as a client of itself (inter-broker) trusts our CA
+        "ssl.truststore.location": str(tls / "ca.pem"),
+        "ssl.client.auth": "none",
+        "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+        "super.users": f"User:{ADMIN_USER}",
+        "allow.everyone.if.no.acl.found": "false",
+    }
+
+
+def _override(props: str, overrides: dict[str, str]) -> str:
+    """``props`` (key=value lines) with ``overrides`` replacing or adding keys; other lines kept as they are."""
+    lines = []
+    for line in props.splitlines():
+        key = line.split("=", 1)[0].strip()
+        if key not in overrides:
+            lines.append(line)
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return "\n".join([*lines, *(f"{k}={v}" for k, v in overrides.items()), ""])
+
+
+def _mode(s: BrokerSettings) -> str:
+    return "sasl_ssl" if s.tier3_broker_secure else "plaintext"
+
+
+def ensure_app_principal(s: BrokerSettings, experiences_topic: str, user: str = APP_USER,
+                         timeout_s: float = 60.0) -> dict[str, str]:
+    """On the secured broker: a SCRAM user that may write ``experiences_topic`` and nothing else (the capture
+    library's principal). Idempotent; returns its client settings (also written to ``<broker dir>/<user>.env``)."""
+    from confluent_kafka.admin import (
+        AclBinding,
+        AclOperation,
+        AclPermissionType,
+        ResourcePatternType,
+        ResourceType,
+        ScramCredentialInfo,
+        ScramMechanism,
+        UserScramCredentialUpsertion,
+    )
+
+    if not s.tier3_broker_secure:
+        raise BrokerError("principals and ACLs need the secured broker (TIER3_BROKER_SECURE=true)")
+    data = s.tier3_broker_dir.resolve()
+    password = _password(data, user, None)
+    admin = AdminClient({**s.client_config(), "logger": _silent_logger()})
+    upsert = UserScramCredentialUpsertion(user, ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, 8192),
+                                          password.encode())
+    for fut in admin.alter_user_scram_credentials([upsert], request_timeout=timeout_s).values():
+        fut.result()
+    # Write implies Describe; since Kafka 3.0 it also allows the idempotent producer (KIP-679)
+    acl = AclBinding(ResourceType.TOPIC, experiences_topic, ResourcePatternType.LITERAL, f"User:{user}", "*",
+                     AclOperation.WRITE, AclPermissionType.ALLOW)
+    for fut in admin.create_acls([acl], request_timeout=timeout_s).values():
+        fut.result()
+    env = {"KAFKA_BOOTSTRAP_SERVERS": s.bootstrap, **_secure_client_env(data / "tls" / "ca.pem", user, password)}
+    _write_private(data / f"{user}.env", "".join(f"{k}={v}\n" for k, v in env.items()))
+    # the new credential reaches the broker through the metadata log: wait until it authenticates
+    conf = {"bootstrap.servers": s.bootstrap, "security.protocol": "SASL_SSL", "sasl.mechanism": SCRAM,
+            "sasl.username": user, "sasl.password": password, "ssl.ca.location": str(data / "tls" / "ca.pem")}
+    deadline = time.monotonic() + timeout_s
+    while list_topics(s.bootstrap, timeout_s=2.0, conf=conf) is None:
+        if time.monotonic() > deadline:
+            raise BrokerError(f"the new principal `{user}` could not sign in within {timeout_s:.0f} s")
+        time.sleep(0.5)
+    return env
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -205,9 +431,10 @@ def _our_pid(s: BrokerSettings) -> int | None:
     return pid if "kafka.Kafka" in cmdline and str(s.tier3_broker_dir.resolve()) in cmdline else None
 
 
-def list_topics(bootstrap: str, timeout_s: float = 3.0) -> list[str] | None:
-    """Topic names if a broker answers a metadata request at ``bootstrap``, else None."""
-    admin = AdminClient({"bootstrap.servers": bootstrap, "socket.connection.setup.timeout.ms": 1000,
+def list_topics(bootstrap: str, timeout_s: float = 3.0, conf: dict[str, Any] | None = None) -> list[str] | None:
+    """Topic names if a broker answers a metadata request at ``bootstrap``, else None. ``conf``: more client
+    settings (security)."""
+    admin = AdminClient({**(conf or {}), "bootstrap.servers": bootstrap, "socket.connection.setup.timeout.ms": 1000,
                          "log_level": 0, "logger": _silent_logger()})
     try:
         md = admin.list_topics(timeout=timeout_s)
@@ -230,10 +457,18 @@ def up(s: BrokerSettings | None = None) -> BrokerStatus:
     """Start the local broker unless it is already running; return when it answers metadata requests."""
     s = s or BrokerSettings()
     data = s.tier3_broker_dir.resolve()
-    if _our_pid(s) is not None and list_topics(s.bootstrap) is not None:
+    mode_file = data / "security"  # how the storage was formatted: a broker folder is plain or secured for good
+    if (data / "logs" / "meta.properties").exists():
+        formatted = mode_file.read_text().strip() if mode_file.exists() else "plaintext"
+        if formatted != _mode(s):
+            raise BrokerError(f"the broker in {data} was set up {formatted}, not {_mode(s)}: use another "
+                              f"TIER3_BROKER_DIR for a {'secured' if s.tier3_broker_secure else 'plain'} broker")
+    conf = _probe_conf(s, data)
+    if _our_pid(s) is not None and list_topics(s.bootstrap, conf=conf) is not None:
         return status(s)
     if _port_in_use(s.tier3_broker_port) or _port_in_use(s.tier3_broker_controller_port):
-        if list_topics(s.bootstrap) is not None and _our_pid(s) is None:
+        if _our_pid(s) is None and (list_topics(s.bootstrap) is not None
+                                    or list_topics(s.bootstrap, conf=conf) is not None):
             raise BrokerError(f"another Kafka broker already answers on {s.bootstrap} (not started by tier3 "
                               f"from {data}): use it with KAFKA_BOOTSTRAP_SERVERS={s.bootstrap}, or stop it")
         if _our_pid(s) is None:
@@ -244,7 +479,17 @@ def up(s: BrokerSettings | None = None) -> BrokerStatus:
     libs = resolve_jars(s)
     data.mkdir(parents=True, exist_ok=True)
     props = data / "server.properties"
-    props.write_text(_server_properties(s, data))
+    extra_format: list[str] = []
+    if s.tier3_broker_secure:
+        admin_password = _password(data, ADMIN_USER, s.tier3_broker_admin_password)
+        # holds passwords: written 0600
+        _write_private(props, _override(_server_properties(s, data), _secure_properties(s, data, admin_password)))
+        # SCRAM credentials live in the metadata log: the admin's is written when the storage is formatted
+        extra_format = ["--add-scram", f"{SCRAM}=[name={ADMIN_USER},password={admin_password}]"]
+        _write_private(data / "client.env", "".join(f"{k}={v}\n" for k, v in s.client_env().items()))
+        conf = _probe_conf(s, data)
+    else:
+        props.write_text(_server_properties(s, data))
     log4j = data / "log4j2.properties"
     log4j.write_text(LOG4J2.format(log=data / "server.log"))
     cp = f"{libs}/*"
@@ -253,9 +498,13 @@ def up(s: BrokerSettings | None = None) -> BrokerStatus:
     if not (data / "logs" / "meta.properties").exists():
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         fmt = subprocess.run([*jvm, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props),
-                              "--ignore-formatted"], capture_output=True, text=True)
+                              "--ignore-formatted", *extra_format], capture_output=True, text=True)
         if fmt.returncode != 0:
-            raise BrokerError(f"formatting the broker storage failed:\n{(fmt.stdout + fmt.stderr)[-3000:]}")
+            output = fmt.stdout + fmt.stderr
+            for secret in extra_format[1:]:  # the admin's password is on the command line: never echo it
+                output = output.replace(secret.split("password=", 1)[-1].rstrip("]"), "***")
+            raise BrokerError(f"formatting the broker storage failed:\n{output[-3000:]}")
+        mode_file.write_text(_mode(s) + "\n")
     out = open(data / "stdout.log", "ab")  # handed to the child, closed below
     proc = subprocess.Popen([*jvm, "kafka.Kafka", str(props)], stdout=out, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True, cwd=data)
@@ -267,7 +516,7 @@ def up(s: BrokerSettings | None = None) -> BrokerStatus:
         if proc.poll() is not None:
             raise BrokerError(f"the broker exited with code {proc.returncode} while starting; last log lines:\n"
                               f"{_tail(data)}")
-        if list_topics(s.bootstrap, timeout_s=2.0) is not None:
+        if list_topics(s.bootstrap, timeout_s=2.0, conf=conf) is not None:
             return status(s)
         time.sleep(0.5)
     raise BrokerError(f"the broker did not answer on {s.bootstrap} within {s.tier3_broker_start_timeout_s:.0f} s; "
@@ -301,10 +550,19 @@ def down(s: BrokerSettings | None = None, timeout_s: float = 30.0) -> bool:
     return True
 
 
-def status(s: BrokerSettings | None = None, bootstrap: str | None = None) -> BrokerStatus:
+def _probe_conf(s: BrokerSettings, data: Path) -> dict[str, Any]:
+    """Client settings that reach this broker (as its super user when secured, once its password exists)."""
+    if s.tier3_broker_secure and (data / "secrets" / f"{ADMIN_USER}.password").exists():
+        return s.client_config()
+    return {}
+
+
+def status(s: BrokerSettings | None = None, bootstrap: str | None = None,
+           conf: dict[str, Any] | None = None) -> BrokerStatus:
+    """``conf``: client settings (security) for the metadata request; default: this broker's own."""
     s = s or BrokerSettings()
     addr = bootstrap or s.bootstrap
-    topics = list_topics(addr)
+    topics = list_topics(addr, conf=conf if conf is not None else _probe_conf(s, s.tier3_broker_dir.resolve()))
     pid = _our_pid(s)
     version_file = s.tier3_broker_dir / "version"
     version = version_file.read_text().strip() if version_file.exists() and pid else None

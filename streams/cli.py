@@ -36,13 +36,30 @@ def _fail(exc: Exception) -> typer.Exit:
 
 
 @broker_app.command("up")
-def broker_up() -> None:
+def broker_up(
+    secure: Annotated[bool, typer.Option("--secure", help="SASL_SSL (SCRAM-SHA-512) with a CA made at the first "
+                                         "start, and ACLs (TIER3_BROKER_SECURE); needs its own TIER3_BROKER_DIR "
+                                         "if a plain broker was started there")] = False,
+) -> None:
     """Start the local broker (idempotent); wait until it answers."""
+    s = broker_mod.BrokerSettings()
+    if secure:
+        s = s.model_copy(update={"tier3_broker_secure": True})
     try:
-        st = broker_mod.up()
+        st = broker_mod.up(s)
+        if s.tier3_broker_secure:
+            experiences = KafkaSettings().experiences_topic
+            broker_mod.ensure_app_principal(s, experiences)
     except StreamsError as exc:
         raise _fail(exc) from None
     console.print(f"Kafka {st.version} is up at [bold]{st.bootstrap}[/] (pid {st.pid})")
+    if s.tier3_broker_secure:
+        folder = s.tier3_broker_dir.resolve()
+        # the files hold passwords (mode 0600); their contents are never printed
+        console.print(f"secured: SASL_SSL, SCRAM-SHA-512, ACLs. Client settings of the super user `admin` "
+                      f"(worker, trainer, topics): {folder / 'client.env'}; of the application's principal "
+                      f"`app`, which may only write {experiences} (capture): {folder / 'app.env'}. "
+                      f"Load one with: set -a; . {folder / 'client.env'}; set +a")
 
 
 @broker_app.command("down")
@@ -56,7 +73,7 @@ def broker_down() -> None:
 def broker_status() -> None:
     """Bootstrap address, version and topics; exit code 1 when no broker answers."""
     kafka = load_settings(KafkaSettings)
-    st = broker_mod.status(bootstrap=kafka.kafka_bootstrap_servers)
+    st = broker_mod.status(bootstrap=kafka.kafka_bootstrap_servers, conf=kafka.client_config())
     if not st.running:
         console.print(f"no broker answers at {st.bootstrap} (start one with `tier3 broker up`)")
         raise typer.Exit(1)
@@ -68,9 +85,14 @@ def broker_status() -> None:
 def topics_create() -> None:
     """Create the four topics (docs/design.md, "Topics"), idempotently, with partitions and retention from
     settings. Every other command only checks them."""
+    from schemas.kafka_access import KafkaAccessError, check_kafka_access
     from streams.topics import ensure_topics
 
     settings = load_settings(KafkaSettings)
+    try:
+        check_kafka_access(settings, timeout_s=settings.tier3_kafka_timeout_s)
+    except KafkaAccessError as exc:
+        raise UserError(str(exc)) from None
     try:
         result = ensure_topics(settings)
     except StreamsError as exc:

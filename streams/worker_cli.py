@@ -28,7 +28,9 @@ def worker(
     # the four topics are `tier3 topics create`'s (checked, never created here: a broker would give them its
     # default partition count); the worker's own changelog topics it creates, with the source's partition
     # count. Every topic exists before Faust starts: it will not consume a topic that did not exist at start.
-    check_topics(settings)  # before importing Faust (seconds): a mistake is reported at once
+    # refused credentials / TLS / ACLs or missing topics: one line and exit 2, before Faust (which would retry
+    # forever); before importing Faust (seconds): a mistake is reported at once
+    check_topics(settings)
 
     import faust
 
