@@ -23,7 +23,8 @@ def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[st
 
 def test_up_twice_down_and_status(tmp_path: Path) -> None:
     env = {**os.environ, "TIER3_BROKER_PORT": "19392", "TIER3_BROKER_CONTROLLER_PORT": "19393",
-           "TIER3_BROKER_DIR": str(tmp_path / "b"), "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:19392"}
+           "TIER3_BROKER_DIR": str(tmp_path / "b"), "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:19392",
+           "TIER3_BROKER_START_TIMEOUT_S": "600"}  # a loaded machine took 4 min to start a second broker
     st = _cli(["broker", "status"], env)
     assert st.returncode == 1 and "no broker answers at 127.0.0.1:19392" in st.stdout
     try:
