@@ -343,9 +343,11 @@ async def _process(app: faust.App, stream: StreamT, settings: StreamsSettings, s
         try:
             await (await out.send(settings.dead_letters_topic, source.dead_letter_key(), encode(dl)))
         except DeliveryError as exc:
-            # a dead letter must not stop its partition: once more without the original bytes (sha256, size and
-            # source coordinates stay, to re-drive from the source). If that fails too, the cluster refuses even
-            # small writes: fatal, nothing committed (docs/guarantees.md)
+            # a refused dead letter must not stop its partition: once more without the original bytes (sha256,
+            # size and source coordinates stay, to re-drive from the source). An outage or a refused write of
+            # that small letter is the cluster's problem: fatal, nothing committed (docs/guarantees.md)
+            if not exc.record_refused:
+                raise
             log.warning("dead letter for %s refused (%s); writing it again without the original bytes",
                         source.dead_letter_key().decode(), exc)
             dl = metadata_only(dl, note=f"first write refused: {exc}")

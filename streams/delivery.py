@@ -36,6 +36,12 @@ class DeliveryError(StreamsError):
         """The record itself was refused for its size (by librdkafka or the broker): a smaller one may pass."""
         return self.code in (KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE)
 
+    @property
+    def record_refused(self) -> bool:
+        """This record was refused (size, or the broker's record validation): not an outage, another may pass."""
+        return self.too_large or self.code in (KafkaError.INVALID_RECORD, KafkaError.INVALID_MSG,
+                                               KafkaError.INVALID_MSG_SIZE)
+
 
 class DeliveryProducer:
     def __init__(self, settings: KafkaSettings, client_id: str = "tier3-worker") -> None:
