@@ -12,6 +12,7 @@ from schemas.errors import (
     SchemaError,
     UnknownSchemaVersion,
     UnknownTask,
+    UnsafeText,
 )
 from schemas.messages import (
     ChatMessage,
@@ -30,5 +31,5 @@ __all__ = [
     "RELIABLE_CONSUMER", "RELIABLE_PRODUCER", "ChatMessage", "DeadLetter", "EnrichedTrace", "Experience",
     "InvalidAnswer", "InvalidMessage", "KafkaSettings", "MessageTooLarge", "NotJSON", "SchemaError", "ServedBy",
     "SourceOffset", "TaskDefinition", "TeacherInfo", "TopicSpec", "TrainingRun", "UnknownSchemaVersion",
-    "UnknownTask", "decode", "encode", "get_task", "load_tasks",
+    "UnknownTask", "UnsafeText", "decode", "encode", "get_task", "load_tasks",
 ]

@@ -49,6 +49,13 @@ class InvalidAnswer(SchemaError):
     kind = "invalid_answer"
 
 
+class UnsafeText(SchemaError):
+    """Model output that contains the output format's tags where they do not belong, or a chat template's special
+    tokens: it must never become training text (``schemas.tasks.check_markup``)."""
+
+    kind = "unsafe_text"
+
+
 class UnknownTask(SchemaError):
     """No task definition with that name is registered."""
 

@@ -93,7 +93,13 @@ DeadLetterStage = Literal["decode", "validate", "sample", "enrich", "teacher", "
 
 
 class DeadLetter(_Frozen):
-    """A message that could not be processed, with its original bytes and why."""
+    """A message that could not be processed, with its original bytes and why.
+
+    The original is kept whole when the dead letter fits the record limit with it; otherwise ``original_b64``
+    holds only a prefix (``original_truncated``) and ``original_sha256`` / ``original_size`` identify the record at
+    ``source_topic/source_partition/source_offset``, from which it is re-driven while that topic retains it.
+    Built by :func:`schemas.dead_letters.make_dead_letter`, which guarantees the size.
+    """
 
     schema_version: Literal[1] = SCHEMA_VERSION
     stage: DeadLetterStage
@@ -104,9 +110,12 @@ class DeadLetter(_Frozen):
     source_partition: int | None = None
     source_offset: int | None = None
     key_b64: str | None = None
-    original_b64: str  # base64 of the original bytes, exactly as read
+    original_b64: str  # base64 of the original bytes, exactly as read (a prefix when original_truncated)
     experience_id: str | None = None
     attempts: int = 1
+    original_size: int | None = Field(default=None, ge=0)  # bytes of the original value
+    original_sha256: str | None = Field(default=None, max_length=64)  # hex sha256 of the original value
+    original_truncated: bool = False  # original_b64 (or key_b64) is only a prefix: re-drive from the source
 
 
 TrainingEvent = Literal[

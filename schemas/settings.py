@@ -26,6 +26,13 @@ RELIABLE_PRODUCER: dict[str, Any] = {
     "max.in.flight.requests.per.connection": 5,  # the most idempotence allows while keeping order
     "compression.type": "zstd",
 }
+#: the record size limit of every tier3 topic and producer when ``TIER3_MAX_MESSAGE_BYTES`` is at most half of it
+DEFAULT_MAX_RECORD_BYTES = 2 * 1024 * 1024
+#: what a record batch may add to one record on the wire (batch header, record framing, compression framing):
+#: a topic's ``max.message.bytes`` is the producers' ``message.max.bytes`` plus this, so whatever a tier3 producer
+#: accepts, the broker accepts too
+RECORD_BATCH_SLACK_BYTES = 64 * 1024
+
 RELIABLE_CONSUMER: dict[str, Any] = {
     "enable.auto.commit": False,  # offsets are committed by our code, after the work is durable
     "enable.auto.offset.store": False,  # and only the offsets we store explicitly
@@ -99,8 +106,25 @@ class KafkaSettings(BaseSettings):
     tier3_replication_factor: int = Field(1, ge=1, description="replication factor of created topics")
     tier3_experiences_retention_ms: int = Field(7 * 24 * 3600 * 1000, description="retention of experiences")
     tier3_dead_letters_retention_ms: int = Field(28 * 24 * 3600 * 1000, description="retention of dead-letters")
-    tier3_max_message_bytes: int = Field(1_000_000, ge=1024, description="largest accepted message")
+    tier3_max_message_bytes: int = Field(1_000_000, ge=1024, description="largest accepted experience (bytes): "
+                                         "capture refuses larger ones, the worker dead-letters them; every "
+                                         "other size limit is derived from it (docs/guarantees.md, \"Size "
+                                         "limits\")")
     tier3_data_dir: Path = Field(Path(".tier3"), description="local state: broker, runs, models, reports")
+
+    @property
+    def max_record_bytes(self) -> int:
+        """The largest record a tier3 producer writes (librdkafka ``message.max.bytes``) and a tier3 reader decodes.
+
+        Room for a trace that embeds the largest accepted experience plus the teacher's reasoning and answer, and
+        for any dead letter (their original bytes are cut to fit it, see ``schemas.dead_letters``).
+        """
+        return max(DEFAULT_MAX_RECORD_BYTES, 2 * self.tier3_max_message_bytes)
+
+    @property
+    def topic_max_message_bytes(self) -> int:
+        """``max.message.bytes`` of every tier3 topic, and the consumers' fetch size per partition."""
+        return self.max_record_bytes + RECORD_BATCH_SLACK_BYTES
 
     def topic(self, name: str) -> str:
         return f"{self.tier3_topic_prefix}{name}"
@@ -122,7 +146,7 @@ class KafkaSettings(BaseSettings):
         return self.topic("training-runs")
 
     def client_config(self) -> dict[str, Any]:
-        """The librdkafka connection settings (bootstrap + security) for any client.
+        """The librdkafka connection settings (bootstrap + security) and the record size limit, for any client.
 
         Also: the client's log goes to :data:`KAFKA_CLIENT_LOG` (rate-limited, instead of ~20 lines a second on
         stderr while a broker is away), and no client ever makes the broker create a topic by asking for it: a
@@ -133,6 +157,7 @@ class KafkaSettings(BaseSettings):
             "security.protocol": self.kafka_security_protocol,
             "allow.auto.create.topics": False,
             "logger": KAFKA_CLIENT_LOG,
+            "message.max.bytes": self.max_record_bytes,  # what a producer writes, and what the topics accept
         }
         optional = {
             "sasl.mechanism": self.kafka_sasl_mechanism,
@@ -161,15 +186,16 @@ class KafkaSettings(BaseSettings):
     def topic_specs(self) -> list[TopicSpec]:
         """The four topics (docs/design.md, "Topics") with partitions, retention and cleanup policy."""
         forever = "-1"
+        size = {"max.message.bytes": str(self.topic_max_message_bytes)}  # one limit for every topic
         return [
             TopicSpec(self.experiences_topic, self.tier3_partitions,
-                      {"retention.ms": str(self.tier3_experiences_retention_ms)}),
+                      {"retention.ms": str(self.tier3_experiences_retention_ms), **size}),
             # the dataset's source: kept forever, so any model can be rebuilt by replay
-            TopicSpec(self.traces_topic, self.tier3_partitions, {"retention.ms": forever}),
+            TopicSpec(self.traces_topic, self.tier3_partitions, {"retention.ms": forever, **size}),
             TopicSpec(self.dead_letters_topic, self.tier3_dead_letter_partitions,
-                      {"retention.ms": str(self.tier3_dead_letters_retention_ms)}),
+                      {"retention.ms": str(self.tier3_dead_letters_retention_ms), **size}),
             # one partition: lifecycle events (promoted, rollback) must be read in the order they happened
-            TopicSpec(self.training_runs_topic, 1, {"retention.ms": forever}),
+            TopicSpec(self.training_runs_topic, 1, {"retention.ms": forever, **size}),
         ]
 
     def specs_of(self, *topics: str) -> list[TopicSpec]:

@@ -16,6 +16,18 @@ inference), so a student is asked exactly what its teacher was asked::
 
 The production messages are kept unchanged; one extra user message, :data:`REASONED_INSTRUCTION`, asks for
 that format (prompt parity: nothing else differs from what production sent).
+
+**Untrusted text.** A model's output is untrusted: it becomes training text, wrapped in exactly these tags and
+then in the student's chat template. :meth:`TaskDefinition.parse_output` therefore refuses (``UnsafeText``, kind
+``unsafe_text``) an output in which
+
+- a chat-template special token appears anywhere (:data:`SPECIAL_TOKENS`, and every ``<|...|>`` / ``<｜...｜>``
+  token: ChatML ``<|im_start|>``, ``<|im_end|>``, ``<|endoftext|>``, Llama 3 ``<|eot_id|>``, Phi, harmony ...),
+- a format tag (matched case-insensitively) appears more than once, or out of the order ``<reasoning>``,
+  ``</reasoning>``, ``<answer>``, ``</answer>``, or without its partner;
+
+and :func:`check_trace_text` (used again by the trainer, for traces written before this rule) refuses reasoning or
+an answer that contains any of them. Nothing is escaped or stripped: such an output is never trained on as it is.
 """
 
 from __future__ import annotations
@@ -31,7 +43,7 @@ from typing import Any
 import jsonschema
 import orjson
 
-from schemas.errors import InvalidAnswer, UnknownTask
+from schemas.errors import InvalidAnswer, UnknownTask, UnsafeText
 
 REASONED_INSTRUCTION = (
     "Think step by step about the request above. Write your reasoning between <reasoning> and </reasoning>, "
@@ -44,6 +56,23 @@ _REASONING_RE = re.compile(r"<reasoning>\s*(.*?)\s*</reasoning>", re.DOTALL)
 _FENCE_RE = re.compile(r"^```(?:json)?\s*|\s*```$")
 
 BUILTIN_TASKS_DIR = Path(__file__).parent / "tasks"
+
+#: the output format's own tags: in a model's output each appears at most once, in this order
+FORMAT_TAGS = ("<reasoning>", "</reasoning>", "<answer>", "</answer>")
+_TAG_RE = re.compile(r"</?(?:reasoning|answer)>", re.IGNORECASE)
+#: the tag sequences an output may have (no tags: a bare JSON answer)
+_ALLOWED_TAGS: tuple[tuple[str, ...], ...] = ((), FORMAT_TAGS[2:], FORMAT_TAGS[:2], FORMAT_TAGS)
+#: chat-template special tokens without bars, matched exactly (as a tokenizer does); the barred ones are a pattern
+SPECIAL_TOKENS = (
+    "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", "<s>", "</s>", "<unk>", "<pad>",  # Llama 2, Mistral
+    "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+    "[TOOL_RESULTS]", "[/TOOL_RESULTS]",  # Mistral v3+
+    "<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>",  # Gemma
+    "<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>",  # Qwen, R1
+)
+# <|im_start|>, <|im_end|>, <|endoftext|> (ChatML, Qwen), <|begin_of_text|>, <|eot_id|>, <|start_header_id|> (Llama 3),
+# <|user|>, <|end|> (Phi), <|channel|>, <|message|> (harmony), and DeepSeek's full-width <｜end▁of▁sentence｜>
+_SPECIAL_RE = re.compile(r"<[|｜][^<>|｜\s]{1,64}[|｜]>|" + "|".join(re.escape(t) for t in SPECIAL_TOKENS))
 
 
 @dataclass(frozen=True)
@@ -86,9 +115,38 @@ class TaskDefinition:
         return f"<reasoning>\n{reasoning.strip()}\n</reasoning>\n<answer>\n{body}\n</answer>"
 
     def parse_output(self, text: str) -> tuple[str, dict[str, Any]]:
-        """Parse a model's reasoned output into (reasoning, validated answer); raise InvalidAnswer if it can't."""
+        """Parse a model's reasoned output into (reasoning, validated answer) under the untrusted-text rule (module
+        doc); raise UnsafeText for markup, InvalidAnswer when it does not parse or validate."""
+        check_output_markup(text)
         reasoning, obj = parse_json_answer(text)
-        return reasoning, self.validate_answer(obj)
+        answer = self.validate_answer(obj)
+        check_trace_text(reasoning, answer)
+        return reasoning, answer
+
+
+def unsafe_markup(text: str) -> str | None:
+    """The first chat-template special token or format tag in ``text``, or None."""
+    m = _SPECIAL_RE.search(text) or _TAG_RE.search(text)
+    return m.group(0) if m else None
+
+
+def check_output_markup(text: str) -> None:
+    """Raise UnsafeText unless ``text`` (a whole model output) has no special token and well-placed format tags."""
+    m = _SPECIAL_RE.search(text)
+    if m:
+        raise UnsafeText(f"contains the chat-template special token {m.group(0)!r}", field="output")
+    tags = tuple(t.lower() for t in _TAG_RE.findall(text))
+    if tags not in _ALLOWED_TAGS:
+        raise UnsafeText(f"the format's tags appear as {' '.join(tags)!r}; expected each at most once, in the "
+                         f"order {' '.join(FORMAT_TAGS)!r}", field="output")
+
+
+def check_trace_text(reasoning: str, answer: Any) -> None:
+    """Raise UnsafeText if the reasoning or the answer (any string in it) holds a format tag or special token."""
+    for where, text in (("reasoning", reasoning), ("answer", orjson.dumps(answer).decode())):
+        bad = unsafe_markup(text)
+        if bad is not None:
+            raise UnsafeText(f"contains {bad!r}, which must never reach training text", field=where)
 
 
 def parse_json_answer(text: str) -> tuple[str, Any]:

@@ -24,11 +24,13 @@ import orjson
 from faust.types import EventT, StreamT
 
 from schemas import DeadLetter, EnrichedTrace, SchemaError, TrainingRun, decode, encode
+from schemas.dead_letters import metadata_only
 from schemas.settings import TopicSpec
 from streams.counts import WindowCounts
-from streams.delivery import DeliveryProducer
+from streams.delivery import DeliveryError, DeliveryProducer
 from streams.enrich import Source, TeacherStats, ToEnrich, dead_letter, enrich, triage
 from streams.inflight import InOrderAcker
+from streams.redaction import redact
 from streams.runs_view import RunHistory
 from streams.settings import StreamsSettings
 from streams.teachers import Teacher, make_teacher
@@ -216,6 +218,7 @@ def create_app(settings: StreamsSettings, teacher: Teacher | None = None) -> tup
         web_tables_enabled=False,
         web_metrics_enabled=False,
         table_standby_replicas=0,
+        consumer_max_fetch_size=settings.topic_max_message_bytes,  # per partition: the largest record fits
     )
     # raw bytes in: bad input must reach schemas.decode (and the dead letter) exactly as it was written
     experiences = app.topic(settings.experiences_topic, partitions=settings.tier3_partitions, key_type=bytes,
@@ -324,7 +327,7 @@ async def _process(app: faust.App, stream: StreamT, settings: StreamsSettings, s
     async def fatal(exc: BaseException) -> None:
         # e.g. a wrong API key: every experience would fail. Stop without acknowledging: the committed
         # offsets stay before the failed message, which is redelivered once the configuration is fixed.
-        log.critical("stopping the worker: %s: %s", type(exc).__name__, exc)
+        log.critical("stopping the worker: %s: %s", type(exc).__name__, redact(str(exc)))
         await app.crash(exc)
 
     def on_acked(_partition: Any, event: EventT) -> None:
@@ -335,8 +338,19 @@ async def _process(app: faust.App, stream: StreamT, settings: StreamsSettings, s
     acker_task = asyncio.ensure_future(acker.run())
 
     async def write_dead_letter(dl: DeadLetter, source: Source) -> None:
-        fut = await out.send(settings.dead_letters_topic, source.dead_letter_key(), encode(dl))
-        await fut  # acknowledged by the broker: only now may the source offset be committed
+        try:
+            await (await out.send(settings.dead_letters_topic, source.dead_letter_key(), encode(dl)))
+        except DeliveryError as exc:
+            # a refused dead letter must not stop its partition: once more without the original bytes (sha256,
+            # size and source coordinates stay, to re-drive from the source). An outage or a refused write of
+            # that small letter is the cluster's problem: fatal, nothing committed (docs/guarantees.md)
+            if not exc.record_refused:
+                raise
+            log.warning("dead letter for %s refused (%s); writing it again without the original bytes",
+                        source.dead_letter_key().decode(), exc)
+            dl = metadata_only(dl, note=f"first write refused: {exc}")
+            await (await out.send(settings.dead_letters_topic, source.dead_letter_key(), encode(dl)))
+        # acknowledged by the broker: only now may the source offset be committed
         counts["dead_lettered"] += 1
         state.dead_by_reason[dl.error_kind] += 1
 
@@ -344,13 +358,22 @@ async def _process(app: faust.App, stream: StreamT, settings: StreamsSettings, s
         async with slots:
             result = await enrich(item, raw, source, state.teacher, settings, state.teacher_stats)
         if isinstance(result, EnrichedTrace):
-            # same partition number as the experience: traces stay co-partitioned with their source
-            fut = await out.send(settings.traces_topic, result.experience_id.encode(), encode(result),
-                                 source.partition)
-            await fut
-            counts["enriched"] += 1
-        else:
-            await write_dead_letter(result, source)
+            value = encode(result)
+            refused = (f"the trace is {len(value)} bytes, over the record limit of {settings.max_record_bytes}"
+                       if len(value) > settings.max_record_bytes else None)
+            if refused is None:
+                try:  # same partition number as the experience: traces stay co-partitioned with their source
+                    await (await out.send(settings.traces_topic, result.experience_id.encode(), value,
+                                          source.partition))
+                    counts["enriched"] += 1
+                    return
+                except DeliveryError as exc:
+                    if not exc.too_large:  # e.g. the broker is away: fatal, redelivered after the restart
+                        raise
+                    refused = str(exc)
+            result = dead_letter(raw, source, stage="publish", error_kind="trace_too_large", reason=refused,
+                                 max_bytes=settings.max_record_bytes, experience_id=result.experience_id)
+        await write_dead_letter(result, source)
 
     try:
         async for event in stream.events():
@@ -363,7 +386,7 @@ async def _process(app: faust.App, stream: StreamT, settings: StreamsSettings, s
             except Exception as exc:  # a bug must not stop the stream: dead-letter the message, say why
                 log.exception("triage failed for %s/%s/%s", msg.topic, msg.partition, msg.offset)
                 decision = dead_letter(raw, source, stage="decode", error_kind="internal",
-                                       reason=f"{type(exc).__name__}: {exc}")
+                                       reason=f"{type(exc).__name__}: {exc}", max_bytes=settings.max_record_bytes)
             work: Any
             if decision is None:
                 counts["not_sampled"] += 1
@@ -390,6 +413,7 @@ async def _follow_training_runs(settings: StreamsSettings, state: WorkerState) -
     # security exactly as Faust's own consumer gets it (SASL_SSL needs the TLS context as well as the SASL user)
     kwargs: dict[str, Any] = {"bootstrap_servers": settings.kafka_bootstrap_servers, "group_id": None,
                               "enable_auto_commit": False, "auto_offset_reset": "earliest",
+                              "max_partition_fetch_bytes": settings.topic_max_message_bytes,
                               **credentials_to_aiokafka_auth(settings.faust_credentials())}
     while True:
         consumer = AIOKafkaConsumer(**kwargs)
@@ -404,7 +428,7 @@ async def _follow_training_runs(settings: StreamsSettings, state: WorkerState) -
                     for rec in records:
                         try:
                             state.trainer.apply(decode(rec.value or b"", TrainingRun,
-                                                       max_bytes=settings.tier3_max_message_bytes))
+                                                       max_bytes=settings.max_record_bytes))
                         except SchemaError as exc:  # not ours to dead-letter (the trainer owns the topic)
                             log.warning("skipping bad training-runs record at offset %s: %s", rec.offset, exc)
         except asyncio.CancelledError:

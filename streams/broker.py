@@ -37,6 +37,7 @@ from confluent_kafka.admin import AdminClient
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from schemas.settings import DEFAULT_MAX_RECORD_BYTES, RECORD_BATCH_SLACK_BYTES
 from streams.errors import BrokerError
 
 # Kafka 4.4 is the newest 4.x, and faust-streaming (aiokafka 0.14) passes our end-to-end tests on it.
@@ -202,7 +203,8 @@ def _server_properties(s: BrokerSettings, data: Path) -> str:
         "share.coordinator.state.topic.replication.factor=1",
         "share.coordinator.state.topic.min.isr=1",
         "group.initial.rebalance.delay.ms=0",  # tests and the demo join groups often
-        "message.max.bytes=2097152",
+        # tier3's topics carry their own max.message.bytes (schemas.settings); this default is the same limit
+        f"message.max.bytes={DEFAULT_MAX_RECORD_BYTES + RECORD_BATCH_SLACK_BYTES}",
         "",
     ])
 

@@ -27,6 +27,21 @@ class DeliveryError(StreamsError):
 
     retryable = False
 
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code  # librdkafka's KafkaError code, when there is one
+
+    @property
+    def too_large(self) -> bool:
+        """The record itself was refused for its size (by librdkafka or the broker): a smaller one may pass."""
+        return self.code in (KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE)
+
+    @property
+    def record_refused(self) -> bool:
+        """This record was refused (size, or the broker's record validation): not an outage, another may pass."""
+        return self.too_large or self.code in (KafkaError.INVALID_RECORD, KafkaError.INVALID_MSG,
+                                               KafkaError.INVALID_MSG_SIZE)
+
 
 class DeliveryProducer:
     def __init__(self, settings: KafkaSettings, client_id: str = "tier3-worker") -> None:
@@ -34,7 +49,7 @@ class DeliveryProducer:
             **settings.client_config(), **RELIABLE_PRODUCER,
             "client.id": client_id,
             "linger.ms": 2,  # ms; a little batching, far below the latency goal
-            "message.max.bytes": max(settings.tier3_max_message_bytes * 4, 1_000_000),  # traces embed the input
+            # message.max.bytes comes with client_config(): the one record limit of every tier3 producer and topic
         })
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reports: list[tuple[asyncio.Future[Message], KafkaError | None, Message]] = []
@@ -81,7 +96,7 @@ class DeliveryProducer:
             except BufferError:  # librdkafka's queue is full: wait (back-pressure), never drop
                 await asyncio.sleep(0.01)
             except KafkaException as exc:
-                raise DeliveryError(f"cannot produce to {topic}: {exc.args[0].str()}") from None
+                raise DeliveryError(f"cannot produce to {topic}: {exc.args[0].str()}", exc.args[0].code()) from None
 
     def flush(self, timeout_s: float = 10.0) -> int:
         """Deliver what is queued (at shutdown); returns how many messages are still undelivered."""
@@ -100,6 +115,6 @@ def _resolve(fut: asyncio.Future[Message], err: KafkaError | None, msg: Message)
     if fut.done():
         return
     if err is not None:
-        fut.set_exception(DeliveryError(f"delivery to {msg.topic()} failed: {err.str()}"))
+        fut.set_exception(DeliveryError(f"delivery to {msg.topic()} failed: {err.str()}", err.code()))
     else:
         fut.set_result(msg)

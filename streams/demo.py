@@ -345,11 +345,11 @@ class Monitor(threading.Thread):
                 if topic == self.s.experiences_topic:
                     obs.experiences += 1
                 elif topic == self.s.traces_topic:
-                    trace = decode(value, EnrichedTrace, max_bytes=self.s.tier3_max_message_bytes * 4)
+                    trace = decode(value, EnrichedTrace, max_bytes=self.s.max_record_bytes)
                     obs.trace_ids.add(trace.experience_id)
                     obs.trace_messages += 1
                 elif topic == self.s.dead_letters_topic:
-                    dl = decode(value, DeadLetter, max_bytes=self.s.tier3_max_message_bytes * 4)
+                    dl = decode(value, DeadLetter, max_bytes=self.s.max_record_bytes)
                     obs.dead_letters += 1
                     obs.dead_by_reason[dl.error_kind] = obs.dead_by_reason.get(dl.error_kind, 0) + 1
                 elif topic == self.s.training_runs_topic:

@@ -5,11 +5,17 @@ publishes those bytes again, with their original key, to the topic they came fro
 was down for too long goes back to ``experiences`` and is sampled and enriched again: sampling is deterministic,
 and the trainer deduplicates by experience_id). Re-driving does not delete anything: the dead-letter log is
 kept for its retention, and each re-drive is itself visible in the source topic.
+
+A dead letter whose original did not fit (``original_truncated``: larger than the record limit allows in base64)
+carries a prefix, the sha256 and the size; it is re-driven from the source record itself
+(``source_topic/source_partition/source_offset``), checked against that sha256, while the source topic retains
+it. One that can no longer be found is reported, never re-driven from its prefix.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import time
 import uuid
 from collections import Counter
@@ -62,7 +68,7 @@ def read_dead_letters(settings: KafkaSettings, timeout_s: float = 10.0) -> list[
                 continue
             raw = msg.value() or b""
             try:
-                letter: DeadLetter | None = decode(raw, DeadLetter)
+                letter: DeadLetter | None = decode(raw, DeadLetter, max_bytes=settings.max_record_bytes)
             except SchemaError:
                 letter = None
             out.append(Letter(msg.partition() or 0, msg.offset() or 0, letter, raw))
@@ -73,16 +79,57 @@ def read_dead_letters(settings: KafkaSettings, timeout_s: float = 10.0) -> list[
         consumer.close()
 
 
+def read_source(settings: KafkaSettings, dl: DeadLetter, timeout_s: float = 10.0) -> tuple[bytes | None, bytes] | None:
+    """(key, value) of the record a dead letter came from, if the source topic still has it and its sha256 (when
+    recorded) matches; else None."""
+    if dl.source_topic is None or dl.source_partition is None or dl.source_offset is None:
+        return None
+    consumer = Consumer({**settings.client_config(), "group.id": f"tier3-dlq-{uuid.uuid4().hex}",
+                         "enable.auto.commit": False, "auto.offset.reset": "error"})
+    try:
+        consumer.assign([TopicPartition(dl.source_topic, dl.source_partition, dl.source_offset)])
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is None:
+                continue
+            if msg.error() is not None:
+                return None  # e.g. the offset is out of range: deleted by retention
+            value = msg.value() or b""
+            if msg.offset() != dl.source_offset or (
+                    dl.original_sha256 is not None and hashlib.sha256(value).hexdigest() != dl.original_sha256):
+                return None
+            return msg.key(), value
+        return None
+    finally:
+        consumer.close()
+
+
 def redrive(settings: KafkaSettings, letters: list[Letter]) -> int:
-    """Publish the original bytes of ``letters`` back to their source topics; return how many."""
+    """Publish the original bytes of ``letters`` back to their source topics; return how many.
+
+    A letter with only a prefix of its original is re-driven from its source record (:func:`read_source`); if that
+    is gone, it is skipped and reported.
+    """
     producer = Producer({**settings.client_config(), **RELIABLE_PRODUCER, "partitioner": "murmur2_random"})
     n = 0
     for item in letters:
         dl = item.letter
         if dl is None or not dl.source_topic:
             continue
-        key = base64.b64decode(dl.key_b64) if dl.key_b64 else None
-        producer.produce(dl.source_topic, value=base64.b64decode(dl.original_b64), key=key,
+        key: bytes | None
+        if dl.original_truncated:
+            found = read_source(settings, dl)
+            if found is None:
+                console.print(f"[yellow]{item.partition}/{item.offset}: the original ({dl.original_size} bytes) is "
+                              f"not in this dead letter and no longer at {dl.source_topic}/{dl.source_partition}/"
+                              f"{dl.source_offset}: not re-driven[/yellow]")
+                continue
+            key, value = found
+        else:
+            key = base64.b64decode(dl.key_b64) if dl.key_b64 else None
+            value = base64.b64decode(dl.original_b64)
+        producer.produce(dl.source_topic, value=value, key=key,
                          headers={"tier3-redriven-from": f"{settings.dead_letters_topic}/{item.partition}/"
                                                          f"{item.offset}"})
         n += 1

@@ -8,6 +8,8 @@ Retry policy (tenacity), per experience:
   slows consumption (back-pressure) instead of dropping anything; only after that long is it dead-lettered.
 - an answer that does not parse or does not match the task's answer schema: up to ``tier3_teacher_max_attempts``
   attempts, then dead-lettered with the parser's reason.
+- an output with the format's tags or a chat template's special tokens out of place (``schemas.tasks``, untrusted
+  text): dead-lettered at once, stage ``enrich``, kind ``unsafe_text``.
 - 400-class rejections of this prompt, or a prompt the recorded teacher lacks: dead-lettered at once.
 - a wrong key / model / URL (401 / 403 / 404): raised, because every other experience would fail the same way;
   the worker stops without committing (see docs/guarantees.md).
@@ -16,7 +18,6 @@ Retry policy (tenacity), per experience:
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import random
 import time
@@ -25,12 +26,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
 
 from schemas import DeadLetter, EnrichedTrace, Experience, SchemaError, SourceOffset, TeacherInfo, decode, get_task
+from schemas.dead_letters import make_dead_letter
+from schemas.errors import UnsafeText
 from schemas.messages import DeadLetterStage
 from schemas.tasks import TaskDefinition
-from streams.errors import InvalidTeacherOutput, TeacherConfigError, TeacherError
+from streams.errors import InvalidTeacherOutput, TeacherConfigError, TeacherError, UnsafeTeacherOutput
+from streams.redaction import redact
 from streams.sampling import SampleReason, sample_reason
 from streams.settings import StreamsSettings
 from streams.teachers import Teacher, TeacherReply
@@ -73,6 +78,7 @@ class TeacherStats:
     in_flight: int = 0
     errors_by_kind: dict[str, int] = field(default_factory=dict)
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
+    health: TeacherHealth = field(default_factory=lambda: TeacherHealth())
 
     def percentile_ms(self, q: float) -> float | None:
         if not self.latencies_ms:
@@ -85,13 +91,73 @@ class TeacherStats:
         return round(self.errors / self.calls, 6) if self.calls else 0.0
 
 
+#: teacher errors that mean "the teacher is unreachable or unhealthy" (an outage), as opposed to a bad answer
+OUTAGE_KINDS = frozenset({"timeout", "unavailable", "server_error", "rate_limited"})
+
+
+class TeacherHealth:
+    """Logs each change of the teacher's state (down since ..., recovered after N s, N calls failed), rate-limited.
+
+    Down: a call failed with an outage kind (:data:`OUTAGE_KINDS`) while the teacher was up. Up again: a call
+    succeeded. While down, a reminder at most every ``remind_s``. An outage that begins less than ``quiet_s`` after
+    the previous one was logged is not logged (nor its recovery); it is counted and reported with the next line,
+    so a flapping teacher cannot flood the log.
+    """
+
+    def __init__(self, quiet_s: float = 30.0, remind_s: float = 60.0) -> None:
+        self.quiet_s = quiet_s
+        self.remind_s = remind_s
+        self.down_since: float | None = None  # time.time() of the first failure of the current outage
+        self.failed_calls = 0  # in the current outage
+        self.last_error = ""
+        self._logged = False  # the current outage's "down" line was written
+        self._last_line = -1e18  # time.monotonic() of the last "down" or reminder line
+        self._unlogged_outages = 0
+
+    def failed(self, exc: TeacherError) -> None:
+        if exc.kind not in OUTAGE_KINDS:
+            return
+        now = time.monotonic()
+        self.last_error = f"{exc.kind}: {exc}"
+        if self.down_since is None:
+            self.down_since, self.failed_calls = time.time(), 1
+            self._logged = now - self._last_line >= self.quiet_s
+            if self._logged:
+                self._last_line = now
+                extra = (f" ({self._unlogged_outages} short outages since the last report were not logged)"
+                         if self._unlogged_outages else "")
+                self._unlogged_outages = 0
+                log.warning("teacher is down since %s: %s; experiences wait and are retried (back-pressure)%s",
+                            _clock(self.down_since), self.last_error, extra)
+            else:
+                self._unlogged_outages += 1
+            return
+        self.failed_calls += 1
+        if self._logged and now - self._last_line >= self.remind_s:
+            self._last_line = now
+            log.warning("teacher still down since %s (%.0f s), %d calls failed; last error: %s",
+                        _clock(self.down_since), time.time() - self.down_since, self.failed_calls, self.last_error)
+
+    def succeeded(self) -> None:
+        if self.down_since is None:
+            return
+        if self._logged:
+            log.warning("teacher recovered after %.1f s (down since %s); %d calls failed",
+                        time.time() - self.down_since, _clock(self.down_since), self.failed_calls)
+        self.down_since, self.failed_calls = None, 0
+
+
+def _clock(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
 def dead_letter(raw: bytes, source: Source, *, stage: DeadLetterStage, error_kind: str, reason: str,
-                experience_id: str | None = None, attempts: int = 1) -> DeadLetter:
-    return DeadLetter(
-        stage=stage, reason=reason[:10_000], error_kind=error_kind[:200], failed_at_ms=now_ms(),
-        source_topic=source.topic, source_partition=source.partition, source_offset=source.offset,
-        key_b64=base64.b64encode(source.key).decode() if source.key is not None else None,
-        original_b64=base64.b64encode(raw).decode(), experience_id=experience_id, attempts=attempts)
+                max_bytes: int, experience_id: str | None = None, attempts: int = 1) -> DeadLetter:
+    """The dead letter of the message at ``source``; at most ``max_bytes`` encoded (``schemas.dead_letters``)."""
+    return make_dead_letter(raw, stage=stage, error_kind=error_kind, reason=redact(reason), max_bytes=max_bytes,
+                            source_topic=source.topic, source_partition=source.partition,
+                            source_offset=source.offset, key=source.key, experience_id=experience_id,
+                            attempts=attempts, failed_at_ms=now_ms())
 
 
 def triage(raw: bytes, source: Source, settings: StreamsSettings,
@@ -104,7 +170,8 @@ def triage(raw: bytes, source: Source, settings: StreamsSettings,
     try:
         exp = decode(raw, Experience, max_bytes=settings.tier3_max_message_bytes)
     except SchemaError as exc:
-        return dead_letter(raw, source, stage="decode", error_kind=exc.kind, reason=str(exc))
+        return dead_letter(raw, source, stage="decode", error_kind=exc.kind, reason=str(exc),
+                           max_bytes=settings.max_record_bytes)
     for observe in observers:
         try:
             observe(exp, source.partition)
@@ -114,7 +181,7 @@ def triage(raw: bytes, source: Source, settings: StreamsSettings,
         task = get_task(exp.task)
     except SchemaError as exc:
         return dead_letter(raw, source, stage="validate", error_kind=exc.kind, reason=str(exc),
-                           experience_id=exp.experience_id)
+                           max_bytes=settings.max_record_bytes, experience_id=exp.experience_id)
     reason = sample_reason(exp.experience_id, exp.confidence, rate=settings.tier3_sample_rate,
                            threshold=settings.tier3_confidence_threshold)
     if reason is None:
@@ -157,14 +224,18 @@ async def ask_teacher(teacher: Teacher, task: TaskDefinition, experience: Experi
         t0 = time.perf_counter()
         try:
             reply = await teacher.complete(messages)
+            stats.health.succeeded()  # it answered (whatever the answer is worth)
             try:
                 reasoning, answer = task.parse_output(reply.text)
+            except UnsafeText as exc:
+                raise UnsafeTeacherOutput(f"{exc.kind}: {exc}") from None
             except SchemaError as exc:
                 invalid_outputs += 1
                 raise InvalidTeacherOutput(f"{exc.kind}: {exc}") from None
         except TeacherError as exc:
             stats.errors += 1
             stats.errors_by_kind[exc.kind] = stats.errors_by_kind.get(exc.kind, 0) + 1
+            stats.health.failed(exc)
             raise
         finally:
             stats.in_flight -= 1
@@ -215,17 +286,25 @@ async def enrich(item: ToEnrich, raw: bytes, source: Source, teacher: Teacher, s
         got = await ask_teacher(teacher, item.task, exp, settings, stats)
     except TeacherGaveUp as gave_up:
         last = gave_up.last
-        stage: DeadLetterStage = "enrich" if isinstance(last, InvalidTeacherOutput) else "teacher"
+        stage: DeadLetterStage = ("enrich" if isinstance(last, (InvalidTeacherOutput, UnsafeTeacherOutput))
+                                  else "teacher")
         return dead_letter(raw, source, stage=stage, error_kind=last.kind, experience_id=exp.experience_id,
-                           attempts=gave_up.attempts,
+                           attempts=gave_up.attempts, max_bytes=settings.max_record_bytes,
                            reason=f"gave up after {gave_up.attempts} attempt(s) in {gave_up.elapsed_s:.1f} s; "
                                   f"last error: {last}")
-    return EnrichedTrace(
-        experience_id=exp.experience_id, task=exp.task, enriched_at_ms=now_ms(), sample_reason=item.reason,
-        experience=exp, reasoning=got.reasoning, answer=got.answer,
-        teacher=TeacherInfo(kind=teacher.kind, model=got.reply.model or teacher.model,
-                            latency_ms=round(got.latency_ms, 3), input_tokens=got.reply.input_tokens,
-                            output_tokens=got.reply.output_tokens, attempts=got.attempts,
-                            recorded=teacher.recorded),
-        source=SourceOffset(topic=source.topic, partition=source.partition, offset=source.offset),
-    )
+    try:
+        return EnrichedTrace(
+            experience_id=exp.experience_id, task=exp.task, enriched_at_ms=now_ms(), sample_reason=item.reason,
+            experience=exp, reasoning=got.reasoning, answer=got.answer,
+            teacher=TeacherInfo(kind=teacher.kind, model=got.reply.model or teacher.model,
+                                latency_ms=round(got.latency_ms, 3), input_tokens=got.reply.input_tokens,
+                                output_tokens=got.reply.output_tokens, attempts=got.attempts,
+                                recorded=teacher.recorded),
+            source=SourceOffset(topic=source.topic, partition=source.partition, offset=source.offset),
+        )
+    except ValidationError as exc:  # e.g. reasoning over the schema's length: a dead letter, never a crash
+        err = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in err["loc"])
+        return dead_letter(raw, source, stage="enrich", error_kind="invalid_trace", experience_id=exp.experience_id,
+                           attempts=got.attempts, max_bytes=settings.max_record_bytes,
+                           reason=f"the trace cannot be built: {where}: {err['msg']}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from streams.redaction import redact
+
 
 class StreamsError(Exception):
     """Root of every error raised by ``streams``."""
@@ -24,7 +26,8 @@ class TeacherError(StreamsError):
     kind = "teacher"
 
     def __init__(self, message: str, *, retryable: bool | None = None, status: int | None = None) -> None:
-        super().__init__(message)
+        # redacted at the source: an error text may quote a server's answer, and some echo the API key
+        super().__init__(redact(message))
         if retryable is not None:
             self.retryable = retryable
         self.status = status
@@ -77,6 +80,14 @@ class InvalidTeacherOutput(TeacherError):
 
     kind = "invalid_answer"
     retryable = True
+
+
+class UnsafeTeacherOutput(TeacherError):
+    """The teacher's output holds the format's tags or a chat-template special token where it must not
+    (``schemas.tasks``, untrusted text): dead-lettered at once, never trained on."""
+
+    kind = "unsafe_text"
+    retryable = False
 
 
 class RecordedAnswerMissing(TeacherError):

@@ -32,7 +32,7 @@ from confluent_kafka import KafkaError, Message, Producer
 from pydantic import Field, ValidationError
 
 from schemas.codec import encode
-from schemas.errors import SchemaError
+from schemas.errors import MessageTooLarge, SchemaError
 from schemas.messages import Experience
 from schemas.settings import RELIABLE_PRODUCER, KafkaSettings
 from streams.errors import CaptureError
@@ -61,7 +61,8 @@ class CaptureStats:
     delivered: int = 0  # acknowledged by the broker (acks=all)
     failed: int = 0  # the broker refused it or delivery timed out
     dropped: int = 0  # buffer full
-    invalid: int = 0  # not a valid Experience
+    invalid: int = 0  # not a valid Experience (including one over TIER3_MAX_MESSAGE_BYTES)
+    lost: int = 0  # still unacknowledged when close() stopped waiting (TIER3_CAPTURE_FLUSH_TIMEOUT_S): given up
     queue_depth: int = 0  # in the buffer, not yet acknowledged
 
     def as_dict(self) -> dict[str, int]:
@@ -75,6 +76,7 @@ class Capture:
         self.settings = settings or CaptureSettings()
         self.enabled = self.settings.enable_tier3_capture
         self.topic = self.settings.experiences_topic
+        self._max_bytes = self.settings.tier3_max_message_bytes
         self._stats = CaptureStats()
         self._seen_errors: set[str] = set()
         self._lock = threading.Lock()  # guards the counters updated from librdkafka's callback thread
@@ -111,6 +113,9 @@ class Capture:
             else:
                 exp = Experience.model_validate(experience, strict=True)
                 value, key = encode(exp), exp.experience_id
+            if len(value) > self._max_bytes:  # the worker would dead-letter it: refuse it here, where it is cheap
+                raise MessageTooLarge(f"the experience is {len(value)} bytes, over TIER3_MAX_MESSAGE_BYTES="
+                                      f"{self._max_bytes}", field="experience")
         except (ValidationError, SchemaError, TypeError, ValueError) as exc:
             self._bad_input(exc)
             return False
@@ -132,17 +137,34 @@ class Capture:
 
     # -- callbacks and bookkeeping -----------------------------------------------------------------------------
     def _on_delivery(self, err: KafkaError | None, _msg: Message) -> None:
+        purged = err is not None and err.code() in _PURGED
         with self._lock:
             if err is None:
                 self._stats.delivered += 1
+            elif purged:
+                self._stats.lost += 1  # given up by close(): counted there, not as a delivery failure
             else:
                 self._stats.failed += 1
-        if err is not None:
+        if err is not None and not purged:
             self._note_once(f"delivery:{err.name()}", f"an experience could not be delivered: {err.str()}")
 
     def _on_error(self, err: KafkaError) -> None:
-        self._note_once(f"client:{err.name()}", f"capture: Kafka client error ({err.str()}); experiences stay "
-                        "buffered and are retried")
+        where = self.settings.kafka_bootstrap_servers
+        buffered = (f"experiences are kept in memory (up to {self.settings.tier3_capture_buffer_messages}) and "
+                    "sent when it is back")
+        code = err.code()
+        if code in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
+            text = f"capture cannot reach Kafka at {where} (no broker answers); {buffered}"
+        elif code == KafkaError._RESOLVE:
+            text = f"capture cannot resolve the Kafka address {where} (check KAFKA_BOOTSTRAP_SERVERS); {buffered}"
+        elif code in (KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED):
+            text = (f"Kafka at {where} refused capture's credentials (check KAFKA_SASL_USERNAME / "
+                    f"KAFKA_SASL_PASSWORD); {buffered}")
+        elif code == KafkaError._SSL:
+            text = f"capture's TLS connection to Kafka at {where} failed (check KAFKA_SSL_CA_LOCATION); {buffered}"
+        else:
+            text = f"capture: Kafka at {where} reported a problem: {err.str()}; {buffered}"
+        self._note_once(f"client:{err.name()}", text)
 
     def _bad_input(self, exc: Exception) -> None:
         self._stats.invalid += 1
@@ -178,11 +200,18 @@ class Capture:
             return
         left = self.flush()
         self._closed = True
+        if left and self._producer is not None:
+            # give the rest up explicitly: their delivery reports (purged) count them in stats().lost
+            self._producer.purge()
+            self._producer.flush(1.0)
         self._producer = None  # release librdkafka's threads and sockets now, not at interpreter exit
         atexit.unregister(self.close)
         if left:
-            log.warning("capture closed with %d experiences not delivered", left)
+            log.warning("capture closed with %d experiences not delivered within %.0f s: they are lost (counted in "
+                        "stats().lost)", left, self.settings.tier3_capture_flush_timeout_s)
 
+
+_PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
 
 _default: Capture | None = None
 _default_lock = threading.Lock()

@@ -194,7 +194,7 @@ class PromotionFollower:
                     positions[msg.partition() or 0] = (msg.offset() or 0) + 1
                     try:
                         self.view.apply(decode(msg.value() or b"", TrainingRun,
-                                               max_bytes=self.settings.tier3_max_message_bytes))
+                                               max_bytes=self.settings.max_record_bytes))
                     except SchemaError as exc:
                         log.warning("router: skipping bad training-runs record: %s", exc)
                     if not self.caught_up.is_set() and all(positions[p] >= ends[p] for p in parts):

@@ -7,8 +7,10 @@ policy in :mod:`streams.enrich`; no client retries on its own (the SDKs' built-i
 the attempt counts on a trace are true). Messages arrive with the system message first, exactly as production
 sent them plus the one output-format instruction (prompt parity, see ``schemas.tasks``).
 
-API keys are read from the settings' ``SecretStr`` fields and handed to the HTTP client only; no error message
-or log line built here contains them.
+API keys are read from the settings' ``SecretStr`` fields and handed to the HTTP client only. A server may echo
+a key in its error body (some gateways do on 401 / 403): every error text is redacted where it is made
+(:mod:`streams.redaction`: the configured secrets, registered by :func:`make_teacher`, and key-shaped strings),
+before it is cut to length, so no exception, log line, traceback, dead letter or /status carries a key.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from streams.errors import (
     TeacherTimeout,
     TeacherUnavailable,
 )
+from streams.redaction import redact, register_secrets
 from streams.settings import StreamsSettings
 
 
@@ -58,7 +61,7 @@ class Teacher(Protocol):
 
 def error_for_status(status: int, message: str) -> TeacherError:
     """Map an HTTP status to the error class whose ``retryable`` flag is right for it."""
-    text = f"HTTP {status}: {message[:300]}"
+    text = f"HTTP {status}: {redact(message[:100_000])[:300]}"  # redacted before it is cut: no half key
     if status in (408, 425, 429, 529):  # 529 = Anthropic "overloaded"
         return TeacherRateLimited(text, status=status) if status in (429, 529) else TeacherTimeout(text,
                                                                                                    status=status)
@@ -197,7 +200,7 @@ def _error_message(content: bytes) -> str:
             return str(err["message"])
     except (orjson.JSONDecodeError, AttributeError):
         pass
-    return content[:200].decode(errors="replace")
+    return redact(content[:100_000].decode(errors="replace"))[:200]  # redacted before it is cut
 
 
 class ClaudeCliTeacher:
@@ -238,13 +241,13 @@ class ClaudeCliTeacher:
             raise
         if proc.returncode != 0:
             raise TeacherServerError(f"claude_cli: exit code {proc.returncode}: "
-                                     f"{err.decode(errors='replace')[-300:]}")
+                                     f"{redact(err.decode(errors='replace')[-100_000:])[-300:]}")
         try:
             doc = orjson.loads(out)
         except orjson.JSONDecodeError:
             raise TeacherServerError("claude_cli: output is not JSON (is --output-format json supported?)") from None
         if doc.get("is_error") or doc.get("subtype", "success") != "success":
-            raise TeacherServerError(f"claude_cli: {str(doc.get('result') or doc.get('subtype'))[:300]}")
+            raise TeacherServerError(f"claude_cli: {redact(str(doc.get('result') or doc.get('subtype')))[:300]}")
         usage = doc.get("usage") or {}
         return TeacherReply(text=str(doc.get("result", "")), model=self.model,
                             input_tokens=usage.get("input_tokens"), output_tokens=usage.get("output_tokens"))
@@ -331,6 +334,7 @@ class RecordingTeacher:
 
 def make_teacher(settings: StreamsSettings) -> Teacher:
     """The teacher named by ``settings.tier3_teacher`` (wrapped to record its outputs when asked)."""
+    register_secrets(settings)  # from now on, error texts never carry these values
     teacher: Teacher
     kind = settings.tier3_teacher
     if kind == "anthropic":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -117,3 +119,51 @@ def test_broker_down_mid_stream(tmp_path: Path) -> None:
         cap.close()
     finally:
         broker.down(bs)
+
+
+def test_close_counts_what_it_gives_up_and_says_so_plainly(caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as sock:  # a port where no broker answers
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    caplog.set_level(logging.WARNING, logger="tier3.capture")
+    cap = Capture(CaptureSettings(kafka_bootstrap_servers=f"127.0.0.1:{port}", tier3_capture_flush_timeout_s=1.0))
+    for i in range(25):
+        assert cap.publish(make_experience(i))
+    deadline = time.monotonic() + 30
+    while "cannot reach Kafka" not in caplog.text and time.monotonic() < deadline:
+        cap._producer.poll(0.1)  # type: ignore[union-attr]  # serve the error callback
+    assert cap.stats().queue_depth == 25 and cap.stats().lost == 0
+    cap.close()
+    stats = cap.stats()
+    assert (stats.sent, stats.delivered, stats.lost, stats.failed, stats.queue_depth) == (25, 0, 25, 0, 0)
+    assert f"capture cannot reach Kafka at 127.0.0.1:{port} (no broker answers)" in caplog.text
+    assert "brokers are down" not in caplog.text and "Kafka client error" not in caplog.text
+    assert "25 experiences not delivered within 1 s: they are lost (counted in stats().lost)" in caplog.text
+
+
+def test_size_limit_is_the_workers(make_settings: Callable[..., KafkaSettings]) -> None:
+    settings = make_settings(CaptureSettings)
+    assert isinstance(settings, CaptureSettings)
+    limit = settings.tier3_max_message_bytes
+    cap = Capture(settings)
+
+    def sized(i: int, n: int) -> Experience:
+        exp = make_experience(i)
+        pad = n - len(encode(exp.model_copy(update={"metadata": {"pad": ""}})))
+        out = exp.model_copy(update={"metadata": {"pad": "p" * pad}})
+        assert len(encode(out)) == n
+        return out
+
+    at, over = sized(1, limit), sized(2, limit + 1)
+    assert cap.publish(sized(0, limit - 1)) and cap.publish(at)
+    assert not cap.publish(over)  # the worker would only dead-letter it: refused here, counted, never sent
+    assert cap.flush(30) == 0
+    stats = cap.stats()
+    assert (stats.sent, stats.delivered, stats.invalid, stats.failed) == (2, 2, 1, 0)
+    got = consume_values(settings, settings.experiences_topic, expected=2, timeout_s=60)
+    assert sorted(len(m.value() or b"") for m in got) == [limit - 1, limit]
+    cap.close()
+    strict = Capture(settings.model_copy(update={"tier3_capture_strict": True}))
+    with pytest.raises(CaptureError, match="TIER3_MAX_MESSAGE_BYTES"):
+        strict.publish(over)
+    strict.close()

@@ -309,7 +309,7 @@ class TrainerConsumer:
             return  # a message fetched before its partition was revoked: the new owner reads it
         value = msg.value()
         try:
-            record: TraceRecord | None = TraceRecord(p, off, decode_trace(value, self.s.tier3_max_message_bytes))
+            record: TraceRecord | None = TraceRecord(p, off, decode_trace(value, self.s.max_record_bytes))
         except SchemaError as exc:
             # bad bytes never stop the trainer: kept on dead-letters with the reason; the offset is still part of
             # the batch, so the next successful run commits past it

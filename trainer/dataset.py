@@ -30,9 +30,9 @@ from typing import Any
 
 import orjson
 
-from schemas.errors import SchemaError
+from schemas.errors import SchemaError, UnsafeText
 from schemas.messages import EnrichedTrace, Experience
-from schemas.tasks import get_task
+from schemas.tasks import check_trace_text, get_task
 from trainer.manifest import write_atomic
 from trainer.sft_config import Phase, PhaseKind, SFTConfig
 
@@ -86,6 +86,12 @@ class BuiltDataset:
     holdout_sha256: str = ""
 
     @property
+    def n_unsafe(self) -> int:
+        """Traces refused by the untrusted-text rule (format tags or chat-template special tokens in the teacher's
+        reasoning or answer; ``schemas.tasks``): written before the worker enforced it, never trained on."""
+        return sum(1 for _, reason in self.skipped if reason.startswith(f"{UnsafeText.kind}:"))
+
+    @property
     def n_examples(self) -> int:
         """Lines in train.jsonl."""
         return self.n_train * len({p.kind for p in self.phases})
@@ -94,7 +100,7 @@ class BuiltDataset:
         return {
             "sha256": self.sha256, "train_sha256": self.train_sha256, "holdout_sha256": self.holdout_sha256,
             "n_train": self.n_train, "n_holdout": self.n_holdout, "n_duplicates": self.n_duplicates,
-            "n_examples": self.n_examples, "phases": [str(p) for p in self.phases],
+            "n_examples": self.n_examples, "n_unsafe": self.n_unsafe, "phases": [str(p) for p in self.phases],
             "holdout_ids": self.holdout_ids, "train_ids": self.train_ids,
             "skipped": [list(s) for s in self.skipped],
         }
@@ -128,9 +134,11 @@ def _line(obj: dict[str, Any]) -> bytes:
 def build_dataset(traces: Iterable[EnrichedTrace], cfg: SFTConfig, out_dir: Path) -> BuiltDataset:
     """Project ``traces`` into ``out_dir/train.jsonl`` and ``out_dir/holdout.jsonl`` (see the module doc).
 
-    A trace whose task is unknown or whose answer fails the task's schema is not trained on; it is listed in
-    ``BuiltDataset.skipped`` with the reason (the caller may dead-letter it). Nothing here raises for an empty
-    result: ``n_train == 0`` is for the caller to judge (``train`` raises :class:`EmptyDataset`).
+    A trace whose task is unknown, whose answer fails the task's schema, or whose reasoning or answer holds the
+    format's tags or a chat template's special tokens (``schemas.tasks.check_trace_text``: traces in the log may
+    predate the worker's rule) is not trained on, nor used for evaluation; it is listed in ``BuiltDataset.skipped``
+    with the reason (counted in ``n_unsafe`` for the last kind; the caller may dead-letter it). Nothing here raises
+    for an empty result: ``n_train == 0`` is for the caller to judge (``train`` raises :class:`EmptyDataset`).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -147,6 +155,7 @@ def build_dataset(traces: Iterable[EnrichedTrace], cfg: SFTConfig, out_dir: Path
         try:
             task = get_task(t.task)
             answer = task.validate_answer(t.answer)
+            check_trace_text(t.reasoning, answer)
             if is_holdout(t.experience_id, cfg.tier3_holdout_fraction):
                 holdout_lines.append(_line({
                     "experience_id": t.experience_id, "task": t.task,

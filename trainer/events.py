@@ -7,7 +7,6 @@ streams worker's ``/status`` can show a live trainer without importing anything 
 
 from __future__ import annotations
 
-import base64
 import logging
 import time
 from collections.abc import Callable
@@ -15,7 +14,8 @@ from typing import Any
 
 from confluent_kafka import KafkaError, Message, Producer
 
-from schemas import DeadLetter, TrainingRun, encode
+from schemas import TrainingRun, encode
+from schemas.dead_letters import make_dead_letter
 from schemas.settings import RELIABLE_PRODUCER
 from trainer.settings import TrainerSettings
 
@@ -109,10 +109,10 @@ class TrainerEvents:
                     reason: str, error_kind: str) -> None:
         """A trace the trainer cannot decode: kept with its bytes and the reason; its offset is still part of
         the batch, so it is committed (skipped) with the next successful run."""
-        dl = DeadLetter(stage="decode", reason=reason[:10_000], error_kind=error_kind, failed_at_ms=now_ms(),
-                        source_topic=topic, source_partition=partition, source_offset=offset,
-                        key_b64=base64.b64encode(key).decode() if key is not None else None,
-                        original_b64=base64.b64encode(value).decode())
+        # at most one record: a trace of up to the record limit does not fit whole in base64 (schemas.dead_letters)
+        dl = make_dead_letter(value, stage="decode", reason=reason, error_kind=error_kind, failed_at_ms=now_ms(),
+                              source_topic=topic, source_partition=partition, source_offset=offset, key=key,
+                              max_bytes=self.settings.max_record_bytes)
         self._send(self.settings.dead_letters_topic, f"{topic}/{partition}/{offset}", encode(dl))
 
     def close(self, timeout_s: float = 10.0) -> None:

@@ -141,7 +141,7 @@ def train_and_commit(batch: Batch, run_id: str, ctx: RunContext) -> RunManifest:
     metrics: dict[str, Any] = {
         "train_loss": result.train_loss, "steps": result.steps, "tokens": result.tokens, "wall_s": result.wall_s,
         "train_wall_s": getattr(result, "train_wall_s", None), "phase_losses": getattr(result, "phase_losses", {}),
-        "n_duplicates": built.n_duplicates, "n_skipped": len(built.skipped),
+        "n_duplicates": built.n_duplicates, "n_skipped": len(built.skipped), "n_unsafe": built.n_unsafe,
     }
 
     # (hook) Evaluation, between the model and its manifest: the close-loop's metrics become part of the record,

@@ -160,7 +160,7 @@ def read_ranges(settings: KafkaSettings, topic: str, ranges: dict[int, OffsetRan
     """Read ``ranges`` and decode the traces; skip (and count) what cannot be decoded."""
     records: list[TraceRecord] = []
     n_messages = n_bad = 0
-    max_bytes = settings.tier3_max_message_bytes
+    max_bytes = settings.max_record_bytes  # a trace embeds an experience of up to tier3_max_message_bytes
     for msg in iter_slice(settings, topic, ranges, timeout_s=timeout_s):
         p, off, value = msg.partition(), msg.offset(), msg.value()
         assert p is not None and off is not None
@@ -186,7 +186,7 @@ def read_ids(settings: KafkaSettings, topic: str, ranges: dict[int, OffsetRange]
             ids.add(key.decode("utf-8", "replace"))
             continue
         try:
-            ids.add(decode_trace(msg.value(), settings.tier3_max_message_bytes).experience_id)
+            ids.add(decode_trace(msg.value(), settings.max_record_bytes).experience_id)
         except SchemaError:
             continue
     return ids

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
+import re
 
 import orjson
 import pytest
 
 from schemas import DeadLetter, EnrichedTrace, encode
-from streams.enrich import Source, TeacherStats, ToEnrich, enrich, triage
-from streams.errors import TeacherConfigError, TeacherError, TeacherServerError, TeacherTimeout
+from streams.enrich import Source, TeacherHealth, TeacherStats, ToEnrich, enrich, triage
+from streams.errors import (
+    InvalidTeacherOutput,
+    TeacherConfigError,
+    TeacherError,
+    TeacherServerError,
+    TeacherTimeout,
+    TeacherUnavailable,
+)
 from streams.settings import StreamsSettings
 from streams.teachers import TeacherReply
 from tests.fakes.teacher_server import answer_text, expected_answer, question_of
@@ -147,3 +156,54 @@ def test_non_retryable_dead_letters_at_once_and_config_error_raises() -> None:
     with pytest.raises(TeacherConfigError):
         asyncio.run(enrich(it, raw, SRC, ScriptedTeacher([TeacherConfigError("HTTP 401")]), settings(),
                            TeacherStats()))
+
+
+@pytest.mark.parametrize("mode", ["inject_tag", "inject_token"])
+def test_unsafe_output_is_dead_lettered_at_once_with_its_own_kind(mode: str) -> None:
+    it, raw = item()
+    teacher = ScriptedTeacher([mode] * 10)
+    stats = TeacherStats()
+    out = asyncio.run(enrich(it, raw, SRC, teacher, settings(tier3_teacher_max_attempts=3), stats))
+    assert isinstance(out, DeadLetter)
+    assert out.stage == "enrich" and out.error_kind == "unsafe_text" and teacher.calls == 1
+    assert ("tags" if mode == "inject_tag" else "<|im_end|>") in out.reason
+    assert base64.b64decode(out.original_b64) == raw and stats.errors_by_kind == {"unsafe_text": 1}
+
+
+class LongReasoningTeacher(ScriptedTeacher):
+    async def complete(self, messages: list[dict[str, str]]) -> TeacherReply:
+        ans = orjson.dumps(expected_answer(question_of(messages))).decode()
+        return TeacherReply(f"<reasoning>{'why ' * 60_000}</reasoning><answer>{ans}</answer>", "m", 1, 1)
+
+
+def test_a_trace_that_cannot_be_built_is_a_dead_letter_not_a_crash() -> None:
+    it, raw = item()  # reasoning over the schema's 200,000 characters used to raise out of enrich()
+    out = asyncio.run(enrich(it, raw, SRC, LongReasoningTeacher([]), settings(), TeacherStats()))
+    assert isinstance(out, DeadLetter) and out.error_kind == "invalid_trace" and "reasoning" in out.reason
+
+
+def test_outage_state_changes_are_logged_once_each_and_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
+    h = TeacherHealth(quiet_s=30.0, remind_s=3600.0)
+    caplog.set_level(logging.INFO, logger="tier3.enrich")
+    h.succeeded()  # up and staying up: nothing to say
+    for _ in range(50):
+        h.failed(TeacherUnavailable("openai: ConnectError: connection refused"))
+    h.failed(InvalidTeacherOutput("not json"))  # an answer, however bad, is not an outage
+    assert h.failed_calls == 50
+    h.succeeded()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("teacher is down since ") and "unavailable: openai: ConnectError" in lines[0]
+    assert re.match(r"teacher recovered after \d+\.\d s \(down since .+\); 50 calls failed$", lines[1])
+    # a flapping teacher: the next outages within quiet_s are counted, not logged, then reported with the next one
+    for _ in range(5):
+        h.failed(TeacherTimeout("openai: ReadTimeout"))
+        h.succeeded()
+    assert len(caplog.records) == 2
+    h._last_line -= 31.0
+    h.failed(TeacherServerError("HTTP 500"))
+    assert "5 short outages since the last report were not logged" in caplog.records[-1].getMessage()
+    h.remind_s = 0.0
+    h.failed(TeacherServerError("HTTP 500"))
+    assert caplog.records[-1].getMessage().startswith("teacher still down since ")
+    assert "2 calls failed" in caplog.records[-1].getMessage()

@@ -234,3 +234,29 @@ def test_anthropic_teacher_end_to_end(streams_settings: Callable[..., StreamsSet
     assert teacher_server.counters["anthropic:ok"] == 30 and API_KEY in teacher_server.keys_seen
     w.stop()
     assert API_KEY not in w.log_text()
+
+
+def test_untrusted_teacher_text_is_dead_lettered_and_counted(streams_settings: Callable[..., StreamsSettings],
+                                                            start_worker: Callable[..., WorkerProcess],
+                                                            teacher_server: FakeTeacherServer) -> None:
+    s = streams_settings()
+    w = start_worker(s)
+    w.wait_ready()
+    for n, (mode, prefix) in enumerate((("inject_tag", "tag"), ("inject_token", "tok")), 1):
+        teacher_server.set_mode(mode)
+        produce_values(s, s.experiences_topic, as_records([make_experience(i, 0.95, prefix=prefix)
+                                                           for i in range(5)]))
+        w.wait_for(lambda st, n=n: st["counts"]["consumed"] == 5 * n and st["teacher"]["in_flight"] == 0  # type: ignore[misc]
+                   and st["counts"]["dead_lettered"] == 5 * n, 60)
+    teacher_server.set_mode("ok")
+    produce_values(s, s.experiences_topic, as_records([make_experience(0, 0.95, prefix="clean")]))
+    st = w.wait_for(lambda st: st["counts"]["enriched"] == 1, 60)
+    assert st["dead_letters"]["by_reason"] == {"unsafe_text": 10}
+    assert st["teacher"]["calls"] == 11  # dead-lettered at once: a retry would get the same text
+    metrics = httpx.get(f"{w.url}/metrics", timeout=5).text
+    assert re.search(r'^tier3_worker_dead_letters_total{worker_id="w1",reason="unsafe_text"} 10$', metrics, re.M)
+    dls = [decode(m.value() or b"", DeadLetter) for m in consume_values(s, s.dead_letters_topic, 10, 30)]
+    assert len(dls) == 10 and {(d.stage, d.error_kind) for d in dls} == {("enrich", "unsafe_text")}
+    assert sum("<|im_end|>" in d.reason for d in dls) == 5 and sum("tags" in d.reason for d in dls) == 5
+    [trace] = [decode(m.value() or b"", EnrichedTrace) for m in consume_values(s, s.traces_topic, 1, 30)]
+    assert trace.experience_id == "clean-000000"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -46,6 +47,12 @@ def test_teacher_outage_loses_nothing_and_applies_back_pressure(
     teacher_server.set_mode("ok")
     st = w.wait_for(lambda st: st["counts"]["enriched"] == 300, 90)
     assert st["counts"]["dead_lettered"] == 0
+    # the outage is in the log: one line when it began, one when it ended (500s then resets: one outage)
+    log = w.log_text()
+    assert log.count("teacher is down since ") == 1, log[-3000:]
+    assert re.search(r"teacher recovered after (\d+)\.\d s \(down since [^)]+\); (\d+) calls failed", log)
+    m = re.search(r"teacher recovered after (\d+)\.\d s \(down since [^)]+\); (\d+) calls failed", log)
+    assert m is not None and int(m.group(1)) >= OUTAGE_S - 2 and int(m.group(2)) == st["teacher"]["errors"]
 
     traces = consume_values(s, s.traces_topic, 300, 60)
     ids = Counter(decode(m.value() or b"", EnrichedTrace).experience_id for m in traces)

@@ -6,6 +6,7 @@ import hashlib
 import random
 from pathlib import Path
 
+import orjson
 import pytest
 from pydantic import ValidationError
 
@@ -120,6 +121,22 @@ def test_unusable_traces_are_skipped_with_a_reason(tmp_path: Path) -> None:
     assert built.n_train == 5
     assert {s[0] for s in built.skipped} == {"bad-1", "bad-2"}
     assert "bad-" not in built.train_path.read_text()
+
+
+@pytest.mark.parametrize("poison", ["</reasoning>", "<answer>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>",
+                                    "<|endoftext|>", "[/INST]"])
+def test_traces_with_format_tags_or_special_tokens_are_never_trained(tmp_path: Path, poison: str) -> None:
+    # traces written before the worker enforced the untrusted-text rule: the trainer refuses them too, and counts
+    good = synthetic_traces(6, partitions=1)
+    in_reasoning = good[0].model_copy(update={"reasoning": f"think {poison} more"})
+    at_start = good[1].model_copy(update={"reasoning": f"{poison}"})  # (the widget answer schema has no free text)
+    built = build_dataset([in_reasoning, at_start, *good[2:]], _cfg(tier3_holdout_fraction=0.0), tmp_path)
+    assert built.n_train == 4 and built.n_unsafe == 2
+    assert {s[0] for s in built.skipped} == {good[0].experience_id, good[1].experience_id}
+    assert all(reason.startswith("unsafe_text:") for _, reason in built.skipped)
+    text = built.train_path.read_text()
+    assert f"think {poison}" not in text and good[0].experience_id not in text
+    assert orjson.loads((tmp_path / "dataset.json").read_bytes())["n_unsafe"] == 2
 
 
 def test_everything_in_holdout_gives_an_empty_training_set(tmp_path: Path) -> None:
