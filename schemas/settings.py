@@ -76,6 +76,10 @@ class KafkaSettings(BaseSettings):
     def training_runs_topic(self) -> str:
         return self.topic("training-runs")
 
+    @property
+    def online_eval_topic(self) -> str:
+        return self.topic("online-eval")
+
     def client_config(self) -> dict[str, Any]:
         """The librdkafka connection settings (bootstrap + security) for any client."""
         conf: dict[str, Any] = {
@@ -105,7 +109,7 @@ class KafkaSettings(BaseSettings):
         return env
 
     def topic_specs(self) -> list[TopicSpec]:
-        """The four topics of DESIGN.md with partitions, retention and cleanup policy."""
+        """The four topics of DESIGN.md, and online-eval, with partitions, retention and cleanup policy."""
         forever = "-1"
         return [
             TopicSpec(self.experiences_topic, self.tier3_partitions,
@@ -116,6 +120,9 @@ class KafkaSettings(BaseSettings):
                       {"retention.ms": str(self.tier3_dead_letters_retention_ms)}),
             # one partition: lifecycle events (promoted, rollback) must be read in the order they happened
             TopicSpec(self.training_runs_topic, 1, {"retention.ms": forever}),
+            # closed windows of online agreement (streams/online_eval.py): latest per key, a week of windows
+            TopicSpec(self.online_eval_topic, 1, {"cleanup.policy": "compact,delete",
+                                                  "retention.ms": str(7 * 24 * 3600 * 1000)}),
         ]
 
 

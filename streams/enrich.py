@@ -29,9 +29,9 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exp
 
 from schemas import DeadLetter, EnrichedTrace, Experience, SchemaError, SourceOffset, TeacherInfo, decode, get_task
 from schemas.messages import DeadLetterStage
-from schemas.tasks import TaskDefinition
+from schemas.tasks import TaskDefinition, parse_json_answer
 from streams.errors import InvalidTeacherOutput, TeacherConfigError, TeacherError
-from streams.sampling import SampleReason, sample_reason
+from streams.sampling import SampleReason, decide
 from streams.settings import StreamsSettings
 from streams.teachers import Teacher, TeacherReply
 
@@ -62,6 +62,7 @@ class ToEnrich:
     experience: Experience
     task: TaskDefinition
     reason: SampleReason
+    shadow: bool = False  # in the student's shadow sample (online evaluation)
 
 
 @dataclass
@@ -115,11 +116,12 @@ def triage(raw: bytes, source: Source, settings: StreamsSettings,
     except SchemaError as exc:
         return dead_letter(raw, source, stage="validate", error_kind=exc.kind, reason=str(exc),
                            experience_id=exp.experience_id)
-    reason = sample_reason(exp.experience_id, exp.confidence, rate=settings.tier3_sample_rate,
-                           threshold=settings.tier3_confidence_threshold)
+    reason, shadow = decide(exp.experience_id, exp.confidence, exp.served_by.arm, exp.served_by.model_version,
+                            rate=settings.tier3_sample_rate, threshold=settings.tier3_confidence_threshold,
+                            shadow_rate=settings.tier3_shadow_rate)
     if reason is None:
         return None
-    return ToEnrich(exp, task, reason)
+    return ToEnrich(exp, task, reason, shadow)
 
 
 @dataclass(frozen=True)
@@ -228,4 +230,14 @@ async def enrich(item: ToEnrich, raw: bytes, source: Source, teacher: Teacher, s
                             output_tokens=got.reply.output_tokens, attempts=got.attempts,
                             recorded=teacher.recorded),
         source=SourceOffset(topic=source.topic, partition=source.partition, offset=source.offset),
+        shadow=item.shadow, student_answer=served_answer(exp.response) if item.shadow else None,
     )
+
+
+def served_answer(response: str) -> dict[str, Any] | None:
+    """The answer a model served (reasoned or bare JSON text), when it is a JSON object; else None."""
+    try:
+        _, value = parse_json_answer(response)
+    except SchemaError:
+        return None
+    return value if isinstance(value, dict) else None
