@@ -176,6 +176,7 @@ class OnlineEvaluator:
         self.published_total = 0
         self.scored = 0
         self.errors = 0
+        self._swept: dict[int, int] = {}  # partition -> the window in which its old keys were last removed
 
     def window_start(self, ts_s: float) -> int:
         return int(ts_s // self.size_s) * self.size_s
@@ -196,7 +197,11 @@ class OnlineEvaluator:
             self.errors += 1
             log.warning("online eval: skipping an undecodable trace on partition %s: %s", partition, exc)
             return
-        cutoff = self.window_start(now_s) - self.settings.tier3_online_keep_windows * self.size_s
+        cur = self.window_start(now_s)
+        if self._swept.get(partition) == cur:
+            return  # old keys are removed once per window and partition, not on every trace
+        self._swept[partition] = cur
+        cutoff = cur - self.settings.tier3_online_keep_windows * self.size_s
         for old in [k for k in list(self.table.keys()) if _old(k, partition, cutoff)]:
             del self.table[old]
             self.published.pop(old, None)
