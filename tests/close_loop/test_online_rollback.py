@@ -2,7 +2,7 @@
 table, closed windows on online-eval) -> the watch loop -> rollback on training-runs -> the router follows.
 
 The student is a real HTTP server (the fake teacher server in its OpenAI role): a good one answers like the
-teacher except for injected noise (15 % off-schema answers); a degraded one answers off-schema every time.
+teacher except for injected noise (10 % off-schema answers); a degraded one answers off-schema every time.
 Windows are 4 s; the good phase lasts until the watcher has judged (and kept) the good student on 6 different
 pairs of full windows, so the test adapts to a slow machine instead of assuming a request rate.
 """
