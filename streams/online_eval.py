@@ -158,7 +158,7 @@ def figures(acc: Mapping[str, Any]) -> dict[str, Any]:
 
 def _peek(value: bytes | None) -> bool:
     """Cheap pre-check before the full decode: only student-served or sampled-at-random traces matter."""
-    return bool(value) and (b'"shadow":true' in value or b'"sample_reason":"random"' in value)
+    return value is not None and (b'"shadow":true' in value or b'"sample_reason":"random"' in value)
 
 
 # ------------------------------------------------------------------------------------------------ the worker
@@ -328,7 +328,7 @@ def install(app: faust.App, settings: StreamsSettings, traces_topic: Any, table:
     out_topic = app.topic(settings.online_eval_topic, key_type=bytes, value_type=bytes, key_serializer="raw",
                           value_serializer="raw")
 
-    @app.agent(traces_topic, name="tier3-online-eval")
+    @app.agent(traces_topic)
     async def score_traces(stream: Any) -> None:
         async for event in stream.events():
             msg = event.message
