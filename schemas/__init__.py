@@ -19,6 +19,7 @@ from schemas.messages import (
     DeadLetter,
     EnrichedTrace,
     Experience,
+    OnlineEval,
     ServedBy,
     SourceOffset,
     TeacherInfo,
@@ -29,7 +30,8 @@ from schemas.tasks import TaskDefinition, get_task, load_tasks
 
 __all__ = [
     "RELIABLE_CONSUMER", "RELIABLE_PRODUCER", "ChatMessage", "DeadLetter", "EnrichedTrace", "Experience",
-    "InvalidAnswer", "InvalidMessage", "KafkaSettings", "MessageTooLarge", "NotJSON", "SchemaError", "ServedBy",
+    "InvalidAnswer", "InvalidMessage", "KafkaSettings", "MessageTooLarge", "NotJSON", "OnlineEval", "SchemaError",
+    "ServedBy",
     "SourceOffset", "TaskDefinition", "TeacherInfo", "TopicSpec", "TrainingRun", "UnknownSchemaVersion",
     "UnknownTask", "UnsafeText", "decode", "encode", "get_task", "load_tasks",
 ]

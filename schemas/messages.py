@@ -1,9 +1,12 @@
-"""The four message types on tier3's topics (docs/design.md, "Topics").
+"""The message types on tier3's topics (docs/design.md, "Topics"), plus the worker's ``online-eval`` summaries.
 
 They are frozen pydantic models: typed, validated on construction, and the source of the JSON Schema files in
 ``schemas/json/`` (``python -m schemas.export`` writes them; a test checks they are up to date).
 
 Times are Unix epoch milliseconds (``*_ms``); durations carry their unit in the name.
+
+Versioning: a field added as optional (with a default) keeps ``schema_version`` 1, since every message written
+before still decodes; a field removed, renamed or made stricter is a new version (new JSON Schema file).
 """
 
 from __future__ import annotations
@@ -75,18 +78,27 @@ class SourceOffset(_Frozen):
 
 
 class EnrichedTrace(_Frozen):
-    """An experience plus the teacher's reasoning and validated answer: one SFT example's source."""
+    """An experience plus the teacher's reasoning and validated answer: one SFT example's source.
+
+    ``shadow`` marks a trace in the shadow sample of the student arm (``TIER3_SHADOW_RATE`` of the experiences a
+    promoted student served, by hash): the worker scores ``student_answer`` (what the student served, parsed;
+    None when it was not a JSON object) against ``answer`` for online evaluation. ``sample_reason`` is
+    ``shadow`` when only the shadow rule picked the experience (the extra teacher calls online evaluation costs).
+    Both fields are optional: traces written before them decode unchanged.
+    """
 
     schema_version: Literal[1] = SCHEMA_VERSION
     experience_id: str = Field(min_length=1, max_length=MAX_ID_LEN)
     task: str = Field(min_length=1, max_length=MAX_ID_LEN)
     enriched_at_ms: int = Field(ge=0)
-    sample_reason: Literal["random", "high_confidence"]
+    sample_reason: Literal["random", "high_confidence", "shadow"]
     experience: Experience
     teacher: TeacherInfo
     reasoning: str = Field(max_length=MAX_TEXT_LEN)
     answer: dict[str, Any]
     source: SourceOffset | None = None
+    shadow: bool = False
+    student_answer: dict[str, Any] | None = None
 
 
 DeadLetterStage = Literal["decode", "validate", "sample", "enrich", "teacher", "publish", "train", "redrive"]
@@ -150,9 +162,37 @@ class TrainingRun(_Frozen):
     details: dict[str, Any] = Field(default_factory=dict)
 
 
+class OnlineEval(_Frozen):
+    """One closed window of online agreement with the teacher, for one arm (and model version) and one partition.
+
+    The worker publishes it on ``online-eval`` (compacted; key ``task|arm|version|window start s@partition``)
+    when the window closes, and again if a late trace changes it. Sums, not means, so that readers add the
+    partitions of a window up; ``latency_hist`` maps a log bucket (``streams/online_eval.py``) to a count.
+    """
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    task: str = Field(min_length=1, max_length=MAX_ID_LEN)
+    arm: Literal["student", "baseline"]
+    model_version: str | None = Field(default=None, max_length=MAX_ID_LEN)
+    window_start_ms: int = Field(ge=0)
+    window_end_ms: int = Field(ge=0)
+    partition: int = Field(ge=0)
+    n: int = Field(ge=0)
+    json_valid_n: int = Field(ge=0)
+    schema_valid_n: int = Field(ge=0)
+    exact_n: int = Field(ge=0)
+    f1_sum: float = Field(ge=0.0)
+    set_f1_sums: dict[str, float] = Field(default_factory=dict)
+    extra_teacher_calls: int = Field(default=0, ge=0)
+    latency_hist: dict[str, int] = Field(default_factory=dict)
+    published_at_ms: int = Field(ge=0)
+    worker_id: str | None = Field(default=None, max_length=MAX_ID_LEN)
+
+
 MESSAGE_TYPES: dict[str, type[_Frozen]] = {
     "experience": Experience,
     "enriched_trace": EnrichedTrace,
     "dead_letter": DeadLetter,
     "training_run": TrainingRun,
+    "online_eval": OnlineEval,
 }

@@ -145,6 +145,10 @@ class KafkaSettings(BaseSettings):
     def training_runs_topic(self) -> str:
         return self.topic("training-runs")
 
+    @property
+    def online_eval_topic(self) -> str:
+        return self.topic("online-eval")
+
     def client_config(self) -> dict[str, Any]:
         """The librdkafka connection settings (bootstrap + security) and the record size limit, for any client.
 
@@ -184,7 +188,8 @@ class KafkaSettings(BaseSettings):
         return env
 
     def topic_specs(self) -> list[TopicSpec]:
-        """The four topics (docs/design.md, "Topics") with partitions, retention and cleanup policy."""
+        """The four topics (docs/design.md, "Topics"), and online-eval, with partitions, retention and cleanup
+        policy."""
         forever = "-1"
         size = {"max.message.bytes": str(self.topic_max_message_bytes)}  # one limit for every topic
         return [
@@ -196,6 +201,9 @@ class KafkaSettings(BaseSettings):
                       {"retention.ms": str(self.tier3_dead_letters_retention_ms), **size}),
             # one partition: lifecycle events (promoted, rollback) must be read in the order they happened
             TopicSpec(self.training_runs_topic, 1, {"retention.ms": forever, **size}),
+            # closed windows of online agreement (streams/online_eval.py): latest per key, a week of windows
+            TopicSpec(self.online_eval_topic, 1, {"cleanup.policy": "compact,delete",
+                                                  "retention.ms": str(7 * 24 * 3600 * 1000), **size}),
         ]
 
     def specs_of(self, *topics: str) -> list[TopicSpec]:

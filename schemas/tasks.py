@@ -197,6 +197,57 @@ def field_f1(task: TaskDefinition, predicted: Mapping[str, Any], reference: Mapp
     return total / len(keys)
 
 
+@dataclass(frozen=True)
+class OutputScore:
+    """One model output scored against the reference (teacher) answer: the offline holdout evaluation
+    (``trainer/evaluate.py``) and the worker's online evaluation (``streams/online_eval.py``) use this one rule."""
+
+    json_valid: bool
+    schema_valid: bool
+    exact: bool
+    f1: float  # field F1 (:func:`field_f1`)
+    set_f1: dict[str, float] = field(default_factory=dict)  # per set field, e.g. the widget-set F1
+    error: str | None = None
+
+
+def score_output(task: TaskDefinition, text: str, reference: Mapping[str, Any]) -> OutputScore:
+    """Score one model output (reasoned or bare JSON text) against the reference (teacher) answer.
+
+    - JSON valid: an answer parses as JSON; schema valid: it is an object matching the task's answer schema;
+    - exact: the same JSON value as the reference (list order counts);
+    - f1: :func:`field_f1`; ``set_f1``: :func:`set_f1` per set field of the reference (0 when not a list).
+    """
+    zero_sets = {k: 0.0 for k in task.set_fields if k in reference}
+    try:
+        _, value = parse_json_answer(text)
+    except InvalidAnswer as exc:
+        return OutputScore(False, False, False, 0.0, zero_sets, error=str(exc))
+    if not isinstance(value, dict):
+        return OutputScore(True, False, False, 0.0, zero_sets, error=f"answer is a {type(value).__name__}, "
+                           "not an object")
+    error = None
+    try:
+        task.validate_answer(value)
+        schema_valid = True
+    except InvalidAnswer as exc:
+        schema_valid, error = False, str(exc)
+    sets = {}
+    for k in task.set_fields:
+        if k not in reference:
+            continue
+        pred, ref = value.get(k), reference[k]
+        sets[k] = set_f1(pred, ref) if isinstance(pred, list) and isinstance(ref, list) else 0.0
+    return OutputScore(
+        json_valid=True, schema_valid=schema_valid,
+        exact=_canonical(value) == _canonical(reference),
+        f1=field_f1(task, value, reference), set_f1=sets, error=error,
+    )
+
+
+def _canonical(v: Any) -> bytes:
+    return orjson.dumps(v, option=orjson.OPT_SORT_KEYS)
+
+
 def _load_file(path: Path) -> TaskDefinition:
     d = orjson.loads(path.read_bytes())
     try:

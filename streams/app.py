@@ -26,6 +26,7 @@ from faust.types import EventT, StreamT
 from schemas import DeadLetter, EnrichedTrace, SchemaError, TrainingRun, decode, encode
 from schemas.dead_letters import metadata_only
 from schemas.settings import TopicSpec
+from streams import online_eval
 from streams.counts import WindowCounts
 from streams.delivery import DeliveryError, DeliveryProducer
 from streams.enrich import Source, TeacherStats, ToEnrich, dead_letter, enrich, triage
@@ -34,6 +35,7 @@ from streams.redaction import redact
 from streams.runs_view import RunHistory
 from streams.settings import StreamsSettings
 from streams.teachers import Teacher, make_teacher
+from streams.topics import ensure_topics
 
 log = logging.getLogger("tier3.worker")
 
@@ -114,6 +116,7 @@ class WorkerState:
         self.acked_offset: dict[int, int] = {}
         self.lag: Callable[[], dict[str, int]] = dict
         self.windows: Callable[[], dict[str, Any]] = lambda: {}
+        self.online_eval: Callable[[], dict[str, Any]] = dict  # streams/online_eval.py
 
     def status(self) -> dict[str, Any]:
         ts = self.teacher_stats
@@ -131,6 +134,7 @@ class WorkerState:
             "dead_letters": {"count": self.counts["dead_lettered"], "by_reason": dict(self.dead_by_reason)},
             "trainer": self.trainer.block(now_ms),
             "router": _placeholder_router(),
+            "online_eval": self.online_eval(),
         }
         for name, fn in STATUS_BLOCKS.items():
             try:
@@ -180,6 +184,7 @@ def metrics_text(status: dict[str, Any]) -> str:
            [("", None if sft["training_in_progress"] is None else int(sft["training_in_progress"]))])
     metric("tier3_trainer_next_check_in_seconds", "gauge", "seconds to the trainer's next check",
            [("", sft["next_check_in_s"])])
+    lines += online_eval.metric_lines(status.get("online_eval"), wid)
     return "\n".join(lines) + "\n"
 
 
@@ -233,6 +238,14 @@ def create_app(settings: StreamsSettings, teacher: Teacher | None = None) -> tup
     state.windows = lambda: tally.view(counts_table, _assigned(app, settings.traces_topic), time.time(),
                                        settings.tier3_recent_windows)
     state.lag = lambda: _lag(app, settings, state)
+
+    # online evaluation of the served student (streams/online_eval.py): a table keyed by task, arm, model version,
+    # window and partition; an agent over the traces scores shadow traces into it; a timer publishes closed windows
+    ensure_topics(settings, [online_eval.changelog_spec(settings)])
+    online_table = app.Table(online_eval.ONLINE_TABLE, default=dict, partitions=settings.tier3_partitions,
+                             key_type=str)
+    online = online_eval.install(app, settings, traces, online_table, lambda: _assigned(app, settings.traces_topic))
+    state.online_eval = lambda: online.block(time.time())
 
     @app.agent(experiences, concurrency=1)
     async def process_experiences(stream: StreamT) -> None:

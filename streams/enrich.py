@@ -33,10 +33,10 @@ from schemas import DeadLetter, EnrichedTrace, Experience, SchemaError, SourceOf
 from schemas.dead_letters import make_dead_letter
 from schemas.errors import UnsafeText
 from schemas.messages import DeadLetterStage
-from schemas.tasks import TaskDefinition
+from schemas.tasks import TaskDefinition, parse_json_answer
 from streams.errors import InvalidTeacherOutput, TeacherConfigError, TeacherError, UnsafeTeacherOutput
 from streams.redaction import redact
-from streams.sampling import SampleReason, sample_reason
+from streams.sampling import SampleReason, decide
 from streams.settings import StreamsSettings
 from streams.teachers import Teacher, TeacherReply
 
@@ -67,6 +67,7 @@ class ToEnrich:
     experience: Experience
     task: TaskDefinition
     reason: SampleReason
+    shadow: bool = False  # in the student's shadow sample (online evaluation)
 
 
 @dataclass
@@ -182,11 +183,12 @@ def triage(raw: bytes, source: Source, settings: StreamsSettings,
     except SchemaError as exc:
         return dead_letter(raw, source, stage="validate", error_kind=exc.kind, reason=str(exc),
                            max_bytes=settings.max_record_bytes, experience_id=exp.experience_id)
-    reason = sample_reason(exp.experience_id, exp.confidence, rate=settings.tier3_sample_rate,
-                           threshold=settings.tier3_confidence_threshold)
+    reason, shadow = decide(exp.experience_id, exp.confidence, exp.served_by.arm, exp.served_by.model_version,
+                            rate=settings.tier3_sample_rate, threshold=settings.tier3_confidence_threshold,
+                            shadow_rate=settings.tier3_shadow_rate)
     if reason is None:
         return None
-    return ToEnrich(exp, task, reason)
+    return ToEnrich(exp, task, reason, shadow)
 
 
 @dataclass(frozen=True)
@@ -301,6 +303,7 @@ async def enrich(item: ToEnrich, raw: bytes, source: Source, teacher: Teacher, s
                                 output_tokens=got.reply.output_tokens, attempts=got.attempts,
                                 recorded=teacher.recorded),
             source=SourceOffset(topic=source.topic, partition=source.partition, offset=source.offset),
+            shadow=item.shadow, student_answer=served_answer(exp.response) if item.shadow else None,
         )
     except ValidationError as exc:  # e.g. reasoning over the schema's length: a dead letter, never a crash
         err = exc.errors(include_url=False)[0]
@@ -308,3 +311,12 @@ async def enrich(item: ToEnrich, raw: bytes, source: Source, teacher: Teacher, s
         return dead_letter(raw, source, stage="enrich", error_kind="invalid_trace", experience_id=exp.experience_id,
                            attempts=got.attempts, max_bytes=settings.max_record_bytes,
                            reason=f"the trace cannot be built: {where}: {err['msg']}")
+
+
+def served_answer(response: str) -> dict[str, Any] | None:
+    """The answer a model served (reasoned or bare JSON text), when it is a JSON object; else None."""
+    try:
+        _, value = parse_json_answer(response)
+    except SchemaError:
+        return None
+    return value if isinstance(value, dict) else None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from typing import Literal
 
-SampleReason = Literal["random", "high_confidence"]
+SampleReason = Literal["random", "high_confidence", "shadow"]
 
 _SCALE = float(1 << 64)
 
@@ -36,3 +36,18 @@ def sample_reason(experience_id: str, confidence: float, *, rate: float = 0.15,
     if hash_fraction(experience_id) < rate:
         return "random"
     return None
+
+
+def is_shadow(experience_id: str, arm: str, model_version: str | None, *, rate: float = 0.2) -> bool:
+    """Whether an experience is in the shadow sample: served by a promoted student (arm ``student`` with a model
+    version) and ``hash_fraction(experience_id) < rate``. The same hash as the main rule, so with ``rate`` >= the
+    main rate every randomly sampled student experience is also a shadow sample (no teacher call is wasted)."""
+    return arm == "student" and model_version is not None and hash_fraction(experience_id) < rate
+
+
+def decide(experience_id: str, confidence: float, arm: str, model_version: str | None, *, rate: float = 0.15,
+           threshold: float = 0.8, shadow_rate: float = 0.2) -> tuple[SampleReason | None, bool]:
+    """(reason, shadow): the main rule's reason, else ``shadow`` when only the shadow rule picks it."""
+    shadow = is_shadow(experience_id, arm, model_version, rate=shadow_rate)
+    reason = sample_reason(experience_id, confidence, rate=rate, threshold=threshold)
+    return (reason if reason is not None else "shadow" if shadow else None), shadow

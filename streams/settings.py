@@ -38,6 +38,10 @@ class StreamsSettings(KafkaSettings):
                                      "hash of experience_id (stable across processes and replays)")
     tier3_confidence_threshold: float = Field(0.8, ge=0.0, le=1.0, description="experiences with confidence "
                                               "strictly above this are always sampled")
+    tier3_shadow_rate: float = Field(0.2, ge=0.0, le=1.0, description="fraction of the experiences a promoted "
+                                     "student served that are enriched as shadow samples for online evaluation "
+                                     "(same hash as TIER3_SAMPLE_RATE; the extra teacher calls are at most this "
+                                     "share of student traffic, and share TIER3_TEACHER_CONCURRENCY)")
 
     # --- teacher -------------------------------------------------------------------------------------------
     tier3_teacher: TeacherKind = Field("anthropic", description="teacher backend: anthropic | claude_cli | "
@@ -78,6 +82,11 @@ class StreamsSettings(KafkaSettings):
     tier3_window_s: int = Field(1800, ge=1, description="tumbling window of the trace count table (s); default "
                                 "is the original trainer's 30 min check interval")
     tier3_recent_windows: int = Field(5, ge=1, le=100, description="closed windows shown on /status")
+    tier3_online_grace_s: float = Field(10.0, ge=0.0, description="online evaluation: a window is published on "
+                                        "online-eval this long (s) after it ends (traces of slow teacher calls "
+                                        "still land in it; a later one republishes it)")
+    tier3_online_keep_windows: int = Field(48, ge=2, le=10_000, description="online evaluation: windows kept in "
+                                           "the table (and in /status's history) per task, arm and version")
 
     @model_validator(mode="after")
     def _check(self) -> StreamsSettings:

@@ -19,7 +19,7 @@ import yaml
 from pydantic_settings import BaseSettings
 
 ROOT = Path(__file__).resolve().parent.parent
-OURS = ("topics", "worker", "trainer")  # the services that run tier3 itself (the tier3 image)
+OURS = ("topics", "worker", "trainer", "watch")  # the services that run tier3 itself (the tier3 image)
 _INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?[-?+]([^}]*))?\}")
 
 
@@ -69,6 +69,7 @@ def test_compose_file_parses_and_names_services() -> None:
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
     assert services["worker"]["command"] == ["worker"] and services["trainer"]["command"] == ["trainer"]
     assert services["topics"]["command"] == ["topics", "create"]
+    assert services["watch"]["command"] == ["watch"] and "deploy" not in services["watch"]
 
 
 def test_every_variable_in_the_compose_file_is_a_setting() -> None:

@@ -106,7 +106,20 @@ def known_status() -> dict[str, Any]:
                                         "latency_ms_mean": 900.0},
                             "student": {"count": 300, "confidence_mean": 0.74, "reward_mean": 0.66,
                                         "latency_ms_mean": 80.0}}},
+        "online_eval": known_online(),
     }
+
+
+def known_online() -> dict[str, Any]:
+    """An online_eval block: v2 (offline F1 0.875) over two windows, v3 (offline 0.9) over one, the baseline."""
+    def w(i: int, n: int, f1: float) -> dict[str, Any]:
+        return {"start_ms": T0_MS + i * WINDOW_MS, "end_ms": T0_MS + (i + 1) * WINDOW_MS, "n": n, "f1": f1}
+
+    return {"window_s": WINDOW_MS // 1000, "tasks": {"widget_selector": {
+        "versions": {"2": {"current": None, "previous": None, "history": [w(0, 30, 0.8), w(1, 25, 0.2)]},
+                     "3": {"current": None, "previous": None, "history": [w(2, 40, 0.7), w(3, 0, 0.0)]}},
+        "baseline": {"current": None, "previous": None, "history": [w(0, 10, 0.5), w(2, 12, 0.6)]}}},
+        "cost": {"shadow_rate": 0.2, "teacher_concurrency": 32, "shadow_calls_by_window": []}}
 
 
 # --- a tiny status server -------------------------------------------------------------------------------------
@@ -267,6 +280,12 @@ SNAPSHOT_JS = """(() => {
             verdicts: all('#chart-eval g.version').map((g) => [g.dataset.version, g.dataset.verdict]),
             labels: all('#chart-eval g.version').map((g) => g.lastChild.textContent),
             table: q('#eval-table').textContent},
+    online: {versions: q('#chart-online').dataset.versions, windows: q('#chart-online').dataset.windows,
+             lines: all('#chart-online g.online').map((g) => [g.dataset.series, [...g.querySelectorAll('circle')]
+               .map((c) => Number(c.dataset.f1))]),
+             offline: all('#chart-online line.offline').map((l) => [l.parentNode.dataset.series,
+               Number(l.dataset.offlineF1)]),
+             legend: q('#chart-online .legend').textContent},
     router: all('#router-table tbody tr').map((tr) => [...tr.children].map((td) => td.textContent)),
     routerSub: q('#router-sub').textContent,
     trainer: q('#trainer-table').textContent,
@@ -299,7 +318,7 @@ async def _run_dashboard(tmp: Path) -> tuple[dict[str, Any], dict[str, Any], lis
 def test_dashboard_shows_known_counts_without_console_errors(tmp_path: Path) -> None:
     first, second, errors = asyncio.run(_run_dashboard(tmp_path))
     assert errors == []
-    assert first["state"] == "ok" and first["svgs"] == 6
+    assert first["state"] == "ok" and first["svgs"] == 7
 
     # counters
     assert first["tiles"] == {"consumed": "1234", "sampled": "345", "enriched": "321", "not_sampled": "872",
@@ -347,6 +366,12 @@ def test_dashboard_shows_known_counts_without_console_errors(tmp_path: Path) -> 
     assert [(v, m) for v, m, _h, _t in e["zeroBars"]] == [("v1", "exact_match")]
     assert e["zeroBars"][0][2] >= 2 and "0" in e["zeroBars"][0][3]
     assert "850" in e["table"] and "400" in e["table"]
+    # online agreement per version over time (a window with no traces is no point), offline F1 dashed beside it
+    o = first["online"]
+    assert (o["versions"], o["windows"]) == ("2", "5")
+    assert o["lines"] == [["v2", [0.8, 0.2]], ["v3", [0.7]], ["baseline", [0.5, 0.6]]]
+    assert o["offline"] == [["v2", 0.875], ["v3", 0.9]]
+    assert "v2 (offline 0.88)" in o["legend"] and "baseline" in o["legend"]
     # router and trainer
     assert first["router"] == [["teacher", "700", "0.81", "0.70", "900"], ["student", "300", "0.74", "0.66", "80"]]
     assert "no" in first["trainer"] and "30 min" in first["trainer"] and "10 min" in first["trainer"]

@@ -8,6 +8,8 @@
   teacher).
 - ``tier3 export RUN_ID``: merge, GGUF f16 + quantised, Ollama registration (or a Modelfile and the command).
 - ``tier3 close-loop RUN_ID``: all of it as the trainer does after a run (evaluated, verdict, export).
+- ``tier3 watch``: watch the promoted version's online agreement (``online-eval``) and roll it back when it
+  drifts (``trainer/online_watch.py``); ``--once`` judges once and prints the judgement.
 
 ``python -m trainer.close_loop_cli ...`` runs them without the streams CLI.
 """
@@ -15,6 +17,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Annotated, Any
 
 import typer
@@ -130,6 +133,40 @@ def close_loop_cmd(run_id: Annotated[str, typer.Argument(help="a trained run")])
             "exported": out["exported"].details if out["exported"] else None, "export_error": out["export_error"]})
 
 
+def watch_cmd(
+    once: Annotated[bool, typer.Option("--once", help="judge once, print the judgement, exit")] = False,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
+) -> None:
+    """Roll the promoted student back (reason online_eval) when its online agreement with the teacher drifts."""
+    import logging
+    import signal
+    import threading
+
+    from trainer.online_watch import Watcher, watch
+
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    s = _settings()
+    check_topics(s, s.specs_of(s.online_eval_topic))  # the worker's closed windows: made by `tier3 topics create`
+    if once:
+        w = Watcher(s)
+        try:
+            ev = w.step()
+        except TrainerError as exc:
+            raise _fail(exc) from None
+        finally:
+            w.close()
+        j = w.last
+        _print({"action": j.action if j else None, "why": j.why if j else None,
+                "numbers": j.numbers if j else None, "published": ev.details if ev else None})
+        return
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    published = watch(s, stop=stop)
+    _print({"rollbacks": [ev.details for ev in published]})
+
+
 def register(app: typer.Typer) -> None:
     """Entry point of the ``tier3.commands`` group."""
     app.command("eval")(eval_cmd)
@@ -137,6 +174,7 @@ def register(app: typer.Typer) -> None:
     app.command("rollback")(rollback_cmd)
     app.command("export")(export_cmd)
     app.command("close-loop")(close_loop_cmd)
+    app.command("watch")(watch_cmd)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,19 @@ class CloseLoopSettings(TrainerSettings):
                                                    "currently promoted student's F1")
     tier3_gate_max_latency_p95_ms: float = Field(5000.0, gt=0.0, description="maximum generation latency p95 "
                                                  "(ms) on the holdout")
+    # --- online evaluation and automatic rollback (`tier3 watch`, trainer/online_watch.py) -------------------
+    tier3_online_windows: int = Field(3, ge=1, le=1000, description="roll back when this many consecutive "
+                                      "eligible windows (see TIER3_ONLINE_MIN_N) of the promoted version are each "
+                                      "below the bound, and their pooled F1 too")
+    tier3_online_min_n: int = Field(20, ge=1, description="a window counts only with at least this many shadow "
+                                    "traces of the promoted version")
+    tier3_online_min_f1: float = Field(0.5, ge=0.0, le=1.0, description="online field F1 vs the teacher below "
+                                       "which the promoted version is rolled back")
+    tier3_online_min_fraction: float = Field(0.8, ge=0.0, le=1.0, description="also roll back below this "
+                                             "fraction of the version's offline holdout F1 (0 = only "
+                                             "TIER3_ONLINE_MIN_F1)")
+    tier3_watch_interval_s: float = Field(10.0, gt=0.0, description="how often `tier3 watch` reads online-eval "
+                                          "and training-runs and judges the promoted version (s)")
     tier3_auto_export: bool = Field(True, description="export (merge, GGUF, Ollama) right after a promotion")
 
     # --- export ------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ output is scored against the teacher's validated answer:
 - **field F1**: :func:`schemas.tasks.field_f1` (mean over the teacher's fields of set-F1 for set fields such
   as the widget list, exact match for the others); plus ``set_f1_<field>`` per set field (the widget-set F1).
 
+The rule is :func:`schemas.tasks.score_output`, shared with the worker's online evaluation.
+
 The production baseline (the ``response`` recorded in each experience, i.e. what the application actually
 answered) is scored the same way, so the gate can ask "is the student at least as close to the teacher as
 what production serves today?". An output that is not a JSON object scores 0 on agreement.
@@ -25,14 +27,14 @@ import json
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from schemas import EnrichedTrace, InvalidAnswer, TaskDefinition, TrainingRun, get_task
-from schemas.tasks import field_f1, parse_json_answer, set_f1
+from schemas import EnrichedTrace, TaskDefinition, TrainingRun, get_task
+from schemas.tasks import OutputScore, score_output  # the one scoring rule, shared with the worker's online eval
 from trainer.close_loop_settings import CloseLoopSettings
 from trainer.errors import EvaluationError, TrainerError
 from trainer.manifest import write_atomic
@@ -82,49 +84,6 @@ def examples_from_holdout(path: Path) -> tuple[str | None, list[HoldoutExample]]
         out.append(HoldoutExample(experience_id=r["experience_id"], prompt=r["messages"],
                                   teacher_answer=r["teacher_answer"], baseline_response=r["production_response"]))
     return task, out
-
-
-@dataclass(frozen=True)
-class OutputScore:
-    json_valid: bool
-    schema_valid: bool
-    exact: bool
-    f1: float
-    set_f1: dict[str, float] = field(default_factory=dict)
-    error: str | None = None
-
-
-def score_output(task: TaskDefinition, text: str, reference: Mapping[str, Any]) -> OutputScore:
-    """Score one model output against the reference (teacher) answer."""
-    zero_sets = {k: 0.0 for k in task.set_fields if k in reference}
-    try:
-        _, value = parse_json_answer(text)
-    except InvalidAnswer as exc:
-        return OutputScore(False, False, False, 0.0, zero_sets, error=str(exc))
-    if not isinstance(value, dict):
-        return OutputScore(True, False, False, 0.0, zero_sets, error=f"answer is a {type(value).__name__}, "
-                           "not an object")
-    error = None
-    try:
-        task.validate_answer(value)
-        schema_valid = True
-    except InvalidAnswer as exc:
-        schema_valid, error = False, str(exc)
-    sets = {}
-    for k in task.set_fields:
-        if k not in reference:
-            continue
-        pred, ref = value.get(k), reference[k]
-        sets[k] = set_f1(pred, ref) if isinstance(pred, list) and isinstance(ref, list) else 0.0
-    return OutputScore(
-        json_valid=True, schema_valid=schema_valid,
-        exact=_canonical(value) == _canonical(reference),
-        f1=field_f1(task, value, reference), set_f1=sets, error=error,
-    )
-
-
-def _canonical(v: Any) -> bytes:
-    return orjson.dumps(v, option=orjson.OPT_SORT_KEYS)
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:

@@ -9,7 +9,8 @@ from streams.app import STATUS_BLOCKS, WorkerState, metrics_text
 from streams.settings import StreamsSettings
 from streams.teachers import RecordedTeacher
 
-SHAPE = {"app", "worker_id", "uptime_s", "counts", "windows", "lag", "teacher", "dead_letters", "trainer", "router"}
+SHAPE = {"app", "worker_id", "uptime_s", "counts", "windows", "lag", "teacher", "dead_letters", "trainer", "router",
+         "online_eval"}
 
 
 def state(tmp_path) -> WorkerState:  # type: ignore[no-untyped-def]

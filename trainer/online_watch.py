@@ -1,0 +1,282 @@
+"""``tier3 watch``: roll the promoted student back when its online agreement with the teacher drifts.
+
+The worker scores a shadow sample of what the student served against the teacher's answers and publishes each
+closed window on ``online-eval`` (``streams/online_eval.py``, :class:`schemas.OnlineEval`). This loop reads
+that topic and ``training-runs`` (both from the beginning, then incrementally; nothing is committed, so its
+state is a projection of the log and a restart loses nothing) and publishes ``rollback`` with reason
+``online_eval`` and the numbers that triggered it when the rule below holds. The router follows rollbacks
+(``streams/router.py``): the version promoted before, or the teacher, serves again.
+
+**Why a separate loop** (not the trainer's consumer loop): a training run holds the trainer's loop for minutes
+or hours, and a drifting student must go within windows; the watcher is small, stateless and can run beside
+the trainer (``docker compose`` or ``tier3 watch``), and one watcher or several publish the same decision.
+
+**The rule**, for the version in force (the top of the promotion stack) and ``TIER3_TASK``:
+
+- *eligible windows*: closed windows of that version, ending after its latest promotion, with at least
+  ``TIER3_ONLINE_MIN_N`` shadow traces (smaller windows are too noisy to count either way);
+- *bound*: ``max(TIER3_ONLINE_MIN_F1, TIER3_ONLINE_MIN_FRACTION x its offline holdout F1)`` (the ``evaluated``
+  event's ``f1``: the same field-F1 rule, :func:`schemas.tasks.score_output`);
+- *roll back* when the last ``TIER3_ONLINE_WINDOWS`` eligible windows are **each** below the bound **and** their
+  pooled F1 is below it.
+
+Hysteresis, so a good student never flaps: one good window among the last ``TIER3_ONLINE_WINDOWS`` resets the
+count (a noisy dip never triggers alone); a version is rolled back at most once per promotion (a standing
+``online_eval`` rollback of that promotion blocks another); a re-promoted version is judged only on windows
+after its new promotion, so the windows that condemned it never count twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+
+from schemas import OnlineEval, TrainingRun, decode
+from schemas.errors import SchemaError
+from schemas.settings import KafkaSettings
+from trainer.close_loop_settings import CloseLoopSettings
+from trainer.events import now_ms
+from trainer.gate import EventLogError, RunsView, fold_runs, publish_run_events
+
+log = logging.getLogger("tier3.trainer.watch")
+
+REASON = "online_eval"
+
+
+# ------------------------------------------------------------------------------------------- the projection
+
+
+@dataclass(frozen=True)
+class Window:
+    """One closed window of one series, added up over partitions."""
+
+    start_ms: int
+    end_ms: int
+    n: int
+    f1_sum: float
+
+    @property
+    def f1(self) -> float | None:
+        return self.f1_sum / self.n if self.n else None
+
+
+@dataclass
+class OnlineView:
+    """The latest ``online-eval`` record per key (task, arm, version, window, partition)."""
+
+    latest: dict[tuple[str, str, str | None, int, int], OnlineEval] = field(default_factory=dict)
+
+    def apply(self, rec: OnlineEval) -> None:
+        self.latest[(rec.task, rec.arm, rec.model_version, rec.window_start_ms, rec.partition)] = rec
+
+    def windows(self, task: str, arm: str, version: str | None) -> list[Window]:
+        sums: dict[int, list[Any]] = {}
+        for (t, a, v, start, _p), rec in self.latest.items():
+            if t == task and a == arm and v == version:
+                acc = sums.setdefault(start, [rec.window_end_ms, 0, 0.0])
+                acc[1] += rec.n
+                acc[2] += rec.f1_sum
+        return [Window(start, int(end), int(n), float(f)) for start, (end, n, f) in sorted(sums.items())]
+
+
+# ------------------------------------------------------------------------------------------- the rule
+
+
+@dataclass(frozen=True)
+class Judgement:
+    action: str  # rollback | keep | wait (too few eligible windows) | none (no student in force) | standing
+    why: str
+    numbers: dict[str, Any] = field(default_factory=dict)
+
+
+def standing_rollbacks(events: Iterable[TrainingRun]) -> set[tuple[str, int]]:
+    """(run_id, promoted at_ms) of every promotion withdrawn by an ``online_eval`` rollback."""
+    promoted_at: dict[str, int] = {}
+    out: set[tuple[str, int]] = set()
+    for ev in events:
+        if ev.event == "promoted":
+            promoted_at[ev.run_id] = ev.at_ms
+        elif ev.event == "rollback" and ev.details.get("reason") == REASON and ev.run_id in promoted_at:
+            out.add((ev.run_id, promoted_at[ev.run_id]))
+    return out
+
+
+def judge(runs: RunsView, online: OnlineView, settings: CloseLoopSettings,
+          standing: AbstractSet[tuple[str, int]] = frozenset()) -> Judgement:
+    """Apply the rule (module docstring) to the version in force."""
+    cur = runs.current
+    if cur is None or cur.model_version is None:
+        return Judgement("none", "no promoted student is in force")
+    if (cur.run_id, cur.at_ms) in standing:
+        return Judgement("standing", f"an {REASON} rollback of run {cur.run_id} already stands")
+    version = str(cur.model_version)
+    ev = runs.evaluated.get(cur.run_id)
+    offline = ev.details.get("metrics", {}).get("f1") if ev is not None else None
+    offline_f1 = float(offline) if isinstance(offline, (int, float)) else None
+    frac = settings.tier3_online_min_fraction
+    bound = max(settings.tier3_online_min_f1, frac * offline_f1 if offline_f1 is not None and frac > 0 else 0.0)
+    task = settings.tier3_task
+    eligible = [w for w in online.windows(task, "student", version)
+                if w.end_ms > cur.at_ms and w.n >= settings.tier3_online_min_n]
+    need = settings.tier3_online_windows
+    last = eligible[-need:]
+    base = {w.start_ms: w for w in online.windows(task, "baseline", None)}
+    n = sum(w.n for w in last)
+    pooled = sum(w.f1_sum for w in last) / n if n else None
+    numbers: dict[str, Any] = {
+        "task": task, "model_version": cur.model_version, "run_id": cur.run_id, "f1": _r(pooled), "n": n,
+        "bound": _r(bound), "min_f1": settings.tier3_online_min_f1, "min_fraction": frac,
+        "offline_f1": _r(offline_f1), "windows_required": need, "min_n": settings.tier3_online_min_n,
+        "windows": [{"start_ms": w.start_ms, "end_ms": w.end_ms, "n": w.n, "f1": _r(w.f1),
+                     "baseline_n": base[w.start_ms].n if w.start_ms in base else 0,
+                     "baseline_f1": _r(base[w.start_ms].f1) if w.start_ms in base else None} for w in last],
+    }
+    if len(last) < need:
+        return Judgement("wait", f"{len(last)} of {need} windows with >= {settings.tier3_online_min_n} shadow "
+                                 f"traces since v{version} was promoted", numbers)
+    below = [w for w in last if w.f1 is not None and w.f1 < bound]
+    if len(below) == need and pooled is not None and pooled < bound:
+        return Judgement("rollback", f"v{version}'s online F1 vs the teacher {pooled:.3f} is below {bound:.3f} "
+                                     f"in each of the last {need} windows ({n} shadow traces)", numbers)
+    return Judgement("keep", f"{len(below)} of the last {need} windows below {bound:.3f}", numbers)
+
+
+def _r(x: float | None) -> float | None:
+    return None if x is None else round(x, 6)
+
+
+def rollback_event(runs: RunsView, j: Judgement) -> TrainingRun:
+    """The ``rollback`` event for a judgement (same shape as ``tier3 rollback``'s, plus the numbers)."""
+    cur = runs.current
+    assert cur is not None
+    restored = runs.promoted_stack[-2] if len(runs.promoted_stack) > 1 else None
+    return TrainingRun(
+        run_id=cur.run_id, event="rollback", at_ms=now_ms(), model_name=cur.model_name,
+        model_version=restored.model_version if restored else None,  # the version in force after it
+        details={"reason": REASON, "why": j.why, "rolled_back_version": cur.model_version,
+                 "restored_run_id": restored.run_id if restored else None,
+                 "restored_version": restored.model_version if restored else None,
+                 "online_eval": j.numbers})
+
+
+# ------------------------------------------------------------------------------------------- the loop
+
+
+class TopicTail:
+    """Every record of a topic from the beginning, then only the new ones (no group, nothing committed)."""
+
+    def __init__(self, settings: KafkaSettings, topic: str) -> None:
+        self.topic = topic
+        self._consumer = Consumer({**settings.client_config(), "group.id": f"tier3-watch-{uuid.uuid4().hex}",
+                                   "enable.auto.commit": False, "enable.partition.eof": False,
+                                   "isolation.level": "read_committed"})
+        self._pos: dict[int, int] | None = None
+
+    def read_new(self, timeout_s: float = 10.0) -> list[bytes]:
+        c = self._consumer
+        try:
+            if self._pos is None:
+                meta = c.list_topics(self.topic, timeout=timeout_s).topics.get(self.topic)
+                if meta is None or meta.error is not None:
+                    raise EventLogError(f"topic {self.topic} does not exist (run `tier3 topics create`)")
+                self._pos = {p: 0 for p in sorted(meta.partitions)}
+                c.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in self._pos])
+            ends = {p: c.get_watermark_offsets(TopicPartition(self.topic, p), timeout=timeout_s)[1] for p in self._pos}
+        except KafkaException as exc:
+            raise EventLogError(f"cannot read {self.topic}: {exc}") from None
+        out: list[bytes] = []
+        deadline = time.monotonic() + timeout_s
+        while any(self._pos[p] < e for p, e in ends.items()) and time.monotonic() < deadline:
+            msg = c.poll(0.2)
+            if msg is None:
+                for tp in c.position([TopicPartition(self.topic, p) for p in self._pos]):
+                    if tp.offset >= 0:  # compaction leaves gaps: the fetch position is past them
+                        self._pos[tp.partition] = max(self._pos[tp.partition], tp.offset)
+                continue
+            if msg.error() is not None:
+                continue
+            self._pos[msg.partition() or 0] = (msg.offset() or 0) + 1
+            out.append(msg.value() or b"")
+        return out
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+@dataclass
+class Watcher:
+    """One process's watch: the two projections, and what it published (so it never repeats itself)."""
+
+    settings: CloseLoopSettings
+    events: list[TrainingRun] = field(default_factory=list)
+    online: OnlineView = field(default_factory=OnlineView)
+    published: set[tuple[str, int]] = field(default_factory=set)
+    last: Judgement | None = None
+
+    def __post_init__(self) -> None:
+        self._runs = TopicTail(self.settings, self.settings.training_runs_topic)
+        self._evals = TopicTail(self.settings, self.settings.online_eval_topic)
+
+    def close(self) -> None:
+        self._runs.close()
+        self._evals.close()
+
+    def step(self) -> TrainingRun | None:
+        """Read what is new, judge, and publish a rollback when the rule says so; return it."""
+        limit = self.settings.tier3_max_message_bytes
+        for raw in self._runs.read_new():
+            try:
+                self.events.append(decode(raw, TrainingRun, max_bytes=limit))
+            except SchemaError:
+                continue  # the gate's rule: one bad record must not block decisions
+        for raw in self._evals.read_new():
+            try:
+                self.online.apply(decode(raw, OnlineEval, max_bytes=limit))
+            except SchemaError as exc:
+                log.warning("watch: skipping a bad online-eval record: %s", exc)
+        runs = fold_runs(self.events)
+        j = judge(runs, self.online, self.settings, standing_rollbacks(self.events) | self.published)
+        if self.last is None or (j.action, j.why) != (self.last.action, self.last.why):
+            log.info("watch: %s: %s", j.action, j.why)
+        self.last = j
+        if j.action != "rollback":
+            return None
+        ev = rollback_event(runs, j)
+        publish_run_events(self.settings, [ev])
+        cur = runs.current
+        assert cur is not None
+        self.published.add((cur.run_id, cur.at_ms))
+        log.warning("watch: rolled back v%s (run %s): %s", cur.model_version, cur.run_id, j.why)
+        return ev
+
+
+def watch(settings: CloseLoopSettings, *, once: bool = False, stop: Any = None) -> list[TrainingRun]:
+    """Run the watch loop every ``tier3_watch_interval_s`` until ``stop`` (an Event) is set; return what it
+    published. Broker errors are logged and retried (the loop must outlive a broker restart)."""
+    w = Watcher(settings)
+    out: list[TrainingRun] = []
+    try:
+        while True:
+            try:
+                ev = w.step()
+                if ev is not None:
+                    out.append(ev)
+            except EventLogError as exc:
+                log.warning("watch: %s; retrying", exc)
+            if once or (stop is not None and stop.wait(settings.tier3_watch_interval_s)):
+                return out
+            if stop is None:
+                time.sleep(settings.tier3_watch_interval_s)
+    finally:
+        w.close()
+
+
+__all__ = ["REASON", "Judgement", "OnlineView", "TopicTail", "Watcher", "Window", "judge", "rollback_event",
+           "standing_rollbacks", "watch"]
