@@ -76,6 +76,16 @@ class KafkaSettings(BaseSettings):
     def training_runs_topic(self) -> str:
         return self.topic("training-runs")
 
+    @property
+    def trainer_status_topic(self) -> str:
+        """The trainers' heartbeats (TrainingRun, event ``heartbeat``), compacted: one live record per trainer."""
+        return self.topic("trainer-status")
+
+    @property
+    def trainer_control_topic(self) -> str:
+        """Requests to the trainer (``tier3 train-now``) and its answers (TrainerControl)."""
+        return self.topic("trainer-control")
+
     def client_config(self) -> dict[str, Any]:
         """The librdkafka connection settings (bootstrap + security) for any client."""
         conf: dict[str, Any] = {
@@ -105,7 +115,7 @@ class KafkaSettings(BaseSettings):
         return env
 
     def topic_specs(self) -> list[TopicSpec]:
-        """The four topics of DESIGN.md with partitions, retention and cleanup policy."""
+        """Every topic of tier3 with partitions, retention and cleanup policy (docs/guarantees.md, "Topics")."""
         forever = "-1"
         return [
             TopicSpec(self.experiences_topic, self.tier3_partitions,
@@ -116,6 +126,13 @@ class KafkaSettings(BaseSettings):
                       {"retention.ms": str(self.tier3_dead_letters_retention_ms)}),
             # one partition: lifecycle events (promoted, rollback) must be read in the order they happened
             TopicSpec(self.training_runs_topic, 1, {"retention.ms": forever}),
+            # heartbeats: compacted, keyed by trainer, so the topic holds about one record per trainer however long
+            # it runs (small segments: the active segment is never compacted)
+            TopicSpec(self.trainer_status_topic, 1, {
+                "cleanup.policy": "compact", "segment.ms": "600000",
+                "min.cleanable.dirty.ratio": "0.1", "delete.retention.ms": "3600000"}),
+            # train-now requests and the trainer's answers: few, and kept (who asked for which run)
+            TopicSpec(self.trainer_control_topic, 1, {"retention.ms": forever}),
         ]
 
 

@@ -11,8 +11,10 @@ import pytest
 
 from tests.trainer.trainer_kafka import (
     committed,
+    control_log,
     end_offsets,
     events,
+    heartbeats,
     lifecycle,
     produce_traces,
     sft_config,
@@ -20,6 +22,7 @@ from tests.trainer.trainer_kafka import (
     wait_for_event,
 )
 from trainer.consumer import TrainerConsumer
+from trainer.control import send_train_now
 from trainer.dataset import BuiltDataset, read_jsonl
 from trainer.errors import TrainingFailed
 from trainer.manifest import find_manifest, list_manifests
@@ -90,7 +93,7 @@ def test_a_full_run_trains_the_tiny_model_and_commits_exactly_what_it_read(
 
     tc = TrainerConsumer(s, sft_config(tiny_model))
     read_all(tc, 35)  # then ask for a run, as `tier3 train-now` does
-    s.train_now_path.write_text("now\n")
+    send_train_now(s, group=s.tier3_trainer_group, wait_s=0)
     stats = tc.run(max_runs=1, timeout_s=180)
 
     assert stats.runs_succeeded == 1 and stats.runs_failed == 0
@@ -118,7 +121,9 @@ def test_a_full_run_trains_the_tiny_model_and_commits_exactly_what_it_read(
     text, _n, _latency_s = generate(model, tok, [{"role": "user", "content": "Show me CPU for checkout."}], 8)
     assert isinstance(text, str)
     assert [e for e, _ in lifecycle(s)] == ["started", "succeeded"]
-    beats = [e for e in events(s) if e.event == "heartbeat"]
+    assert not [e for e in events(s) if e.event == "heartbeat"], "heartbeats on the lifecycle topic"
+    beats = heartbeats(s)
+    assert {b.run_id for b in beats} == {f"trainer:{s.tier3_trainer_group}"}
     assert beats and beats[0].check_interval_s == s.tier3_check_interval_s
     assert beats[0].last_check_time_ms is not None and beats[0].next_check_in_s is not None
 
@@ -184,12 +189,13 @@ def test_interval_and_train_now_trigger_a_run_below_min_traces(make_settings: Ca
     calls: list[BuiltDataset] = []
     tc = TrainerConsumer(s, sft_config(tiny_model), train=fake_train(calls))
     read_all(tc, 5)
-    s.train_now_path.write_text("now\n")  # what `tier3 train-now` does
+    req, _ = send_train_now(s, group=s.tier3_trainer_group, wait_s=0)  # what `tier3 train-now` does
     stats = tc.run(max_runs=1, timeout_s=60)
     assert stats.runs_succeeded == 1
-    assert not s.train_now_path.exists()
     m = find_manifest(s.runs_dir, stats.last_run_id or "")
     assert m.trigger == "train_now" and m.n_unique == 5
+    answers = [a for a in control_log(s) if a.kind == "answer" and a.request_id == req.request_id]
+    assert [(a.answer, a.run_id) for a in answers] == [("accepted", m.run_id)]
 
     s2 = trainer_settings(make_settings, tier3_min_traces=1000, tier3_check_interval_s=2.0)
     produce_traces(s2, synthetic_traces(4, seed=5))
@@ -280,7 +286,7 @@ def test_undecodable_traces_are_dead_lettered_and_committed_with_the_batch(
     calls: list[BuiltDataset] = []
     tc = TrainerConsumer(s, sft_config(tiny_model), train=fake_train(calls))
     read_all(tc, 10)
-    s.train_now_path.write_text("now\n")
+    send_train_now(s, group=s.tier3_trainer_group, wait_s=0)
     stats = tc.run(max_runs=1, timeout_s=60)
     m = find_manifest(s.runs_dir, stats.last_run_id or "")
     assert m.n_bad == 2 and m.n_messages == 10 and m.n_unique == 8
