@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import time
@@ -53,7 +54,7 @@ def trainer_cmd(
 
     _setup_logging(log_level)
     settings, cfg = _settings()
-    from trainer.consumer import inject_fault
+    from trainer.consumer import busy_workers, inject_fault
 
     evaluate: Any = None
     after_success: Any = None
@@ -94,9 +95,19 @@ def trainer_cmd(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    stats = tc.run(max_runs=max_runs)
+    stats = tc.run(max_runs=max_runs)  # closes every Kafka client before it returns
     typer.echo(orjson.dumps({"runs_succeeded": stats.runs_succeeded, "runs_failed": stats.runs_failed,
                              "recognised": stats.recognised, "last_run_id": stats.last_run_id}).decode())
+    busy = busy_workers()
+    if busy:
+        # a worker thread did not end within TIER3_TRAINER_STOP_GRACE_S (an evaluation or export in native code):
+        # letting the interpreter finalise under it aborts the process ("terminate called without an active
+        # exception"). Nothing durable depends on it (the protocol commits only after it): leave at once.
+        logging.getLogger("tier3.trainer").warning("stopping without waiting for %s", [t.name for t in busy])
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def train_now_cmd(

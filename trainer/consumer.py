@@ -65,6 +65,13 @@ T = TypeVar("T")
 
 #: exit status of an injected crash (TIER3_TRAINER_FAULT): distinguishable from a real failure in tests
 FAULT_EXIT_CODE = 86
+#: name prefix of the threads that train, evaluate, gate and export (the loop thread keeps polling meanwhile)
+WORKER_THREAD_PREFIX = "tier3-train-"
+
+
+def busy_workers() -> list[threading.Thread]:
+    """Worker threads still running (after a stop whose grace period ran out)."""
+    return [t for t in threading.enumerate() if t.name.startswith(WORKER_THREAD_PREFIX) and t.is_alive()]
 
 
 def inject_fault(settings: TrainerSettings, point: str) -> None:
@@ -761,17 +768,30 @@ class TrainerConsumer:
             except BaseException as exc:
                 box["error"] = exc
 
-        worker = threading.Thread(target=target, name=f"tier3-train-{self._current_run}", daemon=True)
+        worker = threading.Thread(target=target, name=f"{WORKER_THREAD_PREFIX}{self._current_run}", daemon=True)
         worker.start()
+        stop_deadline: float | None = None
         while worker.is_alive():
             self._poll_once(min(0.2, self.s.tier3_trainer_poll_timeout_s))
             if self.stop_event.is_set():
-                raise RunAborted("the trainer is stopping; the run is abandoned and its traces come back")
+                # wait for the worker to notice (training ends at its next step, see _on_step): a thread left
+                # inside torch when the interpreter exits dies uncleanly ("terminate called without an active
+                # exception"); after the grace period the command ends the process without running finalizers
+                if stop_deadline is None:
+                    stop_deadline = time.monotonic() + self.s.tier3_trainer_stop_grace_s
+                    log.info("stopping: waiting up to %.0f s for the work in progress to end",
+                             self.s.tier3_trainer_stop_grace_s)
+                if time.monotonic() >= stop_deadline:
+                    break
+        if self.stop_event.is_set():
+            raise RunAborted("the trainer is stopping; the run is abandoned and its traces come back")
         if "error" in box:
             raise box["error"]
         return box["value"]  # type: ignore[no-any-return]
 
     def _on_step(self, step: int, total: int) -> None:
+        if self.stop_event.is_set():  # called by the training thread after every optimiser step
+            raise RunAborted("the trainer is stopping; training ends at this step")
         self._progress = (step, total)
         if self.s.tier3_trainer_step_delay_s > 0:
             time.sleep(self.s.tier3_trainer_step_delay_s)

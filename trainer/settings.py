@@ -69,6 +69,9 @@ class TrainerSettings(KafkaSettings):
                                            "record), and after the commit run the promotion gate and export "
                                            "(trainer.gate.after_run); settings in trainer/close_loop_settings.py")
 
+    tier3_trainer_stop_grace_s: float = Field(30.0, ge=0.0, description="on SIGTERM/SIGINT, how long the work "
+                                              "in progress (training stops at its next step) may take to end "
+                                              "before the process exits without it")
     tier3_trainer_close_attempts: int = Field(5, ge=1, description="attempts, per process, at a committed run's "
                                               "close loop (evaluated, verdict, export) before it waits for the next "
                                               "start")

@@ -192,3 +192,31 @@ def test_sigterm_during_a_run_abandons_it_and_commits_nothing(
     assert set(committed(s).values()) == {INVALID}
     failed = [e for e in events(s) if e.event == "failed"]
     assert len(failed) == 1 and "stopping" in failed[0].details["error"]
+    # the process ends cleanly: no native thread dies under it (torch's "terminate called without an active
+    # exception" came from the abandoned training thread still inside torch at interpreter exit)
+    text = log.read_text()
+    assert "terminate called" not in text and "Traceback" not in text, text[-3000:]
+
+
+@pytest.mark.slow
+def test_sigterm_while_torch_trains_stops_cleanly(make_settings: Callable[..., Any], tiny_model: Path,
+                                                  tmp_path: Path) -> None:
+    # no step delay: the training thread is inside torch's native code when the signal lands. Before, the loop
+    # left that thread running and the interpreter's exit under it aborted the process ("terminate called without
+    # an active exception", exit -6); now training ends at its next step and the process exits 0
+    s = trainer_settings(make_settings, tier3_min_traces=80)
+    produce_traces(s, synthetic_traces(80, seed=22))
+    log = tmp_path / "trainer.log"
+    proc = start_trainer(s, sft_config(tiny_model, tier3_phases="answer:3,reasoning:3", tier3_batch_size=2), log)
+    try:
+        wait_for_event(s, "heartbeat", timeout_s=240, proc=proc, where=lambda e: e.details.get("step", 0) >= 2)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(90)
+    finally:
+        stop(proc)
+    text = log.read_text()
+    assert rc == 0, text[-3000:]
+    assert "terminate called" not in text and "Traceback" not in text, text[-3000:]
+    assert set(committed(s).values()) == {INVALID}
+    failed = [e for e in events(s) if e.event == "failed"]
+    assert len(failed) == 1 and "stopping" in failed[0].details["error"]
