@@ -338,18 +338,22 @@ class TrainerConsumer:
                     break
                 if deadline is not None and time.monotonic() > deadline:
                     break
-                self._poll_once(self.s.tier3_trainer_poll_timeout_s)
-                self._end_backoff_if_due()
-                self._load_history()
-                self._recognise_manifests()
-                self._scan_after()
-                self._close_runs()
-                trigger = self._ready()
-                if trigger is not None:
-                    self._run_batch(trigger)
+                self.turn()
         finally:
             self.close()
         return self.stats
+
+    def turn(self) -> None:
+        """One turn of the loop: poll, then whatever is due (history, recognition, close loop, a run)."""
+        self._poll_once(self.s.tier3_trainer_poll_timeout_s)
+        self._end_backoff_if_due()
+        self._load_history()
+        self._recognise_manifests()
+        self._scan_after()
+        self._close_runs()
+        trigger = self._ready()
+        if trigger is not None:
+            self._run_batch(trigger)
 
     # -- polling ------------------------------------------------------------------------------------------
     @property
@@ -930,6 +934,10 @@ class TrainerConsumer:
             self.known_ids.update(ids)
             self.pending.recount()
             self._uncommitted.remove(m)
+            if self._retry_target is not None and all(p in m.offsets and m.offsets[p].end >= end
+                                                      for p, end in self._retry_target.items()):
+                # the failed batch (its commit was refused) is what this manifest committed: nothing to retry
+                self._retry_target, self._failures = None, 0
             if self._after_success is not None:
                 self._after_todo.append(m)  # committed by this restart path: its close loop never ran
             self.stats.recognised += 1

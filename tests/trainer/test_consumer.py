@@ -294,3 +294,44 @@ def test_undecodable_traces_are_dead_lettered_and_committed_with_the_batch(
     letters = [decode(x.value(), DeadLetter) for x in consume_values(s, s.dead_letters_topic, expected=2)]
     assert sorted(d.error_kind for d in letters) == ["not_json", "unknown_version"]
     assert {d.stage for d in letters} == {"decode"} and all(d.source_topic == s.traces_topic for d in letters)
+
+
+@pytest.mark.chaos
+def test_ids_of_a_recognised_run_are_not_counted_as_new_again(
+        make_settings: Callable[..., Any], tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from trainer.errors import CommitFailed
+
+    s = trainer_settings(make_settings, tier3_min_traces=9)
+    traces = synthetic_traces(13, seed=17)
+    produce_traces(s, traces[:9])
+    real_commit = TrainerConsumer._commit
+    refused: list[dict[int, int]] = []
+
+    def flaky_commit(self: TrainerConsumer, offsets: dict[int, int]) -> None:
+        if not refused:  # the first run's commit fails: its manifest is committed by the recognition path
+            refused.append(offsets)
+            raise CommitFailed("injected: broker answered NOT_COORDINATOR")
+        real_commit(self, offsets)
+
+    monkeypatch.setattr(TrainerConsumer, "_commit", flaky_commit)
+    calls: list[BuiltDataset] = []
+    tc = TrainerConsumer(s, sft_config(tiny_model), train=fake_train(calls))
+    tc.start()
+    try:
+        deadline = time.monotonic() + 60
+        while tc.stats.recognised < 1:
+            assert time.monotonic() < deadline, "the recorded run was not recognised"
+            tc.turn()
+        # enrichment is at-least-once: five of the committed traces arrive again, with four new ones
+        produce_traces(s, [*traces[:5], *traces[9:]])
+        deadline = time.monotonic() + 60
+        while tc.pending.n_messages < 9:
+            assert time.monotonic() < deadline, f"read {tc.pending.n_messages} of 9"
+            tc.turn()
+            assert tc.stats.runs_succeeded == 0, "duplicates of the recognised run counted as new traces"
+        assert tc.pending.n_new == 4 and tc.pending.n_unique == 9
+        assert len(calls) == 1
+    finally:
+        tc.close()
