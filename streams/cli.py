@@ -65,7 +65,7 @@ def broker_status() -> None:
 
 @topics_app.command("create")
 def topics_create() -> None:
-    """Create the four topics of DESIGN.md (idempotent), with partitions and retention from settings."""
+    """Create every topic (idempotent), with partitions, retention and cleanup policy from settings."""
     from streams.topics import ensure_topics
 
     settings = KafkaSettings()

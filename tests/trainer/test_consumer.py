@@ -335,3 +335,93 @@ def test_ids_of_a_recognised_run_are_not_counted_as_new_again(
         assert len(calls) == 1
     finally:
         tc.close()
+
+
+def test_a_trigger_takes_everything_up_to_the_end_offsets_within_the_max_batch(
+        make_settings: Callable[..., Any], tiny_model: Path) -> None:
+    # 40 traces wait on 3 partitions; the trigger fires at the 5th read. The run must take all 40 (everything
+    # available when it fired), not the first 5 (which left the rest for back-to-back runs)
+    s = trainer_settings(make_settings, tier3_min_traces=5)
+    produce_traces(s, synthetic_traces(40, seed=18))
+    ends = end_offsets(s)
+    calls: list[BuiltDataset] = []
+    stats = TrainerConsumer(s, sft_config(tiny_model), train=fake_train(calls)).run(max_runs=1, timeout_s=60)
+    m = find_manifest(s.runs_dir, stats.last_run_id or "")
+    assert m.trigger == "min_traces" and m.n_messages == 40 and m.commit_offsets() == ends
+    assert len(m.offsets) == len(ends) == 3
+
+    # bounded: at most TIER3_MAX_TRACES_PER_RUN messages per run, the rest waits for the next one
+    s2 = trainer_settings(make_settings, tier3_min_traces=5, tier3_max_traces_per_run=12)
+    produce_traces(s2, synthetic_traces(40, seed=19))
+    stats2 = TrainerConsumer(s2, sft_config(tiny_model), train=fake_train(calls)).run(max_runs=1, timeout_s=60)
+    m2 = find_manifest(s2.runs_dir, stats2.last_run_id or "")
+    assert m2.n_messages == 12 and sum(r.end - r.start for r in m2.offsets.values()) == 12
+    assert committed(s2) == {p: m2.commit_offsets().get(p, INVALID) for p in range(s2.tier3_partitions)}
+
+
+def test_train_now_is_a_kafka_request_answered_by_the_trainer(make_settings: Callable[..., Any],
+                                                               tiny_model: Path) -> None:
+    import json
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT, settings_env
+
+    s = trainer_settings(make_settings, tier3_min_traces=1000, tier3_check_interval_s=3600)
+    produce_traces(s, synthetic_traces(6, seed=20))
+    ends = end_offsets(s)
+    calls: list[BuiltDataset] = []
+    tc = TrainerConsumer(s, sft_config(tiny_model), train=fake_train(calls))
+    out: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: out.setdefault("stats", tc.run(timeout_s=120)))
+    t.start()
+    # another process (any machine reaching the bootstrap servers): no shared disk with the trainer
+    env = {**settings_env(s), "TIER3_RUNS_DIR": "/nonexistent/elsewhere"}
+
+    def train_now() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "trainer.cli", "train-now", "--wait", "60"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    try:
+        first = train_now()
+        assert first.returncode == 0, first.stdout + first.stderr[-2000:]
+        accepted = json.loads(first.stdout.splitlines()[-1])
+        assert accepted["answer"] == "accepted" and accepted["run_id"]
+        deadline = time.monotonic() + 60
+        while tc.stats.runs_succeeded < 1:
+            assert time.monotonic() < deadline and t.is_alive(), "the accepted run did not commit"
+            time.sleep(0.2)
+        assert tc.stats.last_run_id == accepted["run_id"]
+        second = train_now()  # nothing new is waiting now: declined, with the reason
+        assert second.returncode == 3, second.stdout + second.stderr[-2000:]
+        declined = json.loads(second.stdout.splitlines()[-1])
+        assert declined["answer"] == "declined" and "no new traces" in declined["reason"]
+    finally:
+        tc.stop()
+        t.join(60)
+    m = find_manifest(s.runs_dir, accepted["run_id"])
+    assert m.trigger == "train_now" and m.commit_offsets() == ends and len(calls) == 1
+    # the log records who asked and what the trainer answered, in order
+    log = control_log(s)
+    assert [(x.kind, x.answer) for x in log] == [("request", None), ("answer", "accepted"), ("request", None),
+                                                 ("answer", "declined")]
+    assert log[0].request_id == log[1].request_id and log[1].run_id == accepted["run_id"]
+    assert log[0].group == s.tier3_trainer_group and log[0].requested_by
+
+
+def test_heartbeats_go_to_the_compacted_status_topic_not_the_lifecycle_log(
+        make_settings: Callable[..., Any], tiny_model: Path) -> None:
+    from confluent_kafka.admin import AdminClient, ConfigResource
+
+    s = trainer_settings(make_settings, tier3_min_traces=1000, tier3_trainer_status_interval_s=0.2)
+    tc = TrainerConsumer(s, sft_config(tiny_model), train=fake_train([]))
+    tc.run(timeout_s=4)
+    beats = heartbeats(s)
+    assert len(beats) >= 3 and {b.run_id for b in beats} == {f"trainer:{s.tier3_trainer_group}"}
+    assert beats[-1].details["trainer_id"].startswith(s.tier3_trainer_group)
+    assert events(s) == [], "heartbeats (or anything else) on training-runs"
+    admin = AdminClient(s.client_config())
+    res = ConfigResource(ConfigResource.Type.TOPIC, s.trainer_status_topic)
+    configs = admin.describe_configs([res])[res].result(timeout=30)
+    assert configs["cleanup.policy"].value == "compact"
