@@ -236,7 +236,8 @@ def test_the_close_loop_survives_sigkill_during_evaluation_gate_and_export(
     # a gate every evaluation passes (the tiny model answers nonsense), so the export runs too; no Ollama server
     loop = {"tier3_trainer_close_loop": "true", "tier3_eval_max_new_tokens": 8, "tier3_gate_min_examples": 0,
             "tier3_gate_min_json_valid": 0.0, "tier3_gate_min_schema_valid": 0.0, "tier3_gate_baseline_margin": 1.0,
-            "tier3_ollama_host": "http://127.0.0.1:9", "tier3_auto_export": "true"}
+            "tier3_ollama_host": "http://127.0.0.1:9", "tier3_auto_export": "true",
+            "tier3_gguf_quant": "f16"}  # one conversion, not two: the export is the slow part on a loaded CPU
 
     def life(fault: str) -> None:
         proc = start_trainer(s, cfg, log, tier3_trainer_fault=fault, **loop)
@@ -261,7 +262,7 @@ def test_the_close_loop_survives_sigkill_during_evaluation_gate_and_export(
 
     proc = start_trainer(s, cfg, log, **loop)  # the last restart finishes the export
     try:
-        exported = wait_for_event(s, "exported", timeout_s=400, proc=proc)
+        exported = wait_for_event(s, "exported", timeout_s=600, proc=proc)
     finally:
         stop(proc)
     assert exported.run_id == m.run_id and exported.model_version == m.model_version
