@@ -242,7 +242,7 @@ def test_the_close_loop_survives_sigkill_during_evaluation_gate_and_export(
     def life(fault: str) -> None:
         proc = start_trainer(s, cfg, log, tier3_trainer_fault=fault, **loop)
         try:
-            rc = proc.wait(400)
+            rc = proc.wait(600)
         finally:
             stop(proc)
         assert rc == -signal.SIGKILL, f"{fault}: exit {rc}\n{log.read_text()[-3000:]}"
