@@ -228,7 +228,9 @@ def test_the_close_loop_survives_sigkill_during_evaluation_gate_and_export(
     """Every committed run gets exactly one `evaluated`, one verdict and (promoted) one `exported`, however often
     the trainer is SIGKILLed: during the evaluation (before the manifest), in the gate (verdict decided, not
     published) and in the export (merged, not converted). Each restart resumes from the log and the manifest."""
-    s = trainer_settings(make_settings, tier3_min_traces=16)
+    # a killed member is evicted within 6 s; max.poll.interval is generous: on a loaded CPU, importing torch in the
+    # training thread can starve the polling thread past 6 s (partitions lost, the run refused and retried)
+    s = trainer_settings(make_settings, tier3_min_traces=16, tier3_trainer_max_poll_interval_ms=120_000)
     produce_traces(s, synthetic_traces(16, seed=23))
     ends = end_offsets(s)
     cfg = sft_config(tiny_model, tier3_phases="answer:1", tier3_holdout_fraction=0.3)
