@@ -23,6 +23,7 @@ from schemas.messages import (
     ServedBy,
     SourceOffset,
     TeacherInfo,
+    TrainerControl,
     TrainingRun,
 )
 from schemas.settings import RELIABLE_CONSUMER, RELIABLE_PRODUCER, KafkaSettings, TopicSpec
@@ -31,7 +32,6 @@ from schemas.tasks import TaskDefinition, get_task, load_tasks
 __all__ = [
     "RELIABLE_CONSUMER", "RELIABLE_PRODUCER", "ChatMessage", "DeadLetter", "EnrichedTrace", "Experience",
     "InvalidAnswer", "InvalidMessage", "KafkaSettings", "MessageTooLarge", "NotJSON", "OnlineEval", "SchemaError",
-    "ServedBy",
-    "SourceOffset", "TaskDefinition", "TeacherInfo", "TopicSpec", "TrainingRun", "UnknownSchemaVersion",
-    "UnknownTask", "UnsafeText", "decode", "encode", "get_task", "load_tasks",
+    "ServedBy", "SourceOffset", "TaskDefinition", "TeacherInfo", "TopicSpec", "TrainerControl", "TrainingRun",
+    "UnknownSchemaVersion", "UnknownTask", "UnsafeText", "decode", "encode", "get_task", "load_tasks",
 ]

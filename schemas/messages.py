@@ -144,7 +144,9 @@ TrainingEvent = Literal[
 
 
 class TrainingRun(_Frozen):
-    """One lifecycle event of a training run (or of the trainer itself, for heartbeats)."""
+    """One lifecycle event of a training run on ``training-runs`` (kept forever). The trainer's ``heartbeat``
+    (its live status) has the same shape but goes to the compacted ``trainer-status`` topic, keyed by trainer,
+    so the lifecycle log stays small."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
     run_id: str = Field(min_length=1, max_length=MAX_ID_LEN)
@@ -189,10 +191,40 @@ class OnlineEval(_Frozen):
     worker_id: str | None = Field(default=None, max_length=MAX_ID_LEN)
 
 
+TrainerCommandKind = Literal["train_now"]
+TrainerAnswer = Literal["accepted", "declined"]
+
+
+class TrainerControl(_Frozen):
+    """A request to the trainer and the trainer's answer, both on the ``trainer-control`` topic (key: the
+    request id), so any machine that reaches the bootstrap servers can ask, and the log records who asked what
+    and what the trainer did about it.
+
+    - a request: ``kind="request"``, ``command`` (``train_now``: start a run now), ``request_id``, ``group`` (the
+      trainer group asked; None: any), ``requested_by`` (free text, e.g. user@host);
+    - an answer: ``kind="answer"``, the same ``request_id`` and ``command``, ``answer`` (``accepted``: ``run_id``
+      is the run it started or joined; ``declined``: ``reason`` says why), ``trainer_id`` (which trainer).
+    """
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    kind: Literal["request", "answer"]
+    command: TrainerCommandKind
+    request_id: str = Field(min_length=1, max_length=MAX_ID_LEN)
+    at_ms: int = Field(ge=0)
+    group: str | None = Field(default=None, max_length=MAX_ID_LEN)
+    requested_by: str | None = Field(default=None, max_length=MAX_ID_LEN)
+    answer: TrainerAnswer | None = None
+    trainer_id: str | None = Field(default=None, max_length=MAX_ID_LEN)
+    run_id: str | None = Field(default=None, max_length=MAX_ID_LEN)
+    reason: str | None = Field(default=None, max_length=10_000)
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
 MESSAGE_TYPES: dict[str, type[_Frozen]] = {
     "experience": Experience,
     "enriched_trace": EnrichedTrace,
     "dead_letter": DeadLetter,
     "training_run": TrainingRun,
     "online_eval": OnlineEval,
+    "trainer_control": TrainerControl,
 }

@@ -149,6 +149,16 @@ class KafkaSettings(BaseSettings):
     def online_eval_topic(self) -> str:
         return self.topic("online-eval")
 
+    @property
+    def trainer_status_topic(self) -> str:
+        """The trainers' heartbeats (TrainingRun, event ``heartbeat``), compacted: one live record per trainer."""
+        return self.topic("trainer-status")
+
+    @property
+    def trainer_control_topic(self) -> str:
+        """Requests to the trainer (``tier3 train-now``) and its answers (TrainerControl)."""
+        return self.topic("trainer-control")
+
     def client_config(self) -> dict[str, Any]:
         """The librdkafka connection settings (bootstrap + security) and the record size limit, for any client.
 
@@ -188,8 +198,7 @@ class KafkaSettings(BaseSettings):
         return env
 
     def topic_specs(self) -> list[TopicSpec]:
-        """The four topics (docs/design.md, "Topics"), and online-eval, with partitions, retention and cleanup
-        policy."""
+        """Every topic of tier3 with partitions, retention and cleanup policy (docs/design.md, "Topics")."""
         forever = "-1"
         size = {"max.message.bytes": str(self.topic_max_message_bytes)}  # one limit for every topic
         return [
@@ -204,6 +213,13 @@ class KafkaSettings(BaseSettings):
             # closed windows of online agreement (streams/online_eval.py): latest per key, a week of windows
             TopicSpec(self.online_eval_topic, 1, {"cleanup.policy": "compact,delete",
                                                   "retention.ms": str(7 * 24 * 3600 * 1000), **size}),
+            # heartbeats: compacted, keyed by trainer, so the topic holds about one record per trainer however long
+            # it runs (small segments: the active segment is never compacted)
+            TopicSpec(self.trainer_status_topic, 1, {
+                "cleanup.policy": "compact", "segment.ms": "600000",
+                "min.cleanable.dirty.ratio": "0.1", "delete.retention.ms": "3600000", **size}),
+            # train-now requests and the trainer's answers: few, and kept (who asked for which run)
+            TopicSpec(self.trainer_control_topic, 1, {"retention.ms": forever, **size}),
         ]
 
     def specs_of(self, *topics: str) -> list[TopicSpec]:

@@ -65,22 +65,28 @@ def changelog_spec(settings: StreamsSettings) -> TopicSpec:
 
 
 class TrainerView:
-    """The trainer block of /status, projected from the training-runs topic."""
+    """The trainer block of /status, projected from the training-runs topic and the trainers' heartbeats on the
+    compacted trainer-status topic."""
 
     def __init__(self) -> None:
         self.heartbeat: TrainingRun | None = None
         self.training_in_progress: bool | None = None
+        self._state_at_ms = 0  # at_ms of the event that set training_in_progress
         self.history = RunHistory()  # every run's lifecycle (streams/runs_view.py): bounded by runs, not events
 
     def apply(self, run: TrainingRun) -> None:
-        if run.event == "heartbeat" or run.training_in_progress is not None:
+        # heartbeats and lifecycle events come from two topics, so not in time order: the newest one says
+        # whether the trainer trains
+        newer = run.at_ms >= self._state_at_ms
+        if (run.event == "heartbeat" or run.training_in_progress is not None) and (
+                self.heartbeat is None or run.at_ms >= self.heartbeat.at_ms):
             self.heartbeat = run
-            if run.training_in_progress is not None:
-                self.training_in_progress = run.training_in_progress
-        if run.event == "started":
-            self.training_in_progress = True
-        elif run.event in ("succeeded", "failed"):
-            self.training_in_progress = False
+        if newer and run.training_in_progress is not None:
+            self.training_in_progress, self._state_at_ms = run.training_in_progress, run.at_ms
+        if newer and run.event == "started":
+            self.training_in_progress, self._state_at_ms = True, run.at_ms
+        elif newer and run.event in ("succeeded", "failed"):
+            self.training_in_progress, self._state_at_ms = False, run.at_ms
         if run.event != "heartbeat":
             self.history.apply(run)
 
@@ -419,7 +425,8 @@ async def _process(app: faust.App, stream: StreamT, settings: StreamsSettings, s
 
 
 async def _follow_training_runs(settings: StreamsSettings, state: WorkerState) -> None:
-    """Read training-runs from the beginning, outside the consumer group: every worker sees every event."""
+    """Read training-runs and trainer-status (heartbeats) from the beginning, outside the consumer group: every
+    worker sees every event."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
     from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 
@@ -432,8 +439,9 @@ async def _follow_training_runs(settings: StreamsSettings, state: WorkerState) -
         consumer = AIOKafkaConsumer(**kwargs)
         try:
             await consumer.start()
-            parts = consumer.partitions_for_topic(settings.training_runs_topic) or {0}
-            consumer.assign([TopicPartition(settings.training_runs_topic, p) for p in sorted(parts)])
+            topics = [settings.training_runs_topic, settings.trainer_status_topic]
+            consumer.assign([TopicPartition(t, p) for t in topics
+                             for p in sorted(consumer.partitions_for_topic(t) or {0})])
             await consumer.seek_to_beginning()
             while True:
                 batch = await consumer.getmany(timeout_ms=1000)

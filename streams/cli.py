@@ -83,8 +83,8 @@ def broker_status() -> None:
 
 @topics_app.command("create")
 def topics_create() -> None:
-    """Create the four topics (docs/design.md, "Topics"), idempotently, with partitions and retention from
-    settings. Every other command only checks them."""
+    """Create every topic (docs/design.md, "Topics"), idempotently, with partitions, retention and cleanup
+    policy from settings. Every other command only checks them."""
     from schemas.kafka_access import KafkaAccessError, check_kafka_access
     from streams.topics import ensure_topics
 

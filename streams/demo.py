@@ -306,7 +306,7 @@ class Monitor(threading.Thread):
         http = httpx.Client(timeout=2.0)
         try:
             topics = [self.s.experiences_topic, self.s.traces_topic, self.s.dead_letters_topic,
-                      self.s.training_runs_topic]
+                      self.s.training_runs_topic, self.s.trainer_status_topic]
             md = consumer.list_topics(timeout=10)
             assignment = [TopicPartition(t, p, OFFSET_BEGINNING) for t in topics if t in md.topics
                           for p in md.topics[t].partitions]
@@ -352,7 +352,7 @@ class Monitor(threading.Thread):
                     dl = decode(value, DeadLetter, max_bytes=self.s.max_record_bytes)
                     obs.dead_letters += 1
                     obs.dead_by_reason[dl.error_kind] = obs.dead_by_reason.get(dl.error_kind, 0) + 1
-                elif topic == self.s.training_runs_topic:
+                elif topic in (self.s.training_runs_topic, self.s.trainer_status_topic):  # lifecycle, heartbeats
                     self._apply_run(decode(value, TrainingRun))
         except SchemaError as exc:
             self._error(f"{topic}: undecodable message ({exc.kind})")

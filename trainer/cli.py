@@ -1,11 +1,10 @@
 """The trainer's commands, added to the ``tier3`` CLI through the ``tier3.commands`` entry point.
 
 - ``tier3 trainer``: the consumer (``trainer/consumer.py``); runs until SIGTERM / SIGINT.
-- ``tier3 train-now``: asks the running trainer to start a run at once. It creates the file
-  ``<runs dir>/train-now``; the trainer checks for it on every loop turn (sub-second), removes it and trains
-  whatever new traces wait (none: it says so and does nothing). A file, not a message, because it needs no
-  extra topic and works while the broker is the thing being debugged; the trainer and the command must share
-  ``TIER3_RUNS_DIR`` (the same volume in docker-compose).
+- ``tier3 train-now``: asks the trainer to start a run at once, from any machine that reaches the bootstrap
+  servers: a ``train_now`` request (:class:`schemas.TrainerControl`) on the ``trainer-control`` topic, where the
+  trainer answers it (``accepted`` with the run id, or ``declined`` with the reason: nothing new to train). The
+  command waits for the answer and prints it; both stay on the topic (who asked, which run it started).
 - ``tier3 replay``: rebuild a dataset (``--train``: and a model) from the log without touching the trainer group.
 
 ``python -m trainer.cli ...`` runs the same commands without the streams CLI (tests use it for subprocesses).
@@ -14,6 +13,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import time
@@ -51,24 +51,39 @@ def trainer_cmd(
 
     _setup_logging(log_level)
     settings, cfg = _settings()
+    from trainer.consumer import busy_workers, inject_fault
+
     # its topics exist as `tier3 topics create` made them (else one line saying so, exit 2): a consumer that
     # subscribes to a missing topic waits forever, and one that made the broker create it broke the partitioning
-    check_topics(settings, settings.specs_of(settings.traces_topic, settings.training_runs_topic))
+    check_topics(settings, settings.specs_of(settings.traces_topic, settings.training_runs_topic,
+                                             settings.trainer_status_topic, settings.trainer_control_topic))
     evaluate: Any = None
     after_success: Any = None
+    after_pending: Any = None
     if settings.tier3_trainer_close_loop:
         # evaluation inside the protocol (before the manifest), gate + export after the commit
         from trainer.close_loop_settings import CloseLoopSettings
         from trainer.evaluate import evaluation_hook
-        from trainer.gate import after_run
+        from trainer.gate import after_run, close_loop_pending
 
         loop_settings = load_settings(CloseLoopSettings)
-        evaluate = evaluation_hook(loop_settings)
+        hook = evaluation_hook(loop_settings)
+
+        def fault(point: str) -> None:
+            inject_fault(settings, point)
+
+        def evaluate(adapter_dir: Any, built: Any, run_cfg: Any) -> Any:
+            metrics = hook(adapter_dir, built, run_cfg)
+            fault("kill_in_evaluation")  # testing: evaluated, the metrics not yet in a manifest
+            return metrics
 
         def after_success(m: Any) -> None:
-            after_run(loop_settings, m.run_id)
+            after_run(loop_settings, m.run_id, fault=fault)
 
-    tc = TrainerConsumer(settings, cfg, evaluate=evaluate, after_success=after_success)
+        def after_pending(manifests: Any) -> list[str]:
+            return close_loop_pending(loop_settings, manifests)
+
+    tc = TrainerConsumer(settings, cfg, evaluate=evaluate, after_success=after_success, after_pending=after_pending)
 
     def on_signal(signum: int, _frame: Any) -> None:
         logging.getLogger("tier3.trainer").info("signal %d: stopping (a run in progress is abandoned, not "
@@ -77,19 +92,50 @@ def trainer_cmd(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    stats = tc.run(max_runs=max_runs)
+    stats = tc.run(max_runs=max_runs)  # closes every Kafka client before it returns
     typer.echo(orjson.dumps({"runs_succeeded": stats.runs_succeeded, "runs_failed": stats.runs_failed,
                              "recognised": stats.recognised, "last_run_id": stats.last_run_id}).decode())
+    busy = busy_workers()
+    if busy:
+        # a worker thread did not end within TIER3_TRAINER_STOP_GRACE_S (an evaluation or export in native code):
+        # letting the interpreter finalise under it aborts the process ("terminate called without an active
+        # exception"). Nothing durable depends on it (the protocol commits only after it): leave at once.
+        logging.getLogger("tier3.trainer").warning("stopping without waiting for %s", [t.name for t in busy])
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
-def train_now_cmd() -> None:
-    """Ask the running trainer to start a run now (creates <runs dir>/train-now; the trainer removes it)."""
-    from trainer.manifest import write_atomic
-    from trainer.settings import TrainerSettings
+def train_now_cmd(
+    wait_s: Annotated[float, typer.Option("--wait", help="seconds to wait for the trainer's answer (0: send "
+                                                          "and exit)")] = 60.0,
+    group: Annotated[str | None, typer.Option(help="the trainer group asked (default TIER3_TRAINER_GROUP)")] = None,
+) -> None:
+    """Ask the trainer to start a run now: a train_now request on trainer-control; prints the trainer's answer.
 
-    settings = load_settings(TrainerSettings)
-    write_atomic(settings.train_now_path, f"{time.time():.3f}\n".encode())
-    typer.echo(f"requested a run: {settings.train_now_path} (the trainer picks it up within a second)")
+    Exit codes: 0 accepted (a run started), 3 declined (the reason is printed), 4 no answer within --wait (the
+    request stays on the topic: a trainer that starts later answers it), 1 the request could not be sent."""
+    from trainer.control import send_train_now
+
+    settings, _cfg = _settings()
+    check_topics(settings, settings.specs_of(settings.trainer_control_topic))
+    try:
+        req, answer = send_train_now(settings, group=group or settings.tier3_trainer_group, wait_s=wait_s)
+    except TrainerError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if answer is None:
+        typer.echo(orjson.dumps({"request_id": req.request_id, "answer": None}).decode())
+        if wait_s > 0:
+            typer.echo(f"no trainer of group {req.group} answered within {wait_s:.0f} s; the request is on "
+                       f"{settings.trainer_control_topic} and is answered when one runs", err=True)
+            raise typer.Exit(4)
+        return
+    typer.echo(orjson.dumps({"request_id": req.request_id, "answer": answer.answer, "run_id": answer.run_id,
+                             "reason": answer.reason, "trainer_id": answer.trainer_id}).decode())
+    if answer.answer != "accepted":
+        raise typer.Exit(3)
 
 
 def _parse_time(value: str) -> int:

@@ -5,12 +5,21 @@ group ``TIER3_TRAINER_GROUP`` with ``RELIABLE_CONSUMER``: no auto-commit, no aut
 cooperative-sticky assignment. The loop, one thread:
 
 1. poll; decode each trace (undecodable ones are dead-lettered and still count as read); keep them per partition;
-2. start a run when >= ``TIER3_MIN_TRACES`` distinct experience ids wait, or ``TIER3_CHECK_INTERVAL_S`` passed with
-   at least one, or ``tier3 train-now`` dropped its trigger file, or a failed batch is back for its retry;
+2. a trigger fires when >= ``TIER3_MIN_TRACES`` distinct experience ids wait, or ``TIER3_CHECK_INTERVAL_S`` passed
+   with at least one, or a ``train_now`` request arrived on ``trainer-control`` (``tier3 train-now``, answered
+   there), or a failed batch is back for its retry;
+   when one fires, the run takes everything available at that moment: the loop keeps reading until every
+   assigned partition reaches the end offset it had when the trigger fired, or the batch holds
+   ``TIER3_MAX_TRACES_PER_RUN`` messages (reading stops there);
 3. the run is :func:`trainer.protocol.train_and_commit`: the training itself happens in a worker thread while this
    thread keeps polling with every partition paused, so the group never evicts us (max.poll.interval.ms is about
    poll() calls, not about work);
 4. on failure: ``failed`` event, nothing committed, seek back to the batch's first offsets, back off, retry.
+
+5. after a committed run, the close loop (``after_success``: evaluated event, the gate's verdict, the export) runs
+   with the partitions paused. It is resumable: at start, and after a restart path commits or announces a run,
+   every committed run of this group that the log (training-runs) shows without a verdict, or promoted without
+   its export, is queued and closed (``after_pending`` says which; ``after_success`` does only the missing steps).
 
 Revoked or lost partitions are dropped from memory and never committed: a run whose partitions were revoked
 while it trained fails its commit step (the new owner reads those traces again from the committed offset).
@@ -20,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -30,7 +40,7 @@ from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from schemas import SchemaError
+from schemas import SchemaError, TrainerControl, decode
 from schemas.settings import KAFKA_CLIENT_LOG
 from trainer.errors import CommitFailed, DatasetError, ManifestError, TrainerError
 from trainer.events import TrainerEvents, now_ms
@@ -56,6 +66,25 @@ T = TypeVar("T")
 
 #: exit status of an injected crash (TIER3_TRAINER_FAULT): distinguishable from a real failure in tests
 FAULT_EXIT_CODE = 86
+#: name prefix of the threads that train, evaluate, gate and export (the loop thread keeps polling meanwhile)
+WORKER_THREAD_PREFIX = "tier3-train-"
+
+
+def busy_workers() -> list[threading.Thread]:
+    """Worker threads still running (after a stop whose grace period ran out)."""
+    return [t for t in threading.enumerate() if t.name.startswith(WORKER_THREAD_PREFIX) and t.is_alive()]
+
+
+def inject_fault(settings: TrainerSettings, point: str) -> None:
+    """Testing only (TIER3_TRAINER_FAULT): end the process abruptly at ``point``: ``crash_*`` with os._exit
+    (FAULT_EXIT_CODE), ``kill_*`` with a real SIGKILL (no handler, no flush, no cleanup)."""
+    if settings.tier3_trainer_fault != point:
+        return
+    log.critical("TIER3_TRAINER_FAULT=%s: ending the process abruptly (testing)", point)
+    sys.stderr.flush()
+    if point.startswith("kill_"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    os._exit(FAULT_EXIT_CODE)
 
 
 class RunAborted(TrainerError):
@@ -120,6 +149,11 @@ class Accumulator:
                 self._n_new += 1
             self._ids[eid] += 1
 
+    def ids_below(self, partition: int, end: int) -> set[str]:
+        """Experience ids of the records held in ``partition`` below offset ``end``."""
+        part = self.parts.get(partition)
+        return {r.trace.experience_id for r in part.records if r.offset < end} if part is not None else set()
+
     def first_offset(self, partition: int) -> int | None:
         part = self.parts.get(partition)
         return part.start if part is not None else None
@@ -174,10 +208,21 @@ class Accumulator:
 
 
 @dataclass
+class _Drain:
+    """A trigger fired: read on until every partition reaches ``targets`` (its end offset at that moment)."""
+
+    trigger: str
+    targets: dict[int, int]
+    deadline: float
+
+
+@dataclass
 class TrainerStats:
     runs_succeeded: int = 0
     runs_failed: int = 0
     recognised: int = 0  # manifests committed on restart without training
+    closed: int = 0  # runs whose close loop (evaluated, verdict, export) completed in this process
+    train_now_answered: int = 0
     assigned: int = 0  # partitions assigned (cumulative)
     revoked: int = 0  # partitions revoked (cumulative)
     lost: int = 0  # partitions lost (cumulative): the group evicted us
@@ -190,16 +235,28 @@ class TrainerConsumer:
     """``TrainerConsumer(settings).run()`` is ``tier3 trainer``. ``train`` and ``evaluate`` are injectable (tests,
     the close-loop's evaluation); by default :func:`trainer.sft_trainer.train` and no evaluation.
     ``after_success(manifest)`` runs after a run is committed and announced (the close-loop's gate and export);
-    it runs with the partitions paused and polling going on, and its errors never touch the committed run."""
+    it runs with the partitions paused and polling going on, and its errors never touch the committed run.
+    ``after_pending(manifests)`` returns the ids of those committed runs whose close loop is not complete (read
+    from the log); they are closed at start, oldest first, before any new run."""
 
     def __init__(self, settings: TrainerSettings, cfg: SFTConfig | None = None, *, train: TrainFn | None = None,
                  evaluate: EvaluateFn | None = None,
-                 after_success: Callable[[RunManifest], object] | None = None) -> None:
+                 after_success: Callable[[RunManifest], object] | None = None,
+                 after_pending: Callable[[list[RunManifest]], list[str]] | None = None) -> None:
         self.s = settings
         self.cfg = cfg if cfg is not None else SFTConfig()
         self.topic = settings.traces_topic
         self.events = TrainerEvents(settings)
         self.consumer = Consumer({**settings.consumer_config(), "error_cb": self._on_error})
+        # requests (train_now) on trainer-control, in a group of their own: one trainer of the group answers each,
+        # and a request that arrived while no trainer ran is answered at the next start
+        self.control = Consumer({**settings.client_config(), "group.id": f"{settings.tier3_trainer_group}.control",
+                                 "enable.auto.commit": False, "auto.offset.reset": "earliest",
+                                 "isolation.level": "read_committed", "error_cb": self._on_error,
+                                 "client.id": f"tier3-trainer-control-{settings.tier3_trainer_group}"})
+        self._requests: list[TrainerControl] = []  # train_now requests read, not answered yet
+        self._control_next: dict[int, int] = {}  # control partition -> one past the last message read
+        self._control_committed: dict[int, int] = {}
         self.stop_event = threading.Event()
         self.stats = TrainerStats()
         self.known_ids: set[str] = set()  # experience ids inside committed runs of this group (trigger dedup)
@@ -208,6 +265,12 @@ class TrainerConsumer:
         self._train = train
         self._evaluate = evaluate
         self._after_success = after_success
+        self._after_pending = after_pending
+        self._after_todo: list[RunManifest] = []  # committed runs whose close loop is to be done, oldest first
+        self._after_retry_at: dict[str, float] = {}
+        self._after_attempts: Counter[str] = Counter()
+        self._after_scan_at: float | None = None  # when to ask the log which runs lack their close loop
+        self._drain: _Drain | None = None
         self.assigned: set[int] = set()
         self._paused: set[int] = set()
         self._lost_since_batch: set[int] = set()
@@ -239,11 +302,14 @@ class TrainerConsumer:
         self._started = True
         self.s.runs_dir.mkdir(parents=True, exist_ok=True)
         self._reconcile_manifests()
+        if self._after_success is not None and self._after_pending is not None:
+            self._after_scan_at = time.monotonic()
         self.consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
                                 on_lost=self._on_lost)
-        log.info("trainer group %s on %s: min_traces=%d, check_interval_s=%s, runs in %s",
-                 self.s.tier3_trainer_group, self.topic, self.s.tier3_min_traces, self.s.tier3_check_interval_s,
-                 self.s.runs_dir)
+        self.control.subscribe([self.s.trainer_control_topic])
+        log.info("trainer group %s on %s: min_traces=%d, max_traces_per_run=%d, check_interval_s=%s, runs in %s",
+                 self.s.tier3_trainer_group, self.topic, self.s.tier3_min_traces, self.s.tier3_max_traces_per_run,
+                 self.s.tier3_check_interval_s, self.s.runs_dir)
 
     def stop(self) -> None:
         """Ask the loop to end (thread-safe; a signal handler may call it). A run in progress is abandoned."""
@@ -257,7 +323,10 @@ class TrainerConsumer:
         try:
             self.consumer.close()  # leaves the group; commits nothing (auto-commit is off)
         finally:
-            self.events.close()
+            try:
+                self.control.close()
+            finally:
+                self.events.close()
 
     def run(self, *, max_runs: int | None = None, timeout_s: float | None = None) -> TrainerStats:
         """Consume and train until stopped, or until ``max_runs`` runs were committed, or ``timeout_s`` passed."""
@@ -265,20 +334,27 @@ class TrainerConsumer:
         self.start()
         try:
             while not self.stop_event.is_set():
-                if max_runs is not None and self.stats.runs_succeeded + self.stats.recognised >= max_runs:
+                if max_runs is not None and self.stats.runs_succeeded + self.stats.recognised >= max_runs \
+                        and not self._after_due():
                     break
                 if deadline is not None and time.monotonic() > deadline:
                     break
-                self._poll_once(self.s.tier3_trainer_poll_timeout_s)
-                self._end_backoff_if_due()
-                self._load_history()
-                self._recognise_manifests()
-                trigger = self._due()
-                if trigger is not None:
-                    self._run_batch(trigger)
+                self.turn()
         finally:
             self.close()
         return self.stats
+
+    def turn(self) -> None:
+        """One turn of the loop: poll, then whatever is due (history, recognition, close loop, a run)."""
+        self._poll_once(self.s.tier3_trainer_poll_timeout_s)
+        self._end_backoff_if_due()
+        self._load_history()
+        self._recognise_manifests()
+        self._scan_after()
+        self._close_runs()
+        trigger = self._ready()
+        if trigger is not None:
+            self._run_batch(trigger)
 
     # -- polling ------------------------------------------------------------------------------------------
     @property
@@ -292,8 +368,72 @@ class TrainerConsumer:
             self._handle(msg)
         if self._hold:
             self._pause_all()  # partitions assigned while holding must not deliver either
+        elif self._drain is not None and self.pending.n_messages >= self.s.tier3_max_traces_per_run:
+            self._pause_all()  # the batch is full: read no further (the rest waits for the next run)
+        self._poll_control()
         self._status_heartbeat()
         self.events.poll()
+
+    # -- requests on trainer-control ----------------------------------------------------------------------
+    def _poll_control(self) -> None:
+        if not self._started:
+            return
+        msg = self.control.poll(0)
+        while msg is not None:
+            err = msg.error()
+            if err is None:
+                self._on_control(msg)
+            elif err.code() != KafkaError._PARTITION_EOF:
+                log.warning("trainer-control: %s", err.str())
+            msg = self.control.poll(0)
+        self._commit_control()
+
+    def _on_control(self, msg: Message) -> None:
+        p, off = msg.partition() or 0, msg.offset() or 0
+        self._control_next[p] = off + 1
+        try:
+            req = decode(msg.value() or b"", TrainerControl, max_bytes=self.s.tier3_max_message_bytes)
+        except SchemaError as exc:  # someone else's garbage on the control topic: not a reason to stop
+            log.warning("trainer-control offset %d: not a request (%s); ignored", off, exc)
+            return
+        if req.kind != "request" or (req.group is not None and req.group != self.s.tier3_trainer_group):
+            return  # an answer (ours or another trainer's), or a request for another group
+        age_s = (now_ms() - req.at_ms) / 1000
+        if age_s > self.s.tier3_train_now_max_age_s:
+            self._answer(req, "declined", reason=f"expired: the request is {age_s:.0f} s old (more than "
+                         f"TIER3_TRAIN_NOW_MAX_AGE_S={self.s.tier3_train_now_max_age_s:.0f})")
+            return
+        log.info("train-now request %s from %s", req.request_id, req.requested_by or "?")
+        self._requests.append(req)
+
+    def _answer(self, req: TrainerControl, answer: str, *, run_id: str | None = None, reason: str | None = None,
+                details: dict[str, Any] | None = None) -> None:
+        self.events.answer(req, answer=answer, run_id=run_id, reason=reason, details=details)
+        self.stats.train_now_answered += 1
+        log.info("train-now request %s: %s%s%s", req.request_id, answer, f" run {run_id}" if run_id else "",
+                 f" ({reason})" if reason else "")
+
+    def _answer_all(self, answer: str, **kw: Any) -> None:
+        todo, self._requests = self._requests, []
+        for req in todo:
+            self._answer(req, answer, **kw)
+
+    def _commit_control(self) -> None:
+        """Commit the control offsets read, up to the first request not answered yet (at-least-once answers:
+        a trainer killed in between answers that request again after its restart)."""
+        if self._requests:
+            return
+        todo = {p: off for p, off in self._control_next.items() if off > self._control_committed.get(p, -1)}
+        if not todo:
+            return
+        if not self.events.flush(5.0):  # the answers first: a committed request always has its answer
+            return
+        try:
+            self.control.commit(offsets=[TopicPartition(self.s.trainer_control_topic, p, off)
+                                         for p, off in todo.items()], asynchronous=False)
+            self._control_committed.update(todo)
+        except KafkaException as exc:
+            log.warning("trainer-control: commit failed (%s); the requests may be answered again", exc)
 
     def _handle(self, msg: Message) -> None:
         err = msg.error()
@@ -369,24 +509,16 @@ class TrainerConsumer:
     def next_check_in_s(self) -> float:
         return max(0.0, self._last_check_mono + self.s.tier3_check_interval_s - time.monotonic())
 
-    def _take_train_now(self) -> bool:
-        path = self.s.train_now_path
-        if not path.exists():
-            return False
-        path.unlink(missing_ok=True)
-        return True
-
     def _due(self) -> str | None:
-        """The trigger that starts a run now, or None."""
-        if self._hold or self._awaiting_manifest or self._history_todo:
+        """The trigger that fires now, or None."""
+        if self._hold or self._awaiting_manifest or self._history_todo or self._after_due() or not self.assigned:
             return None
         interval_due = self.next_check_in_s() <= 0.0
         if self.pending.n_new <= self._need_more_than:
             if interval_due:
                 self._mark_check()  # nothing (new) to train: the next check is one interval away
-            if self._take_train_now():
-                log.info("train-now: no new traces to train on")
-            return None
+            # a request: read up to the end offsets first, then train or say there is nothing new
+            return "train_now" if self._requests and self._retry_target is None else None
         if self._retry_target is not None:
             # a failed batch is retried once it is back in full (the seek-back re-reads it)
             back = all(p not in self.assigned or (self.pending.next_offset(p) or -1) >= end
@@ -396,9 +528,67 @@ class TrainerConsumer:
             return "min_traces"
         if interval_due:
             return "interval"
-        if self._take_train_now():
+        if self._requests:
             return "train_now"
         return None
+
+    def _ready(self) -> str | None:
+        """The trigger of the run to start now, or None. A trigger (other than a retry, whose batch is fixed)
+        first reads on up to the end offsets of the moment it fired, within TIER3_MAX_TRACES_PER_RUN."""
+        if self._drain is None:
+            trigger = self._due()
+            if trigger is None or trigger == "retry":
+                return trigger
+            self._drain = self._start_drain(trigger)
+        if self._hold or not self._drained(self._drain):
+            return None
+        drain, self._drain = self._drain, None
+        if self.pending.n_new <= self._need_more_than:  # only a request gets here with nothing new
+            self._answer_all("declined", reason=f"no new traces to train on ({self.pending.n_messages} read since "
+                             "the last commit, none new)", details={"pending_messages": self.pending.n_messages})
+            self._resume_all()
+            return None
+        return drain.trigger
+
+    def _start_drain(self, trigger: str) -> _Drain:
+        timeout_s = self.s.tier3_trainer_commit_timeout_s
+        deadline = time.monotonic() + self.s.tier3_trainer_drain_timeout_s
+        ps = sorted(self.assigned)
+        targets: dict[int, int] = {}
+        try:
+            pos = self._positions(ps)
+            idle = [p for p in ps if pos[p] < 0]  # nothing read there yet: the fetch starts at the committed offset
+            committed = {tp.partition: tp.offset for tp in self.consumer.committed(
+                [TopicPartition(self.topic, p) for p in idle], timeout=timeout_s)} if idle else {}
+            for p in ps:
+                low, high = self.consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=timeout_s,
+                                                                cached=False)
+                at = pos[p] if pos[p] >= 0 else committed.get(p, -1)
+                if max(at, low) < high:
+                    targets[p] = high
+        except KafkaException as exc:  # the batch is then what is held: never worse than before
+            log.warning("could not read the end offsets (%s); the run takes what is read so far", exc)
+        log.info("trigger %s: reading up to the end offsets %s (at most %d messages per run)", trigger, targets,
+                 self.s.tier3_max_traces_per_run)
+        return _Drain(trigger, targets, deadline)
+
+    def _positions(self, ps: list[int]) -> dict[int, int]:
+        """Per partition: the next offset to read (what we hold, else the fetcher's position; -1 if unknown)."""
+        got = {tp.partition: tp.offset for tp in self.consumer.position([TopicPartition(self.topic, p) for p in ps])}
+        return {p: max(self.pending.next_offset(p) or -1, got.get(p, -1)) for p in ps}
+
+    def _drained(self, drain: _Drain) -> bool:
+        if self.pending.n_messages >= self.s.tier3_max_traces_per_run:
+            return True
+        todo = [p for p in drain.targets if p in self.assigned]
+        pos = self._positions(todo) if todo else {}
+        if all(pos[p] >= drain.targets[p] for p in todo):
+            return True
+        if time.monotonic() > drain.deadline:
+            log.warning("trigger %s: end offsets %s not reached within %.0f s (at %s); running with what is read",
+                        drain.trigger, drain.targets, self.s.tier3_trainer_drain_timeout_s, pos)
+            return True
+        return False
 
     # -- one run ------------------------------------------------------------------------------------------
     def _run_batch(self, trigger: str) -> None:
@@ -410,6 +600,8 @@ class TrainerConsumer:
         run_id = new_run_id()
         self.training, self._current_run, self._progress = True, run_id, (0, 0)
         self._pause_all()
+        if self._requests:  # every waiting request is served by this run: it takes all that is available
+            self._answer_all("accepted", run_id=run_id, details={**batch.describe(), "trigger": trigger})
         log.info("run %s: %d traces (%d distinct) from %s, trigger %s, attempt %d", run_id, batch.n_messages,
                  batch.n_unique, batch.describe()["offsets"], trigger, batch.attempt)
         self.stats.last_run_id = run_id
@@ -425,9 +617,11 @@ class TrainerConsumer:
             self.stats.runs_succeeded += 1
             self.stats.last_manifest = manifest
             self.known_ids.update(r.trace.experience_id for r in batch.records)
-            self._run_after_success(manifest)
             log.info("run %s committed %s (dataset %s, loss %s)", run_id, manifest.commit_offsets(),
                      manifest.dataset.sha256[:12], manifest.metrics.get("train_loss"))
+            if self._after_success is not None:
+                self._after_todo.append(manifest)
+                self._close_runs()
         finally:
             self.training, self._current_run = False, None
             # the next interval check is one interval after this run ended, not after it started: a run
@@ -435,20 +629,84 @@ class TrainerConsumer:
             self._mark_check()
             self._status_heartbeat(force=True)
 
-    def _run_after_success(self, manifest: RunManifest) -> None:
-        if self._after_success is None:
+    # -- the close loop after a commit (evaluated, verdict, export): resumable --------------------------------
+    def _after_due(self) -> bool:
+        """A committed run waits for its close loop now (new runs wait for it: verdicts come in run order)."""
+        now = time.monotonic()
+        return any(self._after_retry_at.get(m.run_id, 0.0) <= now for m in self._after_todo)
+
+    def _scan_after(self) -> None:
+        """Ask the log which committed runs of this group lack their verdict (or their export): a trainer
+        killed during evaluation, the gate or the export left them so. Queued oldest first."""
+        if self._after_scan_at is None or time.monotonic() < self._after_scan_at or self._after_pending is None:
             return
+        mine = [m for m in list_manifests(self.s.runs_dir) if m.topic == self.topic
+                and m.group == self.s.tier3_trainer_group and m.state in ("committed", "published")]
+        if not mine:
+            self._after_scan_at = None
+            return
+        pending = self._after_pending
+        try:
+            todo = set(self._in_background(lambda: pending(mine)))
+        except RunAborted:
+            return
+        except Exception as exc:  # the broker may be down: ask again later
+            log.warning("could not read which runs lack their verdict (%s); asking again in %.0f s", exc,
+                        self.s.tier3_trainer_backoff_initial_s)
+            self._after_scan_at = time.monotonic() + max(1.0, self.s.tier3_trainer_backoff_initial_s)
+            return
+        self._after_scan_at = None
+        queued = {m.run_id for m in self._after_todo}
+        for m in mine:
+            if m.run_id in todo and m.run_id not in queued:
+                log.info("run %s is committed but its close loop did not finish (killed?); resuming it", m.run_id)
+                self._after_todo.append(m)
+
+    def _close_runs(self) -> None:
+        """Run the close loop of the queued committed runs that are due, oldest first."""
+        if self._after_success is None:
+            self._after_todo.clear()
+            return
+        while not self._hold and not self.stop_event.is_set():
+            now = time.monotonic()
+            due = [m for m in self._after_todo if self._after_retry_at.get(m.run_id, 0.0) <= now]
+            if not due:
+                return
+            m = due[0]
+            if self._run_after_success(m):
+                self._after_todo.remove(m)
+                self._after_retry_at.pop(m.run_id, None)
+                self.stats.closed += 1
+                continue
+            self._after_attempts[m.run_id] += 1
+            n = self._after_attempts[m.run_id]
+            if n >= self.s.tier3_trainer_close_attempts:
+                log.error("run %s: its close loop failed %d times; giving up until the next start", m.run_id, n)
+                self._after_todo.remove(m)
+                continue
+            wait_s = min(self.s.tier3_trainer_backoff_max_s, self.s.tier3_trainer_backoff_initial_s * 2 ** (n - 1))
+            self._after_retry_at[m.run_id] = now + wait_s
+            log.warning("run %s: close loop failed (attempt %d); retry in %.1f s", m.run_id, n, wait_s)
+
+    def _run_after_success(self, manifest: RunManifest) -> bool:
+        """The close loop of one committed run; True when it completed (False: retry later)."""
+        if self._after_success is None:
+            return True
         after = self._after_success
         self.training = True  # keep the partitions paused: the next batch waits for the gate and the export
+        self._current_run = manifest.run_id
         try:
             self._in_background(lambda: after(manifest))
+            return True
         except RunAborted:
-            pass
+            return False
         except Exception:
-            log.exception("run %s: the after-run step (gate, export) failed; the run stays committed",
+            log.exception("run %s: the after-run step (evaluated, gate, export) failed; the run stays committed",
                           manifest.run_id)
+            return False
         finally:
             self.training = False
+            self._current_run = None
             self._resume_all()
 
     def _on_failure(self, batch: Batch, run_id: str, exc: Exception) -> None:
@@ -515,17 +773,30 @@ class TrainerConsumer:
             except BaseException as exc:
                 box["error"] = exc
 
-        worker = threading.Thread(target=target, name=f"tier3-train-{self._current_run}", daemon=True)
+        worker = threading.Thread(target=target, name=f"{WORKER_THREAD_PREFIX}{self._current_run}", daemon=True)
         worker.start()
+        stop_deadline: float | None = None
         while worker.is_alive():
             self._poll_once(min(0.2, self.s.tier3_trainer_poll_timeout_s))
             if self.stop_event.is_set():
-                raise RunAborted("the trainer is stopping; the run is abandoned and its traces come back")
+                # wait for the worker to notice (training ends at its next step, see _on_step): a thread left
+                # inside torch when the interpreter exits dies uncleanly ("terminate called without an active
+                # exception"); after the grace period the command ends the process without running finalizers
+                if stop_deadline is None:
+                    stop_deadline = time.monotonic() + self.s.tier3_trainer_stop_grace_s
+                    log.info("stopping: waiting up to %.0f s for the work in progress to end",
+                             self.s.tier3_trainer_stop_grace_s)
+                if time.monotonic() >= stop_deadline:
+                    break
+        if self.stop_event.is_set():
+            raise RunAborted("the trainer is stopping; the run is abandoned and its traces come back")
         if "error" in box:
             raise box["error"]
         return box["value"]  # type: ignore[no-any-return]
 
     def _on_step(self, step: int, total: int) -> None:
+        if self.stop_event.is_set():  # called by the training thread after every optimiser step
+            raise RunAborted("the trainer is stopping; training ends at this step")
         self._progress = (step, total)
         if self.s.tier3_trainer_step_delay_s > 0:
             time.sleep(self.s.tier3_trainer_step_delay_s)
@@ -567,10 +838,7 @@ class TrainerConsumer:
         return out
 
     def _fault(self, point: str) -> None:
-        if self.s.tier3_trainer_fault == point:
-            log.critical("TIER3_TRAINER_FAULT=%s: exiting abruptly (testing)", point)
-            sys.stderr.flush()
-            os._exit(FAULT_EXIT_CODE)
+        inject_fault(self.s, point)
 
     def _load_history(self) -> None:
         """Learn the experience ids already trained (committed) in newly assigned partitions, so a late duplicate
@@ -613,7 +881,7 @@ class TrainerConsumer:
                 log.info("run %s was committed before the last stop; announcing it", m.run_id)
                 if m.state == "trained":
                     m = m.model_copy(update={"state": "committed", "committed_at_ms": now_ms()})
-                publish_succeeded(m, self._context())
+                publish_succeeded(m, self._context())  # its close loop is resumed by _scan_after
             else:
                 self._uncommitted.append(m)
                 log.info("run %s was trained and recorded but not committed; it is committed (not retrained) when "
@@ -660,9 +928,19 @@ class TrainerConsumer:
                 self._backoff_until = time.monotonic() + self.s.tier3_trainer_backoff_initial_s
                 self._pause_all()
                 return
+            ids = set().union(*(self.pending.ids_below(p, r.end) for p, r in m.offsets.items()))
             for p, r in m.offsets.items():
                 self.pending.trim(p, r.end)
+            # its traces are inside a committed run now: a later duplicate of one is not new
+            self.known_ids.update(ids)
+            self.pending.recount()
             self._uncommitted.remove(m)
+            if self._retry_target is not None and all(p in m.offsets and m.offsets[p].end >= end
+                                                      for p, end in self._retry_target.items()):
+                # the failed batch (its commit was refused) is what this manifest committed: nothing to retry
+                self._retry_target, self._failures = None, 0
+            if self._after_success is not None:
+                self._after_todo.append(m)  # committed by this restart path: its close loop never ran
             self.stats.recognised += 1
             self.stats.last_run_id = m.run_id
             log.info("run %s: recognised on restart and committed without training again", m.run_id)

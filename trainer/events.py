@@ -1,6 +1,9 @@
-"""The trainer's lifecycle events on ``training-runs``: started, heartbeat, succeeded, failed.
+"""The trainer's events: lifecycle on ``training-runs`` (started, succeeded, failed), heartbeats on
+``trainer-status``, answers to requests on ``trainer-control``.
 
-Keyed by run_id. Heartbeats use the run id ``trainer:<group>`` and carry the fields of the original system's
+Lifecycle events are keyed by run_id and kept forever. Heartbeats are not part of any run's history: they go to
+the compacted ``trainer-status`` topic, keyed (and with run id) ``trainer:<group>``, so the topic keeps about one
+record per trainer group however long it runs. They carry the fields of the original system's
 ``trainer.tier3_sft`` status block (training_in_progress, last check time, check interval, next check), so the
 streams worker's ``/status`` can show a live trainer without importing anything of ours.
 """
@@ -8,13 +11,15 @@ streams worker's ``/status`` can show a live trainer without importing anything 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import KafkaError, Message, Producer
 
-from schemas import TrainingRun, encode
+from schemas import TrainerControl, TrainingRun, encode
 from schemas.dead_letters import make_dead_letter
 from schemas.settings import RELIABLE_PRODUCER
 from trainer.settings import TrainerSettings
@@ -33,6 +38,8 @@ class TrainerEvents:
         self.settings = settings
         self.topic = settings.training_runs_topic
         self.heartbeat_run_id = f"trainer:{settings.tier3_trainer_group}"
+        #: this process (several trainers may share a group): in heartbeats and answers to requests
+        self.trainer_id = f"{settings.tier3_trainer_group}@{socket.gethostname()}:{os.getpid()}"
         self._producer = Producer({**settings.client_config(), **RELIABLE_PRODUCER, "linger.ms": 5,
                                    "client.id": f"tier3-trainer-events-{settings.tier3_trainer_group}"})
         self._errors: list[str] = []
@@ -99,11 +106,22 @@ class TrainerEvents:
 
     def heartbeat(self, *, training_in_progress: bool, last_check_time_ms: int, next_check_in_s: float,
                   details: dict[str, Any]) -> None:
-        self.publish(TrainingRun(run_id=self.heartbeat_run_id, event="heartbeat", at_ms=now_ms(),
-                                 model_name=self.settings.tier3_student_name,
-                                 training_in_progress=training_in_progress, last_check_time_ms=last_check_time_ms,
-                                 check_interval_s=self.settings.tier3_check_interval_s,
-                                 next_check_in_s=round(max(0.0, next_check_in_s), 3), details=details))
+        """The live status, on the compacted trainer-status topic (never on training-runs)."""
+        hb = TrainingRun(run_id=self.heartbeat_run_id, event="heartbeat", at_ms=now_ms(),
+                         model_name=self.settings.tier3_student_name, training_in_progress=training_in_progress,
+                         last_check_time_ms=last_check_time_ms, check_interval_s=self.settings.tier3_check_interval_s,
+                         next_check_in_s=round(max(0.0, next_check_in_s), 3),
+                         details={**details, "trainer_id": self.trainer_id})
+        self._send(self.settings.trainer_status_topic, hb.run_id, encode(hb))
+
+    def answer(self, request: TrainerControl, *, answer: str, run_id: str | None = None, reason: str | None = None,
+               details: dict[str, Any] | None = None) -> TrainerControl:
+        """Answer a request read from trainer-control, on the same topic and key."""
+        out = TrainerControl(kind="answer", command=request.command, request_id=request.request_id, at_ms=now_ms(),
+                             group=self.settings.tier3_trainer_group, answer=answer,  # type: ignore[arg-type]
+                             trainer_id=self.trainer_id, run_id=run_id, reason=reason, details=details or {})
+        self._send(self.settings.trainer_control_topic, request.request_id, encode(out))
+        return out
 
     def dead_letter(self, *, topic: str, partition: int, offset: int, key: bytes | None, value: bytes,
                     reason: str, error_kind: str) -> None:

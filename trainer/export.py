@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -325,7 +325,8 @@ class ExportResult:
     event: TrainingRun
 
 
-def export_run(settings: CloseLoopSettings, run_id: str, *, publish: bool = True) -> ExportResult:
+def export_run(settings: CloseLoopSettings, run_id: str, *, publish: bool = True,
+               fault: Callable[[str], None] | None = None) -> ExportResult:
     """``tier3 export RUN_ID``: merge, GGUF f16 + quantised, Ollama (or a Modelfile), ``exported`` event."""
     from trainer.gate import now_ms, publish_run_events
     from trainer.manifest import find_manifest
@@ -335,6 +336,8 @@ def export_run(settings: CloseLoopSettings, run_id: str, *, publish: bool = True
     adapter_dir = settings.runs_dir / run_id / manifest.adapter_dir
     out = settings.exports_dir / run_id
     merged = merge_adapter(adapter_dir, out / "merged")
+    if fault is not None:
+        fault("kill_in_export")  # testing: a trainer killed mid-export (merged, not converted, not announced)
     converter = ensure_converter(settings)
     pre = declared_pre_tokenizer(settings.tier3_gguf_pre_tokenizer, merged, adapter_dir)
     stem = f"{settings.tier3_student_name.replace('/', '_')}-v{version}"

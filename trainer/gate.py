@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -199,7 +199,8 @@ def decide(metrics: Mapping[str, Any], settings: CloseLoopSettings,
 
 
 def gate_run(settings: CloseLoopSettings, run_id: str, *, force: bool = False, reason: str | None = None,
-             events: list[TrainingRun] | None = None, publish: bool = True) -> TrainingRun:
+             events: list[TrainingRun] | None = None, publish: bool = True,
+             fault: Callable[[str], None] | None = None) -> TrainingRun:
     """Decide on an evaluated run and publish the ``promoted`` / ``rejected`` event; return it.
 
     ``force`` (``tier3 promote --force``) promotes whatever the rule says, recording the rule's verdict and the
@@ -231,6 +232,8 @@ def gate_run(settings: CloseLoopSettings, run_id: str, *, force: bool = False, r
     out = TrainingRun(run_id=run_id, event="promoted" if promote else "rejected", at_ms=now_ms(),
                       model_name=settings.tier3_student_name, model_version=ev.model_version,
                       base_model=ev.base_model, details=details)
+    if fault is not None:
+        fault("kill_in_gate")
     if publish:
         publish_run_events(settings, [out])
     return out
@@ -261,26 +264,74 @@ def rollback(settings: KafkaSettings, *, reason: str = "manual rollback (tier3 r
 # ------------------------------------------------------------------------------------------- after a run
 
 
-def after_run(settings: CloseLoopSettings, run_id: str) -> dict[str, Any]:
-    """Close the loop for one trained run: ``evaluated`` event (evaluating now if the commit protocol's hook did
-    not), the gate's verdict, and the export when promoted and ``tier3_auto_export``. Meant to be called by the
-    trainer after ``succeeded``; an export failure is reported, never undoes the verdict."""
+def close_loop_missing(view: RunsView, run_id: str, auto_export: bool) -> list[str]:
+    """The close-loop steps the log does not show for a committed run: evaluated, verdict, exported."""
+    missing = []
+    if run_id not in view.evaluated:
+        missing.append("evaluated")
+    verdict = view.verdicts.get(run_id)
+    if verdict is None:
+        missing.append("verdict")
+    if auto_export and run_id not in view.exported and (verdict is None or verdict.event == "promoted"):
+        missing.append("exported")
+    return missing
+
+
+def close_loop_pending(settings: CloseLoopSettings, manifests: Sequence[Any]) -> list[str]:
+    """Ids of the committed runs (manifests) whose close loop the log does not show complete: no verdict yet, or
+    promoted and not exported (with ``tier3_auto_export``). One read of training-runs. What a restarted trainer
+    resumes (a kill during the evaluation, the gate or the export)."""
+    view = fold_runs(read_run_events(settings))
+    out = []
+    for m in manifests:
+        if {"verdict", "exported"} & set(close_loop_missing(view, m.run_id, settings.tier3_auto_export)):
+            out.append(m.run_id)
+    return out
+
+
+def after_run(settings: CloseLoopSettings, run_id: str, *,
+              fault: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Close the loop for one committed run: ``evaluated`` event (evaluating now if the commit protocol's hook did
+    not), the gate's verdict, and the export when promoted and ``tier3_auto_export``. Called by the trainer after
+    ``succeeded``, and again after a restart for a run the log shows unfinished: each step is done only if the log
+    does not show it yet, so a run gets exactly one ``evaluated`` and one verdict however often the trainer is
+    killed (docs/guarantees.md). An export failure is reported, never undoes the verdict."""
     from trainer.evaluate import evaluate_run, evaluated_event
     from trainer.export import export_run
     from trainer.manifest import find_manifest
 
+    hit = fault or (lambda point: None)
     manifest = find_manifest(settings.runs_dir, run_id)
-    metrics = manifest.metrics.get("evaluation")
-    if metrics is None:
-        evaluate_run(settings, run_id)
+    events = read_run_events(settings)
+    view = fold_runs(events)
+    out: dict[str, Any] = {"verdict": None, "exported": None, "export_error": None, "resumed": []}
+    if run_id not in view.evaluated:
+        metrics = manifest.metrics.get("evaluation")
+        if metrics is None:
+            evaluate_run(settings, run_id)
+        else:
+            publish_run_events(settings, [evaluated_event(run_id, manifest, dict(metrics))])
+        hit("kill_after_evaluated")
+        events = read_run_events(settings)
+        view = fold_runs(events)
     else:
-        publish_run_events(settings, [evaluated_event(run_id, manifest, dict(metrics))])
-    verdict = gate_run(settings, run_id)
-    out: dict[str, Any] = {"verdict": verdict, "exported": None, "export_error": None}
+        out["resumed"].append("evaluated")
+    verdict = view.verdicts.get(run_id)
+    if verdict is None:
+        verdict = gate_run(settings, run_id, events=events, fault=hit)
+        hit("kill_after_verdict")
+    else:
+        out["resumed"].append("verdict")
+        log.info("run %s: its verdict (%s) is already on the log; not deciding again", run_id, verdict.event)
+    out["verdict"] = verdict
     if verdict.event == "promoted" and settings.tier3_auto_export:
-        try:
-            out["exported"] = export_run(settings, run_id).event
-        except TrainerError as exc:
-            log.error("run %s promoted but its export failed: %s", run_id, exc)
-            out["export_error"] = str(exc)
+        if run_id in view.exported:
+            out["exported"] = view.exported[run_id]
+            out["resumed"].append("exported")
+        else:
+            try:
+                out["exported"] = export_run(settings, run_id, fault=hit).event
+            except TrainerError as exc:
+                log.error("run %s promoted but its export failed: %s", run_id, exc)
+                out["export_error"] = str(exc)
     return out

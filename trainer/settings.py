@@ -14,7 +14,11 @@ from pydantic import Field, model_validator
 
 from schemas.settings import RELIABLE_CONSUMER, KafkaSettings
 
-FaultPoint = Literal["", "crash_after_manifest", "crash_after_commit"]
+#: crash_*: the process exits (os._exit) at that step of the commit protocol; kill_*: it SIGKILLs itself inside
+#: the close loop: during the evaluation (before the manifest), after the `evaluated` event, in the gate (verdict
+#: decided, not published), after the verdict, in the export (merged, not converted)
+FaultPoint = Literal["", "crash_after_manifest", "crash_after_commit", "kill_in_evaluation", "kill_after_evaluated",
+                     "kill_in_gate", "kill_after_verdict", "kill_in_export"]
 
 
 class TrainerSettings(KafkaSettings):
@@ -23,6 +27,14 @@ class TrainerSettings(KafkaSettings):
                                   "(by experience_id) are waiting (the original system's TIER3_MIN_TRACES)")
     tier3_check_interval_s: float = Field(1800.0, gt=0.0, description="start a run when this many seconds "
                                           "passed since the last check and at least one new trace waits")
+    tier3_max_traces_per_run: int = Field(10_000, ge=1, description="when a trigger fires, the run takes every "
+                                          "trace available up to the end offsets of that moment (all assigned "
+                                          "partitions), but reading stops once the batch holds this many messages")
+    tier3_trainer_drain_timeout_s: float = Field(30.0, gt=0.0, description="longest wait, after a trigger, to "
+                                                 "read up to the end offsets of that moment; then the run takes "
+                                                 "what was read")
+    tier3_train_now_max_age_s: float = Field(3600.0, gt=0.0, description="a train_now request on trainer-control "
+                                             "older than this when the trainer reads it is declined (expired)")
 
     # --- the consumer group ------------------------------------------------------------------------------
     tier3_trainer_group: str = Field("tier3-trainer", min_length=1, description="consumer group of the "
@@ -49,17 +61,26 @@ class TrainerSettings(KafkaSettings):
                                         "trainer recognises a run that was trained but not committed")
     tier3_student_name: str = Field("cc-widget-selector", description="model name written in run events")
     tier3_trainer_status_interval_s: float = Field(30.0, gt=0.0, description="seconds between `heartbeat` "
-                                                   "events on training-runs (the /status trainer block)")
+                                                   "events on the compacted trainer-status topic (the /status "
+                                                   "trainer block)")
 
     tier3_trainer_close_loop: bool = Field(True, description="close the loop in the trainer: evaluate each run "
                                            "on its holdout before the manifest (the metrics are part of the "
                                            "record), and after the commit run the promotion gate and export "
                                            "(trainer.gate.after_run); settings in trainer/close_loop_settings.py")
 
+    tier3_trainer_stop_grace_s: float = Field(30.0, ge=0.0, description="on SIGTERM/SIGINT, how long the work "
+                                              "in progress (training stops at its next step) may take to end "
+                                              "before the process exits without it")
+    tier3_trainer_close_attempts: int = Field(5, ge=1, description="attempts, per process, at a committed run's "
+                                              "close loop (evaluated, verdict, export) before it waits for the next "
+                                              "start")
+
     # --- testing only ------------------------------------------------------------------------------------
     tier3_trainer_fault: FaultPoint = Field("", description="testing only: exit the process abruptly at this "
-                                            "point of the commit protocol (crash_after_manifest, "
-                                            "crash_after_commit)")
+                                            "point (crash_after_manifest, crash_after_commit: os._exit; "
+                                            "kill_in_evaluation, kill_after_evaluated, kill_in_gate, "
+                                            "kill_after_verdict, kill_in_export: SIGKILL)")
     tier3_trainer_step_delay_s: float = Field(0.0, ge=0.0, description="testing only: sleep this long after "
                                               "every optimiser step, to make a run outlast a timeout")
 
@@ -68,6 +89,8 @@ class TrainerSettings(KafkaSettings):
         if self.tier3_trainer_max_poll_interval_ms < self.tier3_trainer_session_timeout_ms:
             raise ValueError("TIER3_TRAINER_MAX_POLL_INTERVAL_MS must be >= TIER3_TRAINER_SESSION_TIMEOUT_MS "
                              "(librdkafka refuses the combination)")
+        if self.tier3_max_traces_per_run < self.tier3_min_traces:
+            raise ValueError("TIER3_MAX_TRACES_PER_RUN must be >= TIER3_MIN_TRACES")
         if self.tier3_trainer_heartbeat_interval_ms >= self.tier3_trainer_session_timeout_ms:
             raise ValueError("TIER3_TRAINER_HEARTBEAT_INTERVAL_MS must be < TIER3_TRAINER_SESSION_TIMEOUT_MS")
         return self
@@ -75,11 +98,6 @@ class TrainerSettings(KafkaSettings):
     @property
     def runs_dir(self) -> Path:
         return self.tier3_runs_dir if self.tier3_runs_dir is not None else self.tier3_data_dir / "runs"
-
-    @property
-    def train_now_path(self) -> Path:
-        """`tier3 train-now` creates this file; the trainer removes it and starts a run."""
-        return self.runs_dir / "train-now"
 
     def consumer_config(self) -> dict[str, Any]:
         """The trainer group's consumer: RELIABLE_CONSUMER (no auto-commit, no auto offset store, cooperative

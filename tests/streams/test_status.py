@@ -60,3 +60,19 @@ def test_status_blocks_extend_and_replace(tmp_path) -> None:  # type: ignore[no-
     finally:
         STATUS_BLOCKS.pop("router")
         STATUS_BLOCKS.pop("broken")
+
+
+def test_trainer_view_newest_event_decides_across_the_two_topics(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # heartbeats (trainer-status) and lifecycle events (training-runs) are read from two topics, so a reader
+    # may get an older heartbeat after a newer `started`: the newest one says whether the trainer trains
+    st = state(tmp_path)
+    now = int(time.time() * 1000)
+    st.trainer.apply(TrainingRun(run_id="run-1", event="started", at_ms=now + 5))
+    st.trainer.apply(TrainingRun(run_id="trainer:g", event="heartbeat", at_ms=now, training_in_progress=False,
+                                 last_check_time_ms=now, check_interval_s=60.0, next_check_in_s=60.0))
+    block = st.trainer.block(now + 10)
+    assert block["tier3_sft"]["training_in_progress"] is True and block["tier3_sft"]["check_interval_s"] == 60.0
+    st.trainer.apply(TrainingRun(run_id="trainer:g", event="heartbeat", at_ms=now + 20, training_in_progress=False,
+                                 last_check_time_ms=now, check_interval_s=60.0, next_check_in_s=50.0))
+    assert st.trainer.block(now + 20)["tier3_sft"]["training_in_progress"] is False
+    assert [r["last_event"] for r in block["runs"]] == ["started"]

@@ -169,9 +169,11 @@ def test_status_trainer_block_from_training_runs(streams_settings: Callable[...,
 
     s = streams_settings()
     now = int(time.time() * 1000)
-    runs = [TrainingRun(run_id="trainer", event="heartbeat", at_ms=now, training_in_progress=False,
-                        last_check_time_ms=now - 1000, check_interval_s=1800.0, next_check_in_s=1799.0),
-            TrainingRun(run_id="run-1", event="started", at_ms=now + 1),
+    # heartbeats live on the compacted trainer-status topic, lifecycle events on training-runs
+    beat = TrainingRun(run_id="trainer:g", event="heartbeat", at_ms=now, training_in_progress=False,
+                       last_check_time_ms=now - 1000, check_interval_s=1800.0, next_check_in_s=1799.0)
+    produce_values(s, s.trainer_status_topic, [(beat.run_id.encode(), encode(beat))])
+    runs = [TrainingRun(run_id="run-1", event="started", at_ms=now + 1),
             TrainingRun(run_id="run-1", event="evaluated", at_ms=now + 2, model_version=1,
                         details={"metrics": {"json_valid": 1.0}})]
     produce_values(s, s.training_runs_topic, [(r.run_id.encode(), encode(r)) for r in runs])

@@ -11,8 +11,10 @@ import pytest
 
 from tests.trainer.trainer_kafka import (
     committed,
+    control_log,
     end_offsets,
     events,
+    heartbeats,
     lifecycle,
     produce_traces,
     sft_config,
@@ -20,6 +22,7 @@ from tests.trainer.trainer_kafka import (
     wait_for_event,
 )
 from trainer.consumer import TrainerConsumer
+from trainer.control import send_train_now
 from trainer.dataset import BuiltDataset, read_jsonl
 from trainer.errors import TrainingFailed
 from trainer.manifest import find_manifest, list_manifests
@@ -90,7 +93,7 @@ def test_a_full_run_trains_the_tiny_model_and_commits_exactly_what_it_read(
 
     tc = TrainerConsumer(s, sft_config(tiny_model))
     read_all(tc, 35)  # then ask for a run, as `tier3 train-now` does
-    s.train_now_path.write_text("now\n")
+    send_train_now(s, group=s.tier3_trainer_group, wait_s=0)
     stats = tc.run(max_runs=1, timeout_s=180)
 
     assert stats.runs_succeeded == 1 and stats.runs_failed == 0
@@ -118,7 +121,9 @@ def test_a_full_run_trains_the_tiny_model_and_commits_exactly_what_it_read(
     text, _n, _latency_s = generate(model, tok, [{"role": "user", "content": "Show me CPU for checkout."}], 8)
     assert isinstance(text, str)
     assert [e for e, _ in lifecycle(s)] == ["started", "succeeded"]
-    beats = [e for e in events(s) if e.event == "heartbeat"]
+    assert not [e for e in events(s) if e.event == "heartbeat"], "heartbeats on the lifecycle topic"
+    beats = heartbeats(s)
+    assert {b.run_id for b in beats} == {f"trainer:{s.tier3_trainer_group}"}
     assert beats and beats[0].check_interval_s == s.tier3_check_interval_s
     assert beats[0].last_check_time_ms is not None and beats[0].next_check_in_s is not None
 
@@ -184,12 +189,13 @@ def test_interval_and_train_now_trigger_a_run_below_min_traces(make_settings: Ca
     calls: list[BuiltDataset] = []
     tc = TrainerConsumer(s, sft_config(tiny_model), train=fake_train(calls))
     read_all(tc, 5)
-    s.train_now_path.write_text("now\n")  # what `tier3 train-now` does
+    req, _ = send_train_now(s, group=s.tier3_trainer_group, wait_s=0)  # what `tier3 train-now` does
     stats = tc.run(max_runs=1, timeout_s=60)
     assert stats.runs_succeeded == 1
-    assert not s.train_now_path.exists()
     m = find_manifest(s.runs_dir, stats.last_run_id or "")
     assert m.trigger == "train_now" and m.n_unique == 5
+    answers = [a for a in control_log(s) if a.kind == "answer" and a.request_id == req.request_id]
+    assert [(a.answer, a.run_id) for a in answers] == [("accepted", m.run_id)]
 
     s2 = trainer_settings(make_settings, tier3_min_traces=1000, tier3_check_interval_s=2.0)
     produce_traces(s2, synthetic_traces(4, seed=5))
@@ -280,7 +286,7 @@ def test_undecodable_traces_are_dead_lettered_and_committed_with_the_batch(
     calls: list[BuiltDataset] = []
     tc = TrainerConsumer(s, sft_config(tiny_model), train=fake_train(calls))
     read_all(tc, 10)
-    s.train_now_path.write_text("now\n")
+    send_train_now(s, group=s.tier3_trainer_group, wait_s=0)
     stats = tc.run(max_runs=1, timeout_s=60)
     m = find_manifest(s.runs_dir, stats.last_run_id or "")
     assert m.n_bad == 2 and m.n_messages == 10 and m.n_unique == 8
@@ -288,3 +294,134 @@ def test_undecodable_traces_are_dead_lettered_and_committed_with_the_batch(
     letters = [decode(x.value(), DeadLetter) for x in consume_values(s, s.dead_letters_topic, expected=2)]
     assert sorted(d.error_kind for d in letters) == ["not_json", "unknown_version"]
     assert {d.stage for d in letters} == {"decode"} and all(d.source_topic == s.traces_topic for d in letters)
+
+
+@pytest.mark.chaos
+def test_ids_of_a_recognised_run_are_not_counted_as_new_again(
+        make_settings: Callable[..., Any], tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from trainer.errors import CommitFailed
+
+    s = trainer_settings(make_settings, tier3_min_traces=9)
+    traces = synthetic_traces(13, seed=17)
+    produce_traces(s, traces[:9])
+    real_commit = TrainerConsumer._commit
+    refused: list[dict[int, int]] = []
+
+    def flaky_commit(self: TrainerConsumer, offsets: dict[int, int]) -> None:
+        if not refused:  # the first run's commit fails: its manifest is committed by the recognition path
+            refused.append(offsets)
+            raise CommitFailed("injected: broker answered NOT_COORDINATOR")
+        real_commit(self, offsets)
+
+    monkeypatch.setattr(TrainerConsumer, "_commit", flaky_commit)
+    calls: list[BuiltDataset] = []
+    tc = TrainerConsumer(s, sft_config(tiny_model), train=fake_train(calls))
+    tc.start()
+    try:
+        deadline = time.monotonic() + 60
+        while tc.stats.recognised < 1:
+            assert time.monotonic() < deadline, "the recorded run was not recognised"
+            tc.turn()
+        # enrichment is at-least-once: five of the committed traces arrive again, with four new ones
+        produce_traces(s, [*traces[:5], *traces[9:]])
+        deadline = time.monotonic() + 60
+        while tc.pending.n_messages < 9:
+            assert time.monotonic() < deadline, f"read {tc.pending.n_messages} of 9"
+            tc.turn()
+            assert tc.stats.runs_succeeded == 0, "duplicates of the recognised run counted as new traces"
+        assert tc.pending.n_new == 4 and tc.pending.n_unique == 9
+        assert len(calls) == 1
+    finally:
+        tc.close()
+
+
+def test_a_trigger_takes_everything_up_to_the_end_offsets_within_the_max_batch(
+        make_settings: Callable[..., Any], tiny_model: Path) -> None:
+    # 40 traces wait on 3 partitions; the trigger fires at the 5th read. The run must take all 40 (everything
+    # available when it fired), not the first 5 (which left the rest for back-to-back runs)
+    s = trainer_settings(make_settings, tier3_min_traces=5)
+    produce_traces(s, synthetic_traces(40, seed=18))
+    ends = end_offsets(s)
+    calls: list[BuiltDataset] = []
+    stats = TrainerConsumer(s, sft_config(tiny_model), train=fake_train(calls)).run(max_runs=1, timeout_s=60)
+    m = find_manifest(s.runs_dir, stats.last_run_id or "")
+    assert m.trigger == "min_traces" and m.n_messages == 40 and m.commit_offsets() == ends
+    assert len(m.offsets) == len(ends) == 3
+
+    # bounded: at most TIER3_MAX_TRACES_PER_RUN messages per run, the rest waits for the next one
+    s2 = trainer_settings(make_settings, tier3_min_traces=5, tier3_max_traces_per_run=12)
+    produce_traces(s2, synthetic_traces(40, seed=19))
+    stats2 = TrainerConsumer(s2, sft_config(tiny_model), train=fake_train(calls)).run(max_runs=1, timeout_s=60)
+    m2 = find_manifest(s2.runs_dir, stats2.last_run_id or "")
+    assert m2.n_messages == 12 and sum(r.end - r.start for r in m2.offsets.values()) == 12
+    assert committed(s2) == {p: m2.commit_offsets().get(p, INVALID) for p in range(s2.tier3_partitions)}
+
+
+def test_train_now_is_a_kafka_request_answered_by_the_trainer(make_settings: Callable[..., Any],
+                                                               tiny_model: Path) -> None:
+    import json
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT, settings_env
+
+    s = trainer_settings(make_settings, tier3_min_traces=1000, tier3_check_interval_s=3600)
+    produce_traces(s, synthetic_traces(6, seed=20))
+    ends = end_offsets(s)
+    calls: list[BuiltDataset] = []
+    tc = TrainerConsumer(s, sft_config(tiny_model), train=fake_train(calls))
+    out: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: out.setdefault("stats", tc.run(timeout_s=120)))
+    t.start()
+    # another process (any machine reaching the bootstrap servers): no shared disk with the trainer
+    env = {**settings_env(s), "TIER3_RUNS_DIR": "/nonexistent/elsewhere"}
+
+    def train_now() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "trainer.cli", "train-now", "--wait", "60"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    try:
+        first = train_now()
+        assert first.returncode == 0, first.stdout + first.stderr[-2000:]
+        accepted = json.loads(first.stdout.splitlines()[-1])
+        assert accepted["answer"] == "accepted" and accepted["run_id"]
+        deadline = time.monotonic() + 60
+        while tc.stats.runs_succeeded < 1:
+            assert time.monotonic() < deadline and t.is_alive(), "the accepted run did not commit"
+            time.sleep(0.2)
+        assert tc.stats.last_run_id == accepted["run_id"]
+        second = train_now()  # nothing new is waiting now: declined, with the reason
+        assert second.returncode == 3, second.stdout + second.stderr[-2000:]
+        declined = json.loads(second.stdout.splitlines()[-1])
+        assert declined["answer"] == "declined" and "no new traces" in declined["reason"]
+    finally:
+        tc.stop()
+        t.join(60)
+    m = find_manifest(s.runs_dir, accepted["run_id"])
+    assert m.trigger == "train_now" and m.commit_offsets() == ends and len(calls) == 1
+    # the log records who asked and what the trainer answered, in order
+    log = control_log(s)
+    assert [(x.kind, x.answer) for x in log] == [("request", None), ("answer", "accepted"), ("request", None),
+                                                 ("answer", "declined")]
+    assert log[0].request_id == log[1].request_id and log[1].run_id == accepted["run_id"]
+    assert log[0].group == s.tier3_trainer_group and log[0].requested_by
+
+
+def test_heartbeats_go_to_the_compacted_status_topic_not_the_lifecycle_log(
+        make_settings: Callable[..., Any], tiny_model: Path) -> None:
+    from confluent_kafka.admin import AdminClient, ConfigResource
+
+    s = trainer_settings(make_settings, tier3_min_traces=1000, tier3_trainer_status_interval_s=0.2)
+    tc = TrainerConsumer(s, sft_config(tiny_model), train=fake_train([]))
+    tc.run(timeout_s=4)
+    beats = heartbeats(s)
+    assert len(beats) >= 3 and {b.run_id for b in beats} == {f"trainer:{s.tier3_trainer_group}"}
+    assert beats[-1].details["trainer_id"].startswith(s.tier3_trainer_group)
+    assert events(s) == [], "heartbeats (or anything else) on training-runs"
+    admin = AdminClient(s.client_config())
+    res = ConfigResource(ConfigResource.Type.TOPIC, s.trainer_status_topic)
+    configs = admin.describe_configs([res])[res].result(timeout=30)
+    assert configs["cleanup.policy"].value == "compact"

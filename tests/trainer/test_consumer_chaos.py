@@ -192,3 +192,85 @@ def test_sigterm_during_a_run_abandons_it_and_commits_nothing(
     assert set(committed(s).values()) == {INVALID}
     failed = [e for e in events(s) if e.event == "failed"]
     assert len(failed) == 1 and "stopping" in failed[0].details["error"]
+    # the process ends cleanly: no native thread dies under it (torch's "terminate called without an active
+    # exception" came from the abandoned training thread still inside torch at interpreter exit)
+    text = log.read_text()
+    assert "terminate called" not in text and "Traceback" not in text, text[-3000:]
+
+
+@pytest.mark.slow
+def test_sigterm_while_torch_trains_stops_cleanly(make_settings: Callable[..., Any], tiny_model: Path,
+                                                  tmp_path: Path) -> None:
+    # no step delay: the training thread is inside torch's native code when the signal lands. Before, the loop
+    # left that thread running and the interpreter's exit under it aborted the process ("terminate called without
+    # an active exception", exit -6); now training ends at its next step and the process exits 0
+    s = trainer_settings(make_settings, tier3_min_traces=80)
+    produce_traces(s, synthetic_traces(80, seed=22))
+    log = tmp_path / "trainer.log"
+    proc = start_trainer(s, sft_config(tiny_model, tier3_phases="answer:3,reasoning:3", tier3_batch_size=2), log)
+    try:
+        wait_for_event(s, "heartbeat", timeout_s=240, proc=proc, where=lambda e: e.details.get("step", 0) >= 2)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(90)
+    finally:
+        stop(proc)
+    text = log.read_text()
+    assert rc == 0, text[-3000:]
+    assert "terminate called" not in text and "Traceback" not in text, text[-3000:]
+    assert set(committed(s).values()) == {INVALID}
+    failed = [e for e in events(s) if e.event == "failed"]
+    assert len(failed) == 1 and "stopping" in failed[0].details["error"]
+
+
+@pytest.mark.slow
+def test_the_close_loop_survives_sigkill_during_evaluation_gate_and_export(
+        make_settings: Callable[..., Any], tiny_model: Path, tmp_path: Path) -> None:
+    """Every committed run gets exactly one `evaluated`, one verdict and (promoted) one `exported`, however often
+    the trainer is SIGKILLed: during the evaluation (before the manifest), in the gate (verdict decided, not
+    published) and in the export (merged, not converted). Each restart resumes from the log and the manifest."""
+    # a killed member is evicted within 6 s; max.poll.interval is generous: on a loaded CPU, importing torch in the
+    # training thread can starve the polling thread past 6 s (partitions lost, the run refused and retried)
+    s = trainer_settings(make_settings, tier3_min_traces=16, tier3_trainer_max_poll_interval_ms=120_000)
+    produce_traces(s, synthetic_traces(16, seed=23))
+    ends = end_offsets(s)
+    cfg = sft_config(tiny_model, tier3_phases="answer:1", tier3_holdout_fraction=0.3)
+    log = tmp_path / "trainer.log"
+    # a gate every evaluation passes (the tiny model answers nonsense), so the export runs too; no Ollama server
+    loop = {"tier3_trainer_close_loop": "true", "tier3_eval_max_new_tokens": 8, "tier3_gate_min_examples": 0,
+            "tier3_gate_min_json_valid": 0.0, "tier3_gate_min_schema_valid": 0.0, "tier3_gate_baseline_margin": 1.0,
+            "tier3_ollama_host": "http://127.0.0.1:9", "tier3_auto_export": "true",
+            "tier3_gguf_quant": "f16"}  # one conversion, not two: the export is the slow part on a loaded CPU
+
+    def life(fault: str) -> None:
+        proc = start_trainer(s, cfg, log, tier3_trainer_fault=fault, **loop)
+        try:
+            rc = proc.wait(600)
+        finally:
+            stop(proc)
+        assert rc == -signal.SIGKILL, f"{fault}: exit {rc}\n{log.read_text()[-3000:]}"
+
+    life("kill_in_evaluation")  # trained and evaluated, killed before the manifest: nothing is committed
+    assert set(committed(s).values()) == {INVALID} and list_manifests(s.runs_dir) == []
+    (first,) = [r for e, r in lifecycle(s) if e == "started"]
+
+    life("kill_in_gate")  # trained again, committed, `evaluated` published, killed before the verdict
+    (m,) = list_manifests(s.runs_dir)
+    assert m.run_id != first and m.state == "published"
+    assert [e for e, r in lifecycle(s) if r == m.run_id] == ["started", "succeeded", "evaluated"]
+
+    life("kill_in_export")  # the restart publishes the verdict (not a second `evaluated`), killed while exporting
+    assert [e for e, r in lifecycle(s) if r == m.run_id] == ["started", "succeeded", "evaluated", "promoted"]
+    assert (s.tier3_data_dir / "exports" / m.run_id / "merged").is_dir()
+
+    proc = start_trainer(s, cfg, log, **loop)  # the last restart finishes the export
+    try:
+        exported = wait_for_event(s, "exported", timeout_s=600, proc=proc)
+    finally:
+        stop(proc)
+    assert exported.run_id == m.run_id and exported.model_version == m.model_version
+    runs = lifecycle(s)
+    assert [e for e, r in runs if r == m.run_id] == ["started", "succeeded", "evaluated", "promoted", "exported"]
+    assert [e for e, r in runs if r == first] == ["started"]  # the killed attempt never got a verdict
+    assert committed(s) == {p: ends.get(p, INVALID) for p in range(s.tier3_partitions)}
+    assert [x.run_id for x in list_manifests(s.runs_dir)] == [m.run_id]  # trained twice, committed once
+    assert log.read_text().count("already on the log; not deciding again") == 1  # the export restart

@@ -12,7 +12,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
 
-from schemas import EnrichedTrace, TrainingRun, decode, encode
+from schemas import EnrichedTrace, TrainerControl, TrainingRun, decode, encode
 from tests.conftest import ROOT, settings_env
 from tests.kafka_utils import consume_values, produce_values
 from trainer.settings import TrainerSettings
@@ -81,6 +81,18 @@ def events(settings: TrainerSettings, idle_s: float = 1.5) -> list[TrainingRun]:
     return [decode(m.value(), TrainingRun) for m in msgs]
 
 
+def heartbeats(settings: TrainerSettings, idle_s: float = 1.5) -> list[TrainingRun]:
+    """The trainer's heartbeats, on the trainer-status topic."""
+    msgs = consume_values(settings, settings.trainer_status_topic, idle_s=idle_s)
+    return [decode(m.value(), TrainingRun) for m in msgs]
+
+
+def control_log(settings: TrainerSettings, idle_s: float = 1.5) -> list[TrainerControl]:
+    """Every request and answer on trainer-control, in order."""
+    return [decode(m.value(), TrainerControl)
+            for m in consume_values(settings, settings.trainer_control_topic, idle_s=idle_s)]
+
+
 def lifecycle(settings: TrainerSettings) -> list[tuple[str, str]]:
     """(event, run_id) of everything but heartbeats, in order."""
     return [(e.event, e.run_id) for e in events(settings) if e.event != "heartbeat"]
@@ -88,10 +100,13 @@ def lifecycle(settings: TrainerSettings) -> list[tuple[str, str]]:
 
 def wait_for_event(settings: TrainerSettings, event: str, timeout_s: float, proc: subprocess.Popen[bytes] | None = None,
                    where: Callable[[TrainingRun], bool] | None = None) -> TrainingRun:
-    """Poll training-runs (from the beginning) until an ``event`` (for which ``where`` holds) shows up."""
+    """Poll training-runs (trainer-status for heartbeats) from the beginning until an ``event`` (for which
+    ``where`` holds) shows up."""
     c = Consumer({**settings.client_config(), "group.id": f"ev-{uuid.uuid4().hex}", "enable.auto.commit": False,
                   "auto.offset.reset": "earliest"})
-    c.assign([TopicPartition(settings.training_runs_topic, 0, 0)])
+    # heartbeats are on the compacted trainer-status topic, everything else on training-runs
+    topic = settings.trainer_status_topic if event == "heartbeat" else settings.training_runs_topic
+    c.assign([TopicPartition(topic, 0, 0)])
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:
