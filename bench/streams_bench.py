@@ -40,6 +40,8 @@ from confluent_kafka import Consumer, Producer
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# the worker subprocesses (`tier3 worker`) run this checkout's code, not whichever copy the venv has installed
+os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 from schemas import EnrichedTrace, Experience, decode, encode, get_task  # noqa: E402
 from schemas.settings import RELIABLE_PRODUCER  # noqa: E402
@@ -107,7 +109,7 @@ def new_settings(data_dir: Path, **kw: Any) -> StreamsSettings:
 
 
 def wait_counts(w: WorkerProcess, key: str, n: int, timeout_s: float) -> list[tuple[float, int]]:
-    """Poll /status every 50 ms until counts[key] >= n; return the (time, count) samples."""
+    """Poll /status every 200 ms until counts[key] >= n; return the (time, count) samples."""
     samples: list[tuple[float, int]] = []
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -118,7 +120,7 @@ def wait_counts(w: WorkerProcess, key: str, n: int, timeout_s: float) -> list[tu
                 return samples
         except (httpx.HTTPError, KeyError):
             pass
-        time.sleep(0.05)
+        time.sleep(0.2)  # /status is not free: polling it often would slow the worker it measures
     raise RuntimeError(f"{key} did not reach {n}: {samples[-1:]}\n{w.log_tail()}")
 
 
@@ -219,7 +221,7 @@ def bench_scale_out(data_dir: Path, exps: list[Experience], rec: Path, workers: 
                 break
             if time.monotonic() > deadline + 600:
                 raise RuntimeError(f"scale-out stalled at {c}")
-            time.sleep(0.05)
+            time.sleep(0.2)
         th.join()
         per_worker = [int(w.status()["counts"]["consumed"]) for w in procs]
     finally:
