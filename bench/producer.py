@@ -4,16 +4,19 @@
 (b) tier3's ``Capture.publish()``,
 (c) the original system's pattern: ``queue.put`` + a worker thread appending JSONL to a file.
 
-Prints one JSON object. Needs a broker (``tier3 broker up``, or KAFKA_BOOTSTRAP_SERVERS).
-Goal (issue 2): tier3 p99 <= 20 us per call, tier3 throughput >= 0.8 x raw.
+Prints one JSON object. Starts the local broker when none answers (as ``tier3 broker up``), unless
+KAFKA_BOOTSTRAP_SERVERS names one. Goals (issue 10, relative: the raw client's own p99 is this machine's noise
+floor): tier3 throughput >= 0.8 x raw, tier3 p99 <= 1.5 x raw p99, both from the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import queue
+import sys
 import tempfile
 import threading
 import time
@@ -23,9 +26,12 @@ from typing import Any
 
 from confluent_kafka import Producer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's code, not an installed copy
+
 from schemas import Experience, encode, get_task
 from schemas.preflight import kafka_metadata, load_settings, run_cli
 from schemas.settings import RELIABLE_PRODUCER
+from streams import broker
 from streams.producer import Capture, CaptureSettings
 from streams.topics import ensure_topics
 
@@ -125,6 +131,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("-n", type=int, default=200_000)
     args = ap.parse_args()
+    if not os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        bs = broker.BrokerSettings()
+        if broker.list_topics(bs.bootstrap) is None:  # one already answering is used and left running
+            broker.up(bs)
+        os.environ["KAFKA_BOOTSTRAP_SERVERS"] = bs.bootstrap
     base = load_settings(CaptureSettings)
     kafka_metadata(base)  # no broker: one line saying where it looked and what to do, exit 2 (not a flood)
     exps = experiences(args.n)
@@ -141,8 +152,9 @@ def main() -> None:
     results["original_queue_jsonl"] = bench_original(exps)
     ratio = results["tier3"]["throughput_per_s"] / results["raw"]["throughput_per_s"]
     results["tier3_vs_raw_throughput"] = round(ratio, 3)
-    results["goals"] = {"p99_le_20us": results["tier3"]["p99_us"] <= 20,
-                        "throughput_ge_0.8_raw": results["tier3_vs_raw_throughput"] >= 0.8}
+    results["tier3_vs_raw_p99"] = round(results["tier3"]["p99_us"] / results["raw"]["p99_us"], 3)
+    results["goals"] = {"throughput_ge_0.8_raw": results["tier3_vs_raw_throughput"] >= 0.8,
+                        "p99_le_1.5_raw": results["tier3_vs_raw_p99"] <= 1.5}
     print(json.dumps(results, indent=2))
 
 

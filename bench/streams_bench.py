@@ -1,18 +1,26 @@
 """Benchmark of the streams worker (`tier3 worker` as a real subprocess, on the real broker). Prints JSON.
 
 1. **sampling path, instant teacher** (the recorded teacher, answers from memory): experiences/s one worker
-   consumes from a backlog, and publish -> trace latency p50/p99 at a steady publish rate.
+   consumes from a backlog, and publish -> trace latency p50/p99 at a steady publish rate. In the same run, on
+   the same backlog, two baselines and their ratios:
+   - ``bare_faust``: a Faust agent with the worker's own Faust settings that only counts the messages
+     (``bench/bare_faust.py``, ``stream.take``): Faust's ceiling on this machine -> ``worker_vs_bare_faust``;
+   - ``raw``: a confluent-kafka loop doing the worker's work by hand: consume -> orjson decode -> BLAKE2b hash
+     sample + confidence rule -> produce the trace (acks=all, idempotent, zstd, same partition) -> async
+     commit -> ``worker_vs_raw``;
+   and the scale-out figure: 3 workers in one group sharing the 6 partitions, aggregate rate / 1 worker's.
 2. **concurrency efficiency**: a teacher with fixed latency L (the fake teacher server) and C calls in flight;
    measured traces/s / (C / L). Compared in the same run with the original system's pattern: one thread taking
    items off a queue, calling the teacher, appending a JSONL line.
 
-Usage: ``.venv/bin/python bench/streams_bench.py [--backlog 100000] [--latency-ms 200] [--concurrency 32]``
-(starts the local broker if needed; KAFKA_BOOTSTRAP_SERVERS points elsewhere).
+Usage: ``.venv/bin/python bench/streams_bench.py [--backlog 20000] [--latency-ms 200] [--concurrency 32]``
+(starts the local broker if none answers; KAFKA_BOOTSTRAP_SERVERS points elsewhere).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import queue
@@ -28,10 +36,12 @@ from typing import Any
 
 import httpx
 import orjson
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# the worker subprocesses (`tier3 worker`) run this checkout's code, not whichever copy the venv has installed
+os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 from schemas import EnrichedTrace, Experience, decode, encode, get_task  # noqa: E402
 from schemas.settings import RELIABLE_PRODUCER  # noqa: E402
@@ -99,7 +109,7 @@ def new_settings(data_dir: Path, **kw: Any) -> StreamsSettings:
 
 
 def wait_counts(w: WorkerProcess, key: str, n: int, timeout_s: float) -> list[tuple[float, int]]:
-    """Poll /status every 50 ms until counts[key] >= n; return the (time, count) samples."""
+    """Poll /status every 200 ms until counts[key] >= n; return the (time, count) samples."""
     samples: list[tuple[float, int]] = []
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -110,11 +120,119 @@ def wait_counts(w: WorkerProcess, key: str, n: int, timeout_s: float) -> list[tu
                 return samples
         except (httpx.HTTPError, KeyError):
             pass
-        time.sleep(0.05)
+        time.sleep(0.2)  # /status is not free: polling it often would slow the worker it measures
     raise RuntimeError(f"{key} did not reach {n}: {samples[-1:]}\n{w.log_tail()}")
 
 
-def bench_sampling_path(data_dir: Path, backlog: int, rate_per_s: float, latency_n: int) -> dict[str, Any]:
+def consume_rate(samples: list[tuple[float, int]], n: int) -> float:
+    """Messages/s from (time, consumed) polls: from the last poll that saw nothing consumed to the first that saw
+    all ``n`` (conservative: up to one poll interval more than the true time)."""
+    zero = [t for t, c in samples if c == 0]
+    return n / (samples[-1][0] - (zero[-1] if zero else samples[0][0]))
+
+
+def bench_bare_faust(s: StreamsSettings, data_dir: Path, n: int, mode: str = "take") -> dict[str, Any]:
+    """The bare agent (bench/bare_faust.py) on the same topic, in its own consumer group."""
+    out = data_dir / f"bare-{mode}.json"
+    env = {**settings_env(s), "TIER3_APP_ID": f"bare-{uuid.uuid4().hex[:6]}", "TIER3_WEB_PORT": str(free_port())}
+    with (data_dir / f"bare-{mode}.log").open("ab") as log:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "bare_faust.py"), "--n", str(n), "--out",
+                                 str(out), "--mode", mode], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        try:
+            proc.wait(600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    r = orjson.loads(out.read_bytes())
+    return {"mode": mode, "messages_per_s": round(r["n"] / r["seconds"])}
+
+
+def bench_raw(s: StreamsSettings, n: int) -> dict[str, Any]:
+    """The worker's work as a plain confluent-kafka loop (no guarantees beyond the client's)."""
+    c = Consumer({**s.client_config(), "group.id": f"bench-raw-{uuid.uuid4().hex}", "enable.auto.commit": False,
+                  "auto.offset.reset": "earliest"})
+    p = Producer({**s.client_config(), **RELIABLE_PRODUCER, "linger.ms": 2})
+    c.subscribe([s.experiences_topic])
+    seen = produced = 0
+    t_first: tuple[float, int] | None = None
+    rate, threshold = s.tier3_sample_rate, s.tier3_confidence_threshold
+    try:
+        while seen < n:
+            msgs = c.consume(500, 1.0)
+            if not msgs:
+                continue
+            if t_first is None:
+                t_first = (time.monotonic(), len(msgs))
+            for m in msgs:
+                if m.error() is not None:
+                    continue
+                seen += 1
+                obj = orjson.loads(m.value() or b"")
+                eid = obj["experience_id"]
+                h = int.from_bytes(hashlib.blake2b(eid.encode(), digest_size=8).digest(), "big") / float(1 << 64)
+                if obj["confidence"] > threshold or h < rate:
+                    trace = orjson.dumps({"experience_id": eid, "experience": obj, "reasoning": "r",
+                                          "answer": {"widgets": ["cpu_usage"], "time_range": "24h"}})
+                    while True:
+                        try:
+                            p.produce(s.traces_topic, key=eid.encode(), value=trace, partition=m.partition())
+                            break
+                        except BufferError:
+                            p.poll(0.01)
+                    produced += 1
+            p.poll(0)
+            c.commit(asynchronous=True)
+        p.flush(60)
+        t_last = time.monotonic()
+    finally:
+        c.close()
+    assert t_first is not None
+    return {"messages_per_s": round((seen - t_first[1]) / (t_last - t_first[0])), "traces": produced}
+
+
+def bench_scale_out(data_dir: Path, exps: list[Experience], rec: Path, workers: int) -> dict[str, Any]:
+    """``workers`` worker processes in one group: started first (all partitions assigned), then the backlog."""
+    s = new_settings(data_dir, tier3_teacher="recorded", tier3_teacher_recorded_path=rec)
+    procs = [WorkerProcess({**settings_env(s), "TIER3_WORKER_ID": f"scale-{i}"}, data_dir / f"worker-scale-{i}.log")
+             for i in range(workers)]
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:  # every worker has its share of the partitions
+            try:
+                assigned = [len(w.status()["lag"]["experiences"]) for w in procs]
+            except (httpx.HTTPError, KeyError):
+                assigned = [0]
+            if sum(assigned) == s.tier3_partitions and min(assigned) > 0:
+                break
+            time.sleep(0.5)
+        else:
+            raise RuntimeError(f"partitions not shared by {workers} workers: {assigned}")
+        th = threading.Thread(target=produce, args=(s, exps))
+        th.start()
+        samples: list[tuple[float, int]] = []
+        while True:
+            try:
+                c = sum(int(w.status()["counts"]["consumed"]) for w in procs)
+            except (httpx.HTTPError, KeyError):
+                continue
+            samples.append((time.monotonic(), c))
+            if c >= len(exps) + 1:  # + the producer's warm-up experience
+                break
+            if time.monotonic() > deadline + 600:
+                raise RuntimeError(f"scale-out stalled at {c}")
+            time.sleep(0.2)
+        th.join()
+        per_worker = [int(w.status()["counts"]["consumed"]) for w in procs]
+    finally:
+        for w in procs:
+            w.stop()
+    return {"workers": workers, "experiences_per_s": round(consume_rate(samples, len(exps))),
+            "consumed_per_worker": per_worker}
+
+
+def bench_sampling_path(data_dir: Path, backlog: int, rate_per_s: float, latency_n: int,
+                        scale_workers: int) -> dict[str, Any]:
     exps = [make_experience(i, confidence(i), prefix="bp") for i in range(backlog)]
     lat_exps = [make_experience(i, confidence(i), prefix="lat") for i in range(latency_n)]
     rec = data_dir / "recorded.jsonl"
@@ -127,12 +245,9 @@ def bench_sampling_path(data_dir: Path, backlog: int, rate_per_s: float, latency
     w = WorkerProcess(env, data_dir / "worker-sampling.log")
     try:
         samples = wait_counts(w, "consumed", backlog, 600)
-        # from the last poll that saw nothing consumed to the first that saw everything (conservative: up to
-        # one 50 ms poll interval more than the true time)
-        zero = [t for t, c in samples if c == 0]
-        elapsed = samples[-1][0] - (zero[-1] if zero else samples[0][0])
+        throughput = consume_rate(samples, backlog)
+        elapsed = backlog / throughput
         st = w.wait_for(lambda st: st["counts"]["enriched"] >= sampled, 120)
-        throughput = backlog / elapsed
         # steady state before measuring latency: the count table has caught up on the backlog's traces too
         w.wait_for(lambda st: sum(n for win in [st["windows"]["current"], *st["windows"]["recent"]]
                                   for n in win["by_task"].values()) >= sampled, 120)
@@ -150,6 +265,11 @@ def bench_sampling_path(data_dir: Path, backlog: int, rate_per_s: float, latency
         lat.sort()
     finally:
         w.stop()
+    # the baselines read the same backlog (+ the latency phase's experiences), each in its own group
+    total = backlog + len(lat_exps) + 2  # + the two warm-up experiences
+    bare = bench_bare_faust(s, data_dir, total)
+    raw = bench_raw(s, total)
+    scale = bench_scale_out(data_dir, exps, rec, scale_workers) if scale_workers > 1 else None
     return {
         "experiences": backlog, "sampled": sampled, "partitions": s.tier3_partitions, "teacher": "recorded",
         "publish_s": round(publish_s, 2),
@@ -159,7 +279,11 @@ def bench_sampling_path(data_dir: Path, backlog: int, rate_per_s: float, latency
                     "p50_ms": round(statistics.median(lat), 1) if lat else None,
                     "p99_ms": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 1) if lat else None,
                     "max_ms": round(lat[-1], 1) if lat else None},
-        "goal": {"experiences_per_s": 20_000, "p99_ms": 250},
+        "bare_faust": bare, "raw": raw,
+        "worker_vs_bare_faust": round(throughput / bare["messages_per_s"], 3),
+        "worker_vs_raw": round(throughput / raw["messages_per_s"], 3),
+        "scale_out": scale and {**scale, "vs_one_worker": round(scale["experiences_per_s"] / throughput, 2)},
+        "goal": {"worker_vs_bare_faust": 0.6, "p99_ms": 250, "scale_out_vs_one_worker": 1.8},
     }
 
 
@@ -257,9 +381,10 @@ def bench_concurrency(data_dir: Path, latency_ms: float, concurrency: int, n: in
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--backlog", type=int, default=100_000)
+    ap.add_argument("--backlog", type=int, default=20_000)
     ap.add_argument("--rate", type=float, default=1000.0, help="publish rate of the latency phase (exp/s)")
-    ap.add_argument("--latency-n", type=int, default=10_000)
+    ap.add_argument("--latency-n", type=int, default=5_000)
+    ap.add_argument("--scale-workers", type=int, default=3, help="workers of the scale-out figure (1: skip it)")
     ap.add_argument("--latency-ms", type=float, default=200.0)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--concurrency-traces", type=int, default=2000)
@@ -269,7 +394,8 @@ def main() -> None:
 
     if not os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
         bs = broker.BrokerSettings()
-        broker.up(bs)
+        if broker.list_topics(bs.bootstrap) is None:  # one already answering is used and left running
+            broker.up(bs)
         os.environ["KAFKA_BOOTSTRAP_SERVERS"] = bs.bootstrap
     with tempfile.TemporaryDirectory(prefix="tier3-bench-") as tmp:
         data_dir = Path(tmp)
@@ -278,7 +404,8 @@ def main() -> None:
             "machine": {"cpus": os.cpu_count(), "load_avg_1m_at_start": round(os.getloadavg()[0], 2)},
         }
         if args.only in (None, "sampling"):
-            result["sampling_path"] = bench_sampling_path(data_dir, args.backlog, args.rate, args.latency_n)
+            result["sampling_path"] = bench_sampling_path(data_dir, args.backlog, args.rate, args.latency_n,
+                                                           args.scale_workers)
         if args.only in (None, "concurrency"):
             result["concurrency"] = bench_concurrency(data_dir, args.latency_ms, args.concurrency,
                                                       args.concurrency_traces, args.seed_traces)

@@ -35,11 +35,12 @@ from __future__ import annotations
 import functools
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import fastjsonschema
 import jsonschema
 import orjson
 
@@ -73,6 +74,33 @@ SPECIAL_TOKENS = (
 # <|im_start|>, <|im_end|>, <|endoftext|> (ChatML, Qwen), <|begin_of_text|>, <|eot_id|>, <|start_header_id|> (Llama 3),
 # <|user|>, <|end|> (Phi), <|channel|>, <|message|> (harmony), and DeepSeek's full-width <｜end▁of▁sentence｜>
 _SPECIAL_RE = re.compile(r"<[|｜][^<>|｜\s]{1,64}[|｜]>|" + "|".join(re.escape(t) for t in SPECIAL_TOKENS))
+# Keywords that mean the same in draft 7 (what fastjsonschema compiles) and in 2020-12 (the task files' draft).
+# A schema made only of these gets the compiled fast path for *accepting* an answer; anything else (and every
+# rejection) is decided by jsonschema, so the verdict never depends on the fast path.
+_PORTABLE_KEYWORDS = frozenset({
+    "$schema", "title", "description", "default", "examples", "type", "properties", "required",
+    "additionalProperties", "items", "enum", "const", "minItems", "maxItems", "uniqueItems", "minLength",
+    "maxLength", "minimum", "maximum", "pattern", "minProperties", "maxProperties",
+})
+
+
+def _portable(schema: Any) -> bool:
+    """True when ``schema`` uses only keywords whose meaning fastjsonschema and jsonschema share."""
+    if isinstance(schema, bool):
+        return True
+    if not isinstance(schema, Mapping) or not set(schema) <= _PORTABLE_KEYWORDS:
+        return False
+    for kw in ("enum", "const"):  # Python equality makes True == 1; jsonschema does not: strings only
+        if kw in schema:
+            values = schema[kw] if kw == "enum" else [schema[kw]]
+            if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+                return False
+    props = schema.get("properties", {})
+    subs = [*props.values()] if isinstance(props, Mapping) else [None]
+    for kw in ("items", "additionalProperties"):
+        if kw in schema:
+            subs.append(schema[kw])  # a list-valued "items" (tuple form) is not portable: _portable says no
+    return all(_portable(sub) for sub in subs)
 
 
 @dataclass(frozen=True)
@@ -91,8 +119,28 @@ class TaskDefinition:
         cls.check_schema(self.answer_schema)
         return cls(self.answer_schema)  # type: ignore[no-any-return]
 
+    @functools.cached_property
+    def _fast_accept(self) -> Callable[[Any], Any] | None:
+        """A compiled validator (fastjsonschema) when the schema is portable (see above), else None."""
+        if not _portable(self.answer_schema):
+            return None
+        self._validator  # noqa: B018 -- check the schema itself first (a bad schema is jsonschema's error)
+        return fastjsonschema.compile({k: v for k, v in self.answer_schema.items() if k != "$schema"})
+
     def validate_answer(self, answer: Any) -> dict[str, Any]:
-        """Return ``answer`` if it matches the answer schema, else raise :class:`InvalidAnswer`."""
+        """Return ``answer`` if it matches the answer schema, else raise :class:`InvalidAnswer`.
+
+        Fast path: a valid answer costs one call of the compiled validator (about 100 x cheaper than
+        jsonschema's ``iter_errors``); only a rejected one is looked at by jsonschema, which decides and
+        explains (``best_match``).
+        """
+        fast = self._fast_accept
+        try:
+            if fast is not None:
+                fast(answer)
+                return dict(answer)
+        except Exception:  # rejected (or not understood) by the fast path: jsonschema decides
+            pass
         err = jsonschema.exceptions.best_match(self._validator.iter_errors(answer))
         if err is not None:
             where = "answer" + "".join(f".{p}" if isinstance(p, str) else f"[{p}]" for p in err.absolute_path)

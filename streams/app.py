@@ -198,14 +198,11 @@ def _label(value: object) -> str:
     return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
 
 
-def create_app(settings: StreamsSettings, teacher: Teacher | None = None) -> tuple[faust.App, WorkerState]:
-    """Build the Faust app and its state. Topics must exist already (``streams.topics.ensure_topics``)."""
-    teacher = teacher if teacher is not None else make_teacher(settings)
-    state = WorkerState(settings, teacher)
+def faust_config(settings: StreamsSettings) -> dict[str, Any]:
+    """The worker's Faust settings (also what ``bench/streams_bench.py`` gives its bare Faust agent)."""
     data_dir = settings.tier3_data_dir / "faust" / settings.worker_id
     data_dir.mkdir(parents=True, exist_ok=True)
-    app = faust.App(
-        settings.faust_app_id,
+    return dict(
         broker=settings.faust_broker_url(),
         broker_credentials=settings.faust_credentials(),
         store="memory://",  # the count table is display-only (docs/design.md); its changelog restores it
@@ -231,6 +228,13 @@ def create_app(settings: StreamsSettings, teacher: Teacher | None = None) -> tup
         table_standby_replicas=0,
         consumer_max_fetch_size=settings.topic_max_message_bytes,  # per partition: the largest record fits
     )
+
+
+def create_app(settings: StreamsSettings, teacher: Teacher | None = None) -> tuple[faust.App, WorkerState]:
+    """Build the Faust app and its state. Topics must exist already (``streams.topics.ensure_topics``)."""
+    teacher = teacher if teacher is not None else make_teacher(settings)
+    state = WorkerState(settings, teacher)
+    app = faust.App(settings.faust_app_id, **faust_config(settings))
     # raw bytes in: bad input must reach schemas.decode (and the dead letter) exactly as it was written
     experiences = app.topic(settings.experiences_topic, partitions=settings.tier3_partitions, key_type=bytes,
                             value_type=bytes, key_serializer="raw", value_serializer="raw")

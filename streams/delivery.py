@@ -13,6 +13,7 @@ delivery error; :mod:`streams.inflight` acknowledges the source offset only afte
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from typing import Any
 
@@ -44,6 +45,13 @@ class DeliveryError(StreamsError):
 
 
 class DeliveryProducer:
+    """librdkafka's delivery reports served on the event loop: ``poll(0)`` after each send and, while messages
+    are outstanding, every ``POLL_INTERVAL_S`` from a loop timer. No second Python thread: on a busy 2-core
+    machine every hand-over of the GIL between threads cost more than the callbacks themselves (measured with
+    py-spy: ``produce()`` waiting for the poll thread, one self-pipe wake-up per batch of reports)."""
+
+    POLL_INTERVAL_S = 0.002  # the most a delivery report waits to be noticed, far below the latency goal
+
     def __init__(self, settings: KafkaSettings, client_id: str = "tier3-worker") -> None:
         self._producer = Producer({
             **settings.client_config(), **RELIABLE_PRODUCER,
@@ -52,63 +60,53 @@ class DeliveryProducer:
             # message.max.bytes comes with client_config(): the one record limit of every tier3 producer and topic
         })
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._reports: list[tuple[asyncio.Future[Message], KafkaError | None, Message]] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop_thread: int | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
-    def _start(self) -> asyncio.AbstractEventLoop:
-        self._loop = asyncio.get_running_loop()
-        # delivery callbacks run inside poll(): a thread polls, so the event loop never blocks on librdkafka
-        self._thread = threading.Thread(target=self._poll_forever, name="tier3-delivery", daemon=True)
-        self._thread.start()
-        return self._loop
+    def _poll(self) -> None:
+        self._timer = None
+        self._producer.poll(0)  # runs the delivery callbacks of the reports that arrived
+        if len(self._producer) and self._loop is not None and not self._loop.is_closed():
+            self._timer = self._loop.call_later(self.POLL_INTERVAL_S, self._poll)
 
-    def _poll_forever(self) -> None:
-        while not self._stop.is_set():
-            self._producer.poll(0.05)  # runs the delivery callbacks, which fill self._reports
-            self._hand_over()
-
-    def _hand_over(self) -> None:
-        # one wake-up of the event loop per poll, not one per message (each costs a syscall and a GIL handoff)
-        if self._reports and self._loop is not None:
-            with self._lock:  # flush() runs callbacks in another thread
-                reports, self._reports = self._reports, []
-            self._loop.call_soon_threadsafe(_resolve_all, reports)
+    def _report(self, fut: asyncio.Future[Message], err: KafkaError | None, msg: Message) -> None:
+        if threading.get_ident() == self._loop_thread:
+            _resolve(fut, err, msg)
+        elif self._loop is not None and not self._loop.is_closed():  # flush() from another thread (shutdown)
+            self._loop.call_soon_threadsafe(_resolve, fut, err, msg)
 
     async def send(self, topic: str, key: bytes | None, value: bytes, partition: int | None = None
                    ) -> asyncio.Future[Message]:
         """Queue one message; the returned future resolves when it is acknowledged (acks=all)."""
-        loop = self._loop or self._start()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+            self._loop_thread = threading.get_ident()
         fut: asyncio.Future[Message] = loop.create_future()
-
-        def on_delivery(err: KafkaError | None, msg: Message) -> None:  # runs in the poll thread
-            with self._lock:
-                self._reports.append((fut, err, msg))
-
-        kwargs: dict[str, Any] = {"key": key, "value": value, "on_delivery": on_delivery}
+        kwargs: dict[str, Any] = {"key": key, "value": value, "on_delivery": functools.partial(self._report, fut)}
         if partition is not None:
             kwargs["partition"] = partition
         while True:
             try:
                 self._producer.produce(topic, **kwargs)
-                return fut
+                break
             except BufferError:  # librdkafka's queue is full: wait (back-pressure), never drop
+                self._producer.poll(0)
                 await asyncio.sleep(0.01)
             except KafkaException as exc:
                 raise DeliveryError(f"cannot produce to {topic}: {exc.args[0].str()}", exc.args[0].code()) from None
+        if self._timer is None:
+            self._poll()
+        return fut
 
     def flush(self, timeout_s: float = 10.0) -> int:
-        """Deliver what is queued (at shutdown); returns how many messages are still undelivered."""
-        left = int(self._producer.flush(timeout_s))
-        self._stop.set()
-        self._hand_over()
-        return left
-
-
-def _resolve_all(reports: list[tuple[asyncio.Future[Message], KafkaError | None, Message]]) -> None:
-    for fut, err, msg in reports:
-        _resolve(fut, err, msg)
+        """Deliver what is queued (at shutdown, from any thread); returns how many are still undelivered."""
+        if self._timer is not None and threading.get_ident() == self._loop_thread:
+            self._timer.cancel()
+            self._timer = None
+        # elsewhere (an executor thread) the loop's timer may poll too: librdkafka is thread-safe and _report
+        # hands each callback to the loop's thread
+        return int(self._producer.flush(timeout_s))
 
 
 def _resolve(fut: asyncio.Future[Message], err: KafkaError | None, msg: Message) -> None:

@@ -55,6 +55,8 @@ Arm = Literal["teacher", "student"]
 _BUCKETS = float(1 << 64)
 ARM_TABLE = "router_arms"
 RECENT_SERVED = 1000  # routed experiences behind the mode and share of /status's router block
+ARM_WRITE_INTERVAL_S = 1.0  # each per-arm table key is written (one changelog message) at most this often
+_EMPTY: dict[str, float] = {}
 
 
 class RouterError(StreamsError):
@@ -430,6 +432,11 @@ def add_experience(acc: Mapping[str, float], exp: Experience) -> dict[str, float
     return out
 
 
+def add_sums(a: Mapping[str, float], b: Mapping[str, float]) -> dict[str, float]:
+    """Two arms' sums added (a new dict)."""
+    return {k: a.get(k, 0) + b.get(k, 0) for k in empty_arm()}
+
+
 def arm_key(exp: Experience, partition: int) -> str:
     """``<arm>|<model version or ->@<partition>``: keyed per source partition so that partitions never
     overwrite each other's sums (a Faust table's changelog partition is the source event's)."""
@@ -485,11 +492,20 @@ def install_router_stats(app: faust.App, settings: StreamsSettings, state: Any) 
     # values are plain dicts of sums, stored with the app's default (json) serializer
     table = app.Table(ARM_TABLE, default=dict, partitions=settings.tier3_partitions, key_type=str)
     recent: deque[str] = deque(maxlen=RECENT_SERVED)  # arms of the latest routed experiences this worker read
+    # sums not yet in the table, per key: a key is written at most every ARM_WRITE_INTERVAL_S (one changelog
+    # message per experience cost more than all the rest of the worker's work). Display-only, like the count
+    # table: a crash loses at most that interval of statistics; /status adds the unwritten sums.
+    pending: dict[str, dict[str, float]] = {}
+    written_at: dict[str, float] = {}
 
     def observe(exp: Experience, partition: int) -> None:
         # runs inside the experiences agent's current event: the table write lands on the same partition
         key = arm_key(exp, partition)
-        table[key] = add_experience(table[key], exp)
+        pending[key] = add_experience(pending.get(key, _EMPTY), exp)
+        now = time.monotonic()
+        if now - written_at.get(key, -ARM_WRITE_INTERVAL_S) >= ARM_WRITE_INTERVAL_S:
+            table[key] = add_sums(table[key], pending.pop(key))
+            written_at[key] = now
         if exp.served_by.arm in ("teacher", "student") and exp.metadata.get("route_reason") != "fallback":
             recent.append(exp.served_by.arm)
 
@@ -508,7 +524,7 @@ def install_router_stats(app: faust.App, settings: StreamsSettings, state: Any) 
 
     def router_block() -> dict[str, Any]:
         cur = view.current
-        arms, by_version = summarize_arms(list(table.items()))
+        arms, by_version = summarize_arms([*table.items(), *pending.items()])
         for arm in ("teacher", "student"):
             arms.setdefault(arm, {"count": 0, "confidence_mean": None, "reward_mean": None,
                                   "latency_ms_mean": None})

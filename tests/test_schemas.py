@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import jsonschema
 import orjson
 import pytest
 from hypothesis import given, settings
@@ -24,7 +25,7 @@ from schemas import (
     get_task,
 )
 from schemas.export import JSON_DIR, render
-from schemas.tasks import field_f1, set_f1
+from schemas.tasks import TaskDefinition, field_f1, set_f1
 
 TASK = get_task("widget_selector")
 WIDGETS = sorted(TASK.catalog)
@@ -169,3 +170,55 @@ def test_f1() -> None:
     assert set_f1(["c"], ["a"]) == 0.0
     ref = {"widgets": ["cpu_usage", "memory_usage"], "time_range": "24h"}
     assert field_f1(TASK, {"widgets": ["cpu_usage"], "time_range": "24h"}, ref) == pytest.approx((2 / 3 + 1) / 2)
+
+
+# --- the answer validator's fast path (issue 10): compiled accept, jsonschema decides every rejection ----------
+
+_ANSWERS = [
+    {"widgets": ["cpu_usage"], "time_range": "24h"}, {"widgets": ["cpu_usage", "cpu_usage"], "time_range": "24h"},
+    {"widgets": [], "time_range": "24h"}, {"widgets": ["cpu_usage"]}, {"widgets": ["cpu_usage"], "time_range": "2h"},
+    {"widgets": ["cpu_usage"], "time_range": "24h", "extra": 1}, {"widgets": "cpu_usage", "time_range": "24h"},
+    {"widgets": [1], "time_range": "24h"}, {"widgets": [True], "time_range": True}, {"widgets": [None]}, [], None,
+    "x", 1, 1.0, True, {"widgets": ["cpu_usage"] * 50, "time_range": "24h"},
+    {"widgets": ["cpu_usage", "error_rate", "disk_io", "log_volume", "queue_depth", "active_users"],
+     "time_range": "7d"},
+]
+
+
+@pytest.mark.parametrize("answer", _ANSWERS)
+def test_fast_validation_gives_jsonschemas_verdict(answer: object) -> None:
+    reference = TASK._validator.is_valid(answer)
+    try:
+        TASK.validate_answer(answer)
+        verdict = True
+    except InvalidAnswer:
+        verdict = False
+    assert verdict == reference
+
+
+def test_a_valid_answer_never_reaches_jsonschema(monkeypatch: pytest.MonkeyPatch) -> None:
+    task = TaskDefinition(name="t", system_prompt="s", answer_schema=TASK.answer_schema)
+    assert task._fast_accept is not None
+
+    def slow(*_a: object, **_k: object) -> None:
+        raise AssertionError("jsonschema was asked about a valid answer")
+
+    monkeypatch.setattr(jsonschema.exceptions, "best_match", slow)
+    assert task.validate_answer({"widgets": ["cpu_usage"], "time_range": "24h"})
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "object", "properties": {"a": {"type": "array", "prefixItems": [{"type": "string"}]}}},  # 2020-12
+    {"type": "object", "properties": {"a": {"enum": [1, 2]}}},  # Python's True == 1 is not JSON Schema's
+    {"type": "object", "properties": {"a": {"$ref": "#/$defs/x"}}, "$defs": {"x": {"type": "string"}}},
+    {"type": "array", "items": [{"type": "string"}]},
+])
+def test_schemas_outside_the_portable_subset_use_jsonschema_only(schema: dict) -> None:
+    task = TaskDefinition(name="t", system_prompt="s", answer_schema=schema)
+    assert task._fast_accept is None
+    if "$defs" in schema:
+        with pytest.raises(InvalidAnswer):
+            task.validate_answer({"a": 1})
+    if schema.get("properties", {}).get("a", {}).get("enum"):
+        with pytest.raises(InvalidAnswer):
+            task.validate_answer({"a": True})

@@ -60,10 +60,16 @@ def inference_messages(experience: Experience, reasoning: bool = True) -> list[d
                                    reasoning=reasoning)
 
 
-def training_messages(trace: EnrichedTrace, reasoning: bool) -> list[dict[str, str]]:
-    """One SFT example: the inference prompt plus the teacher's output as the assistant turn."""
+def training_messages(trace: EnrichedTrace, reasoning: bool, *, answer: dict[str, Any] | None = None
+                      ) -> list[dict[str, str]]:
+    """One SFT example: the inference prompt plus the teacher's output as the assistant turn.
+
+    ``answer``: the trace's answer already validated by the caller (validation is the costly part: once per
+    trace, not once per phase kind); when None it is validated here.
+    """
     task = get_task(trace.task)
-    answer = task.validate_answer(trace.answer)
+    if answer is None:
+        answer = task.validate_answer(trace.answer)
     completion = task.format_output(answer, trace.reasoning if reasoning else None)
     return [*inference_messages(trace.experience, reasoning=reasoning), {"role": "assistant", "content": completion}]
 
@@ -168,7 +174,8 @@ def build_dataset(traces: Iterable[EnrichedTrace], cfg: SFTConfig, out_dir: Path
                 holdout_ids.append(t.experience_id)
                 continue
             lines = {k: _line({"experience_id": t.experience_id, "task": t.task, "phase": k,
-                               "messages": training_messages(t, reasoning=(k == "reasoning"))}) for k in kinds}
+                               "messages": training_messages(t, reasoning=(k == "reasoning"), answer=answer)})
+                     for k in kinds}
         except SchemaError as exc:
             skipped.append((t.experience_id, f"{exc.kind}: {exc}"))
             continue

@@ -18,10 +18,10 @@ from typing import Any
 import httpx
 
 from schemas import Experience, ServedBy, TrainingRun, encode
-from streams.router import RouterSettings
+from streams.router import ARM_TABLE, ARM_WRITE_INTERVAL_S, RouterSettings
 from tests.conftest import ROOT, settings_env
 from tests.fakes.teacher_server import FakeTeacherServer
-from tests.kafka_utils import produce_values
+from tests.kafka_utils import consume_values, produce_values
 from tests.streams.helpers import free_port
 from trainer.gate import now_ms, publish_run_events
 
@@ -80,6 +80,23 @@ def test_status_router_block_compares_arms(make_settings: Callable[..., RouterSe
             assert r["arms"]["student"] == {"count": 2, "confidence_mean": 0.6, "reward_mean": 1.0,
                                             "latency_ms_mean": 20.0}
             assert r["arms_by_version"]["student:v3"]["count"] == 2
+
+            # a burst: the table (and its changelog) gets at most one write per key and second, not one per
+            # experience (issue 10: that cost more than the rest of the worker's work), and /status counts all
+            more = [_exp(i, "teacher", None, 0.5, 1.0, 100) for i in range(10, 610)]
+            produce_values(s, s.experiences_topic, [(e.experience_id.encode(), encode(e)) for e in more])
+            t0 = time.monotonic()
+            while time.monotonic() < deadline:
+                st = httpx.get(f"http://127.0.0.1:{port}/status", timeout=5).json()
+                if st["router"]["arms"]["teacher"]["count"] == 602:
+                    break
+                time.sleep(0.3)
+            assert st["router"]["arms"]["teacher"]["count"] == 602, st["router"]
+            burst_s = time.monotonic() - t0
+            changelog = consume_values(s, f"{s.faust_app_id}-{ARM_TABLE}-changelog", None, 30, idle_s=2.0)
+            keys = {m.key() for m in changelog}
+            assert len(changelog) <= 4 + len(keys) * (burst_s / ARM_WRITE_INTERVAL_S + 2), (len(changelog), burst_s)
+            assert len(changelog) < 300
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)  # the worker's own process group (start_new_session)

@@ -163,3 +163,22 @@ def test_phase_spec_parsing_and_validation(monkeypatch: pytest.MonkeyPatch) -> N
     assert cfg.hyperparameters()["tier3_lora_r"] == 8
     assert cfg.target_modules == "all-linear"
     assert _cfg(tier3_lora_target_modules="q_proj, v_proj").target_modules == ["q_proj", "v_proj"]
+
+
+def test_each_trace_is_validated_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # validation was most of a replay's time (issue 10): once per trace, not once per phase kind as well
+    from schemas.tasks import TaskDefinition
+
+    traces = synthetic_traces(50)
+    calls = 0
+    inner = TaskDefinition.validate_answer
+
+    def counting(self: TaskDefinition, answer: object) -> dict:
+        nonlocal calls
+        calls += 1
+        return inner(self, answer)
+
+    monkeypatch.setattr(TaskDefinition, "validate_answer", counting)
+    built = build_dataset(traces, _cfg(tier3_holdout_fraction=0.0), tmp_path)
+    assert built.n_train == 50 and len({p.kind for p in built.phases}) == 2
+    assert calls == 50
