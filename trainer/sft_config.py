@@ -94,8 +94,9 @@ class SFTConfig(BaseSettings):
     tier3_load_in_4bit: bool = Field(False, description="QLoRA: load the base model in 4-bit (unsloth only)")
     tier3_seed: int = Field(42, description="seed of data order, LoRA init and dropout")
 
-    tier3_phases: str = Field("answer:1,reasoning:2", description="curriculum: kind:epochs,... with kind "
-                              "answer (answer only) or reasoning (reasoning then answer); run in this order")
+    tier3_phases: str = Field("answer:2", description="curriculum: kind:epochs,... with kind answer (answer "
+                              "only) or reasoning (reasoning then answer), run in this order, e.g. "
+                              "answer:1,reasoning:2; the student is prompted in the last phase's format")
     tier3_holdout_fraction: float = Field(0.10, ge=0.0, lt=1.0, description="share of experience ids kept for "
                                           "evaluation only (deterministic hash split)")
     tier3_scope: Literal["all", "new"] = Field(
