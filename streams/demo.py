@@ -686,16 +686,16 @@ def _run(state: DemoState, examples_path: Path, recorded_path: Path, limit: int,
         # the demo's 20 minutes on 2 cores. The tiny test student trains twice.
         tiny_student = student_name() == "tiny"
         min_traces = max(8, expected_sampled // 2 + 1) if tiny_student else expected_sampled + 1
-        tiny = {"TIER3_EVAL_MAX_NEW_TOKENS": "128"} if tiny_student and not os.environ.get(
+        overrides = {"TIER3_EVAL_MAX_NEW_TOKENS": "128"} if tiny_student and not os.environ.get(
             "TIER3_EVAL_MAX_NEW_TOKENS") else {}  # the random-weight student never stops: bound its evaluation
         if not tiny_student and not os.environ.get("TIER3_PHASES"):
             # one epoch, answer-only: ~150 traces x ~3 s a step on 2 CPU cores fit the demo's 20 minutes; the
             # product default (answer:2) takes twice as long and learns more
-            tiny["TIER3_PHASES"] = "answer:1"
+            overrides["TIER3_PHASES"] = "answer:1"
         console.print(f"demo training: {'two runs' if tiny_student else 'one run, on every trace, when all are in'}"
-                      f", curriculum {tiny.get('TIER3_PHASES') or os.environ.get('TIER3_PHASES') or 'default'}; "
+                      f", curriculum {overrides.get('TIER3_PHASES') or os.environ.get('TIER3_PHASES') or 'default'}; "
                       "the gate keeps the product's thresholds (docs/settings.md)")
-        trainer_env = {**env, **tiny, "TIER3_BASE_MODEL": student, "TIER3_TRAINER_GROUP": trainer_group,
+        trainer_env = {**env, **overrides, "TIER3_BASE_MODEL": student, "TIER3_TRAINER_GROUP": trainer_group,
                        "TIER3_MIN_TRACES": str(min_traces),
                        "TIER3_CHECK_INTERVAL_S": str(publish_seconds + 90.0),
                        "TIER3_TRAINER_STATUS_INTERVAL_S": "1", "TIER3_TRAINER_BACKOFF_INITIAL_S": "2",
