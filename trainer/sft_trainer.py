@@ -570,6 +570,7 @@ def _hyperparameters(cfg: SFTConfig, backend: str, run: dict[str, Any], dataset:
         "device": "cuda" if run["on_cuda"] else "cpu",
         "dtype": str(_torch_dtype(run["on_cuda"])).removeprefix("torch."),
         "phases": [{"kind": p.kind, "epochs": p.epochs} for p in dataset.phases],
+        "prompt_format": prompt_format(dataset.phases),  # the instruction the student is to be prompted with
         "n_examples": run["n_examples"],
         "assistant_only_loss": True,
         "eot_in_loss_checked": run["eot_checked"],

@@ -80,7 +80,7 @@ def test_result_progress_and_curriculum(run: Run) -> None:
     assert hp["n_examples"] == {"answer": run.dataset.n_train, "reasoning": run.dataset.n_train}
     assert hp["tier3_base_model"] == str(run.base)
     # the last phase is reasoning: the student is prompted for reasoning then the answer
-    assert adapter_prompt_format(r.adapter_dir) == "reasoning" == prompt_format(run.cfg.phases)
+    assert adapter_prompt_format(r.adapter_dir) == "reasoning" == prompt_format(run.cfg.phases) == hp["prompt_format"]
     assert prompt_format((Phase("reasoning", 1), Phase("answer", 2))) == "answer"
     # published atomically: nothing but the adapter and the dataset is left in the run folder
     assert sorted(p.name for p in run.out_dir.iterdir()) == sorted([ADAPTER_DIR, "data"])
