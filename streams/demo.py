@@ -686,8 +686,12 @@ def _run(state: DemoState, examples_path: Path, recorded_path: Path, limit: int,
         # the demo's 20 minutes on 2 cores. The tiny test student trains twice.
         tiny_student = student_name() == "tiny"
         min_traces = max(8, expected_sampled // 2 + 1) if tiny_student else expected_sampled + 1
-        overrides = {"TIER3_EVAL_MAX_NEW_TOKENS": "128"} if tiny_student and not os.environ.get(
-            "TIER3_EVAL_MAX_NEW_TOKENS") else {}  # the random-weight student never stops: bound its evaluation
+        overrides: dict[str, str] = {}
+        if tiny_student:
+            # the random-weight student never stops: bound its evaluation; batches of 4 keep its many tiny
+            # steps few (the defaults are for real students)
+            overrides = {k: v for k, v in (("TIER3_EVAL_MAX_NEW_TOKENS", "128"), ("TIER3_BATCH_SIZE", "4"))
+                         if not os.environ.get(k)}
         if not tiny_student and not os.environ.get("TIER3_PHASES"):
             # one epoch, answer-only: ~150 traces x ~3 s a step on 2 CPU cores fit the demo's 20 minutes; the
             # product default (answer:2) takes twice as long and learns more
