@@ -215,11 +215,12 @@ def evaluate_examples(task: TaskDefinition, examples: Sequence[HoldoutExample], 
                 for ex, (text, n_tokens) in zip(chunk, outs, strict=True):
                     rows.append(_row(task, ex, text, n_tokens, None, wall_s * 1000.0))
                 bar.update(len(chunk))
-            for j in range(min(latency_samples, len(rows))):
-                _, _, latency_s = _guarded(examples[j].experience_id, generate, examples[j].prompt)
-                rows[j] = replace(rows[j], latency_ms=latency_s * 1000.0)
     finally:
         bar.close()
+    if generate_batch is not None:  # one request alone, for latency
+        for j in range(min(latency_samples, len(rows))):
+            _, _, latency_s = _guarded(examples[j].experience_id, generate, examples[j].prompt)
+            rows[j] = replace(rows[j], latency_ms=latency_s * 1000.0)
     latencies_ms = [r.latency_ms for r in rows if r.latency_ms is not None]
     total_tokens = sum(r.n_tokens for r in rows)
     metrics: dict[str, Any] = {"task": task.name, "n_examples": len(rows), "latency_samples": len(latencies_ms),
