@@ -4,8 +4,9 @@ What it does, in order:
 
 1. Kafka: brings up the local broker (``tier3 broker up``), unless ``KAFKA_BOOTSTRAP_SERVERS`` names a cluster;
    creates the four topics under a fresh prefix (``demo-<time>-<id>.``), so running it twice never mixes runs.
-2. The student: ``TIER3_BASE_MODEL`` if set, else the tiny offline Llama that ``trainer/`` builds (a subprocess:
-   ``streams`` never imports ``trainer``).
+2. The student: ``TIER3_BASE_MODEL`` if set, else SmolLM2-135M-Instruct (``smollm2-135m``); a named model is
+   pulled into the model cache once by ``tier3 models pull NAME`` (a subprocess: ``streams`` never imports
+   ``trainer``), which prints its folder.
 3. Starts ``tier3 worker`` (recorded teacher: ``examples/widget_selector/recorded_teacher.jsonl``) and
    ``tier3 trainer`` as subprocesses, each in its own process group with its log in the demo folder.
 4. Publishes the example experiences through the capture library, spread over ``--publish-seconds``, as the
@@ -90,18 +91,32 @@ def load_examples(path: Path, limit: int) -> list[Experience]:
     return out[:limit] if limit > 0 else out
 
 
-def build_student(log_path: Path, timeout_s: float = 600.0) -> str:
-    """``TIER3_BASE_MODEL`` if the user set one, else the tiny offline model (built once, cached), by path."""
-    configured = os.environ.get("TIER3_BASE_MODEL")
-    if configured:
-        return configured
-    code = "from trainer.tiny_model import cached_tiny_model; print(cached_tiny_model())"
+DEFAULT_STUDENT = "smollm2-135m"
+#: model names `tier3 models pull` knows (``tier3 models list``); anything else is a local folder or a hub id
+NAMED_STUDENTS = ("smollm2-135m", "tiny")
+
+
+def student_name() -> str:
+    return os.environ.get("TIER3_BASE_MODEL", "").strip() or DEFAULT_STUDENT
+
+
+def build_student(log_path: Path, timeout_s: float = 1200.0) -> str:
+    """The student's base model as the trainer will load it: a named model is pulled once into the model cache
+    (``tier3 models pull NAME``, which prints its folder); a folder or a hub id is passed on as it is."""
+    name = student_name()
+    if name not in NAMED_STUDENTS:
+        return name
     with log_path.open("ab") as log:
-        proc = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=log, timeout=timeout_s,
-                              check=False)
-    if proc.returncode != 0:
-        raise DemoError(f"building the tiny student model failed (exit {proc.returncode}); see {log_path}")
-    return proc.stdout.decode().strip().splitlines()[-1]
+        try:
+            proc = subprocess.run([sys.executable, "-m", "streams.cli", "models", "pull", name],
+                                  stdout=subprocess.PIPE, stderr=log, timeout=timeout_s, check=False,
+                                  cwd=str(REPO_ROOT))
+        except subprocess.TimeoutExpired:
+            raise DemoError(f"`tier3 models pull {name}` took over {timeout_s:.0f} s; see {log_path}") from None
+    lines = proc.stdout.decode().strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise DemoError(f"`tier3 models pull {name}` failed (exit {proc.returncode}); see {log_path}")
+    return lines[-1]
 
 
 @dataclass
@@ -690,9 +705,10 @@ def _run(state: DemoState, examples_path: Path, recorded_path: Path, limit: int,
     train_now_env: dict[str, str] | None = None
     train_now_requested: set[int] = set()
     if have_trainer:
-        with console.status("building the tiny student model (cached after the first time)…"):
+        with console.status(f"getting the student base model {student_name()} (`tier3 models pull`, cached after "
+                            "the first time)…"):
             student = build_student(demo_dir / "student-build.log")
-        console.print(f"student base model: [bold]{student}[/]")
+        console.print(f"student base model: [bold]{student_name()}[/] ({student})")
     if have_worker:
         worker_env = {**env, "TIER3_TEACHER": "recorded", "TIER3_TEACHER_RECORDED_PATH": str(recorded_path.resolve()),
                       "TIER3_WEB_HOST": "127.0.0.1", "TIER3_WEB_PORT": str(web_port),
@@ -706,11 +722,24 @@ def _run(state: DemoState, examples_path: Path, recorded_path: Path, limit: int,
         # `tier3 train-now` once every trace is in (the manual trigger). The check interval is only a fallback
         # and long on purpose: right after a run it has always passed, and a short one would start a run for
         # every trace that trickles in meanwhile.
-        min_traces = max(8, expected_sampled // 2 + 1)
-        tiny = {} if os.environ.get("TIER3_BASE_MODEL") or os.environ.get("TIER3_EVAL_MAX_NEW_TOKENS") else {
-            # the tiny random-weight student never stops on its own: bound its evaluation on 2 CPU cores
-            "TIER3_EVAL_MAX_NEW_TOKENS": "128"}
-        trainer_env = {**env, **tiny, "TIER3_BASE_MODEL": student, "TIER3_TRAINER_GROUP": trainer_group,
+        # A real student on CPU (SmolLM2) trains once, on every trace, when all are in: two runs would not fit
+        # the demo's 20 minutes on 2 cores. The tiny test student trains twice.
+        tiny_student = student_name() == "tiny"
+        min_traces = max(8, expected_sampled // 2 + 1) if tiny_student else expected_sampled + 1
+        overrides: dict[str, str] = {}
+        if tiny_student:
+            # the random-weight student never stops: bound its evaluation; batches of 4 keep its many tiny
+            # steps few (the defaults are for real students)
+            overrides = {k: v for k, v in (("TIER3_EVAL_MAX_NEW_TOKENS", "128"), ("TIER3_BATCH_SIZE", "4"))
+                         if not os.environ.get(k)}
+        if not tiny_student and not os.environ.get("TIER3_PHASES"):
+            # one epoch, answer-only: ~150 traces x ~3 s a step on 2 CPU cores fit the demo's 20 minutes; the
+            # product default (answer:2) takes twice as long and learns more
+            overrides["TIER3_PHASES"] = "answer:1"
+        console.print(f"demo training: {'two runs' if tiny_student else 'one run, on every trace, when all are in'}"
+                      f", curriculum {overrides.get('TIER3_PHASES') or os.environ.get('TIER3_PHASES') or 'default'}; "
+                      "the gate keeps the product's thresholds (docs/settings.md)")
+        trainer_env = {**env, **overrides, "TIER3_BASE_MODEL": student, "TIER3_TRAINER_GROUP": trainer_group,
                        "TIER3_MIN_TRACES": str(min_traces),
                        "TIER3_CHECK_INTERVAL_S": str(publish_seconds + 90.0),
                        "TIER3_TRAINER_STATUS_INTERVAL_S": "1", "TIER3_TRAINER_BACKOFF_INITIAL_S": "2",

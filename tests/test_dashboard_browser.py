@@ -92,8 +92,9 @@ def known_status() -> dict[str, Any]:
             ],
         },
         "lag": {"experiences": {"0": 5, "1": 0, "2": 12}},
-        "teacher": {"kind": "recorded", "model": "claude-sonnet-4-5 (recorded)", "in_flight": 3, "calls": 360,
-                    "errors": 15, "error_rate": 0.0417, "latency_ms_p50": 12.5, "latency_ms_p95": 48.0},
+        "teacher": {"kind": "recorded", "model": "rule-based example teacher (tier3 example data, not an LLM)",
+                    "in_flight": 3, "calls": 360, "errors": 15, "error_rate": 0.0417,
+                    "latency_ms_p50": 12.5, "latency_ms_p95": 48.0},
         "dead_letters": {"count": 17, "by_reason": {"not_json": 9, "invalid": 5, "teacher_invalid_answer": 3}},
         "trainer": {
             "tier3_sft": {"training_in_progress": False, "last_check_time": (T0_MS + 3 * WINDOW_MS) / 1000,

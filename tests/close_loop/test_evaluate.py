@@ -181,3 +181,43 @@ def test_student_lines_at_zero_stay_visible() -> None:
     old = _visible_pixels(lines, labels, before)
     assert old["student F1 vs teacher"] < 30 and old["student exact match"] < 30, old
 
+def test_batched_evaluation_scores_batches_and_times_single_requests() -> None:
+    """Outputs come from batches; latency is only what a request served alone took (the latency samples)."""
+    examples = [_ex(i, REF, b) for i, b in enumerate(BASELINES)]
+    batches: list[int] = []
+
+    def gen_batch(prompts: list[list[dict[str, str]]]) -> tuple[list[tuple[str, int]], float]:
+        start = sum(batches)
+        batches.append(len(prompts))
+        return [(CASES[start + k][0], CASES[start + k][2]) for k in range(len(prompts))], 2.0  # 2 s per batch
+
+    alone: list[str] = []
+
+    def gen(messages: list[dict[str, str]]) -> tuple[str, int, float]:
+        alone.append(messages[-2]["content"])
+        return "", 1, 0.5 if len(alone) == 1 else 0.7
+
+    res = evaluate_examples(TASK, examples, gen, generate_batch=gen_batch, batch_size=3, latency_samples=2)
+    m = res.metrics
+    assert batches == [3, 1] and alone == ["question 0", "question 1"]
+    assert m["f1"] == pytest.approx((1.0 + 0.2 + 0.0 + 13 / 14) / 4)  # the batch outputs are what is scored
+    assert [r.latency_ms for r in res.rows] == [500.0, 700.0, None, None]
+    assert [r.batch_ms for r in res.rows] == [2000.0, 2000.0, 2000.0, 2000.0]
+    assert m["latency_samples"] == 2 and m["latency_ms_p50"] == pytest.approx(600.0)
+    assert m["batch_size"] == 3 and m["generated_tokens"] == 100
+    assert m["tokens_per_s"] == pytest.approx(100 / 4.0)  # generated tokens over the batches' time
+
+
+def test_holdout_prompt_follows_the_students_format(tmp_path: Path) -> None:
+    """A student trained answer-only is asked for the answer only (the prompt it was trained on)."""
+    from trainer.evaluate import examples_from_holdout
+
+    reasoned = TASK.messages_for_model([*SYS, {"role": "user", "content": "q"}], reasoning=True)
+    answer_only = TASK.messages_for_model([*SYS, {"role": "user", "content": "q"}], reasoning=False)
+    path = tmp_path / "holdout.jsonl"
+    path.write_text(json.dumps({"experience_id": "e", "task": TASK.name, "messages": reasoned,
+                                "answer_only_messages": answer_only, "teacher_answer": REF,
+                                "production_response": "{}"}) + "\n")
+    assert examples_from_holdout(path)[1][0].prompt == reasoned
+    assert examples_from_holdout(path, reasoning=False)[1][0].prompt == answer_only
+    assert reasoned != answer_only

