@@ -88,18 +88,31 @@ def build_random_model(arch: str, folder: Path, device: str = "cuda") -> Path:
     return folder
 
 
+def backend_config(backend: str, base: Path, batch_size: int, load_in_4bit: bool) -> Any:
+    """The SFTConfig of one arm. QLoRA is unsloth's: the TRL arm always trains in 16-bit (SFTConfig refuses
+    4-bit with TRL), so ``--load-in-4bit`` reaches the unsloth arm only."""
+    from trainer.sft_config import SFTConfig
+
+    return SFTConfig(tier3_base_model=str(base), tier3_backend=backend,  # type: ignore[arg-type]
+                     tier3_batch_size=batch_size, tier3_load_in_4bit=load_in_4bit and backend == "unsloth")
+
+
+def child_command(backend: str, base: Path, traces: int, batch_size: int, load_in_4bit: bool) -> list[str]:
+    cmd = [sys.executable, __file__, "--child", backend, "--base", str(base), "--traces", str(traces),
+           "--batch-size", str(batch_size)]
+    return cmd + (["--load-in-4bit"] if load_in_4bit and backend == "unsloth" else [])
+
+
 def run_backend(backend: str, base: Path, traces: int, batch_size: int, load_in_4bit: bool) -> dict[str, Any]:
     """Child process: one training run with ``backend``; returns its figures."""
     t_process = time.perf_counter()
     import torch
 
     from trainer.dataset import build_dataset
-    from trainer.sft_config import SFTConfig
     from trainer.sft_trainer import train
     from trainer.synthetic import synthetic_traces
 
-    cfg = SFTConfig(tier3_base_model=str(base), tier3_backend=backend,  # type: ignore[arg-type]
-                    tier3_batch_size=batch_size, tier3_load_in_4bit=load_in_4bit)
+    cfg = backend_config(backend, base, batch_size, load_in_4bit)
     with tempfile.TemporaryDirectory() as tmp:
         ds = build_dataset(synthetic_traces(traces), cfg, Path(tmp) / "data")
         torch.cuda.reset_peak_memory_stats()
@@ -107,7 +120,8 @@ def run_backend(backend: str, base: Path, traces: int, batch_size: int, load_in_
         peak_alloc = torch.cuda.max_memory_allocated()
         peak_reserved = torch.cuda.max_memory_reserved()
     return {
-        "backend": r.backend, "wall_s": r.wall_s, "train_wall_s": r.train_wall_s, "tokens": r.tokens,
+        "backend": r.backend, "load_in_4bit": cfg.tier3_load_in_4bit, "wall_s": r.wall_s,
+        "train_wall_s": r.train_wall_s, "tokens": r.tokens,
         "tokens_per_s": r.tokens_per_s, "steps": r.steps, "final_loss": r.train_loss, "phase_losses": r.phase_losses,
         "peak_gpu_allocated_gib": peak_alloc / 2**30, "peak_gpu_reserved_gib": peak_reserved / 2**30,
         "process_wall_s": time.perf_counter() - t_process, "n_train": ds.n_train,
@@ -144,8 +158,7 @@ def main() -> None:
             if backend == "unsloth" and importlib.util.find_spec("unsloth") is None:
                 results[backend] = {"skipped": "unsloth is not installed (pip install 'tier3[gpu]')"}
                 continue
-            cmd = [sys.executable, __file__, "--child", backend, "--base", str(base), "--traces", str(a.traces),
-                   "--batch-size", str(a.batch_size)] + (["--load-in-4bit"] if a.load_in_4bit else [])
+            cmd = child_command(backend, base, a.traces, a.batch_size, a.load_in_4bit)
             env = {**os.environ, "UNSLOTH_AUTO_INSTALL": "0"}
             out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, check=False)
             if out.returncode != 0:

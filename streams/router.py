@@ -11,9 +11,13 @@ The application side of the flywheel (the original system's env toggle between t
   nothing committed) and folds ``promoted`` / ``rollback`` events with the gate's rule (``trainer/gate.py``):
   a promotion puts its run on a stack, a rollback removes its run, the top of the stack is the model in force.
   With no student in force, ``student`` and ``ab`` serve the teacher (the decision records why).
-- **The student** is served through any OpenAI-compatible endpoint (Ollama's ``/v1`` by default) under the model
-  name ``TIER3_STUDENT_MODEL`` (``{version}`` is replaced by the version in force: ``cc-widget-selector:v7``),
-  asked in the reasoned format it was trained on; its answer JSON is returned. **The teacher** through
+- **The student** is served through any OpenAI-compatible endpoint (by default ``tier3 serve``: llama-cpp-python's
+  server on the exported GGUF, at ``http://127.0.0.1:8088/v1``; Ollama's ``/v1`` or vLLM work too) under the
+  model name ``TIER3_STUDENT_MODEL`` (``{version}`` is replaced by the version in force: ``cc-widget-selector:v7``),
+  asked in the reasoned format it was trained on; its answer JSON is returned. Before answering with a version,
+  the endpoint's ``GET /models`` must list that name (llama-cpp-python answers an unknown name with its default
+  model, which would record the wrong version): a version it does not serve is a student failure, so the
+  teacher answers with ``metadata.fallback`` saying so. **The teacher** through
   :func:`streams.teachers.make_teacher`.
 - **Every served request becomes an experience** published through the capture library, with ``served_by``
   (arm, model, model version), latency, confidence and reward: the flywheel measures itself.
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import threading
 import time
 import uuid
@@ -73,14 +78,18 @@ class RouterSettings(StreamsSettings):
     tier3_ab_student_share: float = Field(0.1, ge=0.0, le=1.0, description="share of users served by the "
                                           "student in ab mode")
     tier3_ab_salt: str = Field("tier3-ab-v1", description="salt of the A/B hash; changing it reshuffles users")
-    tier3_student_base_url: str = Field("http://127.0.0.1:11434/v1", description="OpenAI-compatible endpoint "
-                                        "serving the student (Ollama's /v1, vLLM, llama.cpp server)")
+    tier3_student_base_url: str = Field("http://127.0.0.1:8088/v1", description="OpenAI-compatible endpoint "
+                                        "serving the student (`tier3 serve`: llama-cpp-python's server; or "
+                                        "Ollama's /v1, vLLM)")
     tier3_student_model: str = Field("cc-widget-selector:v{version}", description="student model name at that "
                                      "endpoint; {version} is replaced by the promoted version in force")
     tier3_student_api_key: SecretStr | None = Field(None, description="API key of the student endpoint (local "
                                                     "servers ignore it; never logged)")
     tier3_student_timeout_s: float = Field(30.0, gt=0, description="timeout of one student call (s)")
     tier3_student_max_tokens: int = Field(512, ge=1, description="max output tokens of one student call")
+    tier3_student_verify_model: bool = Field(True, description="call the student only when the endpoint's "
+                                             "GET /models lists the version's model name (endpoints without "
+                                             "that route are not checked)")
     tier3_student_fallback: bool = Field(True, description="serve the teacher when the student call fails "
                                          "(recorded as a teacher arm with metadata.fallback)")
     tier3_router_follow: bool = Field(True, description="follow promoted/rollback events on training-runs")
@@ -235,19 +244,50 @@ class RoutedReply:
 
 
 class StudentClient:
-    """The student over an OpenAI-compatible endpoint (Ollama ``/v1`` by default), greedy."""
+    """The student over an OpenAI-compatible endpoint (``tier3 serve`` by default), greedy; the model name is
+    checked against the endpoint's ``GET /models`` first (cached for ``MODELS_TTL_S``, re-read on a miss)."""
+
+    MODELS_TTL_S = 5.0
 
     def __init__(self, settings: RouterSettings) -> None:
         import openai
 
         self._openai = openai
-        key = settings.tier3_student_api_key.get_secret_value() if settings.tier3_student_api_key else "ollama"
+        key = settings.tier3_student_api_key.get_secret_value() if settings.tier3_student_api_key else "local"
+        self._base_url = settings.tier3_student_base_url
         self._client = openai.AsyncOpenAI(api_key=key, base_url=settings.tier3_student_base_url, max_retries=1,
                                           timeout=settings.tier3_student_timeout_s)
         self._max_tokens = settings.tier3_student_max_tokens
+        self._verify = settings.tier3_student_verify_model
+        self._models: frozenset[str] | None = None  # None: the endpoint has no model list (not checked)
+        self._models_at = -math.inf
+
+    async def served_models(self, refresh: bool = False) -> frozenset[str] | None:
+        """The model names the endpoint lists (None when it has no ``/models`` route)."""
+        o = self._openai
+        if refresh or time.monotonic() - self._models_at > self.MODELS_TTL_S:
+            try:
+                page = await self._client.models.list()
+                self._models = frozenset(m.id for m in page.data)
+            except o.NotFoundError:
+                self._models = None
+            except o.OpenAIError as exc:
+                raise RouterError(f"student endpoint {self._base_url}: {type(exc).__name__}: {exc}") from None
+            self._models_at = time.monotonic()
+        return self._models
+
+    async def check_served(self, model: str) -> None:
+        models = await self.served_models()
+        if models is not None and model not in models:
+            models = await self.served_models(refresh=True)  # a version exported a moment ago
+        if models is not None and model not in models:
+            raise RouterError(f"student {model} is not served at {self._base_url} (it serves "
+                              f"{', '.join(sorted(models)) or 'nothing'}): start or restart `tier3 serve`")
 
     async def complete(self, model: str, messages: list[dict[str, str]]) -> str:
         o = self._openai
+        if self._verify:
+            await self.check_served(model)
         try:
             resp = await self._client.chat.completions.create(
                 model=model, messages=messages,  # type: ignore[arg-type]

@@ -10,6 +10,8 @@
 - ``tier3 close-loop RUN_ID``: all of it as the trainer does after a run (evaluated, verdict, export).
 - ``tier3 watch``: watch the promoted version's online agreement (``online-eval``) and roll it back when it
   drifts (``trainer/online_watch.py``); ``--once`` judges once and prints the judgement.
+- ``tier3 serve``: llama-cpp-python's OpenAI-compatible server on the exported GGUF files, each version under
+  ``<name>:v<N>``, the version in force first (``trainer/serve.py``); the router's student arm calls it.
 
 ``python -m trainer.close_loop_cli ...`` runs them without the streams CLI.
 """
@@ -54,6 +56,12 @@ def eval_cmd(
     run_id: Annotated[str, typer.Argument(help="the run to evaluate (a folder under the runs dir)")],
     max_examples: Annotated[int | None, typer.Option(help="evaluate only the first N holdout examples")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="generation bound per example (tokens)")] = None,
+    served: Annotated[bool, typer.Option("--served", help="evaluate the run's exported GGUF through a real "
+                                         "llama-cpp-python server started for it (what ships), not the adapter"
+                                         )] = False,
+    server_url: Annotated[str | None, typer.Option(help="evaluate through this running OpenAI-compatible "
+                                                   "endpoint (e.g. `tier3 serve`'s), asking for <name>:v<N>"
+                                                   )] = None,
 ) -> None:
     """Re-run the holdout evaluation of a run: metrics into its manifest, a report, an `evaluated` event."""
     from trainer.evaluate import evaluate_run
@@ -61,11 +69,33 @@ def eval_cmd(
     s = _settings(tier3_eval_max_examples=max_examples, tier3_eval_max_new_tokens=max_new_tokens)
     _run_dir(s, run_id)
     try:
-        res = evaluate_run(s, run_id)
+        if served or server_url:
+            res = _eval_served(s, run_id, server_url)
+        else:
+            res = evaluate_run(s, run_id)
     except TrainerError as exc:
         raise _fail(exc) from None
     _print({"run_id": run_id, "model_version": res.model_version, "metrics": res.metrics,
             "report": str(res.report_paths["report_md"])})
+
+
+def _eval_served(s: Any, run_id: str, server_url: str | None) -> Any:
+    """Evaluate the run's exported model through an OpenAI-compatible server (started here unless given)."""
+    from trainer.evaluate import evaluate_run
+    from trainer.manifest import find_manifest
+    from trainer.serve import chat_generator, run_export, served_name, server_for
+
+    if server_url:
+        version = find_manifest(s.runs_dir, run_id).model_version
+        alias = served_name(s, version)
+        gen = chat_generator(server_url, alias, s.tier3_eval_max_new_tokens)
+        return evaluate_run(s, run_id, generate=gen, source={"via": "server", "server_url": server_url,
+                                                            "model": alias})
+    model = run_export(s, run_id)
+    with server_for(s, [model], port=0).start(s.tier3_serve_start_timeout_s) as srv:
+        gen = chat_generator(srv.base_url, model.alias, s.tier3_eval_max_new_tokens)
+        return evaluate_run(s, run_id, generate=gen, source={"via": "llama_cpp.server", "gguf": str(model.gguf),
+                                                            "model": model.alias})
 
 
 def promote_cmd(
@@ -167,6 +197,60 @@ def watch_cmd(
     _print({"rollbacks": [ev.details for ev in published]})
 
 
+def serve_cmd(
+    version: Annotated[list[int] | None, typer.Option("--version", help="serve only these versions (repeat); "
+                                                      "default: every exported one")] = None,
+    host: Annotated[str | None, typer.Option(help="listen address (TIER3_SERVE_HOST)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (TIER3_SERVE_PORT; 0 = a free one)")] = None,
+    follow: Annotated[bool, typer.Option(help="restart the server when the exported versions or the version "
+                                         "in force change")] = True,
+    poll_s: Annotated[float, typer.Option(help="how often --follow reads training-runs (s)")] = 5.0,
+) -> None:
+    """Serve the exported students with llama-cpp-python's OpenAI-compatible server, until Ctrl-C / SIGTERM."""
+    import signal
+    import threading
+
+    from trainer.gate import read_run_events
+    from trainer.serve import models_to_serve, server_for
+
+    s = _settings(tier3_serve_host=host, tier3_serve_port=port)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    srv = None
+    try:
+        models = models_to_serve(s, read_run_events(s), version or ())
+        srv = server_for(s, models).start(s.tier3_serve_start_timeout_s)
+        _announce(srv)
+        while not stop.wait(poll_s):
+            if not srv.running():
+                raise _fail(RuntimeError(f"the server stopped: {srv.log_tail()}"))
+            if not follow:
+                continue
+            try:
+                now = models_to_serve(s, read_run_events(s), version or ())
+            except TrainerError as exc:  # nothing exported any more (files removed): keep serving what runs
+                typer.echo(f"warning: {exc}", err=True)
+                continue
+            if now != srv.models:
+                typer.echo(f"exported versions changed: restarting with {[m.alias for m in now]}", err=True)
+                srv.stop()
+                srv = server_for(s, now, port=srv.port).start(s.tier3_serve_start_timeout_s)
+                _announce(srv)
+    except TrainerError as exc:
+        raise _fail(exc) from None
+    finally:
+        if srv is not None:
+            srv.stop()
+
+
+def _announce(srv: Any) -> None:
+    _print({"base_url": srv.base_url, "models": {m.alias: str(m.gguf) for m in srv.models},
+            "default": srv.models[0].alias, "pid": srv.proc.pid if srv.proc else None})
+    typer.echo(f"serving; point the router here: TIER3_STUDENT_BASE_URL={srv.base_url}", err=True)
+    sys.stdout.flush()
+
+
 def register(app: typer.Typer) -> None:
     """Entry point of the ``tier3.commands`` group."""
     app.command("eval")(eval_cmd)
@@ -175,6 +259,7 @@ def register(app: typer.Typer) -> None:
     app.command("export")(export_cmd)
     app.command("close-loop")(close_loop_cmd)
     app.command("watch")(watch_cmd)
+    app.command("serve")(serve_cmd)
 
 
 if __name__ == "__main__":

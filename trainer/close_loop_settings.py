@@ -1,4 +1,4 @@
-"""Settings of the close-the-loop steps: evaluation, the promotion gate, GGUF export and Ollama registration.
+"""Settings of the close-the-loop steps: evaluation, the promotion gate, GGUF export, serving, Ollama registration.
 
 Field name == environment variable name (``tier3_gate_min_json_valid`` reads ``TIER3_GATE_MIN_JSON_VALID``).
 A subclass of the trainer's settings (``tier3_student_name`` names the Ollama model, versions are tagged
@@ -70,6 +70,15 @@ class CloseLoopSettings(TrainerSettings):
                                              "(~/.cache/tier3/tools), shared by every data dir")
     tier3_llama_cpp_python_version: str = Field("0.3.36", description="llama-cpp-python sdist that carries the "
                                                 "converter (pip download, never built)")
+
+    # --- serving (`tier3 serve`: llama-cpp-python's OpenAI-compatible server on the exported GGUF) ---------
+    tier3_serve_host: str = Field("127.0.0.1", description="address `tier3 serve` listens on")
+    tier3_serve_port: int = Field(8088, ge=0, le=65535, description="port of `tier3 serve` (0 = a free one); "
+                                  "the router's TIER3_STUDENT_BASE_URL points here by default")
+    tier3_serve_n_ctx: int = Field(4096, ge=256, description="context length (tokens) of the served model")
+    tier3_serve_threads: int = Field(0, ge=0, description="CPU threads of the server (0 = all cores)")
+    tier3_serve_start_timeout_s: float = Field(180.0, gt=0.0, description="wait this long for the server to "
+                                               "load the model and answer")
 
     @property
     def reports_dir(self) -> Path:

@@ -90,3 +90,10 @@ class ExportError(TrainerError):
     """Merging, GGUF conversion or Ollama registration failed."""
 
     retryable = False
+
+
+class ServeError(TrainerError):
+    """The local inference server could not serve the exported student (not installed, no export, failed to
+    start, or it does not answer)."""
+
+    retryable = False

@@ -433,9 +433,10 @@ def evaluated_event(run_id: str, manifest: Any, metrics: dict[str, Any]) -> Trai
 
 
 def evaluate_run(settings: CloseLoopSettings, run_id: str, *, generate: Generate | None = None,
-                 publish: bool = True) -> RunEvaluation:
+                 publish: bool = True, source: Mapping[str, Any] | None = None) -> RunEvaluation:
     """``tier3 eval RUN_ID``: evaluate a trained run, store the metrics in its manifest (atomically, as
-    ``metrics["evaluation"]``), write the report folder and publish an ``evaluated`` event."""
+    ``metrics["evaluation"]``), write the report folder and publish an ``evaluated`` event. ``source`` says
+    what generated (``tier3 eval --served``: the exported GGUF through a server) and lands in the metrics."""
     from trainer.gate import publish_run_events
     from trainer.manifest import find_manifest, write_manifest
 
@@ -445,6 +446,8 @@ def evaluate_run(settings: CloseLoopSettings, run_id: str, *, generate: Generate
     holdout = holdout if holdout.is_absolute() else run_dir / holdout
     metrics, paths = evaluate_and_report(settings, run_id, manifest.model_version, run_dir / manifest.adapter_dir,
                                          holdout, generate=generate, read_history=publish)
+    if source is not None:  # what answered: e.g. the exported GGUF through a server, not the adapter
+        metrics["evaluated_via"] = dict(source)
     write_manifest(run_dir, manifest.model_copy(update={"metrics": {**manifest.metrics, "evaluation": metrics}}))
     if publish:
         publish_run_events(settings, [evaluated_event(run_id, manifest, metrics)])

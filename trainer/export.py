@@ -6,7 +6,9 @@
    (default q8_0, the converter's own ``--outtype``; no compiled llama.cpp is needed). The converter and its
    ``gguf-py`` are taken from the llama-cpp-python *source* distribution on PyPI (``vendor/llama.cpp``):
    ``pip download --no-deps --no-binary :all:`` once, only those files extracted into a cache, never built
-   (building llama-cpp-python takes ~10 min on 2 cores). PyPI's ``gguf`` package is too old for the current
+   (building llama-cpp-python takes ~10 min on 2 cores). ``make setup`` fetches it at install time
+   (``python -m trainer.export fetch-converter``), so an export itself needs no network; the cache is
+   ``~/.cache/tier3/tools`` (``XDG_CACHE_HOME``). PyPI's ``gguf`` package is too old for the current
    converter, so the converter runs in a subprocess with its own ``gguf-py`` first on ``sys.path``.
    A tokenizer trained locally has a pre-tokenizer hash the converter does not know; the model may declare a
    known name (``tier3_gguf_pre_tokenizer`` in its tokenizer_config.json / config.json, or the setting
@@ -29,6 +31,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -97,7 +100,9 @@ def ensure_converter(settings: CloseLoopSettings) -> Path:
             if proc.returncode != 0 or not sdists:
                 raise ExportError(f"could not download the llama-cpp-python {version} source distribution "
                                   f"(it carries llama.cpp's GGUF converter): {proc.stderr.strip()[-800:]}; "
-                                  "set TIER3_LLAMA_CPP_DIR to a llama.cpp checkout instead", retryable=True)
+                                  "fetch it once while online (`python -m trainer.export fetch-converter`, "
+                                  "which `make setup` runs) or set TIER3_LLAMA_CPP_DIR to a llama.cpp checkout",
+                                  retryable=True)
             staging = Path(tmp) / "converter"
             with tarfile.open(sdists[0]) as tar:
                 members = []
@@ -187,6 +192,7 @@ def merge_adapter(adapter_dir: Path, out_dir: Path) -> Path:
         shutil.rmtree(tmp)
     merged.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
+    strip_generation_markers(tmp)  # the GGUF carries the template to servers that run plain Jinja
     # keep the declared GGUF pre-tokenizer with the merged model (the converter reads this folder)
     pre = declared_pre_tokenizer(None, adapter_dir, *_base_dirs(adapter_dir))
     if pre:
@@ -198,6 +204,33 @@ def merge_adapter(adapter_dir: Path, out_dir: Path) -> Path:
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return out_dir
+
+
+_GENERATION_TAG = re.compile(r"\{%(-?)\s*(end)?generation\s*(-?)%\}")
+
+
+def inference_chat_template(template: str) -> str:
+    """The chat template without transformers' ``{% generation %}`` markers (they only mark the assistant
+    tokens for training; plain Jinja, as in llama.cpp's servers, does not know the tag). Each marker becomes
+    ``{% if true %}`` / ``{% endif %}`` with the same whitespace control, so the rendered text is unchanged."""
+    return _GENERATION_TAG.sub(lambda m: "{%" + m[1] + (" endif " if m[2] else " if true ") + m[3] + "%}", template)
+
+
+def strip_generation_markers(model_dir: Path) -> None:
+    """Rewrite the chat template of a saved tokenizer (``chat_template.jinja`` and tokenizer_config.json)."""
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.is_file():
+        jinja.write_text(inference_chat_template(jinja.read_text()))
+    cfg_path = model_dir / "tokenizer_config.json"
+    if cfg_path.is_file():
+        cfg = json.loads(cfg_path.read_text())
+        t = cfg.get("chat_template")
+        if isinstance(t, str):
+            cfg["chat_template"] = inference_chat_template(t)
+        elif isinstance(t, list):  # named templates: [{"name", "template"}]
+            cfg["chat_template"] = [{**x, "template": inference_chat_template(str(x.get("template", "")))}
+                                    for x in t]
+        cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
 
 
 def _base_dirs(adapter_dir: Path) -> list[Path]:
@@ -358,3 +391,22 @@ def export_run(settings: CloseLoopSettings, run_id: str, *, publish: bool = True
     if publish:
         publish_run_events(settings, [event])
     return ExportResult(run_id, version, merged, files, summary, reg, event)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m trainer.export fetch-converter``: fetch llama.cpp's converter into the cache now (install
+    time, while online), so that exports never need the network."""
+    args = sys.argv[1:] if argv is None else argv
+    if args != ["fetch-converter"]:
+        print("usage: python -m trainer.export fetch-converter", file=sys.stderr)
+        return 2
+    try:
+        print(ensure_converter(CloseLoopSettings()))
+    except ExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

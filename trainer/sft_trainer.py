@@ -11,8 +11,9 @@ into ``out_dir/adapter`` only when training succeeded. Backends, chosen at run t
   ``assistant_only_loss=True``: the chat template's ``{% generation %}`` markers (the tiny model's own, or TRL's
   training variant of a known template such as Qwen2.5's) select the assistant tokens, end-of-turn included.
 
-Both check before training that the end-of-turn (eos) token is inside the loss mask, because a student that is
-never trained on it never learns to stop, and the training loss would not show it.
+Both check before training that an end-of-turn token (eos, or the template's own such as Gemma's
+``<end_of_turn>``) is inside the loss mask, because a student that is never trained on it never learns to stop,
+and the training loss would not show it.
 
 Curriculum: phases run in order on the same LoRA weights, each with its own optimiser and schedule.
 Heavy libraries are imported inside functions, so importing this module is cheap and never imports unsloth.
@@ -42,7 +43,7 @@ from trainer.errors import (
     TrainerError,
     TrainingFailed,
 )
-from trainer.sft_config import ALL_LINEAR_LLAMA, Phase, SFTConfig
+from trainer.sft_config import Phase, SFTConfig
 
 if TYPE_CHECKING:  # imported lazily at run time: torch/transformers take seconds to import
     import torch
@@ -229,23 +230,44 @@ class _Progress:
         return Cb()
 
 
+#: tokens that end an assistant turn in a chat template besides the tokenizer's eos (Gemma writes
+#: ``<end_of_turn>`` and keeps ``<eos>`` for the end of the document; ChatML, Llama 3 and Phi-3 likewise)
+END_OF_TURN_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>")
+
+
+def end_of_turn_ids(tokenizer: Any) -> dict[int, str]:
+    """Token id -> text of every token that ends an assistant turn: eos, plus the template's own end-of-turn
+    token when the chat template writes one."""
+    out: dict[int, str] = {}
+    if tokenizer.eos_token_id is not None:
+        out[int(tokenizer.eos_token_id)] = str(tokenizer.eos_token)
+    template = tokenizer.chat_template or ""
+    vocab = tokenizer.get_vocab()
+    for tok in END_OF_TURN_TOKENS:
+        if tok in template and tok in vocab:
+            out[int(vocab[tok])] = tok
+    return out
+
+
 def eot_label_check(trainer: Any, tokenizer: Any) -> bool | None:
-    """Whether the eos (end-of-turn) token is a training target in the first examples the trainer built.
+    """Whether an end-of-turn token (:func:`end_of_turn_ids`: eos, or the template's ``<end_of_turn>`` /
+    ``<|im_end|>`` / ...) is a training target in the first examples the trainer built.
 
     Looks at the labels the trainer will really use: a ``labels`` column where the backend wrote one (unsloth's
     ``train_on_responses_only``), else the trainer's own collator run on the first examples. Returns None when
     the check cannot run on this backend's data layout (the caller logs it; it does not guess).
     """
-    eos_id = tokenizer.eos_token_id
+    eot = set(end_of_turn_ids(tokenizer))
     ds = trainer.train_dataset
     n = min(len(ds), 4)
-    if n == 0 or eos_id is None:
+    if n == 0 or not eot:
         return False
     try:
         if "labels" in ds.column_names:
-            return any(eos_id in ds[i]["labels"] for i in range(n))
+            return any(eot & set(ds[i]["labels"]) for i in range(n))
         batch = trainer.data_collator([ds[i] for i in range(n)])
-        return bool((batch["labels"] == eos_id).any().item())
+        labels = batch["labels"]
+        return any(bool((labels == t).any().item()) for t in eot)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         log.warning("cannot check the loss mask on this backend's data (%s: %s)", type(exc).__name__, exc)
         return None
@@ -441,15 +463,18 @@ def _train_unsloth(dataset: BuiltDataset, cfg: SFTConfig, scratch: Path, on_step
 
     base = _resolve_base(cfg.tier3_base_model)
     try:
+        # use_exact_model_name: without it unsloth swaps a hub name for its own re-upload (another download,
+        # and a cache miss offline); a local folder is used as it is either way
         model, tokenizer = FastLanguageModel.from_pretrained(
             model_name=base, max_seq_length=cfg.tier3_max_seq_len, load_in_4bit=cfg.tier3_load_in_4bit,
-            dtype=None)  # None: bf16 where the GPU has it
-    except (OSError, ValueError) as exc:
-        raise BaseModelError(f"unsloth cannot load base model {base!r} (TIER3_BASE_MODEL): {exc}") from exc
-    targets = cfg.target_modules
+            dtype=None, use_exact_model_name=True)  # dtype None: bf16 where the GPU has it
+    except (OSError, ValueError, RuntimeError, NotImplementedError) as exc:  # unsupported models: the last two
+        raise BaseModelError(f"unsloth cannot load base model {base!r} (TIER3_BASE_MODEL): "
+                             f"{type(exc).__name__}: {exc}") from exc
+    # "all-linear" goes to unsloth as it is: it resolves it per architecture (fused projections included)
     model = FastLanguageModel.get_peft_model(
         model, r=cfg.tier3_lora_r, lora_alpha=cfg.tier3_lora_alpha, lora_dropout=cfg.tier3_lora_dropout,
-        target_modules=list(ALL_LINEAR_LLAMA) if targets == "all-linear" else targets, bias="none",
+        target_modules=cfg.target_modules, bias="none",
         use_gradient_checkpointing="unsloth" if cfg.tier3_gradient_checkpointing else False,
         random_state=cfg.tier3_seed)
     instruction_part, response_part = turn_markers(tokenizer.chat_template or "")
@@ -499,7 +524,8 @@ def _run_phases(model: Any, tokenizer: Any, dataset: BuiltDataset, cfg: SFTConfi
             eot_ok = eot_label_check(trainer, tokenizer)
             eot_checked = eot_checked and eot_ok is not None
             if eot_ok is False:
-                raise BaseModelError(f"phase {i} ({phase}): the end-of-turn token {tokenizer.eos_token!r} is not in "
+                eot_names = sorted(end_of_turn_ids(tokenizer).values())
+                raise BaseModelError(f"phase {i} ({phase}): no end-of-turn token ({eot_names}) is in "
                                      "the loss mask, so the student would never learn to stop; fix the chat template "
                                      "(end-of-turn inside {% generation %}) or the tokenizer's eos token")
             log.info("phase %d/%d (%s): %d examples", i, len(dataset.phases), phase, len(examples[phase.kind]))

@@ -6,6 +6,7 @@ One full run (100 traces, two curriculum phases, the tiny model's demo settings)
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -196,44 +197,164 @@ def test_a_failed_run_leaves_the_previous_adapter_in_place(run: Run, tmp_path: P
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".adapter", ".scratch"))]
 
 
-def test_unsloth_path_wiring_with_a_stand_in(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """unsloth is not installed here (no CUDA): a stand-in module checks what the unsloth path would call, and
-    that UNSLOTH_AUTO_INSTALL=0 is set before the import (else its GGUF helpers apt-get and git-clone)."""
+def _stand_in_unsloth(calls: dict[str, Any], fail_load: BaseException | None = None) -> tuple[Any, Any]:
+    """A stand-in ``unsloth`` with its real API, doing the real work with transformers/PEFT on CPU:
+    ``FastLanguageModel.from_pretrained`` loads the model, ``get_peft_model`` wraps it in LoRA, and
+    ``train_on_responses_only`` writes a ``labels`` column that keeps only the response turns (unsloth's rule:
+    from each ``response_part`` up to the next ``instruction_part``) and pads labels with -100."""
     import os
     import types
-
-    from trainer import sft_trainer
-    from trainer.errors import BaseModelError
-
-    calls: dict[str, Any] = {}
 
     class FastLanguageModel:
         @staticmethod
         def from_pretrained(**kwargs: Any) -> Any:
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
             calls["from_pretrained"] = kwargs
             calls["auto_install"] = os.environ.get("UNSLOTH_AUTO_INSTALL")
-            raise OSError("the stand-in stops here")
+            if fail_load is not None:
+                raise fail_load
+            tok = AutoTokenizer.from_pretrained(kwargs["model_name"])
+            return AutoModelForCausalLM.from_pretrained(kwargs["model_name"], dtype=torch.float32), tok
+
+        @staticmethod
+        def get_peft_model(model: Any, **kwargs: Any) -> Any:
+            from peft import LoraConfig, get_peft_model
+
+            calls["get_peft_model"] = kwargs
+            return get_peft_model(model, LoraConfig(r=kwargs["r"], lora_alpha=kwargs["lora_alpha"],
+                                                    lora_dropout=kwargs["lora_dropout"], bias=kwargs["bias"],
+                                                    target_modules=kwargs["target_modules"], task_type="CAUSAL_LM"))
+
+    def train_on_responses_only(trainer: Any, *, instruction_part: str, response_part: str) -> Any:
+        from transformers import DataCollatorForSeq2Seq
+
+        tok = trainer.processing_class
+        inst = tok(instruction_part, add_special_tokens=False)["input_ids"]
+        resp = tok(response_part, add_special_tokens=False)["input_ids"]
+        calls["train_on_responses_only"] = (instruction_part, response_part)
+
+        def label(ex: dict[str, Any]) -> dict[str, Any]:
+            ids, labels, on, i = ex["input_ids"], [], False, 0
+            while i < len(ids):
+                for part, state in ((resp, True), (inst, False)):
+                    if ids[i:i + len(part)] == part:
+                        labels += [IGNORE_INDEX] * len(part)
+                        on, i = state, i + len(part)
+                        break
+                else:
+                    labels.append(ids[i] if on else IGNORE_INDEX)
+                    i += 1
+            return {"labels": labels}
+
+        trainer.train_dataset = trainer.train_dataset.map(label)
+        trainer.data_collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=IGNORE_INDEX)
+        return trainer
 
     fake = types.ModuleType("unsloth")
     fake.FastLanguageModel = FastLanguageModel  # type: ignore[attr-defined]
     templates = types.ModuleType("unsloth.chat_templates")
-    templates.train_on_responses_only = lambda trainer, **kw: trainer  # type: ignore[attr-defined]
+    templates.train_on_responses_only = train_on_responses_only  # type: ignore[attr-defined]
+    return fake, templates
+
+
+def _use_stand_in(monkeypatch: pytest.MonkeyPatch, calls: dict[str, Any],
+                  fail_load: BaseException | None = None) -> None:
+    import torch
+    import trl
+
+    from trainer import sft_trainer
+
+    fake, templates = _stand_in_unsloth(calls, fail_load)
     monkeypatch.setitem(sys.modules, "unsloth", fake)
     monkeypatch.setitem(sys.modules, "unsloth.chat_templates", templates)
     monkeypatch.setattr(sft_trainer, "cuda_available", lambda: True)
     monkeypatch.setattr(sft_trainer, "unsloth_installed", lambda: True)
+    # what the GPU would do in bf16 runs here in fp32; TRL's own loss kernel needs Triton (no CPU driver), as
+    # unsloth replaces it on a GPU: the CPU variant of SFTTrainer stands in for unsloth's patched one
+    monkeypatch.setattr(sft_trainer, "_torch_dtype", lambda on_cuda: torch.float32)
+    monkeypatch.setattr(trl, "SFTTrainer", sft_trainer._cpu_sft_trainer_class())
     monkeypatch.setenv("UNSLOTH_AUTO_INSTALL", "1")  # a user's setting is overridden
     monkeypatch.setenv("UNSLOTH_DISABLE_CPU_FALLBACK", "1")
 
+
+def test_unsloth_path_end_to_end_with_a_stand_in(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """unsloth is not installed here (no CUDA): a stand-in with unsloth's API runs the whole unsloth path —
+    from_pretrained, get_peft_model, the trainer, train_on_responses_only, the end-of-turn label check,
+    training and the adapter — and records what the path passed to it."""
+    calls: dict[str, Any] = {}
+    _use_stand_in(monkeypatch, calls)
     base = cached_tiny_model()
-    cfg = SFTConfig(tier3_base_model=str(base), tier3_load_in_4bit=True, tier3_max_seq_len=1024)
-    ds = build_dataset(synthetic_traces(10), cfg, tmp_path / "data")
-    with pytest.raises(BaseModelError, match="unsloth cannot load"):
-        train(ds, cfg, tmp_path)
-    assert calls["auto_install"] == "0"
+    cfg = SFTConfig(tier3_base_model=str(base), tier3_load_in_4bit=True, tier3_max_seq_len=1024,
+                    tier3_phases="answer:1", tier3_batch_size=4)  # type: ignore[call-arg]
+    ds = build_dataset(synthetic_traces(12), cfg, tmp_path / "data")
+    result = train(ds, cfg, tmp_path)
+
+    assert calls["auto_install"] == "0"  # set before the import (else its GGUF helpers apt-get and git-clone)
     kw = calls["from_pretrained"]
     assert kw["model_name"] == str(base) and kw["load_in_4bit"] is True and kw["max_seq_length"] == 1024
+    assert kw["use_exact_model_name"] is True  # never swapped for unsloth's own re-upload of a hub model
+    assert calls["get_peft_model"]["target_modules"] == "all-linear"  # as is: unsloth resolves it per arch
+    assert calls["train_on_responses_only"] == ("<|im_start|>user\n", "<|im_start|>assistant\n")
+    assert result.backend == "unsloth" and result.eot_in_loss is True
+    assert result.steps >= 1 and result.train_loss > 0
+    assert (result.adapter_dir / "adapter_config.json").is_file()
+    assert json.loads((result.adapter_dir / "tier3_adapter.json").read_text())["backend"] == "unsloth"
+
+
+def test_unsloth_path_refuses_a_mask_without_end_of_turn(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The end-of-turn label check runs on the labels unsloth's masking wrote: a response_part that never
+    matches leaves no target at all, and the run is refused before training."""
+    from trainer import sft_trainer
+    from trainer.errors import BaseModelError
+
+    calls: dict[str, Any] = {}
+    _use_stand_in(monkeypatch, calls)
+    monkeypatch.setattr(sft_trainer, "turn_markers", lambda _t: ("<|im_start|>user\n", "NO SUCH TURN"))
+    cfg = SFTConfig(tier3_base_model=str(cached_tiny_model()), tier3_phases="answer:1")  # type: ignore[call-arg]
+    ds = build_dataset(synthetic_traces(8), cfg, tmp_path / "data")
+    with pytest.raises(BaseModelError, match="end-of-turn"):
+        train(ds, cfg, tmp_path)
+    assert "train_on_responses_only" in calls and not (tmp_path / ADAPTER_DIR).exists()
+
+
+@pytest.mark.parametrize("exc", [OSError("no such model"), ValueError("bad config"),
+                                 RuntimeError("Unsloth: not supported"), NotImplementedError("architecture")])
+def test_unsloth_load_failures_are_base_model_errors(exc: BaseException, monkeypatch: pytest.MonkeyPatch,
+                                                     tmp_path: Path) -> None:
+    from trainer.errors import BaseModelError
+
+    calls: dict[str, Any] = {}
+    _use_stand_in(monkeypatch, calls, fail_load=exc)
+    cfg = SFTConfig(tier3_base_model=str(cached_tiny_model()), tier3_phases="answer:1")  # type: ignore[call-arg]
+    ds = build_dataset(synthetic_traces(6), cfg, tmp_path / "data")
+    with pytest.raises(BaseModelError, match=f"unsloth cannot load.*{type(exc).__name__}") as e:
+        train(ds, cfg, tmp_path)
+    assert e.value.retryable is False
     assert not (tmp_path / ADAPTER_DIR).exists()
+
+
+def test_end_of_turn_tokens_of_the_template() -> None:
+    """Gemma ends a turn with <end_of_turn> (eos is <eos>): the end-of-turn check accepts either."""
+    from types import SimpleNamespace
+
+    from trainer.sft_trainer import end_of_turn_ids
+
+    vocab = {"<eos>": 1, "<end_of_turn>": 107, "<|im_end|>": 5}
+    gemma = SimpleNamespace(eos_token="<eos>", eos_token_id=1, get_vocab=lambda: vocab,
+                            chat_template="{{ '<start_of_turn>model\n' + content + '<end_of_turn>\n' }}")
+    assert end_of_turn_ids(gemma) == {1: "<eos>", 107: "<end_of_turn>"}
+    plain = SimpleNamespace(eos_token="<eos>", eos_token_id=1, get_vocab=lambda: vocab, chat_template="{{ x }}")
+    assert end_of_turn_ids(plain) == {1: "<eos>"}
+    # the labels unsloth's masking writes for a Gemma turn end in <end_of_turn>, never <eos>: accepted
+    from datasets import Dataset
+
+    from trainer.sft_trainer import eot_label_check
+
+    trainer = SimpleNamespace(train_dataset=Dataset.from_list([{"labels": [IGNORE_INDEX, 42, 107]}]))
+    assert eot_label_check(trainer, gemma) is True
+    assert eot_label_check(trainer, plain) is False
 
 
 def test_turn_markers_for_responses_only_loss() -> None:
