@@ -42,6 +42,7 @@ CANARIES = {
     "TIER3_STUDENT_API_KEY": "canary-student-Fb5Gd0Ks7Ue2",
     "KAFKA_SASL_PASSWORD": "canary-sasl-Wq4Mx9Pe3Ra8",
     "KAFKA_SSL_KEY_PASSWORD": "canary-sslkey-Zt6Bn1Vc5Jh0",
+    "TIER3_BROKER_ADMIN_PASSWORD": "canary-broker-admin-Lm2Sd8Kq4",
 }
 
 
