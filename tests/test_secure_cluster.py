@@ -176,7 +176,7 @@ def test_every_client_works_over_sasl_ssl(admin_env: dict[str, str], app_env: di
         assert sum(tp.offset for tp in committed) == N_EXPERIENCES
 
         # the worker's training-runs reader (a second aiokafka client) sees the trainer's events
-        st = worker.wait_for(lambda st: any(r["event"] == "succeeded" and r["run_id"] == run.last_run_id
+        st = worker.wait_for(lambda st: any("succeeded" in r["stages"] and r["run_id"] == run.last_run_id
                                             for r in st["trainer"]["runs"]), timeout_s=60)
     finally:
         worker.stop()
