@@ -48,6 +48,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from schemas import DeadLetter, EnrichedTrace, Experience, TrainingRun, decode
+from schemas import kafka_io as kio
 from schemas.errors import SchemaError
 from schemas.settings import KafkaSettings
 from streams.errors import StreamsError
@@ -412,8 +413,7 @@ class Monitor(threading.Thread):
         if not parts:
             return
         try:
-            ends = {p: probe.get_watermark_offsets(TopicPartition(self.s.traces_topic, p), timeout=2)[1]
-                    for p in parts}
+            ends = {p: hi for p, (_lo, hi) in kio.watermarks(probe, self.s.traces_topic, parts, 2).items()}
             committed = probe.committed([TopicPartition(self.s.traces_topic, p) for p in parts], timeout=5)
             bad = next((tp.error for tp in committed if tp.error is not None), None)
             if bad is not None:

@@ -23,14 +23,15 @@ from dataclasses import dataclass
 from typing import Annotated
 
 import typer
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from rich.console import Console
 from rich.table import Table
 
+from schemas import kafka_io as kio
 from schemas.codec import decode
 from schemas.errors import SchemaError
 from schemas.messages import DeadLetter
-from schemas.preflight import UserError, check_topics, load_settings
+from schemas.preflight import KafkaUnreachable, UserError, check_topics, load_settings
 from schemas.settings import RELIABLE_PRODUCER, KafkaSettings
 
 console = Console()
@@ -45,38 +46,21 @@ class Letter:
 
 
 def read_dead_letters(settings: KafkaSettings, timeout_s: float = 10.0) -> list[Letter]:
-    """Every dead letter currently in the topic, read with assign() (no group, no commits)."""
-    topic = settings.dead_letters_topic
-    consumer = Consumer({**settings.client_config(), "group.id": f"tier3-dlq-{uuid.uuid4().hex}",
-                         "enable.auto.commit": False})
+    """Every dead letter currently in the topic (:func:`schemas.kafka_io.read_until_now`: no group, no commits)."""
+    out: list[Letter] = []
     try:
-        md = consumer.list_topics(topic, timeout=timeout_s)
-        if topic not in md.topics or md.topics[topic].error is not None:
-            return []
-        ends: dict[int, int] = {}
-        for p in md.topics[topic].partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)
-            if high > low:
-                ends[p] = high
-        consumer.assign([TopicPartition(topic, p, 0) for p in ends])
-        out: list[Letter] = []
-        done: set[int] = set()
-        deadline = time.monotonic() + timeout_s + len(ends)
-        while len(done) < len(ends) and time.monotonic() < deadline:
-            msg = consumer.poll(0.5)
-            if msg is None or msg.error() is not None:
-                continue
+        for msg in kio.read_until_now(settings, settings.dead_letters_topic, "dlq", timeout_s=timeout_s):
             raw = msg.value() or b""
             try:
                 letter: DeadLetter | None = decode(raw, DeadLetter, max_bytes=settings.max_record_bytes)
             except SchemaError:
                 letter = None
             out.append(Letter(msg.partition() or 0, msg.offset() or 0, letter, raw))
-            if (msg.offset() or 0) + 1 >= ends[msg.partition() or 0]:
-                done.add(msg.partition() or 0)
-        return out
-    finally:
-        consumer.close()
+    except kio.TopicMissing:
+        return []
+    except (kio.ReadTimeout, KafkaException) as exc:
+        raise KafkaUnreachable(f"could not read {settings.dead_letters_topic} to its end: {exc}") from None
+    return out
 
 
 def read_source(settings: KafkaSettings, dl: DeadLetter, timeout_s: float = 10.0) -> tuple[bytes | None, bytes] | None:

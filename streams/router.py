@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, SecretStr
 
 from schemas import ChatMessage, Experience, SchemaError, ServedBy, TrainingRun, decode, get_task
+from schemas import kafka_io as kio
 from schemas.tasks import parse_json_answer
 from streams.errors import StreamsError
 from streams.settings import StreamsSettings
@@ -193,7 +194,7 @@ class PromotionFollower:
                     self._stop.wait(5.0)
                     continue
                 parts = sorted(md.topics[topic].partitions)
-                ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
+                ends = {p: hi for p, (_lo, hi) in kio.watermarks(consumer, topic, parts, 10).items()}
                 consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
                 positions = {p: 0 for p in parts}
                 if all(e == 0 for e in ends.values()):

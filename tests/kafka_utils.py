@@ -8,6 +8,7 @@ from collections.abc import Iterable
 
 from confluent_kafka import Consumer, Message, Producer, TopicPartition
 
+from schemas.kafka_io import produce_and_wait
 from schemas.settings import RELIABLE_PRODUCER, KafkaSettings
 
 
@@ -15,26 +16,8 @@ def produce_values(settings: KafkaSettings, topic: str, items: Iterable[tuple[by
                    timeout_s: float = 60.0) -> int:
     """Produce (key, value) pairs and wait until every one is acknowledged; return the count."""
     producer = Producer({**settings.client_config(), **RELIABLE_PRODUCER, "linger.ms": 5})
-    errors: list[str] = []
-    n = 0
-
-    def on_delivery(err: object, _msg: Message) -> None:
-        if err is not None:
-            errors.append(str(err))
-
-    for key, value in items:
-        while True:
-            try:
-                producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
-                break
-            except BufferError:
-                producer.poll(0.05)
-        n += 1
-        producer.poll(0)
-    left = producer.flush(timeout_s)
-    assert left == 0, f"{left} messages not delivered"
-    assert not errors, errors[:5]
-    return n
+    keyed = ((k.encode() if isinstance(k, str) else k, v) for k, v in items)
+    return produce_and_wait(producer, topic, keyed, timeout_s)
 
 
 def consume_values(settings: KafkaSettings, topic: str, expected: int | None = None, timeout_s: float = 60.0,

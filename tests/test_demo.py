@@ -20,6 +20,7 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from schemas import Experience, decode
+from schemas import kafka_io as kio
 from schemas.settings import KafkaSettings
 from streams.sampling import sample_reason
 
@@ -94,7 +95,7 @@ def test_demo_runs_the_whole_flywheel(kafka_bootstrap: str, tmp_path: Path) -> N
         md = probe.list_topics(settings.traces_topic, timeout=10)
         parts = sorted(md.topics[settings.traces_topic].partitions)
         committed = probe.committed([TopicPartition(settings.traces_topic, p) for p in parts], timeout=10)
-        ends = [probe.get_watermark_offsets(TopicPartition(settings.traces_topic, p), timeout=10)[1] for p in parts]
+        ends = [hi for _lo, hi in kio.watermarks(probe, settings.traces_topic, parts, 10).values()]
     finally:
         probe.close()
     assert sum(ends) == s["traces"]["messages"] > 0

@@ -41,6 +41,7 @@ from typing import Any, TypeVar
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from schemas import SchemaError, TrainerControl, decode
+from schemas import kafka_io as kio
 from schemas.settings import KAFKA_CLIENT_LOG
 from trainer.errors import CommitFailed, DatasetError, ManifestError, TrainerError
 from trainer.events import TrainerEvents, now_ms
@@ -561,8 +562,7 @@ class TrainerConsumer:
             committed = {tp.partition: tp.offset for tp in self.consumer.committed(
                 [TopicPartition(self.topic, p) for p in idle], timeout=timeout_s)} if idle else {}
             for p in ps:
-                low, high = self.consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=timeout_s,
-                                                                cached=False)
+                low, high = kio.watermarks(self.consumer, self.topic, [p], timeout_s)[p]
                 at = pos[p] if pos[p] >= 0 else committed.get(p, -1)
                 if max(at, low) < high:
                     targets[p] = high
@@ -831,7 +831,7 @@ class TrainerConsumer:
             if others else {}
         out: dict[int, OffsetRange] = {}
         for p in parts:
-            low, _high = self.consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=timeout_s)
+            low, _high = kio.watermarks(self.consumer, self.topic, [p], timeout_s)[p]
             end = batch.offsets[p].end if p in batch.offsets else max(low, committed.get(p, -1))
             if end > low:
                 out[p] = OffsetRange(start=low, end=end)
@@ -850,8 +850,7 @@ class TrainerConsumer:
         tps = self.consumer.committed([TopicPartition(self.topic, p) for p in todo], timeout=timeout_s)
         ranges: dict[int, OffsetRange] = {}
         for tp in tps:
-            low, _high = self.consumer.get_watermark_offsets(TopicPartition(self.topic, tp.partition),
-                                                             timeout=timeout_s)
+            low, _high = kio.watermarks(self.consumer, self.topic, [tp.partition], timeout_s)[tp.partition]
             if tp.offset > low:
                 ranges[tp.partition] = OffsetRange(start=low, end=tp.offset)
         if ranges:

@@ -23,16 +23,15 @@ The rule (every check must pass; the verdict event lists each check with its val
 from __future__ import annotations
 
 import logging
-import time
-import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from schemas import TrainingRun, decode, encode
 from schemas.errors import SchemaError
+from schemas.kafka_io import ReadTimeout, TopicMissing, read_until_now
 from schemas.settings import RELIABLE_PRODUCER, KafkaSettings
 from trainer.close_loop_settings import CloseLoopSettings
 from trainer.errors import ConfigError, RunNotEvaluated, TrainerError
@@ -73,38 +72,19 @@ def read_run_events(settings: KafkaSettings, timeout_s: float = 30.0) -> list[Tr
     Undecodable records are skipped: the log is shared, one bad record must not block promotions.
     """
     topic = settings.training_runs_topic
-    consumer = Consumer({**settings.client_config(), "group.id": f"tier3-gate-reader-{uuid.uuid4().hex}",
-                         "enable.auto.commit": False, "enable.partition.eof": False,
-                         "isolation.level": "read_committed"})
     out: list[TrainingRun] = []
     try:
-        try:
-            md = consumer.list_topics(topic, timeout=timeout_s)
-        except KafkaException as exc:
-            raise EventLogError(f"cannot reach the broker to read {topic}: {exc}") from None
-        meta = md.topics.get(topic)
-        if meta is None or meta.error is not None:
-            raise EventLogError(f"topic {topic} does not exist (run `tier3 topics create`)")
-        deadline = time.monotonic() + timeout_s
-        for p in sorted(meta.partitions):
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)
-            if high <= low:
+        for msg in read_until_now(settings, topic, "gate-reader", timeout_s=timeout_s):
+            try:
+                out.append(decode(msg.value() or b"", TrainingRun, max_bytes=settings.max_record_bytes))
+            except SchemaError:
                 continue
-            consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING)])
-            pos = low
-            while pos < high:
-                if time.monotonic() > deadline:
-                    raise EventLogError(f"timed out reading {topic} (at offset {pos} of {high})")
-                msg = consumer.poll(0.5)
-                if msg is None or msg.error() is not None:
-                    continue
-                pos = (msg.offset() or 0) + 1
-                try:
-                    out.append(decode(msg.value() or b"", TrainingRun))
-                except SchemaError:
-                    continue
-    finally:
-        consumer.close()
+    except TopicMissing:
+        raise EventLogError(f"topic {topic} does not exist (run `tier3 topics create`)") from None
+    except ReadTimeout as exc:
+        raise EventLogError(str(exc)) from None
+    except KafkaException as exc:
+        raise EventLogError(f"cannot reach the broker to read {topic}: {exc}") from None
     return out
 
 

@@ -39,6 +39,7 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
 from schemas import OnlineEval, TrainingRun, decode
+from schemas import kafka_io as kio
 from schemas.errors import SchemaError
 from schemas.settings import KafkaSettings
 from trainer.close_loop_settings import CloseLoopSettings
@@ -188,7 +189,7 @@ class TopicTail:
                     raise EventLogError(f"topic {self.topic} does not exist (run `tier3 topics create`)")
                 self._pos = {p: 0 for p in sorted(meta.partitions)}
                 c.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in self._pos])
-            ends = {p: c.get_watermark_offsets(TopicPartition(self.topic, p), timeout=timeout_s)[1] for p in self._pos}
+            ends = {p: hi for p, (_lo, hi) in kio.watermarks(c, self.topic, self._pos, timeout_s).items()}
         except KafkaException as exc:
             raise EventLogError(f"cannot read {self.topic}: {exc}") from None
         out: list[bytes] = []

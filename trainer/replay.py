@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import logging
 import shutil
-import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import OFFSET_END, Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import OFFSET_END, Consumer, KafkaException, Message, TopicPartition
 
 from schemas import EnrichedTrace, SchemaError, decode
-from schemas.settings import RELIABLE_CONSUMER, KafkaSettings
+from schemas import kafka_io as kio
+from schemas.settings import KafkaSettings
 from trainer.dataset import BuiltDataset, build_dataset
 from trainer.errors import TrainerError
 from trainer.manifest import OffsetRange, RunManifest, fsync_dir, write_atomic
@@ -63,24 +63,20 @@ def decode_trace(value: bytes | None, max_bytes: int) -> EnrichedTrace:
 
 
 def _reader(settings: KafkaSettings) -> Consumer:
-    """A consumer for assign()-based reads: a unique group id (librdkafka wants one) that never commits."""
-    return Consumer({
-        **settings.client_config(),
-        **RELIABLE_CONSUMER,  # read_committed, no auto-commit / offset store: same view of the log as the trainer
-        "group.id": f"tier3-replay-{uuid.uuid4().hex}",
-        "enable.partition.eof": True,  # tells us when a partition has nothing more to give
-    })
+    """A consumer for assign()-based reads (schemas.kafka_io.reader): never commits, read_committed like the
+    trainer, and says when a partition has nothing more to give."""
+    return kio.reader(settings, "replay", **{"enable.partition.eof": True})
 
 
 def watermarks(settings: KafkaSettings, topic: str, timeout_s: float = 30.0) -> dict[int, tuple[int, int]]:
-    """``{partition: (low, high)}`` of ``topic`` now."""
+    """``{partition: (low, high)}`` of ``topic`` now (transient leader changes are asked again)."""
     c = _reader(settings)
     try:
-        md = c.list_topics(topic, timeout=timeout_s)
-        t = md.topics.get(topic)
-        if t is None or t.error is not None:
-            raise ReplayError(f"topic {topic} not found: {t.error if t else 'missing'}")
-        return {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s) for p in sorted(t.partitions)}
+        return kio.watermarks(c, topic, timeout_s=timeout_s)
+    except kio.TopicMissing:
+        raise ReplayError(f"topic {topic} not found: run `tier3 topics create`") from None
+    except KafkaException as exc:
+        raise ReplayError(f"cannot read the watermarks of {topic}: {exc}") from None
     finally:
         c.close()
 
@@ -109,47 +105,14 @@ def ranges_from_time(settings: KafkaSettings, topic: str, since_ms: int, timeout
 
 def iter_slice(settings: KafkaSettings, topic: str, ranges: dict[int, OffsetRange], *, timeout_s: float = 300.0
                ) -> Iterator[Message]:
-    """Yield the records of exactly ``[start, end)`` of each partition, per partition in offset order.
-
-    Positions, not message counts, decide when a partition is done: offsets can have gaps (transaction markers,
-    compaction), so "end reached" is "the next offset to read is >= end".
-    """
-    todo = {p: r for p, r in ranges.items() if r.end > r.start}
-    if not todo:
-        return
+    """Yield the records of exactly ``[start, end)`` of each partition (:func:`schemas.kafka_io.iter_slice`)."""
     c = _reader(settings)
     try:
-        c.assign([TopicPartition(topic, p, r.start) for p, r in todo.items()])
-        deadline = time.monotonic() + timeout_s
-        while todo:
-            if time.monotonic() > deadline:
-                raise ReplayError(f"timed out reading {topic}: partitions {sorted(todo)} not at their end offsets")
-            msg = c.poll(0.5)
-            if msg is None:
-                # an idle partition may sit right at its end after skipping markers: ask for its position
-                for tp in c.position([TopicPartition(topic, p) for p in list(todo)]):
-                    if tp.offset >= 0 and tp.offset >= todo[tp.partition].end:
-                        _done(c, topic, todo, tp.partition)
-                continue
-            p = msg.partition()
-            if p is None or p not in todo:
-                continue
-            err = msg.error()
-            if err is not None:
-                if err.code() == KafkaError._PARTITION_EOF:
-                    off = msg.offset()
-                    if off is not None and off >= todo[p].end:
-                        _done(c, topic, todo, p)
-                    continue
-                raise ReplayError(f"reading {topic}[{p}]: {err.str()}")
-            off = msg.offset()
-            assert off is not None
-            if off >= todo[p].end:
-                _done(c, topic, todo, p)
-                continue
-            yield msg
-            if off + 1 >= todo[p].end:
-                _done(c, topic, todo, p)
+        yield from kio.iter_slice(c, topic, ranges, timeout_s=timeout_s)
+    except kio.ReadTimeout as exc:
+        raise ReplayError(str(exc)) from None
+    except KafkaException as exc:
+        raise ReplayError(f"reading {topic}: {exc}") from None
     finally:
         c.close()
 
@@ -190,11 +153,6 @@ def read_ids(settings: KafkaSettings, topic: str, ranges: dict[int, OffsetRange]
         except SchemaError:
             continue
     return ids
-
-
-def _done(c: Consumer, topic: str, todo: dict[int, OffsetRange], p: int) -> None:
-    todo.pop(p, None)
-    c.pause([TopicPartition(topic, p)])  # stop fetching past the end
 
 
 def project_dataset(records: Iterable[TraceRecord], cfg: SFTConfig, out_dir: Path) -> BuiltDataset:

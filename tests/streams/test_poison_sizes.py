@@ -10,10 +10,11 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import orjson
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from schemas import DeadLetter, EnrichedTrace, decode, encode
+from schemas import kafka_io as kio
 from schemas.settings import RELIABLE_PRODUCER
 from streams.app import changelog_spec
 from streams.dlq import Letter, read_source, redrive
@@ -89,10 +90,10 @@ def test_boundary_sizes_never_stop_a_partition(streams_settings: Callable[..., S
     def broker_accepts(n: int) -> bool:
         # accepted = appended to the log (no delivery callback: one after a refused record left confluent-kafka
         # 2.16 with a stray exception in this test)
-        before = watermarks.get_watermark_offsets(TopicPartition(probe_topic, 0), timeout=10)[1]
+        before = kio.watermarks(watermarks, probe_topic, [0], 10)[0][1]
         foreign.produce(probe_topic, value=os.urandom(n), key=key)
         assert foreign.flush(60) == 0
-        return bool(watermarks.get_watermark_offsets(TopicPartition(probe_topic, 0), timeout=10)[1] > before)
+        return bool(kio.watermarks(watermarks, probe_topic, [0], 10)[0][1] > before)
 
     broker_max = largest(broker_accepts, max_value, s.topic_max_message_bytes + 1)
     assert broker_max >= max_value  # whatever a tier3 producer writes, the topics accept

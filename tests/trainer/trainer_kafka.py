@@ -13,6 +13,7 @@ from typing import Any
 from confluent_kafka import Consumer, TopicPartition
 
 from schemas import EnrichedTrace, TrainerControl, TrainingRun, decode, encode
+from schemas import kafka_io as kio
 from tests.conftest import ROOT, settings_env
 from tests.kafka_utils import consume_values, produce_values
 from trainer.settings import TrainerSettings
@@ -68,7 +69,7 @@ def end_offsets(settings: TrainerSettings) -> dict[int, int]:
     try:
         out = {}
         for p in range(settings.tier3_partitions):
-            _lo, hi = c.get_watermark_offsets(TopicPartition(settings.traces_topic, p), timeout=20)
+            _lo, hi = kio.watermarks(c, settings.traces_topic, [p], 20)[p]
             if hi > 0:
                 out[p] = hi
         return out
