@@ -91,7 +91,10 @@ def ranges_from_time(settings: KafkaSettings, topic: str, since_ms: int, timeout
     marks = watermarks(settings, topic)
     c = _reader(settings)
     try:
-        found = c.offsets_for_times([TopicPartition(topic, p, since_ms) for p in marks], timeout=timeout_s)
+        ask = kio.transient_retry(timeout_s)(c.offsets_for_times)  # a leader moving is asked again
+        found = ask([TopicPartition(topic, p, since_ms) for p in marks], timeout=timeout_s)
+    except KafkaException as exc:
+        raise ReplayError(f"cannot find offsets by time in {topic}: {exc}") from None
     finally:
         c.close()
     out: dict[int, OffsetRange] = {}
