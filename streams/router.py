@@ -126,6 +126,15 @@ class Promotion:
     model_version: int | None
     model_name: str | None
     at_ms: int
+    prompt_format: str = "reasoning"  # the output format the student learnt last: "answer" or "reasoning"
+
+
+def promoted_prompt_format(run: TrainingRun) -> str:
+    """The prompt format of a promoted run, from the evaluation metrics its ``promoted`` event carries (the
+    trainer records the adapter's ``prompt_format`` there); ``reasoning`` when absent (older runs)."""
+    metrics = run.details.get("metrics")
+    fmt = metrics.get("prompt_format") if isinstance(metrics, dict) else None
+    return fmt if fmt in ("answer", "reasoning") else "reasoning"
 
 
 class PromotionView:
@@ -140,7 +149,8 @@ class PromotionView:
         with self._lock:
             self.events_seen += 1
             if run.event == "promoted":
-                p = Promotion(run.run_id, run.model_version, run.model_name, run.at_ms)
+                p = Promotion(run.run_id, run.model_version, run.model_name, run.at_ms,
+                              promoted_prompt_format(run))
                 self._stack = [x for x in self._stack if x.run_id != run.run_id] + [p]
             elif run.event == "rollback":
                 self._stack = [x for x in self._stack if x.run_id != run.run_id]
@@ -228,6 +238,7 @@ class Decision:
     model: str
     model_version: str | None
     unit_id: str
+    prompt_format: str = "reasoning"  # the student's: it is prompted for the format it learnt
 
     def served_by(self) -> ServedBy:
         return ServedBy(arm=self.arm, model=self.model[:200], model_version=self.model_version)
@@ -377,7 +388,8 @@ class Router:
                                  current is not None, self.settings.tier3_ab_salt)
         if arm == "student" and current is not None:
             return Decision("student", reason, self.student_model(current.model_version),
-                            None if current.model_version is None else str(current.model_version), unit)
+                            None if current.model_version is None else str(current.model_version), unit,
+                            current.prompt_format)
         return Decision("teacher", reason, self.teacher.model, None, unit)
 
     def status(self) -> dict[str, Any]:
@@ -400,8 +412,8 @@ class Router:
         raw = ""
         if decision.arm == "student":
             try:
-                raw = await self.student.complete(decision.model,
-                                                  get_task(task).messages_for_model(messages, reasoning=True))
+                prompt = get_task(task).messages_for_model(messages, reasoning=decision.prompt_format != "answer")
+                raw = await self.student.complete(decision.model, prompt)
                 text = _answer_text(raw)
             except RouterError as exc:
                 if not self.settings.tier3_student_fallback:
@@ -440,8 +452,8 @@ class Router:
 
 
 def _answer_text(raw: str) -> str:
-    """The answer JSON of a reply (the student is asked for reasoning then the answer; a teacher may add
-    reasoning too), or the raw text when it does not parse: the application gets the answer either way."""
+    """The answer JSON of a reply (the student gives its answer, after its reasoning if it learnt to reason; a
+    teacher may add reasoning too), or the raw text when it does not parse: the application gets the answer."""
     try:
         _, value = parse_json_answer(raw)
     except SchemaError:

@@ -43,6 +43,26 @@ from trainer.close_loop_settings import CloseLoopSettings
 from trainer.errors import ServeError
 
 SERVER_MODULE = "llama_cpp.server"
+#: ``python -m llama_cpp.server`` with llama.cpp's "extra buffer types" (weight repacking) turned off. A build
+#: with ``-march=native`` (pip's default for the sdist) on a CPU with AMX (Sapphire Rapids and later) puts
+#: quantised weights (q8_0, Q4_1, ...) in ggml's AMX buffer, and ``ggml_backend_amx_mul_mat`` dies with SIGSEGV on
+#: its first ``ldtilecfg`` in a KVM guest that does not grant the AMX tile state (this machine): every prompt of a
+#: quantised model crashed the server, f16 models ran. Without repacking the same build runs the plain CPU
+#: kernels (same outputs, no AMX speed-up). llama-cpp-python builds ``llama_model_params`` from
+#: ``llama_model_default_params()`` and exposes no option for this field, so the launcher wraps that function.
+_SERVER_LAUNCHER = """\
+import sys
+import llama_cpp.llama_cpp as _c
+_defaults = _c.llama_model_default_params
+def _no_repack():
+    params = _defaults()
+    params.use_extra_bufts = False
+    return params
+_c.llama_model_default_params = _no_repack
+from llama_cpp.server.__main__ import main
+sys.argv[0] = "llama_cpp.server"
+main()
+"""
 #: what ``python -m llama_cpp.server`` imports besides llama_cpp (the ``[server]`` extra of llama-cpp-python)
 _SERVER_DEPS = ("llama_cpp", "fastapi", "uvicorn", "sse_starlette", "starlette_context")
 _ENV_KEEP = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "LD_LIBRARY_PATH", "OMP_NUM_THREADS", "VIRTUAL_ENV",
@@ -163,7 +183,7 @@ class LlamaServer:
         else:
             self._log = open(Path(self._tmp.name) / "server.log", "w+b")
         env = {k: v for k, v in os.environ.items() if k in _ENV_KEEP}
-        self.proc = subprocess.Popen([sys.executable, "-m", SERVER_MODULE, "--config_file", str(cfg_path)],
+        self.proc = subprocess.Popen([sys.executable, "-c", _SERVER_LAUNCHER, "--config_file", str(cfg_path)],
                                      stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
                                      env=env, start_new_session=True)
         try:

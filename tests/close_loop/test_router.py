@@ -175,3 +175,41 @@ def test_student_down_falls_back_to_the_teacher() -> None:
             await router.aclose()
 
         asyncio.run(go())
+
+
+def test_student_is_prompted_in_the_format_it_learnt() -> None:
+    """An answer-only student (``prompt_format`` in its promoted event's metrics) gets the answer-only instruction;
+    a run that does not record one (older runs) is prompted for reasoning, as before."""
+    from schemas.tasks import ANSWER_ONLY_INSTRUCTION, REASONED_INSTRUCTION
+    from streams.producer import Capture, CaptureSettings
+    from streams.router import StudentClient
+
+    prompts: list[list[dict[str, str]]] = []
+
+    class RecordingStudent(StudentClient):
+        async def complete(self, model: str, messages: list[dict[str, str]]) -> str:
+            prompts.append(messages)
+            return '<answer>\n{"widgets": ["cpu_usage"], "time_range": "1h"}\n</answer>'
+
+    s = RouterSettings(tier3_serve="student", tier3_teacher="openai", tier3_teacher_model="teacher-model",
+                       tier3_teacher_base_url="http://127.0.0.1:9/v1", openai_api_key="k",
+                       tier3_student_base_url="http://127.0.0.1:9/v1", tier3_router_follow=False)
+    student = RecordingStudent(s)
+    view = PromotionView()
+    router = Router(s, view=view, student=student, capture=Capture(CaptureSettings(enable_tier3_capture=False)))
+    q = [{"role": "system", "content": TASK.system_prompt}, {"role": "user", "content": "cpu of checkout?"}]
+    view.apply(TrainingRun(run_id="r1", event="promoted", at_ms=1, model_version=1))
+    view.apply(TrainingRun(run_id="r2", event="promoted", at_ms=2, model_version=2,
+                           details={"metrics": {"prompt_format": "answer", "f1": 0.9}}))
+
+    async def go() -> list[str]:
+        texts = [(await router.complete(q, user_id="u1")).text]
+        view.apply(TrainingRun(run_id="r2", event="rollback", at_ms=3, model_version=1))
+        texts.append((await router.complete(q, user_id="u1")).text)
+        await router.aclose()
+        return texts
+
+    texts = asyncio.run(go())
+    assert [json.loads(t) for t in texts] == [{"widgets": ["cpu_usage"], "time_range": "1h"}] * 2
+    assert [p[-1]["content"] for p in prompts] == [ANSWER_ONLY_INSTRUCTION, REASONED_INSTRUCTION]
+    assert [p[:-1] for p in prompts] == [q, q]

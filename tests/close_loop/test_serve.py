@@ -57,8 +57,7 @@ def _read_announcement(out: IO[str], proc: subprocess.Popen[str], timeout_s: flo
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
-                    reason="llama-cpp-python (the `serve` extra) is not installed: it is not in `dev` because the "
-                           "0.3.36 build segfaults on chat prompts (README, Not done)")
+                    reason="llama-cpp-python (the `serve` extra, also in `dev`) is not installed")
 def test_exported_gguf_served_by_llama_cpp_answers_the_router_and_eval(
         trained_run: TrainedRun, make_settings: Callable[..., CloseLoopSettings]) -> None:
     s = make_settings(cls=CloseLoopSettings, tier3_student_name="cc-ws", tier3_ollama_host="http://127.0.0.1:9",
