@@ -1,14 +1,13 @@
-"""``tier3``: the one command-line entry point.
+"""The streams side's commands: ``broker``, ``topics``, ``publish``, ``worker``, ``dlq``.
 
-Commands that belong to ``trainer/`` are found through the ``tier3.commands`` entry-point group (each entry
-point is ``register(app)``), so ``streams`` never imports ``trainer`` and the two stay independent.
+:func:`register` adds them to the root ``tier3`` command (``tier3/cli.py``, the composition root, which adds the
+trainer's too), so ``streams`` never imports ``trainer``. ``python -m streams.cli`` runs them alone.
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Annotated
 
@@ -21,12 +20,10 @@ from schemas.settings import KafkaSettings
 from streams import broker as broker_mod
 from streams.errors import StreamsError
 
-app = typer.Typer(help="tier3: distil a teacher model into a local student from live traffic, on Kafka.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(help="tier3's streams commands (the broker, topics, capture, the worker, dead letters); "
+                  "`tier3` has these and the trainer's.", no_args_is_help=True, pretty_exceptions_enable=False)
 broker_app = typer.Typer(help="A local single-node Kafka broker (KRaft), no Docker.", no_args_is_help=True)
 topics_app = typer.Typer(help="tier3's topics.", no_args_is_help=True)
-app.add_typer(broker_app, name="broker")
-app.add_typer(topics_app, name="topics")
 console = Console()
 
 
@@ -103,7 +100,6 @@ def topics_create() -> None:
     console.print(table)
 
 
-@app.command("publish")
 def publish_file(
     path: Annotated[Path, typer.Argument(help="JSONL file of Experience records")],
     rate_per_s: Annotated[float, typer.Option(help="publish rate; 0 = as fast as possible")] = 0.0,
@@ -130,18 +126,7 @@ def publish_file(
         raise UserError(f"no line of {path} is an Experience (see the warnings above)")
 
 
-def _register_plugins() -> None:
-    """Add the commands other packages declare in the ``tier3.commands`` entry-point group."""
-    for ep in entry_points(group="tier3.commands"):
-        try:
-            register = ep.load()
-        except Exception as exc:  # a broken plugin must not take the whole CLI down
-            console.print(f"[yellow]warning:[/] could not load tier3 command plugin {ep.name}: {exc}")
-            continue
-        register(app)
-
-
-def _register_optional(module: str, name: str, attr: str) -> None:
+def _register_optional(app: typer.Typer, module: str, name: str, attr: str) -> None:
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as exc:
@@ -151,10 +136,16 @@ def _register_optional(module: str, name: str, attr: str) -> None:
     app.command(name)(getattr(mod, attr))
 
 
-_register_optional("streams.worker_cli", "worker", "worker")
-_register_optional("streams.demo", "demo", "demo")
-_register_optional("streams.dlq", "dlq", "dlq")
-_register_plugins()
+def register(app: typer.Typer) -> None:
+    """Add the streams side's commands to a ``tier3`` command line (``tier3/cli.py``)."""
+    app.add_typer(broker_app, name="broker")
+    app.add_typer(topics_app, name="topics")
+    app.command("publish")(publish_file)
+    _register_optional(app, "streams.worker_cli", "worker", "worker")
+    _register_optional(app, "streams.dlq", "dlq", "dlq")
+
+
+register(app)
 
 
 def main() -> None:

@@ -95,7 +95,7 @@ class Ran:
 
 def _run(case: Case, base_env: dict[str, str], cwd: Path) -> Ran:
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "streams.cli", *case.args], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "tier3", *case.args], cwd=ROOT,
                           env={**base_env, **case.env, "PYTHONPATH": str(ROOT), "COLUMNS": "200"},
                           capture_output=True, text=True, timeout=case.timeout_s)
     return Ran(case, proc.returncode, proc.stdout, proc.stderr, time.monotonic() - t0)
@@ -412,7 +412,7 @@ def test_repository_cites_only_its_own_docs() -> None:
     for cited in set(re.findall(r"docs/[\w.-]+\.md", "".join(
             p.read_text() for folder in ("schemas", "streams", "trainer") for p in (ROOT / folder).rglob("*.py")))):
         assert (ROOT / cited).exists(), cited
-    helptext = subprocess.run([sys.executable, "-m", "streams.cli", "topics", "create", "--help"], cwd=ROOT,
+    helptext = subprocess.run([sys.executable, "-m", "tier3", "topics", "create", "--help"], cwd=ROOT,
                               capture_output=True, text=True, timeout=120).stdout
     assert design not in helptext and "docs/design.md" in helptext
 

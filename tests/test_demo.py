@@ -55,7 +55,7 @@ def _demo_env(kafka_bootstrap: str, data_dir: Path) -> dict[str, str]:
 
 def _run_demo(env: dict[str, str], summary: Path, *args: str, examples: int = 120, timeout_s: float = 800
               ) -> tuple[int, str]:
-    proc = subprocess.run([sys.executable, "-m", "streams.cli", "demo", "--examples", str(examples),
+    proc = subprocess.run([sys.executable, "-m", "tier3", "demo", "--examples", str(examples),
                            "--publish-seconds", "10", "--timeout-s", "600", "--summary-json", str(summary), *args],
                           env=env, cwd=ROOT, capture_output=True, timeout=timeout_s, check=False)
     return proc.returncode, proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
@@ -124,8 +124,8 @@ def test_demo_runs_the_whole_flywheel(kafka_bootstrap: str, tmp_path: Path) -> N
 
 def test_demo_default_student_is_smollm2_pulled_by_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without TIER3_BASE_MODEL the demo's student is SmolLM2-135M-Instruct, got through `tier3 models pull`
-    (a subprocess: streams never imports trainer), as the folder the trainer then loads."""
-    from streams.demo import build_student, student_name
+    (a subprocess), as the folder the trainer then loads."""
+    from tier3.demo.run import build_student, student_name
 
     monkeypatch.delenv("TIER3_BASE_MODEL", raising=False)
     assert student_name() == "smollm2-135m"
@@ -149,7 +149,7 @@ def test_demo_stops_everything_when_interrupted(kafka_bootstrap: str, tmp_path: 
     (they get SIGTERM when it dies). The demo is started with SIGINT ignored, as a CI job's background shell
     hands it down: Ctrl-C must still stop it."""
     summary_path = tmp_path / "summary.json"
-    proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "demo", "--examples", "120",
+    proc = subprocess.Popen([sys.executable, "-m", "tier3", "demo", "--examples", "120",
                              "--publish-seconds", "60", "--summary-json", str(summary_path)],
                             env=_demo_env(kafka_bootstrap, tmp_path), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, preexec_fn=_ignore_sigint)

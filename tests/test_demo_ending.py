@@ -1,4 +1,4 @@
-"""The demo's ending (streams/demo.py): what it reports is true.
+"""The demo's ending (tier3/demo/): what it reports is true.
 
 - The committed-offsets probe (the trainer group's offsets on enriched-traces, read every second) retries a
   transient error such as NOT_COORDINATOR (the group's coordinator moving or loading) and never reports it; an
@@ -19,7 +19,7 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from schemas.settings import RELIABLE_PRODUCER, KafkaSettings
-from streams import demo
+from tier3.demo import run as demo
 
 
 class FlakyProbe(Consumer):  # type: ignore[misc]

@@ -115,7 +115,7 @@ def _fields(env: dict[str, str]) -> dict[str, Any]:
 
 
 def _tier3(args: list[str], env: dict[str, str], timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "streams.cli", *args], env={**os.environ, **env},
+    return subprocess.run([sys.executable, "-m", "tier3", *args], env={**os.environ, **env},
                           capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
 
 
@@ -196,7 +196,7 @@ def test_a_wrong_password_stops_every_command_with_one_line_and_exit_2(admin_env
     commands = {"worker": ["worker"], "trainer": ["trainer"], "topics create": ["topics", "create"],
                 "replay": ["replay"]}
     started = time.monotonic()
-    procs = {name: subprocess.Popen([sys.executable, "-m", "streams.cli", *args], env=env, cwd=ROOT,
+    procs = {name: subprocess.Popen([sys.executable, "-m", "tier3", *args], env=env, cwd=ROOT,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                     start_new_session=True)
              for name, args in commands.items()}

@@ -1,4 +1,4 @@
-"""The trainer's commands, added to the ``tier3`` CLI through the ``tier3.commands`` entry point.
+"""The trainer's commands, added to the ``tier3`` CLI by the composition root (``tier3/cli.py``).
 
 - ``tier3 trainer``: the consumer (``trainer/consumer.py``); runs until SIGTERM / SIGINT.
 - ``tier3 train-now``: asks the trainer to start a run at once, from any machine that reaches the bootstrap
@@ -244,7 +244,7 @@ def models_list_cmd() -> None:
 
 
 def register(app: typer.Typer) -> None:
-    """Entry point of the ``tier3.commands`` group: add the trainer's commands to the ``tier3`` CLI."""
+    """Add the trainer's commands to the ``tier3`` CLI (``tier3/cli.py``)."""
     app.add_typer(models_app, name="models")
     app.command("trainer")(trainer_cmd)
     app.command("train-now")(train_now_cmd)

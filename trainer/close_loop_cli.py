@@ -1,4 +1,4 @@
-"""``tier3 eval | promote | rollback | export``: the close-the-loop steps by hand (entry point ``close_loop``).
+"""``tier3 eval | promote | rollback | export``: the close-the-loop steps by hand (``tier3/cli.py`` adds them).
 
 - ``tier3 eval RUN_ID``: evaluate the run's adapter on its holdout again; metrics into its manifest, a report
   folder (markdown, JSON, PNG) and an ``evaluated`` event.
@@ -252,7 +252,7 @@ def _announce(srv: Any) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    """Entry point of the ``tier3.commands`` group."""
+    """Add these commands to the ``tier3`` CLI (``tier3/cli.py``)."""
     app.command("eval")(eval_cmd)
     app.command("promote")(promote_cmd)
     app.command("rollback")(rollback_cmd)

@@ -105,7 +105,7 @@ def test_pull_tiny_into_the_cache_with_a_stamp_then_reuse_it(tmp_path: Path, mon
 
 def test_models_list_cli(tmp_path: Path) -> None:
     env = {"TIER3_MODELS_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-m", "streams.cli", "models", "list"], cwd=ROOT, env=env,
+    out = subprocess.run([sys.executable, "-m", "tier3", "models", "list"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300, check=True)
     rows = json.loads(out.stdout)
     assert {"smollm2-135m", "tiny"} <= {r["name"] for r in rows}

@@ -5,8 +5,7 @@ What it does, in order:
 1. Kafka: brings up the local broker (``tier3 broker up``), unless ``KAFKA_BOOTSTRAP_SERVERS`` names a cluster;
    creates the four topics under a fresh prefix (``demo-<time>-<id>.``), so running it twice never mixes runs.
 2. The student: ``TIER3_BASE_MODEL`` if set, else SmolLM2-135M-Instruct (``smollm2-135m``); a named model is
-   pulled into the model cache once by ``tier3 models pull NAME`` (a subprocess: ``streams`` never imports
-   ``trainer``), which prints its folder.
+   pulled into the model cache once by ``tier3 models pull NAME`` (a subprocess), which prints its folder.
 3. Starts ``tier3 worker`` (recorded teacher: ``examples/widget_selector/recorded_teacher.jsonl``) and
    ``tier3 trainer`` as subprocesses, each in its own process group with its log in the demo folder.
 4. Publishes the example experiences through the capture library, spread over ``--publish-seconds``, as the
@@ -54,7 +53,7 @@ from schemas.settings import KafkaSettings
 from streams.errors import StreamsError
 from streams.sampling import sample_reason
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES_DIR = REPO_ROOT / "examples" / "widget_selector"
 STAGES = ("published", "sampled", "enriched", "counted", "training", "evaluated", "promoted/rejected", "exported")
 VERDICTS = ("promoted", "rejected")
@@ -75,8 +74,8 @@ def _free_port() -> int:
 
 
 def _available_commands() -> set[str]:
-    """The ``tier3`` commands installed here (the trainer's arrive through an entry-point plugin)."""
-    from streams.cli import app
+    """The ``tier3`` commands installed here."""
+    from tier3.cli import app
 
     names: set[str] = set()
     for cmd in app.registered_commands:
@@ -109,7 +108,7 @@ def build_student(log_path: Path, timeout_s: float = 1200.0) -> str:
         return name
     with log_path.open("ab") as log:
         try:
-            proc = subprocess.run([sys.executable, "-m", "streams.cli", "models", "pull", name],
+            proc = subprocess.run([sys.executable, "-m", "tier3", "models", "pull", name],
                                   stdout=subprocess.PIPE, stderr=log, timeout=timeout_s, check=False,
                                   cwd=str(REPO_ROOT))
         except subprocess.TimeoutExpired:
@@ -194,11 +193,11 @@ def _die_with_parent() -> Any:
 
 def start_child(name: str, args: list[str], env: dict[str, str], log_dir: Path, *, keep_running: bool = False
                 ) -> Child:
-    """``python -m streams.cli ARGS`` in its own session (Ctrl-C reaches the demo, which stops it in order); unless
+    """``python -m tier3 ARGS`` in its own session (Ctrl-C reaches the demo, which stops it in order); unless
     it is to outlive the demo (``--keep-running``), it also stops if the demo is killed outright."""
     log_path = log_dir / f"{name}.log"
     log = log_path.open("ab")
-    proc = subprocess.Popen([sys.executable, "-m", "streams.cli", *args], env=env, stdout=log,
+    proc = subprocess.Popen([sys.executable, "-m", "tier3", *args], env=env, stdout=log,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                             cwd=str(REPO_ROOT), preexec_fn=None if keep_running else _die_with_parent())
     log.close()  # the child holds its own descriptor
@@ -968,7 +967,7 @@ def _force_promote(obs: Observed, state: DemoState, env: dict[str, str], log_dir
         return False
     run = evaluated[-1]
     state.forced = run.run_id
-    cli = [sys.executable, "-m", "streams.cli"]
+    cli = [sys.executable, "-m", "tier3"]
     script = (f"{shlex.join([*cli, 'promote', run.run_id, '--force', '--reason', 'tier3 demo --promote'])} && "
               f"{shlex.join([*cli, 'export', run.run_id])}")
     log_path = log_dir / f"promote-{_version(run)}.log"
