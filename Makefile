@@ -22,7 +22,7 @@ demo: setup
 	$(BIN)/tier3 demo
 
 lint: setup
-	$(BIN)/ruff check schemas streams trainer tests bench examples docs
+	$(BIN)/ruff check schemas streams trainer tier3 tests bench examples docs
 
 typecheck: setup
 	$(BIN)/mypy

@@ -125,7 +125,7 @@ def test_demo_runs_the_whole_flywheel(kafka_bootstrap: str, tmp_path: Path) -> N
 def test_demo_default_student_is_smollm2_pulled_by_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without TIER3_BASE_MODEL the demo's student is SmolLM2-135M-Instruct, got through `tier3 models pull`
     (a subprocess), as the folder the trainer then loads."""
-    from tier3.demo.run import build_student, student_name
+    from tier3.demo.supervise import build_student, student_name
 
     monkeypatch.delenv("TIER3_BASE_MODEL", raising=False)
     assert student_name() == "smollm2-135m"

@@ -19,7 +19,9 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from schemas.settings import RELIABLE_PRODUCER, KafkaSettings
-from tier3.demo import run as demo
+from tier3.demo import display, monitor, summary
+from tier3.demo.options import DemoOptions, Session
+from tier3.demo.supervise import DemoState
 
 
 class FlakyProbe(Consumer):  # type: ignore[misc]
@@ -56,8 +58,8 @@ def _traces_with_commits(make_settings: Callable[..., KafkaSettings]) -> tuple[K
     return s, group, counts, {0: 4, 1: 3, 2: 0}
 
 
-def _monitor(s: KafkaSettings, group: str) -> demo.Monitor:
-    return demo.Monitor(s, group, "http://127.0.0.1:9/status", demo.Observed())
+def _monitor(s: KafkaSettings, group: str) -> monitor.Monitor:
+    return monitor.Monitor(s, group, "http://127.0.0.1:9/status", monitor.Observed())
 
 
 def test_a_transient_not_coordinator_is_retried_and_never_reported(make_settings: Any) -> None:
@@ -82,7 +84,7 @@ def test_a_persistent_or_fatal_probe_error_is_reported(make_settings: Any, monke
     s, group, _ends, _committed = _traces_with_commits(make_settings)
     conf = {**s.client_config(), "group.id": group, "enable.auto.commit": False}
     # a coordinator that never comes back: reported once the give-up time has passed
-    monkeypatch.setattr(demo, "PROBE_GIVE_UP_S", 1.0)
+    monkeypatch.setattr(monitor, "PROBE_GIVE_UP_S", 1.0)
     mon = _monitor(s, group)
     probe = FlakyProbe(conf, KafkaError.NOT_COORDINATOR, fail=-1)
     try:
@@ -105,22 +107,25 @@ def test_a_persistent_or_fatal_probe_error_is_reported(make_settings: Any, monke
 
 
 def test_transient_classification() -> None:
-    assert demo.transient(KafkaException(KafkaError(KafkaError.NOT_COORDINATOR)))
-    assert demo.transient(KafkaException(KafkaError(KafkaError._TIMED_OUT)))
-    assert demo.transient(KafkaException(KafkaError(KafkaError.INVALID_CONFIG, retriable=True)))
-    assert not demo.transient(KafkaException(KafkaError(KafkaError.GROUP_AUTHORIZATION_FAILED)))
-    assert not demo.transient(ValueError("not Kafka's"))
+    assert monitor.transient(KafkaException(KafkaError(KafkaError.NOT_COORDINATOR)))
+    assert monitor.transient(KafkaException(KafkaError(KafkaError._TIMED_OUT)))
+    assert monitor.transient(KafkaException(KafkaError(KafkaError.INVALID_CONFIG, retriable=True)))
+    assert not monitor.transient(KafkaException(KafkaError(KafkaError.GROUP_AUTHORIZATION_FAILED)))
+    assert not monitor.transient(ValueError("not Kafka's"))
 
 
 @pytest.mark.parametrize("keep_running", [False, True])
 def test_summary_prints_the_urls_only_while_they_answer(keep_running: bool, tmp_path: Path) -> None:
     s = KafkaSettings(tier3_topic_prefix=f"t{uuid.uuid4().hex[:8]}.")
     url = "http://127.0.0.1:6123/status"
-    summary = demo._summary(demo.Observed(), s, "demo-x", tmp_path, url, "g", 10,
-                            {"sent": 10, "delivered": 10}, 3, demo.DemoState(), "complete", [], 1.0, keep_running,
-                            True)
-    with demo.console.capture() as cap:
-        demo._print_summary(summary, demo.Observed())
+    session = Session(settings=s, run_name="demo-x", demo_dir=tmp_path, web_port=6123, trainer_group="g",
+                      n_examples=10, expected_sampled=3, have_worker=True, have_trainer=True)
+    assert session.status_url == url
+    built = summary.build_summary(monitor.Observed(), session, DemoOptions(keep_running=keep_running), DemoState(),
+                                  capture_stats={"sent": 10, "delivered": 10}, done_reason="complete", wall_s=1.0)
+    assert built["kept_running"] is keep_running and built["status_url"] == url
+    with display.console.capture() as cap:
+        summary.print_summary(built)
     out = cap.get()
     if keep_running:
         assert url in out and "http://127.0.0.1:6123/" in out and "keeps running" in out

@@ -1,0 +1,147 @@
+"""The demo's display: one progress bar per stage, a line per lifecycle event (lines instead of a live display
+when the output is a log, as in CI)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from rich.console import Console, Group
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+from tier3.demo.monitor import VERDICTS, Observed, RunInfo
+
+STAGES = ("published", "sampled", "enriched", "counted", "training", "evaluated", "promoted/rejected", "exported")
+
+console = Console()
+
+
+class Display:
+    """One progress bar per stage, plus a line of what is happening."""
+
+    def __init__(self, n_examples: int, expected_sampled: int, have_worker: bool, have_trainer: bool) -> None:
+        self.progress = Progress(TextColumn("[bold]{task.description:>18}"), BarColumn(bar_width=36),
+                                 MofNCompleteColumn(), TextColumn("{task.fields[note]}"), TimeElapsedColumn(),
+                                 console=console, expand=False)
+        self.tasks: dict[str, TaskID] = {}
+        totals = {"published": n_examples, "sampled": expected_sampled, "enriched": expected_sampled,
+                  "counted": expected_sampled, "training": None, "evaluated": None, "promoted/rejected": None,
+                  "exported": None}
+        for stage in STAGES:
+            note = ""
+            if not have_worker and stage in ("sampled", "enriched", "counted"):
+                note = "[yellow]worker not installed"
+            if not have_trainer and stage in ("training", "evaluated", "promoted/rejected", "exported"):
+                note = "[yellow]trainer not installed"
+            self.tasks[stage] = self.progress.add_task(stage, total=totals[stage], note=note)
+        self.have_worker, self.have_trainer = have_worker, have_trainer
+        self.line = ""
+        self.last_events: list[str] = []
+
+    def renderable(self) -> Group:
+        return Group(self.progress, *(f"  [dim]{e}[/]" for e in self.last_events[-4:]))
+
+    def text_line(self) -> str:
+        """The bars as one line, for a log (CI) where a live display cannot redraw."""
+        parts = []
+        for stage in STAGES:
+            t = self.progress.tasks[self.tasks[stage]]
+            total = "?" if t.total is None else f"{t.total:.0f}"
+            parts.append(f"{stage} {t.completed:.0f}/{total}")
+        return " · ".join(parts)
+
+    def update(self, published: int, obs: Observed, expected_sampled: int) -> None:
+        p = self.progress
+        p.update(self.tasks["published"], completed=published)
+        if self.have_worker:
+            counts = (obs.status or {}).get("counts") or {}
+            sampled = int(counts.get("sampled", 0)) if obs.status else len(obs.trace_ids) + obs.dead_letters
+            p.update(self.tasks["sampled"], completed=min(sampled, expected_sampled) if expected_sampled else sampled,
+                     note=f"{counts.get('consumed', '?')} consumed, {counts.get('not_sampled', '?')} not sampled"
+                     if obs.status else f"[yellow]/status: {obs.status_error or 'waiting'}")
+            p.update(self.tasks["enriched"], completed=len(obs.trace_ids),
+                     note=f"{obs.dead_letters} dead-lettered" if obs.dead_letters else "")
+            p.update(self.tasks["counted"], completed=obs.counted(),
+                     note=f"in {obs.windows_used()} windows of {obs.window_s()} s" if obs.status else "")
+        if not self.have_trainer:
+            return
+        hb = obs.heartbeat
+        total = obs.traces_total
+        note = ""
+        if hb is not None and hb.training_in_progress and hb.details.get("total_steps"):
+            run_id = str(hb.details.get("run_id"))[:18]
+            note = f"run {run_id}: step {hb.details.get('step')}/{hb.details['total_steps']}"
+        elif hb is not None and hb.next_check_in_s is not None:
+            note = (f"{hb.details.get('pending_traces', '?')} new traces waiting (>= "
+                    f"{hb.details.get('min_traces', '?')} or {hb.next_check_in_s:.0f} s)")
+        p.update(self.tasks["training"], total=max(total, 1), completed=obs.traces_committed,
+                 note=(note + " · " if note else "") + "traces inside a trained model")
+        ok = obs.runs_with("succeeded")
+        evaluated = obs.runs_with("evaluated")
+        verdicts = [r for r in obs.runs.values() if r.verdict]
+        promoted = obs.runs_with("promoted")
+        exported = obs.runs_with("exported")
+        failed = obs.runs_with("failed")
+        p.update(self.tasks["evaluated"], total=len(ok), completed=len(evaluated),
+                 note=f"{len(ok)} runs succeeded" + (f", {len(failed)} failed" if failed else ""))
+        p.update(self.tasks["promoted/rejected"], total=len(evaluated), completed=len(verdicts),
+                 note=" · ".join(f"{version_label(r)} {r.verdict}" for r in verdicts[-4:]))
+        p.update(self.tasks["exported"], total=len(promoted), completed=len(exported),
+                 note="" if promoted else "only promoted versions are exported")
+
+
+def version_label(run: RunInfo) -> str:
+    return f"v{run.model_version}" if run.model_version is not None else run.run_id[:12]
+
+
+def say(text: str) -> None:
+    """Print, unless the terminal is gone (SIGHUP): stopping the processes matters more than saying so."""
+    with contextlib.suppress(OSError, ValueError):
+        console.print(text)
+
+
+def narrate(display: Display, obs: Observed, told: set[tuple[str, int]]) -> None:
+    """One line per lifecycle event, each once (also what a log without a terminal shows)."""
+    for n, note in enumerate(obs.notes_live):
+        if ("demo", n) not in told:
+            told.add(("demo", n))
+            display.last_events.append(f"demo: {note}")
+            if not console.is_terminal:
+                console.print(f"demo: {note}")
+    for r in sorted(obs.runs.values(), key=lambda x: x.first_ms):
+        for n, ev in enumerate(r.events):
+            if (r.run_id, n) in told:
+                continue
+            told.add((r.run_id, n))
+            text = f"{r.run_id[:24]}: {version_label(r)} {ev}"
+            if ev == "evaluated" and r.metrics:
+                text += " · " + ", ".join(f"{k} {v:.2f}" for k, v in headline_metrics(r.metrics).items())
+            if ev in VERDICTS and r.reasons:
+                text += f" · {'; '.join(map(str, r.reasons))[:160]}" if isinstance(r.reasons, list) else ""
+            if ev == "failed" and r.error:
+                text += f" · {r.error[:100]}"
+            display.last_events.append(text)
+            if not console.is_terminal:
+                console.print(text)
+
+
+def headline_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    flat: dict[str, float] = {}
+
+    def walk(d: dict[str, Any], prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                flat[f"{prefix}{k}"] = float(v)
+
+    walk(metrics, "")
+    wanted = ("json_valid_rate", "schema_valid_rate", "f1", "field_f1", "exact_match", "baseline_f1",
+              "baseline_field_f1", "latency_ms_p95")
+    out = {}
+    for w in wanted:
+        for k, v in flat.items():
+            if k == w or k.endswith("." + w):
+                out[k] = v
+                break
+    return out
