@@ -643,7 +643,7 @@ def _cleanup(state: DemoState, keep_running: bool) -> None:
 def _run(state: DemoState, examples_path: Path, recorded_path: Path, limit: int, publish_seconds: float,
          keep_running: bool, timeout_s: float, sample_rate: float, window_s: int, summary_json: Path | None,
          eval_wait_s: float, export_wait_s: float, promote: bool) -> int:
-    from streams.producer import Capture, CaptureSettings
+    from streams.client.capture import Capture, CaptureSettings
     from streams.topics import ensure_topics
 
     t_start = time.monotonic()

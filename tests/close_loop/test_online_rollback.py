@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 
 from schemas import OnlineEval, TrainingRun, decode, get_task
-from streams.router import Router, RouterSettings
+from streams.client.router import Router, RouterSettings
 from tests.conftest import settings_env
 from tests.fakes.teacher_server import FakeTeacherServer
 from tests.kafka_utils import consume_values

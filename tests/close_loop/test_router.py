@@ -9,17 +9,8 @@ from collections import Counter
 from collections.abc import Callable
 
 from schemas import Experience, ServedBy, TrainingRun, decode, get_task
-from streams.router import (
-    PromotionView,
-    Router,
-    RouterSettings,
-    ab_bucket,
-    add_experience,
-    arm_key,
-    choose_arm,
-    empty_arm,
-    summarize_arms,
-)
+from streams.client.router import PromotionView, Router, RouterSettings, ab_bucket, choose_arm
+from streams.router_stats import add_experience, arm_key, empty_arm, summarize_arms
 from tests.fakes.teacher_server import FakeTeacherServer, expected_answer
 from tests.kafka_utils import consume_values
 from trainer.close_loop_settings import CloseLoopSettings
@@ -155,7 +146,7 @@ def test_router_follows_promotions_live_and_arms_reach_the_log(
 
 
 def test_student_down_falls_back_to_the_teacher() -> None:
-    from streams.producer import Capture, CaptureSettings
+    from streams.client.capture import Capture, CaptureSettings
 
     with FakeTeacherServer() as srv:
         s = RouterSettings(tier3_serve="student", tier3_teacher="openai", tier3_teacher_model="teacher-model",
