@@ -14,7 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the text format generate_latest writes
+CONTENT_TYPE = "text/plain; version=0.0.4"  # the text format generate_latest writes (aiohttp adds the charset)
 
 _ONLINE_GAUGES = {"n": "traces scored", "f1": "field F1 vs the teacher", "exact_match": "exact match with the teacher",
                   "json_valid_rate": "JSON validity", "schema_valid_rate": "answer-schema validity",
