@@ -246,7 +246,9 @@ class StudentClient:
 
     def __init__(self, settings: RouterSettings) -> None:
         from streams.openai_client import OpenAIClient
+        from streams.redaction import register_secret
 
+        register_secret(settings.tier3_student_api_key)  # error texts never carry it
         key = settings.tier3_student_api_key.get_secret_value() if settings.tier3_student_api_key else "local"
         self._base_url = settings.tier3_student_base_url
         self._client = OpenAIClient(settings.tier3_student_base_url, key, settings.tier3_student_timeout_s,
