@@ -32,7 +32,7 @@ from schemas import Experience, encode, get_task
 from schemas.preflight import kafka_metadata, load_settings, run_cli
 from schemas.settings import RELIABLE_PRODUCER
 from streams import broker
-from streams.producer import Capture, CaptureSettings
+from streams.client.capture import Capture, CaptureSettings
 from streams.topics import ensure_topics
 
 TASK = get_task("widget_selector")

@@ -13,10 +13,10 @@ from pydantic.fields import FieldInfo
 
 SECTIONS = [
     ("Kafka connection and topics (every process)", "schemas.settings", "KafkaSettings", None),
-    ("Capture library (your application)", "streams.producer", "CaptureSettings", "KafkaSettings"),
+    ("Capture library (your application)", "streams.client.capture", "CaptureSettings", "KafkaSettings"),
     ("Local broker (`tier3 broker`)", "streams.broker", "BrokerSettings", None),
     ("Streams worker (`tier3 worker`)", "streams.settings", "StreamsSettings", "KafkaSettings"),
-    ("Router (your application)", "streams.router", "RouterSettings", "StreamsSettings"),
+    ("Router (your application)", "streams.client.router", "RouterSettings", "StreamsSettings"),
     ("Trainer (`tier3 trainer`)", "trainer.settings", "TrainerSettings", "KafkaSettings"),
     ("Training hyper-parameters (`tier3 trainer`, `tier3 replay --train`)", "trainer.sft_config", "SFTConfig", None),
     ("Base models (`tier3 models pull|list`)", "trainer.models", "ModelsSettings", None),

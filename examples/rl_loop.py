@@ -16,7 +16,7 @@ import time
 import uuid
 
 from schemas import get_task
-from streams.producer import get_capture, publish
+from streams.client import get_capture, publish
 
 TASK = get_task("widget_selector")
 QUESTIONS = [

@@ -4,9 +4,10 @@ Agents are a few lines; the work is in :mod:`streams.enrich` (plain functions) a
 (in-order acknowledgement). How no offset is committed before its trace or dead letter is written:
 ``docs/guarantees.md``.
 
-Extension points for other parts of ``streams`` (e.g. the router): :data:`STATUS_BLOCKS` (name -> callable
-returning a JSON-able dict, merged into /status) and :data:`APP_HOOKS` (called with the app, settings and state
-when the app is built, to add agents or pages).
+Everything the worker runs is wired here, explicitly, in :func:`create_app`: the agents, the count table, the
+online evaluation (:mod:`streams.online_eval`), the router's per-arm table (:mod:`streams.router_stats`), the
+training-runs reader and the web views (/metrics through :mod:`streams.metrics`). The two places that need
+Faust's private internals are in :mod:`streams.faust_adapter`.
 """
 
 from __future__ import annotations
@@ -15,23 +16,25 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import faust
 import orjson
 from faust.types import EventT, StreamT
+from prometheus_client.exposition import generate_latest
 
-from schemas import DeadLetter, EnrichedTrace, SchemaError, TrainingRun, decode, encode
+from schemas import DeadLetter, EnrichedTrace, Experience, SchemaError, TrainingRun, decode, encode
 from schemas.dead_letters import metadata_only
 from schemas.settings import TopicSpec
-from streams import online_eval
+from streams import faust_adapter, metrics, online_eval, router_stats
 from streams.counts import WindowCounts
 from streams.delivery import DeliveryError, DeliveryProducer
 from streams.enrich import Source, TeacherStats, ToEnrich, dead_letter, enrich, triage
 from streams.inflight import InOrderAcker
 from streams.redaction import redact
+from streams.router_stats import no_router_block
 from streams.runs_view import RunHistory
 from streams.settings import StreamsSettings
 from streams.teachers import Teacher, make_teacher
@@ -41,21 +44,6 @@ log = logging.getLogger("tier3.worker")
 
 STATIC_DIR = Path(__file__).parent / "static"
 COUNT_TABLE = "trace_counts"
-
-#: name -> callable returning a JSON-able dict, merged into /status (and /metrics, for numeric leaves)
-STATUS_BLOCKS: dict[str, Callable[[], dict[str, Any]]] = {}
-#: callables run when the app is built: ``hook(app, settings, state)``; they may add agents, timers, pages
-APP_HOOKS: list[Callable[[faust.App, StreamsSettings, WorkerState], None]] = []
-#: called by the experiences agent with every valid experience and its partition, inside that event's context
-#: (so a Faust table written here is co-partitioned with the experiences topic). A second agent on the same
-#: topic would share the messages' acknowledgements with the main agent and hold up its shutdown.
-EXPERIENCE_OBSERVERS: list[Callable[[Any, int], None]] = []
-
-
-def _placeholder_router() -> dict[str, Any]:  # no router stats installed: nothing is known about serving
-    return {"mode": None, "promoted_version": None,
-            "arms": {"teacher": {"count": 0, "confidence_mean": None, "reward_mean": None, "latency_ms_mean": None}}}
-
 
 def changelog_spec(settings: StreamsSettings) -> TopicSpec:
     """The count table's changelog, created up front with the source's partition count (Faust's rule)."""
@@ -123,6 +111,7 @@ class WorkerState:
         self.lag: Callable[[], dict[str, int]] = dict
         self.windows: Callable[[], dict[str, Any]] = lambda: {}
         self.online_eval: Callable[[], dict[str, Any]] = dict  # streams/online_eval.py
+        self.router: Callable[[], dict[str, Any]] = no_router_block  # streams/router_stats.py
 
     def status(self) -> dict[str, Any]:
         ts = self.teacher_stats
@@ -139,63 +128,14 @@ class WorkerState:
                         "latency_ms_p50": ts.percentile_ms(0.50), "latency_ms_p95": ts.percentile_ms(0.95)},
             "dead_letters": {"count": self.counts["dead_lettered"], "by_reason": dict(self.dead_by_reason)},
             "trainer": self.trainer.block(now_ms),
-            "router": _placeholder_router(),
+            "router": None,
             "online_eval": self.online_eval(),
         }
-        for name, fn in STATUS_BLOCKS.items():
-            try:
-                out[name] = fn()
-            except Exception as exc:  # a broken extension must not take /status down
-                out[name] = {"error": type(exc).__name__}
+        try:
+            out["router"] = self.router()
+        except Exception as exc:  # display-only statistics must not take /status down
+            out["router"] = {"error": type(exc).__name__}
         return out
-
-
-def metrics_text(status: dict[str, Any]) -> str:
-    """Prometheus text exposition of the /status numbers."""
-    wid = _label(status["worker_id"])
-    lines: list[str] = []
-
-    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float | int | None]]) -> None:
-        lines.append(f"# HELP {name} {help_}")
-        lines.append(f"# TYPE {name} {kind}")
-        for labels, value in samples:
-            if value is None:
-                continue
-            lab = f'worker_id="{wid}"' + (f",{labels}" if labels else "")
-            lines.append(f"{name}{{{lab}}} {float(value):g}" if isinstance(value, float) else
-                         f"{name}{{{lab}}} {value}")
-
-    metric("tier3_worker_uptime_seconds", "gauge", "seconds since the worker started",
-           [("", status["uptime_s"])])
-    for key, value in status["counts"].items():
-        metric(f"tier3_worker_{key}_total", "counter", f"experiences {key.replace('_', ' ')} since start",
-               [("", value)])
-    metric("tier3_worker_dead_letters_total", "counter", "dead letters written since start, by reason",
-           [(f'reason="{_label(r)}"', n) for r, n in status["dead_letters"]["by_reason"].items()])
-    metric("tier3_worker_consumer_lag", "gauge", "messages behind the end of the experiences topic",
-           [(f'partition="{p}"', n) for p, n in status["lag"]["experiences"].items()])
-    cur = status["windows"].get("current") or {}
-    metric("tier3_window_enriched_traces", "gauge", "enriched traces in the current tumbling window, by task",
-           [(f'task="{_label(t)}"', n) for t, n in (cur.get("by_task") or {}).items()])
-    t = status["teacher"]
-    tl = f'kind="{_label(t["kind"])}",model="{_label(t["model"])}"'
-    metric("tier3_teacher_in_flight", "gauge", "teacher calls in flight", [(tl, t["in_flight"])])
-    metric("tier3_teacher_calls_total", "counter", "teacher call attempts", [(tl, t["calls"])])
-    metric("tier3_teacher_errors_total", "counter", "failed teacher call attempts", [(tl, t["errors"])])
-    metric("tier3_teacher_error_rate", "gauge", "failed / all teacher call attempts", [(tl, t["error_rate"])])
-    metric("tier3_teacher_latency_ms", "gauge", "teacher call latency (recent calls)",
-           [(tl + ',quantile="0.5"', t["latency_ms_p50"]), (tl + ',quantile="0.95"', t["latency_ms_p95"])])
-    sft = status["trainer"]["tier3_sft"]
-    metric("tier3_trainer_training_in_progress", "gauge", "1 while the trainer trains (from training-runs)",
-           [("", None if sft["training_in_progress"] is None else int(sft["training_in_progress"]))])
-    metric("tier3_trainer_next_check_in_seconds", "gauge", "seconds to the trainer's next check",
-           [("", sft["next_check_in_s"])])
-    lines += online_eval.metric_lines(status.get("online_eval"), wid)
-    return "\n".join(lines) + "\n"
-
-
-def _label(value: object) -> str:
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
 
 
 def faust_config(settings: StreamsSettings) -> dict[str, Any]:
@@ -257,10 +197,17 @@ def create_app(settings: StreamsSettings, teacher: Teacher | None = None) -> tup
     online = online_eval.install(app, settings, traces, online_table, lambda: _assigned(app, settings.traces_topic))
     state.online_eval = lambda: online.block(time.time())
 
+    # the router's per-arm statistics (streams/router_stats.py): a table over the experiences, fed by the
+    # experiences agent; the promoted version, fed by the training-runs reader
+    ensure_topics(settings, [router_stats.changelog_spec(settings)])
+    router = router_stats.RouterStats(app, settings)
+    state.router = router.block
+
     @app.agent(experiences, concurrency=1)
     async def process_experiences(stream: StreamT) -> None:
         # concurrency=1 on purpose: this one instance acknowledges in offset order (streams/inflight.py)
-        await _process(app, stream.noack(), settings, state)  # type: ignore[attr-defined]
+        await _process(app, stream.noack(), settings, state,  # type: ignore[attr-defined]
+                       observers=[router.observe])
 
     @app.agent(traces)
     async def count_traces(stream: StreamT) -> None:
@@ -278,20 +225,21 @@ def create_app(settings: StreamsSettings, teacher: Teacher | None = None) -> tup
 
     @app.task
     async def follow_training_runs() -> None:
-        await _follow_training_runs(settings, state)
+        await _follow_training_runs(settings, [state.trainer.apply, router.apply_run])
 
     @app.page("/status")
     async def status_view(web: Any, request: Any) -> Any:
         return web.json(state.status())
 
+    registry = metrics.registry_for(state.status)
+
     @app.page("/metrics")
     async def metrics_view(web: Any, request: Any) -> Any:
-        return web.text(metrics_text(state.status()), content_type="text/plain; version=0.0.4")
+        return web.text(generate_latest(registry).decode(), content_type=metrics.CONTENT_TYPE)
 
     # Faust mounts a placeholder index ({"status": "OK"}) at "/" when its statistics pages are off; the
-    # dashboard replaces it (aiohttp refuses two GET handlers for one path)
-    bps = app.web.blueprints
-    bps._enabled = [(p, bp) for p, bp in bps._enabled if "production_index" not in str(bp)]
+    # dashboard replaces it
+    faust_adapter.drop_production_index(app)
 
     @app.page("/")
     async def index_view(web: Any, request: Any) -> Any:
@@ -299,9 +247,6 @@ def create_app(settings: StreamsSettings, teacher: Teacher | None = None) -> tup
         if page.is_file():
             return web.html(page.read_text(encoding="utf-8"))
         return web.json({"app": "tier3-worker", "views": ["/status", "/metrics"]})
-
-    for hook in APP_HOOKS:
-        hook(app, settings, state)
     return app, state
 
 
@@ -326,7 +271,7 @@ def _lag(app: faust.App, settings: StreamsSettings, state: WorkerState) -> dict[
         assigned = sorted(tp for tp in app.consumer.assignment() if tp.topic == settings.experiences_topic)
     except Exception:  # not started yet
         return out
-    committed = getattr(app.consumer, "_committed_offset", {})
+    committed = faust_adapter.committed_offsets(app)
     for tp in assigned:
         try:
             hw = app.consumer.highwater(tp)
@@ -342,8 +287,13 @@ def _lag(app: faust.App, settings: StreamsSettings, state: WorkerState) -> dict[
     return out
 
 
-async def _process(app: faust.App, stream: StreamT, settings: StreamsSettings, state: WorkerState) -> None:
-    """Read experiences; start each one's work; acknowledge in order when its output is written."""
+async def _process(app: faust.App, stream: StreamT, settings: StreamsSettings, state: WorkerState,
+                   observers: Sequence[Callable[[Experience, int], None]] = ()) -> None:
+    """Read experiences; start each one's work; acknowledge in order when its output is written.
+
+    ``observers`` see every valid experience with its partition, inside that event's context (so a Faust table
+    written there is co-partitioned with the experiences topic; a second agent on the same topic would share the
+    messages' acknowledgements with this one and hold up its shutdown)."""
     slots = asyncio.Semaphore(settings.tier3_teacher_concurrency)
     counts = state.counts
 
@@ -405,7 +355,7 @@ async def _process(app: faust.App, stream: StreamT, settings: StreamsSettings, s
             source = Source(msg.topic, msg.partition, msg.offset, msg.key)
             counts["consumed"] += 1
             try:
-                decision = triage(raw, source, settings, EXPERIENCE_OBSERVERS)
+                decision = triage(raw, source, settings, observers)
             except Exception as exc:  # a bug must not stop the stream: dead-letter the message, say why
                 log.exception("triage failed for %s/%s/%s", msg.topic, msg.partition, msg.offset)
                 decision = dead_letter(raw, source, stage="decode", error_kind="internal",
@@ -428,9 +378,9 @@ async def _process(app: faust.App, stream: StreamT, settings: StreamsSettings, s
         await asyncio.get_running_loop().run_in_executor(None, out.flush, 5.0)
 
 
-async def _follow_training_runs(settings: StreamsSettings, state: WorkerState) -> None:
+async def _follow_training_runs(settings: StreamsSettings, apply: Sequence[Callable[[TrainingRun], None]]) -> None:
     """Read training-runs and trainer-status (heartbeats) from the beginning, outside the consumer group: every
-    worker sees every event."""
+    worker sees every event, and hands each to every function of ``apply``."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
     from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 
@@ -452,10 +402,12 @@ async def _follow_training_runs(settings: StreamsSettings, state: WorkerState) -
                 for records in batch.values():
                     for rec in records:
                         try:
-                            state.trainer.apply(decode(rec.value or b"", TrainingRun,
-                                                       max_bytes=settings.max_record_bytes))
+                            run = decode(rec.value or b"", TrainingRun, max_bytes=settings.max_record_bytes)
                         except SchemaError as exc:  # not ours to dead-letter (the trainer owns the topic)
                             log.warning("skipping bad training-runs record at offset %s: %s", rec.offset, exc)
+                            continue
+                        for fn in apply:
+                            fn(run)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -465,4 +417,4 @@ async def _follow_training_runs(settings: StreamsSettings, state: WorkerState) -
             await consumer.stop()
 
 
-__all__ = ["APP_HOOKS", "STATUS_BLOCKS", "WorkerState", "changelog_spec", "create_app", "metrics_text"]
+__all__ = ["WorkerState", "changelog_spec", "create_app"]

@@ -108,7 +108,7 @@ def publish_file(
 
     A line is published if ``publish()`` would accept it (``schema_version`` may be left out); the others are
     skipped, each with a warning naming its line, and counted as ``invalid``."""
-    from streams.producer import Capture, CaptureSettings, publish_jsonl
+    from streams.client.capture import Capture, CaptureSettings, publish_jsonl
 
     if rate_per_s < 0:
         raise UserError(f"--rate-per-s must be >= 0, not {rate_per_s:g}")

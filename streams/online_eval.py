@@ -285,42 +285,6 @@ def _old(key: Any, partition: int, cutoff: int) -> bool:
     return parsed is not None and parsed[4] == partition and parsed[3] < cutoff
 
 
-def metric_lines(block: Mapping[str, Any] | None, worker_label: str) -> list[str]:
-    """Prometheus gauges of the online_eval block: the current and previous window per task, arm and version."""
-    if not block or "tasks" not in block:
-        return []
-    gauges = {"n": "traces scored", "f1": "field F1 vs the teacher", "exact_match": "exact match with the teacher",
-              "json_valid_rate": "JSON validity", "schema_valid_rate": "answer-schema validity",
-              "latency_ms_p50": "served latency p50 (ms)", "latency_ms_p95": "served latency p95 (ms)"}
-    samples: dict[str, list[str]] = {g: [] for g in gauges}
-    for task, t in block["tasks"].items():
-        series: list[tuple[str, str, Mapping[str, Any]]] = [("baseline", "-", t["baseline"])]
-        series += [("student", v, s) for v, s in t["versions"].items()]
-        for arm, version, s in series:
-            for which in ("current", "previous"):
-                fig = s.get(which)
-                if not fig:
-                    continue
-                lab = (f'worker_id="{worker_label}",task="{_label(task)}",arm="{arm}",model_version="{_label(version)}"'
-                       f',window="{which}"')
-                for g in gauges:
-                    if fig.get(g) is not None:
-                        samples[g].append(f"tier3_online_eval_{g}{{{lab}}} {float(fig[g]):g}")
-    lines: list[str] = []
-    for g, help_ in gauges.items():
-        lines += [f"# HELP tier3_online_eval_{g} online evaluation: {help_}, per window",
-                  f"# TYPE tier3_online_eval_{g} gauge", *samples[g]]
-    cur = (block["cost"]["shadow_calls_by_window"] or [{}])[-1]
-    lines += ["# HELP tier3_online_eval_shadow_traces shadow traces (teacher calls) in the latest window",
-              "# TYPE tier3_online_eval_shadow_traces gauge",
-              f'tier3_online_eval_shadow_traces{{worker_id="{worker_label}"}} {int(cur.get("shadow_traces", 0))}']
-    return lines
-
-
-def _label(value: object) -> str:
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
-
-
 def install(app: faust.App, settings: StreamsSettings, traces_topic: Any, table: Any, assigned: Any
             ) -> OnlineEvaluator:
     """Add the scoring agent (over enriched-traces) and the publishing timer to ``app``; return the logic."""
@@ -346,4 +310,4 @@ def install(app: faust.App, settings: StreamsSettings, traces_topic: Any, table:
 
 
 __all__ = ["ONLINE_TABLE", "OnlineEvaluator", "add_trace", "arm_of", "changelog_spec", "figures", "hist_quantile",
-           "install", "merge", "metric_lines", "parse_key", "window_key"]
+           "install", "merge", "parse_key", "window_key"]

@@ -34,15 +34,12 @@ def worker(
 
     import faust
 
-    from streams import router
-    from streams.app import APP_HOOKS, changelog_spec, create_app
+    from streams.app import changelog_spec, create_app
     from streams.errors import StreamsError
     from streams.topics import ensure_topics
 
     try:
         ensure_topics(settings, [changelog_spec(settings)])
-        if router.install_router_stats not in APP_HOOKS:
-            APP_HOOKS.append(router.install_router_stats)  # per-arm table and the /status router block
         app, _state = create_app(settings)
     except StreamsError as exc:  # a teacher that cannot be set up (no key, no recorded file, ...)
         raise UserError(str(exc)) from None

@@ -358,7 +358,7 @@ import logging, sys, time
 logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
 from confluent_kafka import Producer
 from schemas.settings import KafkaSettings
-from streams.producer import Capture, CaptureSettings
+from streams.client.capture import Capture, CaptureSettings
 s = KafkaSettings(kafka_bootstrap_servers=sys.argv[1])
 p = Producer({**s.client_config(), "message.timeout.ms": 600000})
 cap = Capture(CaptureSettings(kafka_bootstrap_servers=sys.argv[1]))
@@ -429,7 +429,7 @@ def test_converter_folder_is_documented_where_the_code_puts_it() -> None:
 
 
 def test_router_says_when_training_runs_is_missing(kafka_bootstrap: str, caplog: pytest.LogCaptureFixture) -> None:
-    from streams.router import PromotionFollower, PromotionView
+    from streams.client.router import PromotionFollower, PromotionView
     from streams.settings import StreamsSettings
 
     prefix = f"clierrrouter{uuid.uuid4().hex[:8]}."

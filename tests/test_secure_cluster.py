@@ -24,7 +24,7 @@ from confluent_kafka.admin import AdminClient
 from schemas import Experience, decode
 from schemas.settings import KafkaSettings
 from streams import broker
-from streams.producer import Capture, CaptureSettings
+from streams.client.capture import Capture, CaptureSettings
 from tests.conftest import ROOT
 from tests.streams.helpers import WorkerProcess, free_port
 from tests.trainer.test_consumer import fake_train

@@ -2,7 +2,7 @@
 
 State is a projection of the ``training-runs`` topic (one partition, so events are read in the order they
 happened), never a local file: :func:`fold_runs` folds the events into which runs were evaluated (with which
-model version and metrics) and which promotions are in force. The router in ``streams/router.py`` folds the
+model version and metrics) and which promotions are in force. The router in ``streams/client/router.py`` folds the
 same events with the same rule (duplicated on purpose: ``streams`` and ``trainer`` never import each other):
 
 - ``promoted`` puts its run on top of the stack of promotions;

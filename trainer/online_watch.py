@@ -5,7 +5,7 @@ closed window on ``online-eval`` (``streams/online_eval.py``, :class:`schemas.On
 that topic and ``training-runs`` (both from the beginning, then incrementally; nothing is committed, so its
 state is a projection of the log and a restart loses nothing) and publishes ``rollback`` with reason
 ``online_eval`` and the numbers that triggered it when the rule below holds. The router follows rollbacks
-(``streams/router.py``): the version promoted before, or the teacher, serves again.
+(``streams/client/router.py``): the version promoted before, or the teacher, serves again.
 
 **Why a separate loop** (not the trainer's consumer loop): a training run holds the trainer's loop for minutes
 or hours, and a drifting student must go within windows; the watcher is small, stateless and can run beside

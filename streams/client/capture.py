@@ -12,7 +12,7 @@ Contract (docs/design.md, "Capture never hurts the caller"):
 
 Usage::
 
-    from streams.producer import publish
+    from streams.client import publish
     publish(experience)          # an Experience, or a dict with the same fields
 """
 

@@ -22,9 +22,8 @@ The application side of the flywheel (the original system's env toggle between t
 - **Every served request becomes an experience** published through the capture library, with ``served_by``
   (arm, model, model version), latency, confidence and reward: the flywheel measures itself.
 
-The worker side, :func:`install_router_stats` (an ``APP_HOOKS`` entry of ``streams/app.py``), keeps per-arm
-count / confidence / reward / latency sums in a Faust table over ``experiences`` and shows them in /status's
-``router`` block.
+The worker's side (per-arm count / confidence / reward / latency sums in a Faust table over ``experiences``,
+shown in /status's ``router`` block) is :mod:`streams.router_stats`, not part of the client library.
 """
 
 from __future__ import annotations
@@ -35,7 +34,6 @@ import math
 import threading
 import time
 import uuid
-from collections import Counter, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -45,13 +43,11 @@ from pydantic import Field, SecretStr
 from schemas import ChatMessage, Experience, SchemaError, ServedBy, TrainingRun, decode, get_task
 from schemas import kafka_io as kio
 from schemas.tasks import parse_json_answer
-from streams.errors import StreamsError
+from streams.errors import StreamsError, TeacherError
 from streams.settings import StreamsSettings
 
 if TYPE_CHECKING:
-    import faust
-
-    from streams.producer import Capture
+    from streams.client.capture import Capture
     from streams.teachers import Teacher
 
 log = logging.getLogger("tier3.router")
@@ -59,10 +55,6 @@ log = logging.getLogger("tier3.router")
 ServeMode = Literal["teacher", "student", "ab"]
 Arm = Literal["teacher", "student"]
 _BUCKETS = float(1 << 64)
-ARM_TABLE = "router_arms"
-RECENT_SERVED = 1000  # routed experiences behind the mode and share of /status's router block
-ARM_WRITE_INTERVAL_S = 1.0  # each per-arm table key is written (one changelog message) at most this often
-_EMPTY: dict[str, float] = {}
 
 
 class RouterError(StreamsError):
@@ -256,19 +248,22 @@ class RoutedReply:
 
 
 class StudentClient:
-    """The student over an OpenAI-compatible endpoint (``tier3 serve`` by default), greedy; the model name is
-    checked against the endpoint's ``GET /models`` first (cached for ``MODELS_TTL_S``, re-read on a miss)."""
+    """The student over an OpenAI-compatible endpoint (``tier3 serve`` by default), greedy, through
+    :class:`streams.openai_client.OpenAIClient` (the teacher's client; one retry of a retryable failure); the
+    model name is checked against the endpoint's ``GET /models`` first (cached for ``MODELS_TTL_S``, re-read on
+    a miss)."""
 
     MODELS_TTL_S = 5.0
 
     def __init__(self, settings: RouterSettings) -> None:
-        import openai
+        from streams.openai_client import OpenAIClient
+        from streams.redaction import register_secret
 
-        self._openai = openai
+        register_secret(settings.tier3_student_api_key)  # error texts never carry it
         key = settings.tier3_student_api_key.get_secret_value() if settings.tier3_student_api_key else "local"
         self._base_url = settings.tier3_student_base_url
-        self._client = openai.AsyncOpenAI(api_key=key, base_url=settings.tier3_student_base_url, max_retries=1,
-                                          timeout=settings.tier3_student_timeout_s)
+        self._client = OpenAIClient(settings.tier3_student_base_url, key, settings.tier3_student_timeout_s,
+                                    label="student", retries=1)
         self._max_tokens = settings.tier3_student_max_tokens
         self._verify = settings.tier3_student_verify_model
         self._models: frozenset[str] | None = None  # None: the endpoint has no model list (not checked)
@@ -276,14 +271,10 @@ class StudentClient:
 
     async def served_models(self, refresh: bool = False) -> frozenset[str] | None:
         """The model names the endpoint lists (None when it has no ``/models`` route)."""
-        o = self._openai
         if refresh or time.monotonic() - self._models_at > self.MODELS_TTL_S:
             try:
-                page = await self._client.models.list()
-                self._models = frozenset(m.id for m in page.data)
-            except o.NotFoundError:
-                self._models = None
-            except o.OpenAIError as exc:
+                self._models = await self._client.models()
+            except TeacherError as exc:
                 raise RouterError(f"student endpoint {self._base_url}: {type(exc).__name__}: {exc}") from None
             self._models_at = time.monotonic()
         return self._models
@@ -297,21 +288,16 @@ class StudentClient:
                               f"{', '.join(sorted(models)) or 'nothing'}): start or restart `tier3 serve`")
 
     async def complete(self, model: str, messages: list[dict[str, str]]) -> str:
-        o = self._openai
         if self._verify:
             await self.check_served(model)
         try:
-            resp = await self._client.chat.completions.create(
-                model=model, messages=messages,  # type: ignore[arg-type]
-                max_tokens=self._max_tokens, temperature=0.0)
-        except o.OpenAIError as exc:
+            reply = await self._client.chat(model, messages, max_tokens=self._max_tokens, temperature=0.0)
+        except TeacherError as exc:
             raise RouterError(f"student {model}: {type(exc).__name__}: {exc}") from None
-        if not resp.choices:
-            raise RouterError(f"student {model}: the reply has no choices")
-        return resp.choices[0].message.content or ""
+        return reply.text
 
     async def aclose(self) -> None:
-        await self._client.close()
+        await self._client.aclose()
 
 
 class Router:
@@ -370,7 +356,7 @@ class Router:
     @property
     def capture(self) -> Capture:
         if self._capture is None:
-            from streams.producer import Capture, CaptureSettings
+            from streams.client.capture import Capture, CaptureSettings
 
             self._capture = Capture(CaptureSettings(**self.settings.model_dump()))
             self._owns_capture = True
@@ -461,142 +447,3 @@ def _answer_text(raw: str) -> str:
     import orjson
 
     return orjson.dumps(value).decode()
-
-
-# ----------------------------------------------------------------------------------------------- per-arm stats
-
-
-def empty_arm() -> dict[str, float]:
-    return {"count": 0, "confidence_sum": 0.0, "reward_sum": 0.0, "reward_n": 0, "latency_ms_sum": 0.0,
-            "latency_n": 0}
-
-
-def add_experience(acc: Mapping[str, float], exp: Experience) -> dict[str, float]:
-    """The arm's sums plus one experience (a new dict: Faust tables persist assignments, not mutations)."""
-    out = {**empty_arm(), **acc}
-    out["count"] += 1
-    out["confidence_sum"] += exp.confidence
-    if exp.reward is not None:
-        out["reward_sum"] += exp.reward
-        out["reward_n"] += 1
-    if exp.latency_ms is not None:
-        out["latency_ms_sum"] += exp.latency_ms
-        out["latency_n"] += 1
-    return out
-
-
-def add_sums(a: Mapping[str, float], b: Mapping[str, float]) -> dict[str, float]:
-    """Two arms' sums added (a new dict)."""
-    return {k: a.get(k, 0) + b.get(k, 0) for k in empty_arm()}
-
-
-def arm_key(exp: Experience, partition: int) -> str:
-    """``<arm>|<model version or ->@<partition>``: keyed per source partition so that partitions never
-    overwrite each other's sums (a Faust table's changelog partition is the source event's)."""
-    return f"{exp.served_by.arm}|{exp.served_by.model_version or '-'}@{partition}"
-
-
-def summarize_arms(items: Iterable[tuple[str, Mapping[str, float]]]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(per arm, per arm and model version) means from the table's (key, sums) items."""
-    by_arm: dict[str, dict[str, float]] = {}
-    by_version: dict[str, dict[str, float]] = {}
-    for key, sums in items:
-        try:
-            name, _partition = str(key).rsplit("@", 1)
-            arm, version = name.split("|", 1)
-        except ValueError:
-            continue
-        for bucket, k in ((by_arm, arm), (by_version, f"{arm}:v{version}" if version != "-" else arm)):
-            acc = bucket.setdefault(k, empty_arm())
-            for f in acc:
-                acc[f] += float(sums.get(f, 0))
-
-    def means(acc: dict[str, float]) -> dict[str, Any]:
-        n = int(acc["count"])
-        return {"count": n,
-                "confidence_mean": round(acc["confidence_sum"] / n, 6) if n else None,
-                "reward_mean": round(acc["reward_sum"] / acc["reward_n"], 6) if acc["reward_n"] else None,
-                "latency_ms_mean": round(acc["latency_ms_sum"] / acc["latency_n"], 3) if acc["latency_n"] else None}
-
-    return ({k: means(v) for k, v in sorted(by_arm.items())}, {k: means(v) for k, v in sorted(by_version.items())})
-
-
-def observed_mode(teacher: int, student: int) -> tuple[ServeMode | None, float | None]:
-    """(mode, student share) that served ``teacher`` and ``student`` requests: None, None when none was routed."""
-    routed = teacher + student
-    if routed == 0:
-        return None, None
-    mode: ServeMode = "teacher" if student == 0 else "student" if teacher == 0 else "ab"
-    return mode, round(student / routed, 4)
-
-
-def install_router_stats(app: faust.App, settings: StreamsSettings, state: Any) -> None:
-    """``streams.app.APP_HOOKS`` entry: a per-arm table over experiences and the /status ``router`` block.
-
-    Wiring (streams/app.py or the worker CLI): ``APP_HOOKS.append(streams.router.install_router_stats)`` before
-    ``create_app``. The table's changelog is created here, up front, with the source's partition count.
-    """
-    from streams import app as app_mod
-    from streams.topics import ensure_topics
-
-    view = PromotionView()
-    changelog = f"{settings.faust_app_id}-{ARM_TABLE}-changelog"
-    ensure_topics(settings, [_changelog_spec(changelog, settings.tier3_partitions)])
-    # values are plain dicts of sums, stored with the app's default (json) serializer
-    table = app.Table(ARM_TABLE, default=dict, partitions=settings.tier3_partitions, key_type=str)
-    recent: deque[str] = deque(maxlen=RECENT_SERVED)  # arms of the latest routed experiences this worker read
-    # sums not yet in the table, per key: a key is written at most every ARM_WRITE_INTERVAL_S (one changelog
-    # message per experience cost more than all the rest of the worker's work). Display-only, like the count
-    # table: a crash loses at most that interval of statistics; /status adds the unwritten sums.
-    pending: dict[str, dict[str, float]] = {}
-    written_at: dict[str, float] = {}
-
-    def observe(exp: Experience, partition: int) -> None:
-        # runs inside the experiences agent's current event: the table write lands on the same partition
-        key = arm_key(exp, partition)
-        pending[key] = add_experience(pending.get(key, _EMPTY), exp)
-        now = time.monotonic()
-        if now - written_at.get(key, -ARM_WRITE_INTERVAL_S) >= ARM_WRITE_INTERVAL_S:
-            table[key] = add_sums(table[key], pending.pop(key))
-            written_at[key] = now
-        if exp.served_by.arm in ("teacher", "student") and exp.metadata.get("route_reason") != "fallback":
-            recent.append(exp.served_by.arm)
-
-    app_mod.EXPERIENCE_OBSERVERS.append(observe)
-
-    # the worker already follows training-runs for its trainer block: see every event there too
-    trainer_view = getattr(state, "trainer", None)
-    if trainer_view is not None and hasattr(trainer_view, "apply"):
-        inner = trainer_view.apply
-
-        def apply(run: TrainingRun) -> None:
-            inner(run)
-            view.apply(run)
-
-        trainer_view.apply = apply
-
-    def router_block() -> dict[str, Any]:
-        cur = view.current
-        arms, by_version = summarize_arms([*table.items(), *pending.items()])
-        for arm in ("teacher", "student"):
-            arms.setdefault(arm, {"count": 0, "confidence_mean": None, "reward_mean": None,
-                                  "latency_ms_mean": None})
-        # what the application runs, from the served_by of what it captured (not this worker's TIER3_SERVE,
-        # which the application never reads): the latest routed experiences, else every one in the table
-        if recent:
-            counts, over = Counter(recent), f"latest {len(recent)} routed experiences read by this worker"
-        else:
-            counts, over = Counter({a: int(arms[a]["count"]) for a in ("teacher", "student")}), \
-                "every routed experience in the arms table"
-        mode, share = observed_mode(counts["teacher"], counts["student"])
-        return {"mode": mode, "ab_student_share": share, "observed_over": over,
-                "promoted_version": cur.model_version if cur else None,
-                "promoted_run_id": cur.run_id if cur else None, "arms": arms, "arms_by_version": by_version}
-
-    app_mod.STATUS_BLOCKS["router"] = router_block
-
-
-def _changelog_spec(name: str, partitions: int) -> Any:
-    from schemas.settings import TopicSpec
-
-    return TopicSpec(name, partitions, {"cleanup.policy": "compact"})

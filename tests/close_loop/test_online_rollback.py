@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from schemas import OnlineEval, TrainingRun, decode, get_task
-from streams.router import Router, RouterSettings
+from streams.client.router import Router, RouterSettings
 from tests.conftest import settings_env
 from tests.fakes.teacher_server import FakeTeacherServer
 from tests.kafka_utils import consume_values
@@ -171,7 +172,9 @@ def test_degraded_student_is_rolled_back_and_good_one_never(make_settings: Calla
         assert v1 and all(w["f1"] > 0.4 and w["latency_ms_p50"] is not None for w in v1)
         shadow = block["cost"]["shadow_calls_by_window"]
         assert sum(w["shadow_traces"] for w in shadow) > 0 and block["cost"]["shadow_rate"] == 1.0
-        assert 'tier3_online_eval_f1{worker_id="online-w",task="widget_selector",arm="student"' in metrics
+        assert any(m.name == "tier3_online_eval_f1" and {"worker_id": "online-w", "task": "widget_selector",
+                                                           "arm": "student"}.items() <= m.labels.items()
+                   for f in text_string_to_metric_families(metrics) for m in f.samples), metrics
 
         # the closed windows are on online-eval, and the shadow traces are ordinary training data
         recs = consume_values(s, s.online_eval_topic, timeout_s=30)

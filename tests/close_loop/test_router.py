@@ -9,17 +9,8 @@ from collections import Counter
 from collections.abc import Callable
 
 from schemas import Experience, ServedBy, TrainingRun, decode, get_task
-from streams.router import (
-    PromotionView,
-    Router,
-    RouterSettings,
-    ab_bucket,
-    add_experience,
-    arm_key,
-    choose_arm,
-    empty_arm,
-    summarize_arms,
-)
+from streams.client.router import PromotionView, Router, RouterSettings, ab_bucket, choose_arm
+from streams.router_stats import add_experience, arm_key, empty_arm, summarize_arms
 from tests.fakes.teacher_server import FakeTeacherServer, expected_answer
 from tests.kafka_utils import consume_values
 from trainer.close_loop_settings import CloseLoopSettings
@@ -155,7 +146,7 @@ def test_router_follows_promotions_live_and_arms_reach_the_log(
 
 
 def test_student_down_falls_back_to_the_teacher() -> None:
-    from streams.producer import Capture, CaptureSettings
+    from streams.client.capture import Capture, CaptureSettings
 
     with FakeTeacherServer() as srv:
         s = RouterSettings(tier3_serve="student", tier3_teacher="openai", tier3_teacher_model="teacher-model",
@@ -181,8 +172,8 @@ def test_student_is_prompted_in_the_format_it_learnt() -> None:
     """An answer-only student (``prompt_format`` in its promoted event's metrics) gets the answer-only instruction;
     a run that does not record one (older runs) is prompted for reasoning, as before."""
     from schemas.tasks import ANSWER_ONLY_INSTRUCTION, REASONED_INSTRUCTION
-    from streams.producer import Capture, CaptureSettings
-    from streams.router import StudentClient
+    from streams.client.capture import Capture, CaptureSettings
+    from streams.client.router import StudentClient
 
     prompts: list[list[dict[str, str]]] = []
 
@@ -213,3 +204,49 @@ def test_student_is_prompted_in_the_format_it_learnt() -> None:
     assert [json.loads(t) for t in texts] == [{"widgets": ["cpu_usage"], "time_range": "1h"}] * 2
     assert [p[-1]["content"] for p in prompts] == [ANSWER_ONLY_INSTRUCTION, REASONED_INSTRUCTION]
     assert [p[:-1] for p in prompts] == [q, q]
+
+
+def test_student_through_the_teachers_client_checks_models_retries_once_and_redacts() -> None:
+    """The student speaks through the teacher's OpenAI-protocol client (streams/openai_client.py) against a real
+    HTTP server: GET /models decides whether a version is served, one retryable failure is retried, a second
+    falls back to the teacher, and an error body that echoes the student's key never reaches the experience."""
+    from streams.client.capture import Capture, CaptureSettings
+
+    key = "sk-student-secret-0123456789"
+    with FakeTeacherServer() as srv:
+        srv.models = ["cc-ws:v1"]
+        s = RouterSettings(tier3_serve="student", tier3_teacher="openai", tier3_teacher_model="teacher-model",
+                           tier3_teacher_base_url=f"{srv.url}/v1", openai_api_key="k",
+                           tier3_student_base_url=f"{srv.url}/v1", tier3_student_model="cc-ws:v{version}",
+                           tier3_student_api_key=key, tier3_router_follow=False)
+        view = PromotionView()
+        view.apply(TrainingRun(run_id="r1", event="promoted", at_ms=1, model_version=1))
+        router = Router(s, view=view, capture=Capture(CaptureSettings(enable_tier3_capture=False)))
+        q = [{"role": "system", "content": TASK.system_prompt}, {"role": "user", "content": "cpu of checkout?"}]
+
+        async def go() -> None:
+            r = await router.complete(q, user_id="u1")
+            assert (r.decision.arm, r.decision.model_version) == ("student", "1")
+            assert json.loads(r.text) == expected_answer("cpu of checkout?")
+            # a version the endpoint does not list: a student failure, the teacher answers and says why
+            view.apply(TrainingRun(run_id="r2", event="promoted", at_ms=2, model_version=2))
+            r = await router.complete(q, user_id="u1")
+            assert r.decision.reason == "fallback" and r.experience is not None
+            assert "cc-ws:v2 is not served" in r.experience.metadata["fallback"]
+            srv.models = ["cc-ws:v1", "cc-ws:v2"]  # exported a moment ago: re-read on the miss
+            srv.set_mode("500", count=1)  # one retryable failure: retried once, the student answers
+            r = await router.complete(q, user_id="u1")
+            assert (r.decision.arm, r.decision.model_version) == ("student", "2")
+            assert srv.counters["openai:500"] == 1
+            srv.set_mode("500", count=2)  # two: the teacher answers
+            r = await router.complete(q, user_id="u1")
+            assert r.decision.reason == "fallback" and r.experience is not None
+            assert "HTTP 500" in r.experience.metadata["fallback"]
+            srv.set_mode("401_echo", count=1)  # not retryable; the body echoes the key
+            r = await router.complete(q, user_id="u1")
+            assert r.decision.reason == "fallback" and r.experience is not None
+            assert "HTTP 401" in r.experience.metadata["fallback"]
+            assert key not in r.experience.metadata["fallback"] and key in srv.keys_seen
+            await router.aclose()
+
+        asyncio.run(go())

@@ -1,7 +1,6 @@
 """The worker's /status router block: per-arm comparison from a Faust table, promoted version from training-runs.
 
-Runs a real ``tier3 worker`` process with the router's app hook installed (the wiring the worker CLI needs:
-``APP_HOOKS.append(streams.router.install_router_stats)``).
+Runs a real ``tier3 worker`` process (``streams.app.create_app`` builds the per-arm table, explicitly).
 """
 
 from __future__ import annotations
@@ -18,15 +17,15 @@ from typing import Any
 import httpx
 
 from schemas import Experience, ServedBy, TrainingRun, encode
-from streams.router import ARM_TABLE, ARM_WRITE_INTERVAL_S, RouterSettings
+from streams.client.router import RouterSettings
+from streams.router_stats import ARM_TABLE, ARM_WRITE_INTERVAL_S
 from tests.conftest import ROOT, settings_env
 from tests.fakes.teacher_server import FakeTeacherServer
 from tests.kafka_utils import consume_values, produce_values
 from tests.streams.helpers import free_port
 from trainer.gate import now_ms, publish_run_events
 
-_RUN_WORKER = ("import sys; import streams.app as a, streams.router as r; a.APP_HOOKS.append(r.install_router_stats);"
-               " from streams.cli import main; sys.exit(main())")
+_RUN_WORKER = "import sys; from streams.cli import main; sys.exit(main())"
 
 
 def _exp(i: int, arm: str, version: str | None, confidence: float, reward: float, latency_ms: float) -> Experience:

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from schemas import Experience, TrainingRun, decode, get_task
-from streams.router import Router, RouterSettings
+from streams.client.router import Router, RouterSettings
 from tests.close_loop.conftest import ROOT, TrainedRun
 from tests.conftest import settings_env
 from tests.fakes.teacher_server import FakeTeacherServer

@@ -4,6 +4,8 @@
 Endpoints:
 - ``POST /v1/chat/completions`` (OpenAI-compatible; also usable as a *student* endpoint),
 - ``POST /v1/messages`` (Anthropic),
+- ``GET /v1/models``: the names in ``models`` (as an OpenAI-compatible student server lists them); 404 while
+  ``models`` is None, like a server without that route,
 - ``POST /control`` ``{"mode": ..., "count": n | null, "latency_ms": ...}``: switch modes (``count`` = apply the
   mode to the next n requests, then go back to ``ok``); ``GET /control``: request counters.
 
@@ -94,6 +96,7 @@ class FakeTeacherServer:
         self.latency_ms = latency_ms
         self.counters: Counter[str] = Counter()
         self.keys_seen: set[str] = set()
+        self.models: list[str] | None = None  # GET /v1/models: None = no such route (404)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
@@ -126,6 +129,7 @@ class FakeTeacherServer:
         app.router.add_post("/v1/chat/completions", self._openai)
         app.router.add_post("/chat/completions", self._openai)
         app.router.add_post("/v1/messages", self._anthropic)
+        app.router.add_get("/v1/models", self._models)
         app.router.add_post("/control", self._control_set)
         app.router.add_get("/control", self._control_get)
         return app
@@ -160,6 +164,12 @@ class FakeTeacherServer:
                 err = {"error": {"message": text, "type": "server_error", "code": None}}
             return web.json_response(err, status=status, headers={"retry-after-ms": "10"})
         return mode, body
+
+    async def _models(self, _request: web.Request) -> web.Response:
+        if self.models is None:
+            raise web.HTTPNotFound()
+        return web.json_response({"object": "list", "data": [{"id": m, "object": "model", "owned_by": "fake"}
+                                                             for m in self.models]})
 
     async def _openai(self, request: web.Request) -> web.StreamResponse:
         got = await self._common(request, "openai")

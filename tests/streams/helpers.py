@@ -127,3 +127,15 @@ class WorkerProcess:
                 self.kill()
         self._log.close()
         return int(self.proc.returncode)
+
+
+def metric_value(text: str, name: str, **labels: str) -> float | None:
+    """The value of the sample ``name`` with exactly these labels in a Prometheus text exposition (None: absent),
+    parsed with prometheus_client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return None

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from schemas import TrainingRun
-from streams.router import observed_mode
+from streams.router_stats import observed_mode
 from streams.runs_view import RunHistory
 
 T0 = 1_793_001_600_000

@@ -1,13 +1,15 @@
-"""/status and /metrics built from a WorkerState, without Faust: the agreed JSON shape and the router hook."""
+"""/status and /metrics built from a WorkerState, without Faust: the agreed JSON shape and the router block."""
 
 from __future__ import annotations
 
 import time
 
 from schemas import TrainingRun
-from streams.app import STATUS_BLOCKS, WorkerState, metrics_text
+from streams.app import WorkerState
+from streams.metrics import metrics_text
 from streams.settings import StreamsSettings
 from streams.teachers import RecordedTeacher
+from tests.streams.helpers import metric_value
 
 SHAPE = {"app", "worker_id", "uptime_s", "counts", "windows", "lag", "teacher", "dead_letters", "trainer", "router",
          "online_eval"}
@@ -42,24 +44,25 @@ def test_status_shape_and_metrics(tmp_path) -> None:  # type: ignore[no-untyped-
     assert out["trainer"]["tier3_sft"]["training_in_progress"] is False
     assert set(out["router"]) == {"mode", "promoted_version", "arms"}
     text = metrics_text(out)
-    assert 'tier3_worker_enriched_total{worker_id="w9"} 3' in text
-    assert 'tier3_worker_consumer_lag{worker_id="w9",partition="0"} 2' in text
-    assert 'tier3_teacher_error_rate{worker_id="w9",kind="recorded",model="rec-model"} 0.2' in text
-    assert 'tier3_trainer_training_in_progress{worker_id="w9"} 0' in text
+    assert metric_value(text, "tier3_worker_enriched_total", worker_id="w9") == 3
+    assert metric_value(text, "tier3_worker_consumer_lag", worker_id="w9", partition="0") == 2
+    assert metric_value(text, "tier3_teacher_error_rate", worker_id="w9", kind="recorded", model="rec-model") == 0.2
+    assert metric_value(text, "tier3_teacher_latency_ms", worker_id="w9", kind="recorded", model="rec-model",
+                        quantile="0.95") == 40.0
+    assert metric_value(text, "tier3_trainer_training_in_progress", worker_id="w9") == 0
+    assert metric_value(text, "tier3_trainer_next_check_in_seconds", worker_id="w9") is not None
+    assert "# TYPE tier3_worker_enriched_total counter" in text and "# TYPE tier3_worker_consumer_lag gauge" in text
     assert "sk-should-never-show" not in text and "sk-should-never-show" not in str(out)
 
 
-def test_status_blocks_extend_and_replace(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_router_block_is_the_states_and_never_takes_status_down(tmp_path) -> None:  # type: ignore[no-untyped-def]
     st = state(tmp_path)
-    STATUS_BLOCKS["router"] = lambda: {"mode": "ab", "promoted_version": 2, "arms": {}}
-    STATUS_BLOCKS["broken"] = lambda: 1 / 0  # type: ignore[assignment,return-value]
-    try:
-        out = st.status()
-        assert out["router"]["mode"] == "ab"
-        assert out["broken"] == {"error": "ZeroDivisionError"}  # an extension never takes /status down
-    finally:
-        STATUS_BLOCKS.pop("router")
-        STATUS_BLOCKS.pop("broken")
+    st.router = lambda: {"mode": "ab", "promoted_version": 2, "arms": {}}
+    assert st.status()["router"]["mode"] == "ab"
+    st.router = lambda: 1 / 0  # type: ignore[assignment,return-value]
+    out = st.status()
+    assert out["router"] == {"error": "ZeroDivisionError"}  # display-only statistics never take /status down
+    assert set(out) == SHAPE
 
 
 def test_trainer_view_newest_event_decides_across_the_two_topics(tmp_path) -> None:  # type: ignore[no-untyped-def]

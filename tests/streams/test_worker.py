@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -17,7 +16,14 @@ from streams.settings import StreamsSettings
 from tests.fakes.teacher_server import FakeTeacherServer, expected_answer, question_of
 from tests.kafka_utils import consume_values, produce_values
 from tests.streams.conftest import API_KEY
-from tests.streams.helpers import WorkerProcess, as_records, expected_sampled, experiences, make_experience
+from tests.streams.helpers import (
+    WorkerProcess,
+    as_records,
+    expected_sampled,
+    experiences,
+    make_experience,
+    metric_value,
+)
 
 MAX_BYTES = 20_000
 
@@ -99,11 +105,11 @@ def test_sampled_set_poison_status_and_metrics(streams_settings: Callable[..., S
     assert st["worker_id"] == "w1" and st["app"] == "tier3-worker" and "router" in st
 
     metrics = httpx.get(f"{w.url}/metrics", timeout=5).text
-    assert re.search(rf'^tier3_worker_enriched_total{{worker_id="w1"}} {len(expected)}$', metrics, re.M)
-    assert re.search(r'^tier3_worker_consumed_total{worker_id="w1"} 1500$', metrics, re.M)
-    assert re.search(r'^tier3_worker_dead_letters_total{worker_id="w1",reason="oversize"} 100$', metrics, re.M)
-    assert re.search(rf'^tier3_window_enriched_traces{{worker_id="w1",task="widget_selector"}} {len(expected)}$',
-                     metrics, re.M)
+    assert metric_value(metrics, "tier3_worker_enriched_total", worker_id="w1") == len(expected)
+    assert metric_value(metrics, "tier3_worker_consumed_total", worker_id="w1") == 1500
+    assert metric_value(metrics, "tier3_worker_dead_letters_total", worker_id="w1", reason="oversize") == 100
+    assert metric_value(metrics, "tier3_window_enriched_traces", worker_id="w1",
+                        task="widget_selector") == len(expected)
     index = httpx.get(f"{w.url}/", timeout=5)
     assert index.status_code == 200
 
@@ -256,7 +262,7 @@ def test_untrusted_teacher_text_is_dead_lettered_and_counted(streams_settings: C
     assert st["dead_letters"]["by_reason"] == {"unsafe_text": 10}
     assert st["teacher"]["calls"] == 11  # dead-lettered at once: a retry would get the same text
     metrics = httpx.get(f"{w.url}/metrics", timeout=5).text
-    assert re.search(r'^tier3_worker_dead_letters_total{worker_id="w1",reason="unsafe_text"} 10$', metrics, re.M)
+    assert metric_value(metrics, "tier3_worker_dead_letters_total", worker_id="w1", reason="unsafe_text") == 10
     dls = [decode(m.value() or b"", DeadLetter) for m in consume_values(s, s.dead_letters_topic, 10, 30)]
     assert len(dls) == 10 and {(d.stage, d.error_kind) for d in dls} == {("enrich", "unsafe_text")}
     assert sum("<|im_end|>" in d.reason for d in dls) == 5 and sum("tags" in d.reason for d in dls) == 5

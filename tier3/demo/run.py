@@ -59,7 +59,7 @@ from tier3.demo.supervise import (
 )
 
 if TYPE_CHECKING:
-    from streams.producer import Capture
+    from streams.client.capture import Capture
 
 
 def _available_commands() -> set[str]:
@@ -135,7 +135,7 @@ def demo(
 
 
 def _run(state: DemoState, opts: DemoOptions) -> int:
-    from streams.producer import Capture, CaptureSettings
+    from streams.client.capture import Capture, CaptureSettings
 
     t_start = time.monotonic()
     experiences = load_examples(opts.examples_path, opts.limit)
