@@ -16,8 +16,9 @@ Rows (``--rows``, comma-separated; default all):
 Columns: JSON validity, schema validity, widget-set F1 and field F1 against the teacher, exact match, latency
 p50/p95 of one request alone (the first ``--latency-samples`` holdout examples), tokens/s of batched greedy
 generation, training wall time. Students are evaluated merged (``merge_and_unload``), batched, greedy, with the
-KV cache: what :mod:`trainer.evaluate` does for a run. Nothing here is tuned to a goal; the training settings are
-the product's defaults (``trainer.sft_config.SFTConfig``, environment overrides apply) except the curriculum.
+KV cache: what :mod:`trainer.close_loop.evaluate` does for a run. Nothing here is tuned to a goal; the training
+settings are the product's defaults (``trainer.sft_config.SFTConfig``, environment overrides apply) except the
+curriculum.
 
     .venv/bin/python bench/quality.py --rows base,answer-50,teacher --traces 50
     .venv/bin/python bench/quality.py                       # everything: hours on 2 CPU cores
@@ -87,7 +88,7 @@ def _metrics(res: Any) -> dict[str, Any]:
 def eval_model(model: Any, tokenizer: Any, holdout: list[Any], reasoning: bool, a: argparse.Namespace
                ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     from schemas import get_task
-    from trainer.evaluate import evaluate_examples, examples_from_traces
+    from trainer.close_loop.evaluate import evaluate_examples, examples_from_traces
     from trainer.sft_trainer import generate, generate_batch
 
     examples = examples_from_traces(holdout)
@@ -144,7 +145,7 @@ def row_student(kind: str, n: int, pool: list[Any], holdout: list[Any], a: argpa
 def row_recorded(kind: str, holdout: list[Any]) -> dict[str, Any]:
     """The teacher's recorded text or production's recorded response, scored like a student's output."""
     from schemas import get_task
-    from trainer.evaluate import score_output
+    from trainer.close_loop.evaluate import score_output
 
     task = get_task("widget_selector")
     teacher = {}

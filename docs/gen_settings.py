@@ -20,7 +20,7 @@ SECTIONS = [
     ("Trainer (`tier3 trainer`)", "trainer.settings", "TrainerSettings", "KafkaSettings"),
     ("Training hyper-parameters (`tier3 trainer`, `tier3 replay --train`)", "trainer.sft_config", "SFTConfig", None),
     ("Base models (`tier3 models pull|list`)", "trainer.models", "ModelsSettings", None),
-    ("Evaluation, promotion gate, export", "trainer.close_loop_settings", "CloseLoopSettings", "TrainerSettings"),
+    ("Evaluation, promotion gate, export", "trainer.close_loop.settings", "CloseLoopSettings", "TrainerSettings"),
 ]
 OUT = Path(__file__).parent / "settings.md"
 

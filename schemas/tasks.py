@@ -248,7 +248,8 @@ def field_f1(task: TaskDefinition, predicted: Mapping[str, Any], reference: Mapp
 @dataclass(frozen=True)
 class OutputScore:
     """One model output scored against the reference (teacher) answer: the offline holdout evaluation
-    (``trainer/evaluate.py``) and the worker's online evaluation (``streams/online_eval.py``) use this one rule."""
+    (``trainer/close_loop/evaluate.py``) and the worker's online evaluation (``streams/online_eval.py``) use this one
+    rule."""
 
     json_valid: bool
     schema_valid: bool

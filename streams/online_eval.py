@@ -10,7 +10,7 @@ The loop (README, "Online evaluation and automatic rollback"):
    baseline arm's randomly sampled traces are scored the same way, for comparison in the same windows.
 3. When a window has been closed for ``TIER3_ONLINE_GRACE_S``, its figures are published on the compacted
    ``online-eval`` topic (:class:`schemas.OnlineEval`, one record per partition; again if a late trace changes
-   it). The trainer side (``tier3 watch``, ``trainer/online_watch.py``) reads them and rolls the promoted
+   it). The trainer side (``tier3 watch``, ``trainer/close_loop/online_watch.py``) reads them and rolls the promoted
    version back when it drifts.
 
 Windows are those of the trace's timestamp (when it was enriched), like the count table's, so a window closes

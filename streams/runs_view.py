@@ -5,8 +5,8 @@ evaluation metrics and the gate's verdict. The totals count every run and every 
 right however many runs there were; memory is bounded by runs (the newest ``max_runs`` keep a record, plus one
 id per run for the count), never by a number of events.
 
-Which model is in force follows the gate's rule (``trainer/gate.py``; the router's ``PromotionView`` folds the
-same way): ``promoted`` puts its run on top of a stack, ``rollback`` removes its run; the top is in force. A
+Which model is in force follows the gate's rule (``trainer/close_loop/gate.py``; the router's ``PromotionView``
+folds the same way): ``promoted`` puts its run on top of a stack, ``rollback`` removes its run; the top is in force. A
 ``rollback`` event names the rolled-back run, but its ``model_version`` is the version in force *after* it, so a
 run's version is never taken from its rollback.
 """

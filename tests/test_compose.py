@@ -118,7 +118,7 @@ def _under(path: Path | str, folder: str) -> bool:
 
 
 def test_every_volume_is_where_its_service_keeps_its_data() -> None:
-    from trainer.close_loop_settings import CloseLoopSettings
+    from trainer.close_loop.settings import CloseLoopSettings
 
     doc = _compose()
     services = doc["services"]

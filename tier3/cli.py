@@ -2,7 +2,7 @@
 
 - ``streams/cli.py``: ``broker``, ``topics``, ``publish``, ``worker``, ``dlq``;
 - ``trainer/cli.py``: ``trainer``, ``train-now``, ``replay``, ``models``;
-- ``trainer/close_loop_cli.py``: ``eval``, ``promote``, ``rollback``, ``export``, ``close-loop``, ``watch``,
+- ``trainer/close_loop/cli.py``: ``eval``, ``promote``, ``rollback``, ``export``, ``close-loop``, ``watch``,
   ``serve``;
 - ``tier3/demo``: ``demo``, which runs all of them together.
 """
@@ -18,7 +18,7 @@ from streams import cli as streams_cli
 from streams.errors import StreamsError
 from tier3.demo import demo
 from trainer import cli as trainer_cli
-from trainer import close_loop_cli
+from trainer.close_loop import cli as close_loop_cli
 
 app = typer.Typer(help="tier3: distil a teacher model into a local student from live traffic, on Kafka.",
                   no_args_is_help=True, pretty_exceptions_enable=False)

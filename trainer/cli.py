@@ -62,9 +62,9 @@ def trainer_cmd(
     after_pending: Any = None
     if settings.tier3_trainer_close_loop:
         # evaluation inside the protocol (before the manifest), gate + export after the commit
-        from trainer.close_loop_settings import CloseLoopSettings
-        from trainer.evaluate import evaluation_hook
-        from trainer.gate import after_run, close_loop_pending
+        from trainer.close_loop.evaluate import evaluation_hook
+        from trainer.close_loop.gate import after_run, close_loop_pending
+        from trainer.close_loop.settings import CloseLoopSettings
 
         loop_settings = load_settings(CloseLoopSettings)
         hook = evaluation_hook(loop_settings)

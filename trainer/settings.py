@@ -67,7 +67,8 @@ class TrainerSettings(KafkaSettings):
     tier3_trainer_close_loop: bool = Field(True, description="close the loop in the trainer: evaluate each run "
                                            "on its holdout before the manifest (the metrics are part of the "
                                            "record), and after the commit run the promotion gate and export "
-                                           "(trainer.gate.after_run); settings in trainer/close_loop_settings.py")
+                                           "(trainer.close_loop.gate.after_run); settings in "
+                                           "trainer/close_loop/settings.py")
 
     tier3_trainer_stop_grace_s: float = Field(30.0, ge=0.0, description="on SIGTERM/SIGINT, how long the work "
                                               "in progress (training stops at its next step) may take to end "

@@ -8,7 +8,7 @@ The application side of the flywheel (the original system's env toggle between t
   the same arm in every process and after restarts; raising the share only moves users from teacher to student.
   A request with neither id is assigned by its experience id (not sticky: there is nothing to stick to).
 - **Follows promotions live**: a small thread reads ``training-runs`` from the beginning (no consumer group,
-  nothing committed) and folds ``promoted`` / ``rollback`` events with the gate's rule (``trainer/gate.py``):
+  nothing committed) and folds ``promoted`` / ``rollback`` events with the gate's rule (``trainer/close_loop/gate.py``):
   a promotion puts its run on a stack, a rollback removes its run, the top of the stack is the model in force.
   With no student in force, ``student`` and ``ab`` serve the teacher (the decision records why).
 - **The student** is served through any OpenAI-compatible endpoint (by default ``tier3 serve``: llama-cpp-python's
@@ -130,7 +130,7 @@ def promoted_prompt_format(run: TrainingRun) -> str:
 
 
 class PromotionView:
-    """Which promoted student is in force: the same fold as ``trainer/gate.py`` (thread-safe)."""
+    """Which promoted student is in force: the same fold as ``trainer/close_loop/gate.py`` (thread-safe)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

@@ -13,8 +13,8 @@ from schemas import TrainingRun, decode
 from tests.close_loop.conftest import ROOT, TrainedRun
 from tests.conftest import settings_env
 from tests.kafka_utils import consume_values
-from trainer.close_loop_settings import CloseLoopSettings
-from trainer.gate import after_run, decide, fold_runs, read_run_events
+from trainer.close_loop.gate import after_run, decide, fold_runs, read_run_events
+from trainer.close_loop.settings import CloseLoopSettings
 from trainer.manifest import read_manifest
 
 
@@ -25,7 +25,7 @@ def test_eval_cli_on_a_trained_tiny_model_then_the_gate(trained_run: TrainedRun,
                       tier3_gate_min_examples=5, tier3_auto_export=False)
     run_id = trained_run.install(s.runs_dir, model_version=4)
     env = {**settings_env(s), "TIER3_RUNS_DIR": str(s.runs_dir)}
-    proc = subprocess.run([sys.executable, "-m", "trainer.close_loop_cli", "eval", run_id], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "trainer.close_loop.cli", "eval", run_id], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
     out = json.loads(proc.stdout)
@@ -64,7 +64,7 @@ def test_commit_protocol_hook_evaluates_the_adapter(trained_run: TrainedRun,
                                                     make_settings: Callable[..., CloseLoopSettings]) -> None:
     from types import SimpleNamespace
 
-    from trainer.evaluate import evaluation_hook
+    from trainer.close_loop.evaluate import evaluation_hook
 
     s = make_settings(cls=CloseLoopSettings, tier3_eval_max_examples=3, tier3_eval_max_new_tokens=16)
     run_id = trained_run.install(s.runs_dir, run_id="run-hook")

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from schemas import get_task
+from trainer.close_loop.evaluate import HoldoutExample, evaluate_examples, percentile, score_output, write_report
 from trainer.errors import EvaluationError
-from trainer.evaluate import HoldoutExample, evaluate_examples, percentile, score_output, write_report
 
 TASK = get_task("widget_selector")
 SYS = [{"role": "system", "content": TASK.system_prompt}]
@@ -163,7 +163,7 @@ def _visible_pixels(lines: list[tuple[str, list[float]]], labels: list[str], plo
 def test_student_lines_at_zero_stay_visible() -> None:
     """The agreement chart of a student that never agrees: its lines lie at 0 on every version, with each other
     and on the axis. Each must still show (not only the last one drawn)."""
-    from trainer.evaluate import plot_per_version
+    from trainer.close_loop.evaluate import plot_per_version
 
     labels = ["v1", "v2", "v3"]
     lines = [("student F1 vs teacher", [0.0, 0.0, 0.0]), ("student exact match", [0.0, 0.0, 0.0]),
@@ -210,7 +210,7 @@ def test_batched_evaluation_scores_batches_and_times_single_requests() -> None:
 
 def test_holdout_prompt_follows_the_students_format(tmp_path: Path) -> None:
     """A student trained answer-only is asked for the answer only (the prompt it was trained on)."""
-    from trainer.evaluate import examples_from_holdout
+    from trainer.close_loop.evaluate import examples_from_holdout
 
     reasoned = TASK.messages_for_model([*SYS, {"role": "user", "content": "q"}], reasoning=True)
     answer_only = TASK.messages_for_model([*SYS, {"role": "user", "content": "q"}], reasoning=False)

@@ -14,8 +14,8 @@ from schemas import TrainingRun, decode
 from tests.close_loop.conftest import TrainedRun
 from tests.fakes.ollama_server import FakeOllama
 from tests.kafka_utils import consume_values
-from trainer.close_loop_settings import CloseLoopSettings
-from trainer.export import CHATML_OLLAMA_TEMPLATE, export_run, register_with_ollama
+from trainer.close_loop.export import CHATML_OLLAMA_TEMPLATE, export_run, register_with_ollama
+from trainer.close_loop.settings import CloseLoopSettings
 
 
 @pytest.mark.slow

@@ -6,8 +6,8 @@ from collections.abc import Callable
 from typing import Any
 
 from schemas import TrainingRun
-from trainer.close_loop_settings import CloseLoopSettings
-from trainer.gate import decide, fold_runs, gate_run, now_ms, publish_run_events, read_run_events, rollback
+from trainer.close_loop.gate import decide, fold_runs, gate_run, now_ms, publish_run_events, read_run_events, rollback
+from trainer.close_loop.settings import CloseLoopSettings
 
 GOOD: dict[str, Any] = {"n_examples": 20, "json_valid_rate": 1.0, "schema_valid_rate": 0.95, "f1": 0.80,
                         "baseline_f1": 0.82, "latency_ms_p95": 900.0}
@@ -89,7 +89,7 @@ def test_cli_promote_and_rollback_exit_codes(make_settings: Callable[..., CloseL
     env = settings_env(s)
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "trainer.close_loop_cli", *args], cwd=ROOT, env=env,
+        return subprocess.run([sys.executable, "-m", "trainer.close_loop.cli", *args], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=120)
 
     bad = cli("promote", "bad")

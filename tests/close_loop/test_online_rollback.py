@@ -26,9 +26,9 @@ from tests.conftest import settings_env
 from tests.fakes.teacher_server import FakeTeacherServer
 from tests.kafka_utils import consume_values
 from tests.streams.helpers import WorkerProcess
-from trainer.close_loop_settings import CloseLoopSettings
-from trainer.gate import now_ms, publish_run_events, read_run_events
-from trainer.online_watch import Watcher
+from trainer.close_loop.gate import now_ms, publish_run_events, read_run_events
+from trainer.close_loop.online_watch import Watcher
+from trainer.close_loop.settings import CloseLoopSettings
 
 WINDOW_S = 4
 GOOD_JUDGED = 6

@@ -1,14 +1,14 @@
-"""The automatic rollback rule (trainer/online_watch.py) on synthetic online-eval windows: a degraded student is
-rolled back within a bounded number of windows, a good one with noise never, and the rule's hysteresis."""
+"""The automatic rollback rule (trainer/close_loop/online_watch.py) on synthetic online-eval windows: a degraded
+student is rolled back within a bounded number of windows, a good one with noise never, and the rule's hysteresis."""
 
 from __future__ import annotations
 
 import random
 
 from schemas import OnlineEval, TrainingRun
-from trainer.close_loop_settings import CloseLoopSettings
-from trainer.gate import fold_runs
-from trainer.online_watch import OnlineView, judge, rollback_event, standing_rollbacks
+from trainer.close_loop.gate import fold_runs
+from trainer.close_loop.online_watch import OnlineView, judge, rollback_event, standing_rollbacks
+from trainer.close_loop.settings import CloseLoopSettings
 
 W = 10_000  # window length (ms)
 

@@ -13,8 +13,8 @@ from streams.client.router import PromotionView, Router, RouterSettings, ab_buck
 from streams.router_stats import add_experience, arm_key, empty_arm, summarize_arms
 from tests.fakes.teacher_server import FakeTeacherServer, expected_answer
 from tests.kafka_utils import consume_values
-from trainer.close_loop_settings import CloseLoopSettings
-from trainer.gate import now_ms, publish_run_events, rollback
+from trainer.close_loop.gate import now_ms, publish_run_events, rollback
+from trainer.close_loop.settings import CloseLoopSettings
 
 TASK = get_task("widget_selector")
 

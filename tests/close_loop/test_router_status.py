@@ -23,7 +23,7 @@ from tests.conftest import ROOT, settings_env
 from tests.fakes.teacher_server import FakeTeacherServer
 from tests.kafka_utils import consume_values, produce_values
 from tests.streams.helpers import free_port
-from trainer.gate import now_ms, publish_run_events
+from trainer.close_loop.gate import now_ms, publish_run_events
 
 _RUN_WORKER = "import sys; from streams.cli import main; sys.exit(main())"
 

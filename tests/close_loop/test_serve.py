@@ -27,12 +27,12 @@ from tests.close_loop.conftest import ROOT, TrainedRun
 from tests.conftest import settings_env
 from tests.fakes.teacher_server import FakeTeacherServer
 from tests.kafka_utils import consume_values
-from trainer.close_loop_settings import CloseLoopSettings
+from trainer.close_loop.export import export_run, inference_chat_template
+from trainer.close_loop.gate import publish_run_events, read_run_events
+from trainer.close_loop.serve import chat_generator, models_to_serve
+from trainer.close_loop.settings import CloseLoopSettings
 from trainer.errors import ServeError
 from trainer.events import now_ms
-from trainer.export import export_run, inference_chat_template
-from trainer.gate import publish_run_events, read_run_events
-from trainer.serve import chat_generator, models_to_serve
 
 TASK = get_task("widget_selector")
 
@@ -73,7 +73,7 @@ def test_exported_gguf_served_by_llama_cpp_answers_the_router_and_eval(
 
     env = {**settings_env(s), "TIER3_RUNS_DIR": str(s.runs_dir), "TIER3_SERVE_PORT": "0",
            "TIER3_SERVE_THREADS": "2"}
-    serve = subprocess.Popen([sys.executable, "-m", "trainer.close_loop_cli", "serve", "--poll-s", "1"], cwd=ROOT,
+    serve = subprocess.Popen([sys.executable, "-m", "trainer.close_loop.cli", "serve", "--poll-s", "1"], cwd=ROOT,
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              start_new_session=True)
     try:
@@ -131,7 +131,7 @@ def test_exported_gguf_served_by_llama_cpp_answers_the_router_and_eval(
             serve.wait(10)
 
     # `tier3 eval --served`: the exported GGUF through a server of its own, recorded as such
-    proc = subprocess.run([sys.executable, "-m", "trainer.close_loop_cli", "eval", run_id, "--served"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "trainer.close_loop.cli", "eval", run_id, "--served"], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
     m = json.loads(proc.stdout)["metrics"]

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from schemas import TrainingRun
-from trainer.close_loop_settings import CloseLoopSettings
+from trainer.close_loop.settings import CloseLoopSettings
 from trainer.errors import ServeError
 
 SERVER_MODULE = "llama_cpp.server"
@@ -89,7 +89,7 @@ class ServedModel:
 
 def exported_models(settings: CloseLoopSettings, events: Iterable[TrainingRun]) -> list[ServedModel]:
     """Every exported version whose quantised GGUF exists, oldest version first (the latest export of a run)."""
-    from trainer.gate import fold_runs
+    from trainer.close_loop.gate import fold_runs
 
     out: dict[int, ServedModel] = {}
     for run_id, ev in fold_runs(events).exported.items():
@@ -106,7 +106,7 @@ def models_to_serve(settings: CloseLoopSettings, events: Sequence[TrainingRun],
                     versions: Sequence[int] = ()) -> list[ServedModel]:
     """The models for the server, its default first: the version in force when it is exported, else the newest.
     ``versions`` restricts the choice (each must be exported)."""
-    from trainer.gate import fold_runs
+    from trainer.close_loop.gate import fold_runs
 
     available = exported_models(settings, events)
     if versions:
@@ -290,7 +290,7 @@ def chat_generator(base_url: str, model: str, max_new_tokens: int, *, timeout_s:
 
 def run_export(settings: CloseLoopSettings, run_id: str) -> ServedModel:
     """The exported quantised GGUF of one run (from its ``exported`` event), to evaluate what ships."""
-    from trainer.gate import read_run_events
+    from trainer.close_loop.gate import read_run_events
 
     for m in exported_models(settings, read_run_events(settings)):
         if m.run_id == run_id:

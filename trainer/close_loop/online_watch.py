@@ -42,9 +42,9 @@ from schemas import OnlineEval, TrainingRun, decode
 from schemas import kafka_io as kio
 from schemas.errors import SchemaError
 from schemas.settings import KafkaSettings
-from trainer.close_loop_settings import CloseLoopSettings
+from trainer.close_loop.gate import EventLogError, RunsView, fold_runs, publish_run_events
+from trainer.close_loop.settings import CloseLoopSettings
 from trainer.events import now_ms
-from trainer.gate import EventLogError, RunsView, fold_runs, publish_run_events
 
 log = logging.getLogger("tier3.trainer.watch")
 

@@ -42,11 +42,11 @@ import orjson
 
 from schemas import EnrichedTrace, TaskDefinition, TrainingRun, get_task
 from schemas.tasks import OutputScore, score_output  # the one scoring rule, shared with the worker's online eval
-from trainer.close_loop_settings import CloseLoopSettings
+from trainer.close_loop.settings import CloseLoopSettings
 from trainer.errors import EvaluationError, TrainerError
 from trainer.manifest import write_atomic
 
-log = logging.getLogger("tier3.trainer.evaluate")
+log = logging.getLogger("tier3.trainer.close_loop.evaluate")
 
 #: ``generate(messages) -> (text, n_generated_tokens, latency_s)``; the trainer's ``sft_trainer.generate`` bound
 #: to a loaded model, or a stub in tests.
@@ -385,7 +385,7 @@ def evaluate_and_report(settings: CloseLoopSettings, run_id: str, model_version:
                         holdout_path: Path, *, generate: Generate | None = None, read_history: bool = True
                         ) -> tuple[dict[str, Any], dict[str, Path]]:
     """Evaluate an adapter on a holdout file and write the report folder; return (metrics, report paths)."""
-    from trainer.gate import fold_runs, now_ms, read_run_events
+    from trainer.close_loop.gate import fold_runs, now_ms, read_run_events
     from trainer.sft_trainer import adapter_prompt_format
 
     generate_batch: BatchGenerate | None = None
@@ -425,7 +425,7 @@ def evaluation_hook(settings: CloseLoopSettings) -> Callable[[Path, Any, Any], d
 
 
 def evaluated_event(run_id: str, manifest: Any, metrics: dict[str, Any]) -> TrainingRun:
-    from trainer.gate import now_ms
+    from trainer.close_loop.gate import now_ms
 
     return TrainingRun(run_id=run_id, event="evaluated", at_ms=now_ms(), model_name=manifest.model_name,
                        model_version=manifest.model_version, base_model=manifest.base_model,
@@ -437,7 +437,7 @@ def evaluate_run(settings: CloseLoopSettings, run_id: str, *, generate: Generate
     """``tier3 eval RUN_ID``: evaluate a trained run, store the metrics in its manifest (atomically, as
     ``metrics["evaluation"]``), write the report folder and publish an ``evaluated`` event. ``source`` says
     what generated (``tier3 eval --served``: the exported GGUF through a server) and lands in the metrics."""
-    from trainer.gate import publish_run_events
+    from trainer.close_loop.gate import publish_run_events
     from trainer.manifest import find_manifest, write_manifest
 
     run_dir = settings.runs_dir / run_id

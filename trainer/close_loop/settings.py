@@ -40,7 +40,7 @@ class CloseLoopSettings(TrainerSettings):
                                                    "currently promoted student's F1")
     tier3_gate_max_latency_p95_ms: float = Field(5000.0, gt=0.0, description="maximum generation latency p95 "
                                                  "(ms) on the holdout")
-    # --- online evaluation and automatic rollback (`tier3 watch`, trainer/online_watch.py) -------------------
+    # --- online evaluation and automatic rollback (`tier3 watch`, trainer/close_loop/online_watch.py) ---------
     tier3_online_windows: int = Field(3, ge=1, le=1000, description="roll back when this many consecutive "
                                       "eligible windows (see TIER3_ONLINE_MIN_N) of the promoted version are each "
                                       "below the bound, and their pooled F1 too")

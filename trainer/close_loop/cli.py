@@ -9,11 +9,11 @@
 - ``tier3 export RUN_ID``: merge, GGUF f16 + quantised, Ollama registration (or a Modelfile and the command).
 - ``tier3 close-loop RUN_ID``: all of it as the trainer does after a run (evaluated, verdict, export).
 - ``tier3 watch``: watch the promoted version's online agreement (``online-eval``) and roll it back when it
-  drifts (``trainer/online_watch.py``); ``--once`` judges once and prints the judgement.
+  drifts (``trainer/close_loop/online_watch.py``); ``--once`` judges once and prints the judgement.
 - ``tier3 serve``: llama-cpp-python's OpenAI-compatible server on the exported GGUF files, each version under
-  ``<name>:v<N>``, the version in force first (``trainer/serve.py``); the router's student arm calls it.
+  ``<name>:v<N>``, the version in force first (``trainer/close_loop/serve.py``); the router's student arm calls it.
 
-``python -m trainer.close_loop_cli ...`` runs them without the streams CLI.
+``python -m trainer.close_loop.cli ...`` runs them without the streams CLI.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from trainer.errors import TrainerError
 def _settings(**overrides: Any) -> Any:
     """The settings (an invalid one: one line each, exit 2), after checking that a broker answers and
     training-runs exists as `tier3 topics create` made it: every command here reads or writes its events."""
-    from trainer.close_loop_settings import CloseLoopSettings
+    from trainer.close_loop.settings import CloseLoopSettings
 
     s = load_settings(CloseLoopSettings, **{k: v for k, v in overrides.items() if v is not None})
     check_topics(s, s.specs_of(s.training_runs_topic))
@@ -64,7 +64,7 @@ def eval_cmd(
                                                    )] = None,
 ) -> None:
     """Re-run the holdout evaluation of a run: metrics into its manifest, a report, an `evaluated` event."""
-    from trainer.evaluate import evaluate_run
+    from trainer.close_loop.evaluate import evaluate_run
 
     s = _settings(tier3_eval_max_examples=max_examples, tier3_eval_max_new_tokens=max_new_tokens)
     _run_dir(s, run_id)
@@ -81,9 +81,9 @@ def eval_cmd(
 
 def _eval_served(s: Any, run_id: str, server_url: str | None) -> Any:
     """Evaluate the run's exported model through an OpenAI-compatible server (started here unless given)."""
-    from trainer.evaluate import evaluate_run
+    from trainer.close_loop.evaluate import evaluate_run
+    from trainer.close_loop.serve import chat_generator, run_export, served_name, server_for
     from trainer.manifest import find_manifest
-    from trainer.serve import chat_generator, run_export, served_name, server_for
 
     if server_url:
         version = find_manifest(s.runs_dir, run_id).model_version
@@ -104,7 +104,7 @@ def promote_cmd(
     reason: Annotated[str | None, typer.Option(help="why (recorded in the event)")] = None,
 ) -> None:
     """Apply the promotion rule to an evaluated run and publish `promoted` or `rejected` with the reasons."""
-    from trainer.gate import gate_run
+    from trainer.close_loop.gate import gate_run
 
     s = _settings()
     try:  # from the events on training-runs: the run's folder may be on another machine
@@ -121,7 +121,7 @@ def rollback_cmd(
     reason: Annotated[str, typer.Option(help="why (recorded in the event)")] = "manual rollback (tier3 rollback)",
 ) -> None:
     """Withdraw the promoted student in force; the previous one (or the teacher) serves again."""
-    from trainer.gate import rollback
+    from trainer.close_loop.gate import rollback
 
     s = _settings()
     try:
@@ -133,7 +133,7 @@ def rollback_cmd(
 
 def export_cmd(run_id: Annotated[str, typer.Argument(help="the run to export")]) -> None:
     """Merge the run's LoRA adapter, write GGUF (f16 and the quantised type), register with Ollama."""
-    from trainer.export import export_run
+    from trainer.close_loop.export import export_run
 
     s = _settings()
     _run_dir(s, run_id)
@@ -151,7 +151,7 @@ def export_cmd(run_id: Annotated[str, typer.Argument(help="the run to export")])
 
 def close_loop_cmd(run_id: Annotated[str, typer.Argument(help="a trained run")]) -> None:
     """Evaluated event, the gate's verdict and (when promoted) the export, as the trainer does after a run."""
-    from trainer.gate import after_run
+    from trainer.close_loop.gate import after_run
 
     s = _settings()
     _run_dir(s, run_id)
@@ -172,7 +172,7 @@ def watch_cmd(
     import signal
     import threading
 
-    from trainer.online_watch import Watcher, watch
+    from trainer.close_loop.online_watch import Watcher, watch
 
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -210,8 +210,8 @@ def serve_cmd(
     import signal
     import threading
 
-    from trainer.gate import read_run_events
-    from trainer.serve import models_to_serve, server_for
+    from trainer.close_loop.gate import read_run_events
+    from trainer.close_loop.serve import models_to_serve, server_for
 
     s = _settings(tier3_serve_host=host, tier3_serve_port=port)
     stop = threading.Event()

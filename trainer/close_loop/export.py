@@ -7,7 +7,7 @@
    ``gguf-py`` are taken from the llama-cpp-python *source* distribution on PyPI (``vendor/llama.cpp``):
    ``pip download --no-deps --no-binary :all:`` once, only those files extracted into a cache, never built
    (building llama-cpp-python takes ~10 min on 2 cores). ``make setup`` fetches it at install time
-   (``python -m trainer.export fetch-converter``), so an export itself needs no network; the cache is
+   (``python -m trainer.close_loop.export fetch-converter``), so an export itself needs no network; the cache is
    ``~/.cache/tier3/tools`` (``XDG_CACHE_HOME``). PyPI's ``gguf`` package is too old for the current
    converter, so the converter runs in a subprocess with its own ``gguf-py`` first on ``sys.path``.
    A tokenizer trained locally has a pre-tokenizer hash the converter does not know; the model may declare a
@@ -45,7 +45,7 @@ from typing import Any
 os.environ.setdefault("UNSLOTH_AUTO_INSTALL", "0")  # never let unsloth apt-get / git clone on our behalf
 
 from schemas import TrainingRun
-from trainer.close_loop_settings import CloseLoopSettings
+from trainer.close_loop.settings import CloseLoopSettings
 from trainer.errors import ExportError
 
 PRE_TOKENIZER_KEY = "tier3_gguf_pre_tokenizer"
@@ -100,7 +100,7 @@ def ensure_converter(settings: CloseLoopSettings) -> Path:
             if proc.returncode != 0 or not sdists:
                 raise ExportError(f"could not download the llama-cpp-python {version} source distribution "
                                   f"(it carries llama.cpp's GGUF converter): {proc.stderr.strip()[-800:]}; "
-                                  "fetch it once while online (`python -m trainer.export fetch-converter`, "
+                                  "fetch it once while online (`python -m trainer.close_loop.export fetch-converter`, "
                                   "which `make setup` runs) or set TIER3_LLAMA_CPP_DIR to a llama.cpp checkout",
                                   retryable=True)
             staging = Path(tmp) / "converter"
@@ -361,7 +361,7 @@ class ExportResult:
 def export_run(settings: CloseLoopSettings, run_id: str, *, publish: bool = True,
                fault: Callable[[str], None] | None = None) -> ExportResult:
     """``tier3 export RUN_ID``: merge, GGUF f16 + quantised, Ollama (or a Modelfile), ``exported`` event."""
-    from trainer.gate import now_ms, publish_run_events
+    from trainer.close_loop.gate import now_ms, publish_run_events
     from trainer.manifest import find_manifest
 
     manifest = find_manifest(settings.runs_dir, run_id)
@@ -394,11 +394,11 @@ def export_run(settings: CloseLoopSettings, run_id: str, *, publish: bool = True
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m trainer.export fetch-converter``: fetch llama.cpp's converter into the cache now (install
+    """``python -m trainer.close_loop.export fetch-converter``: fetch llama.cpp's converter into the cache now (install
     time, while online), so that exports never need the network."""
     args = sys.argv[1:] if argv is None else argv
     if args != ["fetch-converter"]:
-        print("usage: python -m trainer.export fetch-converter", file=sys.stderr)
+        print("usage: python -m trainer.close_loop.export fetch-converter", file=sys.stderr)
         return 2
     try:
         print(ensure_converter(CloseLoopSettings()))

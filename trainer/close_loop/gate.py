@@ -33,11 +33,11 @@ from schemas import TrainingRun, decode, encode
 from schemas.errors import SchemaError
 from schemas.kafka_io import ReadTimeout, TopicMissing, read_until_now
 from schemas.settings import RELIABLE_PRODUCER, KafkaSettings
-from trainer.close_loop_settings import CloseLoopSettings
+from trainer.close_loop.settings import CloseLoopSettings
 from trainer.errors import ConfigError, RunNotEvaluated, TrainerError
 from trainer.events import now_ms
 
-log = logging.getLogger("tier3.trainer.gate")
+log = logging.getLogger("tier3.trainer.close_loop.gate")
 
 
 class EventLogError(TrainerError):
@@ -276,8 +276,8 @@ def after_run(settings: CloseLoopSettings, run_id: str, *,
     ``succeeded``, and again after a restart for a run the log shows unfinished: each step is done only if the log
     does not show it yet, so a run gets exactly one ``evaluated`` and one verdict however often the trainer is
     killed (docs/guarantees.md). An export failure is reported, never undoes the verdict."""
-    from trainer.evaluate import evaluate_run, evaluated_event
-    from trainer.export import export_run
+    from trainer.close_loop.evaluate import evaluate_run, evaluated_event
+    from trainer.close_loop.export import export_run
     from trainer.manifest import find_manifest
 
     hit = fault or (lambda point: None)
