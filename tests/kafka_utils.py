@@ -8,6 +8,7 @@ from collections.abc import Iterable
 
 from confluent_kafka import Consumer, Message, Producer, TopicPartition
 
+from schemas import TrainingRun, encode
 from schemas.kafka_io import produce_and_wait
 from schemas.settings import RELIABLE_PRODUCER, KafkaSettings
 
@@ -18,6 +19,12 @@ def produce_values(settings: KafkaSettings, topic: str, items: Iterable[tuple[by
     producer = Producer({**settings.client_config(), **RELIABLE_PRODUCER, "linger.ms": 5})
     keyed = ((k.encode() if isinstance(k, str) else k, v) for k, v in items)
     return produce_and_wait(producer, topic, keyed, timeout_s)
+
+
+def inject_run_events(settings: KafkaSettings, runs: Iterable[TrainingRun]) -> int:
+    """Put lifecycle events on training-runs (key = run id), for tests that need the log in a given state; the
+    product writes it only through ``trainer.events.TrainerEvents``."""
+    return produce_values(settings, settings.training_runs_topic, [(r.run_id, encode(r)) for r in runs])
 
 
 def consume_values(settings: KafkaSettings, topic: str, expected: int | None = None, timeout_s: float = 60.0,

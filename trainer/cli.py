@@ -72,8 +72,8 @@ def trainer_cmd(
         def fault(point: str) -> None:
             inject_fault(settings, point)
 
-        def evaluate(adapter_dir: Any, built: Any, run_cfg: Any) -> Any:
-            metrics = hook(adapter_dir, built, run_cfg)
+        def evaluate(adapter_dir: Any, built: Any, run_cfg: Any, *, run_id: str, model_version: int) -> Any:
+            metrics = hook(adapter_dir, built, run_cfg, run_id=run_id, model_version=model_version)
             fault("kill_in_evaluation")  # testing: evaluated, the metrics not yet in a manifest
             return metrics
 

@@ -1,5 +1,10 @@
-"""The trainer's events: lifecycle on ``training-runs`` (started, succeeded, failed), heartbeats on
-``trainer-status``, answers to requests on ``trainer-control``.
+"""The trainer's events: lifecycle on ``training-runs``, heartbeats on ``trainer-status``, answers to requests on
+``trainer-control``.
+
+This module owns ``training-runs`` on the trainer's side: :class:`TrainerEvents` is its only writer (the training
+loop's started / succeeded / failed, and the close loop's evaluated / promoted / rejected / exported / rollback
+through :meth:`TrainerEvents.record`), and :func:`read_run_events` reads it back for the fold of
+:mod:`schemas.runs`.
 
 Lifecycle events are keyed by run_id and kept forever. Heartbeats are not part of any run's history: they go to
 the compacted ``trainer-status`` topic, keyed (and with run id) ``trainer:<group>``, so the topic keeps about one
@@ -17,14 +22,23 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from schemas import TrainerControl, TrainingRun, encode
+from schemas import TrainerControl, TrainingRun, decode, encode
 from schemas.dead_letters import make_dead_letter
-from schemas.settings import RELIABLE_PRODUCER
+from schemas.errors import SchemaError
+from schemas.kafka_io import ReadTimeout, TopicMissing, read_until_now
+from schemas.settings import RELIABLE_PRODUCER, KafkaSettings
+from trainer.errors import TrainerError
 from trainer.settings import TrainerSettings
 
 log = logging.getLogger("tier3.trainer.events")
+
+
+class EventLogError(TrainerError):
+    """training-runs could not be read or written (broker down, delivery failed)."""
+
+    retryable = True
 
 
 def now_ms() -> int:
@@ -64,6 +78,16 @@ class TrainerEvents:
 
     def publish(self, run: TrainingRun) -> None:
         self._send(self.topic, run.run_id, encode(run))
+
+    def record(self, *runs: TrainingRun, timeout_s: float = 30.0) -> None:
+        """Publish lifecycle events (key = run_id) and wait until the broker acknowledged each: the close loop's
+        steps, each one acknowledged before the next. :class:`EventLogError` if one was not."""
+        for run in runs:
+            self.publish(run)
+        left = self._producer.flush(timeout_s)
+        errors, self._errors = self._errors, []
+        if left or errors:
+            raise EventLogError(f"training-runs event not delivered ({left} pending): {'; '.join(errors[:3])}")
 
     def _check_fields(self) -> dict[str, Any]:
         if self.status is None:
@@ -135,3 +159,31 @@ class TrainerEvents:
 
     def close(self, timeout_s: float = 10.0) -> None:
         self._producer.flush(timeout_s)
+
+    def __enter__(self) -> TrainerEvents:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def read_run_events(settings: KafkaSettings, timeout_s: float = 30.0) -> list[TrainingRun]:
+    """Every event on training-runs from the beginning up to now (no consumer group, nothing committed).
+
+    Undecodable records are skipped: the log is shared, one bad record must not block promotions.
+    """
+    topic = settings.training_runs_topic
+    out: list[TrainingRun] = []
+    try:
+        for msg in read_until_now(settings, topic, "gate-reader", timeout_s=timeout_s):
+            try:
+                out.append(decode(msg.value() or b"", TrainingRun, max_bytes=settings.max_record_bytes))
+            except SchemaError:
+                continue
+    except TopicMissing:
+        raise EventLogError(f"topic {topic} does not exist (run `tier3 topics create`)") from None
+    except ReadTimeout as exc:
+        raise EventLogError(str(exc)) from None
+    except KafkaException as exc:
+        raise EventLogError(f"cannot reach the broker to read {topic}: {exc}") from None
+    return out

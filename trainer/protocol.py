@@ -46,10 +46,13 @@ class TrainFn(Protocol):
                  on_step: Callable[[int, int], None] | None = None) -> Any: ...
 
 
-#: the evaluation hook: (adapter folder, dataset, config) -> metrics written into the manifest under
-#: ``metrics["evaluation"]``. Runs after the adapter is in place and before the manifest, so a run whose
-#: evaluation raises is not committed (its traces come back and are trained again).
-EvaluateFn = Callable[[Path, BuiltDataset, SFTConfig], dict[str, Any]]
+class EvaluateFn(Protocol):
+    """The evaluation hook: (adapter folder, dataset, config; the run's id and model version) -> metrics written
+    into the manifest under ``metrics["evaluation"]``. Runs after the adapter is in place and before the manifest,
+    so a run whose evaluation raises is not committed (its traces come back and are trained again)."""
+
+    def __call__(self, adapter_dir: Path, built: BuiltDataset, cfg: SFTConfig, *, run_id: str,
+                 model_version: int) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -148,7 +151,8 @@ def train_and_commit(batch: Batch, run_id: str, ctx: RunContext) -> RunManifest:
     #     and a run that cannot be evaluated is not committed.
     if ctx.evaluate is not None:
         evaluate = ctx.evaluate
-        metrics["evaluation"] = ctx.in_background(lambda: evaluate(adapter, built, cfg))
+        metrics["evaluation"] = ctx.in_background(
+            lambda: evaluate(adapter, built, cfg, run_id=run_id, model_version=version))
 
     # (3) Write the manifest atomically (temp file, fsync, os.replace, fsync the folder). From here on the run is
     #     recognisable by its offset ranges: if we crash before (4), the restarted trainer commits it, not retrains.

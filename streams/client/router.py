@@ -8,8 +8,8 @@ The application side of the flywheel (the original system's env toggle between t
   the same arm in every process and after restarts; raising the share only moves users from teacher to student.
   A request with neither id is assigned by its experience id (not sticky: there is nothing to stick to).
 - **Follows promotions live**: a small thread reads ``training-runs`` from the beginning (no consumer group,
-  nothing committed) and folds ``promoted`` / ``rollback`` events with the gate's rule (``trainer/close_loop/gate.py``):
-  a promotion puts its run on a stack, a rollback removes its run, the top of the stack is the model in force.
+  nothing committed) and folds its events with the fold every reader of the log shares (``schemas/runs.py``, the
+  gate's too): a promotion puts its run on a stack, a rollback removes its run, the top of the stack is in force.
   With no student in force, ``student`` and ``ab`` serve the teacher (the decision records why).
 - **The student** is served through any OpenAI-compatible endpoint (by default ``tier3 serve``: llama-cpp-python's
   server on the exported GGUF, at ``http://127.0.0.1:8088/v1``; Ollama's ``/v1`` or vLLM work too) under the
@@ -42,6 +42,7 @@ from pydantic import Field, SecretStr
 
 from schemas import ChatMessage, Experience, SchemaError, ServedBy, TrainingRun, decode, get_task
 from schemas import kafka_io as kio
+from schemas.runs import RunsFold
 from schemas.tasks import parse_json_answer
 from streams.errors import StreamsError, TeacherError
 from streams.settings import StreamsSettings
@@ -130,22 +131,18 @@ def promoted_prompt_format(run: TrainingRun) -> str:
 
 
 class PromotionView:
-    """Which promoted student is in force: the same fold as ``trainer/close_loop/gate.py`` (thread-safe)."""
+    """Which promoted student is in force: the shared fold of training-runs (``schemas.runs.RunsFold``, the
+    gate's), behind a lock (the follower thread applies, request handlers read)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_runs: int = 1000) -> None:
         self._lock = threading.Lock()
-        self._stack: list[Promotion] = []
+        self._fold = RunsFold(max_runs=max_runs)
         self.events_seen = 0
 
     def apply(self, run: TrainingRun) -> None:
         with self._lock:
             self.events_seen += 1
-            if run.event == "promoted":
-                p = Promotion(run.run_id, run.model_version, run.model_name, run.at_ms,
-                              promoted_prompt_format(run))
-                self._stack = [x for x in self._stack if x.run_id != run.run_id] + [p]
-            elif run.event == "rollback":
-                self._stack = [x for x in self._stack if x.run_id != run.run_id]
+            self._fold.apply(run)
 
     def apply_all(self, runs: Iterable[TrainingRun]) -> None:
         for r in runs:
@@ -154,7 +151,9 @@ class PromotionView:
     @property
     def current(self) -> Promotion | None:
         with self._lock:
-            return self._stack[-1] if self._stack else None
+            cur = self._fold.current
+        return None if cur is None else Promotion(cur.run_id, cur.model_version, cur.model_name, cur.at_ms,
+                                                  promoted_prompt_format(cur))
 
 
 class PromotionFollower:

@@ -10,11 +10,13 @@ from collections.abc import Callable
 import pytest
 
 from schemas import TrainingRun, decode
+from schemas.runs import fold_runs
 from tests.close_loop.conftest import ROOT, TrainedRun
 from tests.conftest import settings_env
 from tests.kafka_utils import consume_values
-from trainer.close_loop.gate import after_run, decide, fold_runs, read_run_events
+from trainer.close_loop.gate import after_run, decide
 from trainer.close_loop.settings import CloseLoopSettings
+from trainer.events import read_run_events
 from trainer.manifest import read_manifest
 
 
@@ -70,6 +72,6 @@ def test_commit_protocol_hook_evaluates_the_adapter(trained_run: TrainedRun,
     run_id = trained_run.install(s.runs_dir, run_id="run-hook")
     run_dir = s.runs_dir / run_id
     built = SimpleNamespace(holdout_path=run_dir / "dataset" / "holdout.jsonl")  # the BuiltDataset fields it uses
-    metrics = evaluation_hook(s)(run_dir / "adapter", built, None)
+    metrics = evaluation_hook(s)(run_dir / "adapter", built, None, run_id=run_id, model_version=1)
     assert metrics["n_examples"] == 3 and 0.0 <= metrics["f1"] <= 1.0
     assert (s.reports_dir / run_id / "report.md").is_file()

@@ -6,8 +6,11 @@ from collections.abc import Callable
 from typing import Any
 
 from schemas import TrainingRun
-from trainer.close_loop.gate import decide, fold_runs, gate_run, now_ms, publish_run_events, read_run_events, rollback
+from schemas.runs import fold_runs
+from tests.kafka_utils import inject_run_events
+from trainer.close_loop.gate import decide, gate_run, rollback
 from trainer.close_loop.settings import CloseLoopSettings
+from trainer.events import now_ms, read_run_events
 
 GOOD: dict[str, Any] = {"n_examples": 20, "json_valid_rate": 1.0, "schema_valid_rate": 0.95, "f1": 0.80,
                         "baseline_f1": 0.82, "latency_ms_p95": 900.0}
@@ -55,7 +58,7 @@ def test_fold_promotions_and_rollback() -> None:
 
 def test_gate_promotes_rejects_and_rolls_back_on_the_log(make_settings: Callable[..., CloseLoopSettings]) -> None:
     s = make_settings(cls=CloseLoopSettings, tier3_gate_min_examples=10, tier3_gate_max_latency_p95_ms=1000.0)
-    publish_run_events(s, [_evaluated("run-1", 1), _evaluated("run-2", 2, f1=0.70),
+    inject_run_events(s, [_evaluated("run-1", 1), _evaluated("run-2", 2, f1=0.70),
                            _evaluated("run-3", 3, f1=0.85)])
     v1 = gate_run(s, "run-1")
     assert v1.event == "promoted" and v1.model_version == 1 and v1.details["reasons"] == []
@@ -85,7 +88,7 @@ def test_cli_promote_and_rollback_exit_codes(make_settings: Callable[..., CloseL
     from tests.conftest import ROOT, settings_env
 
     s = make_settings(cls=CloseLoopSettings)
-    publish_run_events(s, [_evaluated("good", 1), _evaluated("bad", 2, json_valid_rate=0.1)])
+    inject_run_events(s, [_evaluated("good", 1), _evaluated("bad", 2, json_valid_rate=0.1)])
     env = settings_env(s)
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -24,11 +24,11 @@ from schemas import OnlineEval, TrainingRun, decode, get_task
 from streams.client.router import Router, RouterSettings
 from tests.conftest import settings_env
 from tests.fakes.teacher_server import FakeTeacherServer
-from tests.kafka_utils import consume_values
+from tests.kafka_utils import consume_values, inject_run_events
 from tests.streams.helpers import WorkerProcess
-from trainer.close_loop.gate import now_ms, publish_run_events, read_run_events
 from trainer.close_loop.online_watch import Watcher
 from trainer.close_loop.settings import CloseLoopSettings
+from trainer.events import now_ms, read_run_events
 
 WINDOW_S = 4
 GOOD_JUDGED = 6
@@ -37,7 +37,7 @@ TASK = get_task("widget_selector")
 
 
 def _promote(s: RouterSettings, run_id: str, version: int, offline_f1: float) -> None:
-    publish_run_events(s, [
+    inject_run_events(s, [
         TrainingRun(run_id=run_id, event="evaluated", at_ms=now_ms(), model_version=version,
                     details={"metrics": {"f1": offline_f1, "n_examples": 50}}),
         TrainingRun(run_id=run_id, event="promoted", at_ms=now_ms(), model_version=version)])

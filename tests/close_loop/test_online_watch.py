@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 from schemas import OnlineEval, TrainingRun
-from trainer.close_loop.gate import fold_runs
+from schemas.runs import fold_runs
 from trainer.close_loop.online_watch import OnlineView, judge, rollback_event, standing_rollbacks
 from trainer.close_loop.settings import CloseLoopSettings
 

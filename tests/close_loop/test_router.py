@@ -12,9 +12,10 @@ from schemas import Experience, ServedBy, TrainingRun, decode, get_task
 from streams.client.router import PromotionView, Router, RouterSettings, ab_bucket, choose_arm
 from streams.router_stats import add_experience, arm_key, empty_arm, summarize_arms
 from tests.fakes.teacher_server import FakeTeacherServer, expected_answer
-from tests.kafka_utils import consume_values
-from trainer.close_loop.gate import now_ms, publish_run_events, rollback
+from tests.kafka_utils import consume_values, inject_run_events
+from trainer.close_loop.gate import rollback
 from trainer.close_loop.settings import CloseLoopSettings
+from trainer.events import now_ms
 
 TASK = get_task("widget_selector")
 
@@ -108,7 +109,7 @@ def test_router_follows_promotions_live_and_arms_reach_the_log(
         async def scenario() -> dict[str, list[tuple[str, str, str | None, str]]]:
             phases = {}
             phases["before"] = await serve("before")  # nothing promoted: the teacher serves everyone
-            publish_run_events(s, [TrainingRun(run_id="run-1", event="promoted", at_ms=now_ms(), model_version=1),
+            inject_run_events(s, [TrainingRun(run_id="run-1", event="promoted", at_ms=now_ms(), model_version=1),
                                    TrainingRun(run_id="run-2", event="promoted", at_ms=now_ms(), model_version=2)])
             _wait_version(router, 2)
             phases["v2"] = await serve("v2")

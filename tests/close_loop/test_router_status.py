@@ -21,9 +21,9 @@ from streams.client.router import RouterSettings
 from streams.router_stats import ARM_TABLE, ARM_WRITE_INTERVAL_S
 from tests.conftest import ROOT, settings_env
 from tests.fakes.teacher_server import FakeTeacherServer
-from tests.kafka_utils import consume_values, produce_values
+from tests.kafka_utils import consume_values, inject_run_events, produce_values
 from tests.streams.helpers import free_port
-from trainer.close_loop.gate import now_ms, publish_run_events
+from trainer.events import now_ms
 
 _RUN_WORKER = "import sys; from streams.cli import main; sys.exit(main())"
 
@@ -54,7 +54,7 @@ def test_status_router_block_compares_arms(make_settings: Callable[..., RouterSe
             exps = [_exp(0, "teacher", None, 0.9, 1.0, 100), _exp(1, "teacher", None, 0.7, 0.0, 300),
                     _exp(2, "student", "3", 0.6, 1.0, 10), _exp(3, "student", "3", 0.6, 1.0, 30)]
             produce_values(s, s.experiences_topic, [(e.experience_id.encode(), encode(e)) for e in exps])
-            publish_run_events(s, [TrainingRun(run_id="run-3", event="promoted", at_ms=now_ms(), model_version=3)])
+            inject_run_events(s, [TrainingRun(run_id="run-3", event="promoted", at_ms=now_ms(), model_version=3)])
 
             def ready(st: dict[str, Any]) -> bool:
                 r = st.get("router", {})

@@ -26,13 +26,12 @@ from streams.client.router import Router, RouterSettings
 from tests.close_loop.conftest import ROOT, TrainedRun
 from tests.conftest import settings_env
 from tests.fakes.teacher_server import FakeTeacherServer
-from tests.kafka_utils import consume_values
+from tests.kafka_utils import consume_values, inject_run_events
 from trainer.close_loop.export import export_run, inference_chat_template
-from trainer.close_loop.gate import publish_run_events, read_run_events
 from trainer.close_loop.serve import chat_generator, models_to_serve
 from trainer.close_loop.settings import CloseLoopSettings
 from trainer.errors import ServeError
-from trainer.events import now_ms
+from trainer.events import now_ms, read_run_events
 
 TASK = get_task("widget_selector")
 
@@ -67,7 +66,7 @@ def test_exported_gguf_served_by_llama_cpp_answers_the_router_and_eval(
     template = (res.merged_dir / "chat_template.jinja")
     if template.is_file():  # the served template is plain Jinja: no training-only {% generation %} markers
         assert "generation" not in template.read_text().replace("add_generation_prompt", "")
-    publish_run_events(s, [TrainingRun(run_id=run_id, event="promoted", at_ms=now_ms(), model_version=3)])
+    inject_run_events(s, [TrainingRun(run_id=run_id, event="promoted", at_ms=now_ms(), model_version=3)])
     models = models_to_serve(s, read_run_events(s))
     assert [(m.alias, m.version, str(m.gguf)) for m in models] == [("cc-ws:v3", 3, res.files["q8_0"]["path"])]
 

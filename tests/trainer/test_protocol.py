@@ -122,7 +122,9 @@ def test_training_raises_nothing_is_committed_and_no_manifest_is_written(tmp_pat
 def test_the_evaluation_hook_runs_before_the_manifest_and_its_metrics_are_recorded(tmp_path: Path) -> None:
     j = Journal()
 
-    def evaluate(adapter: Path, built: BuiltDataset, cfg: SFTConfig) -> dict[str, Any]:
+    def evaluate(adapter: Path, built: BuiltDataset, cfg: SFTConfig, *, run_id: str,
+                 model_version: int) -> dict[str, Any]:
+        assert (run_id, model_version) == ("run-1", 1)  # passed in, not recovered from the folder or manifests
         assert (adapter / "weights").exists()  # the adapter is in place
         assert list_manifests(adapter.parent.parent) == []  # the manifest is not written yet
         j.steps.append("evaluate")
@@ -136,7 +138,7 @@ def test_the_evaluation_hook_runs_before_the_manifest_and_its_metrics_are_record
 def test_an_evaluation_that_raises_commits_nothing(tmp_path: Path) -> None:
     j = Journal()
 
-    def evaluate(adapter: Path, built: BuiltDataset, cfg: SFTConfig) -> dict[str, Any]:
+    def evaluate(adapter: Path, built: BuiltDataset, cfg: SFTConfig, **_run: Any) -> dict[str, Any]:
         raise EvaluationError("student crashed")
 
     ctx = _ctx(tmp_path, j, evaluate=evaluate)

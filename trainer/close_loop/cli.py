@@ -210,8 +210,8 @@ def serve_cmd(
     import signal
     import threading
 
-    from trainer.close_loop.gate import read_run_events
     from trainer.close_loop.serve import models_to_serve, server_for
+    from trainer.events import read_run_events
 
     s = _settings(tier3_serve_host=host, tier3_serve_port=port)
     stop = threading.Event()

@@ -41,9 +41,11 @@ from typing import Any
 import orjson
 
 from schemas import EnrichedTrace, TaskDefinition, TrainingRun, get_task
+from schemas.runs import fold_runs
 from schemas.tasks import OutputScore, score_output  # the one scoring rule, shared with the worker's online eval
 from trainer.close_loop.settings import CloseLoopSettings
 from trainer.errors import EvaluationError, TrainerError
+from trainer.events import TrainerEvents, now_ms, read_run_events
 from trainer.manifest import write_atomic
 
 log = logging.getLogger("tier3.trainer.close_loop.evaluate")
@@ -385,7 +387,6 @@ def evaluate_and_report(settings: CloseLoopSettings, run_id: str, model_version:
                         holdout_path: Path, *, generate: Generate | None = None, read_history: bool = True
                         ) -> tuple[dict[str, Any], dict[str, Path]]:
     """Evaluate an adapter on a holdout file and write the report folder; return (metrics, report paths)."""
-    from trainer.close_loop.gate import fold_runs, now_ms, read_run_events
     from trainer.sft_trainer import adapter_prompt_format
 
     generate_batch: BatchGenerate | None = None
@@ -410,23 +411,20 @@ def evaluate_and_report(settings: CloseLoopSettings, run_id: str, model_version:
     return metrics, paths
 
 
-def evaluation_hook(settings: CloseLoopSettings) -> Callable[[Path, Any, Any], dict[str, Any]]:
-    """The commit protocol's ``RunContext.evaluate``: (adapter dir, BuiltDataset, SFTConfig) -> metrics, stored
-    in the manifest as ``metrics["evaluation"]`` before the offsets are committed."""
-    from trainer.protocol import next_model_version
+def evaluation_hook(settings: CloseLoopSettings) -> Callable[..., dict[str, Any]]:
+    """The commit protocol's ``RunContext.evaluate`` (``trainer.protocol.EvaluateFn``): (adapter dir,
+    BuiltDataset, SFTConfig, run id, model version) -> metrics, stored in the manifest as
+    ``metrics["evaluation"]`` before the offsets are committed."""
 
-    def hook(adapter_dir: Path, built: Any, _cfg: Any) -> dict[str, Any]:
-        run_id = Path(adapter_dir).parent.name  # <runs_dir>/<run_id>/adapter
-        version = next_model_version(settings.runs_dir)  # the number train_and_commit gave this run at start
-        metrics, _ = evaluate_and_report(settings, run_id, version, Path(adapter_dir), Path(built.holdout_path))
+    def hook(adapter_dir: Path, built: Any, _cfg: Any, *, run_id: str, model_version: int) -> dict[str, Any]:
+        metrics, _ = evaluate_and_report(settings, run_id, model_version, Path(adapter_dir),
+                                         Path(built.holdout_path))
         return metrics
 
     return hook
 
 
 def evaluated_event(run_id: str, manifest: Any, metrics: dict[str, Any]) -> TrainingRun:
-    from trainer.close_loop.gate import now_ms
-
     return TrainingRun(run_id=run_id, event="evaluated", at_ms=now_ms(), model_name=manifest.model_name,
                        model_version=manifest.model_version, base_model=manifest.base_model,
                        details={"metrics": metrics, "report_dir": metrics.get("report_dir")})
@@ -437,7 +435,6 @@ def evaluate_run(settings: CloseLoopSettings, run_id: str, *, generate: Generate
     """``tier3 eval RUN_ID``: evaluate a trained run, store the metrics in its manifest (atomically, as
     ``metrics["evaluation"]``), write the report folder and publish an ``evaluated`` event. ``source`` says
     what generated (``tier3 eval --served``: the exported GGUF through a server) and lands in the metrics."""
-    from trainer.close_loop.gate import publish_run_events
     from trainer.manifest import find_manifest, write_manifest
 
     run_dir = settings.runs_dir / run_id
@@ -450,7 +447,8 @@ def evaluate_run(settings: CloseLoopSettings, run_id: str, *, generate: Generate
         metrics["evaluated_via"] = dict(source)
     write_manifest(run_dir, manifest.model_copy(update={"metrics": {**manifest.metrics, "evaluation": metrics}}))
     if publish:
-        publish_run_events(settings, [evaluated_event(run_id, manifest, metrics)])
+        with TrainerEvents(settings) as writer:
+            writer.record(evaluated_event(run_id, manifest, metrics))
     return RunEvaluation(run_id=run_id, model_version=manifest.model_version, metrics=metrics, report_paths=paths)
 
 

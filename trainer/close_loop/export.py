@@ -361,7 +361,7 @@ class ExportResult:
 def export_run(settings: CloseLoopSettings, run_id: str, *, publish: bool = True,
                fault: Callable[[str], None] | None = None) -> ExportResult:
     """``tier3 export RUN_ID``: merge, GGUF f16 + quantised, Ollama (or a Modelfile), ``exported`` event."""
-    from trainer.close_loop.gate import now_ms, publish_run_events
+    from trainer.events import TrainerEvents, now_ms
     from trainer.manifest import find_manifest
 
     manifest = find_manifest(settings.runs_dir, run_id)
@@ -389,7 +389,8 @@ def export_run(settings: CloseLoopSettings, run_id: str, *, publish: bool = True
                  "converter": str(converter), "pre_tokenizer": pre or None},
     )
     if publish:
-        publish_run_events(settings, [event])
+        with TrainerEvents(settings) as writer:
+            writer.record(event)
     return ExportResult(run_id, version, merged, files, summary, reg, event)
 
 

@@ -1,9 +1,9 @@
 """The promotion gate: a rule from settings decides whether an evaluated student replaces the one in force.
 
 State is a projection of the ``training-runs`` topic (one partition, so events are read in the order they
-happened), never a local file: :func:`fold_runs` folds the events into which runs were evaluated (with which
-model version and metrics) and which promotions are in force. The router in ``streams/client/router.py`` folds the
-same events with the same rule (duplicated on purpose: ``streams`` and ``trainer`` never import each other):
+happened), never a local file: :func:`schemas.runs.fold_runs` folds the events into which runs were evaluated
+(with which model version and metrics) and which promotions are in force. The router, the worker's /status and
+the demo fold the same events with the same fold (``schemas/runs.py``):
 
 - ``promoted`` puts its run on top of the stack of promotions;
 - ``rollback`` removes its run from the stack; the model in force is the top of the stack (none: teacher).
@@ -23,123 +23,17 @@ The rule (every check must pass; the verdict event lists each check with its val
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
-
-from schemas import TrainingRun, decode, encode
-from schemas.errors import SchemaError
-from schemas.kafka_io import ReadTimeout, TopicMissing, read_until_now
-from schemas.settings import RELIABLE_PRODUCER, KafkaSettings
+from schemas import TrainingRun
+from schemas.runs import RunsFold, fold_runs, metrics_of
 from trainer.close_loop.settings import CloseLoopSettings
 from trainer.errors import ConfigError, RunNotEvaluated, TrainerError
-from trainer.events import now_ms
+from trainer.events import TrainerEvents, now_ms, read_run_events
 
-log = logging.getLogger("tier3.trainer.close_loop.gate")
-
-
-class EventLogError(TrainerError):
-    """training-runs could not be read or written (broker down, delivery failed)."""
-
-    retryable = True
-
-
-# ------------------------------------------------------------------------------------------- the event log
-
-
-def publish_run_events(settings: KafkaSettings, events: Iterable[TrainingRun], timeout_s: float = 30.0) -> None:
-    """Publish lifecycle events on training-runs (key = run_id) and wait until the broker acknowledged each."""
-    producer = Producer({**settings.client_config(), **RELIABLE_PRODUCER, "linger.ms": 0})
-    errors: list[str] = []
-
-    def on_delivery(err: KafkaError | None, _msg: Message) -> None:
-        if err is not None:
-            errors.append(str(err))
-
-    for ev in events:
-        producer.produce(settings.training_runs_topic, key=ev.run_id.encode(), value=encode(ev),
-                         on_delivery=on_delivery)
-    left = producer.flush(timeout_s)
-    if left or errors:
-        raise EventLogError(f"training-runs event not delivered ({left} pending): {'; '.join(errors[:3])}")
-
-
-def read_run_events(settings: KafkaSettings, timeout_s: float = 30.0) -> list[TrainingRun]:
-    """Every event on training-runs from the beginning up to now (no consumer group, nothing committed).
-
-    Undecodable records are skipped: the log is shared, one bad record must not block promotions.
-    """
-    topic = settings.training_runs_topic
-    out: list[TrainingRun] = []
-    try:
-        for msg in read_until_now(settings, topic, "gate-reader", timeout_s=timeout_s):
-            try:
-                out.append(decode(msg.value() or b"", TrainingRun, max_bytes=settings.max_record_bytes))
-            except SchemaError:
-                continue
-    except TopicMissing:
-        raise EventLogError(f"topic {topic} does not exist (run `tier3 topics create`)") from None
-    except ReadTimeout as exc:
-        raise EventLogError(str(exc)) from None
-    except KafkaException as exc:
-        raise EventLogError(f"cannot reach the broker to read {topic}: {exc}") from None
-    return out
-
-
-# ------------------------------------------------------------------------------------------- the projection
-
-
-@dataclass
-class RunsView:
-    """What the training-runs log says about evaluations, versions and promotions."""
-
-    evaluated: dict[str, TrainingRun] = field(default_factory=dict)  # run_id -> its latest evaluated event
-    succeeded: dict[str, TrainingRun] = field(default_factory=dict)
-    exported: dict[str, TrainingRun] = field(default_factory=dict)
-    verdicts: dict[str, TrainingRun] = field(default_factory=dict)  # run_id -> latest promoted/rejected
-    promoted_stack: list[TrainingRun] = field(default_factory=list)  # promotions in force, oldest first
-    max_version: int = 0
-
-    @property
-    def current(self) -> TrainingRun | None:
-        """The promoted event of the model in force (None: no student promoted, the teacher serves)."""
-        return self.promoted_stack[-1] if self.promoted_stack else None
-
-    def version_of(self, run_id: str) -> int | None:
-        ev = self.evaluated.get(run_id)
-        return ev.model_version if ev is not None else None
-
-    def next_version(self) -> int:
-        return self.max_version + 1
-
-    def history(self) -> list[tuple[int, dict[str, Any]]]:
-        """(model_version, metrics) of every evaluated run, by version."""
-        rows = [(int(ev.model_version), dict(ev.details.get("metrics", {}))) for ev in self.evaluated.values()
-                if ev.model_version is not None]
-        return sorted(rows, key=lambda r: r[0])
-
-
-def fold_runs(events: Iterable[TrainingRun]) -> RunsView:
-    view = RunsView()
-    for ev in events:
-        if ev.model_version is not None:
-            view.max_version = max(view.max_version, ev.model_version)
-        if ev.event == "evaluated":
-            view.evaluated[ev.run_id] = ev
-        elif ev.event == "succeeded":
-            view.succeeded[ev.run_id] = ev
-        elif ev.event == "exported":
-            view.exported[ev.run_id] = ev
-        elif ev.event == "promoted":
-            view.verdicts[ev.run_id] = ev
-            view.promoted_stack = [p for p in view.promoted_stack if p.run_id != ev.run_id] + [ev]
-        elif ev.event == "rejected":
-            view.verdicts[ev.run_id] = ev
-        elif ev.event == "rollback":
-            view.promoted_stack = [p for p in view.promoted_stack if p.run_id != ev.run_id]
-    return view
+log = logging.getLogger("tier3.trainer.gate")
 
 
 # ------------------------------------------------------------------------------------------- the rule
@@ -196,8 +90,8 @@ def gate_run(settings: CloseLoopSettings, run_id: str, *, force: bool = False, r
     promoted_metrics = None
     if current is not None and current.run_id != run_id:
         cur_eval = view.evaluated.get(current.run_id)
-        promoted_metrics = dict(cur_eval.details.get("metrics", {})) if cur_eval else None
-    verdict = decide(dict(ev.details.get("metrics", {})), settings, promoted_metrics)
+        promoted_metrics = metrics_of(cur_eval) if cur_eval else None
+    verdict = decide(metrics_of(ev), settings, promoted_metrics)
     promote = verdict.promote or force
     details: dict[str, Any] = {
         "reasons": verdict.reasons if not force else [reason or "manual promotion (tier3 promote --force)",
@@ -207,7 +101,7 @@ def gate_run(settings: CloseLoopSettings, run_id: str, *, force: bool = False, r
         "forced": force,
         "previous_run_id": current.run_id if current else None,
         "previous_version": current.model_version if current else None,
-        "metrics": dict(ev.details.get("metrics", {})),
+        "metrics": metrics_of(ev),
     }
     out = TrainingRun(run_id=run_id, event="promoted" if promote else "rejected", at_ms=now_ms(),
                       model_name=settings.tier3_student_name, model_version=ev.model_version,
@@ -215,11 +109,12 @@ def gate_run(settings: CloseLoopSettings, run_id: str, *, force: bool = False, r
     if fault is not None:
         fault("kill_in_gate")
     if publish:
-        publish_run_events(settings, [out])
+        with TrainerEvents(settings) as writer:
+            writer.record(out)
     return out
 
 
-def rollback(settings: KafkaSettings, *, reason: str = "manual rollback (tier3 rollback)",
+def rollback(settings: CloseLoopSettings, *, reason: str = "manual rollback (tier3 rollback)",
              events: list[TrainingRun] | None = None, publish: bool = True) -> TrainingRun:
     """Withdraw the promoted model in force; the one promoted before it (or the teacher) serves again."""
     events = read_run_events(settings) if events is None else events
@@ -237,14 +132,15 @@ def rollback(settings: KafkaSettings, *, reason: str = "manual rollback (tier3 r
                  "restored_version": restored.model_version if restored else None},
     )
     if publish:
-        publish_run_events(settings, [out])
+        with TrainerEvents(settings) as writer:
+            writer.record(out)
     return out
 
 
 # ------------------------------------------------------------------------------------------- after a run
 
 
-def close_loop_missing(view: RunsView, run_id: str, auto_export: bool) -> list[str]:
+def close_loop_missing(view: RunsFold, run_id: str, auto_export: bool) -> list[str]:
     """The close-loop steps the log does not show for a committed run: evaluated, verdict, exported."""
     missing = []
     if run_id not in view.evaluated:
@@ -290,7 +186,8 @@ def after_run(settings: CloseLoopSettings, run_id: str, *,
         if metrics is None:
             evaluate_run(settings, run_id)
         else:
-            publish_run_events(settings, [evaluated_event(run_id, manifest, dict(metrics))])
+            with TrainerEvents(settings) as writer:
+                writer.record(evaluated_event(run_id, manifest, dict(metrics)))
         hit("kill_after_evaluated")
         events = read_run_events(settings)
         view = fold_runs(events)

@@ -41,10 +41,10 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPar
 from schemas import OnlineEval, TrainingRun, decode
 from schemas import kafka_io as kio
 from schemas.errors import SchemaError
+from schemas.runs import RunsFold, fold_runs, metrics_of
 from schemas.settings import KafkaSettings
-from trainer.close_loop.gate import EventLogError, RunsView, fold_runs, publish_run_events
 from trainer.close_loop.settings import CloseLoopSettings
-from trainer.events import now_ms
+from trainer.events import EventLogError, TrainerEvents, now_ms
 
 log = logging.getLogger("tier3.trainer.watch")
 
@@ -109,7 +109,7 @@ def standing_rollbacks(events: Iterable[TrainingRun]) -> set[tuple[str, int]]:
     return out
 
 
-def judge(runs: RunsView, online: OnlineView, settings: CloseLoopSettings,
+def judge(runs: RunsFold, online: OnlineView, settings: CloseLoopSettings,
           standing: AbstractSet[tuple[str, int]] = frozenset()) -> Judgement:
     """Apply the rule (module docstring) to the version in force."""
     cur = runs.current
@@ -119,7 +119,7 @@ def judge(runs: RunsView, online: OnlineView, settings: CloseLoopSettings,
         return Judgement("standing", f"an {REASON} rollback of run {cur.run_id} already stands")
     version = str(cur.model_version)
     ev = runs.evaluated.get(cur.run_id)
-    offline = ev.details.get("metrics", {}).get("f1") if ev is not None else None
+    offline = metrics_of(ev).get("f1")
     offline_f1 = float(offline) if isinstance(offline, (int, float)) else None
     frac = settings.tier3_online_min_fraction
     bound = max(settings.tier3_online_min_f1, frac * offline_f1 if offline_f1 is not None and frac > 0 else 0.0)
@@ -153,7 +153,7 @@ def _r(x: float | None) -> float | None:
     return None if x is None else round(x, 6)
 
 
-def rollback_event(runs: RunsView, j: Judgement) -> TrainingRun:
+def rollback_event(runs: RunsFold, j: Judgement) -> TrainingRun:
     """The ``rollback`` event for a judgement (same shape as ``tier3 rollback``'s, plus the numbers)."""
     cur = runs.current
     assert cur is not None
@@ -250,7 +250,8 @@ class Watcher:
         if j.action != "rollback":
             return None
         ev = rollback_event(runs, j)
-        publish_run_events(self.settings, [ev])
+        with TrainerEvents(self.settings) as writer:
+            writer.record(ev)
         cur = runs.current
         assert cur is not None
         self.published.add((cur.run_id, cur.at_ms))

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from schemas import TrainingRun
+from schemas.runs import fold_runs
 from trainer.close_loop.settings import CloseLoopSettings
 from trainer.errors import ServeError
 
@@ -89,8 +90,6 @@ class ServedModel:
 
 def exported_models(settings: CloseLoopSettings, events: Iterable[TrainingRun]) -> list[ServedModel]:
     """Every exported version whose quantised GGUF exists, oldest version first (the latest export of a run)."""
-    from trainer.close_loop.gate import fold_runs
-
     out: dict[int, ServedModel] = {}
     for run_id, ev in fold_runs(events).exported.items():
         files = ev.details.get("files") or {}
@@ -106,8 +105,6 @@ def models_to_serve(settings: CloseLoopSettings, events: Sequence[TrainingRun],
                     versions: Sequence[int] = ()) -> list[ServedModel]:
     """The models for the server, its default first: the version in force when it is exported, else the newest.
     ``versions`` restricts the choice (each must be exported)."""
-    from trainer.close_loop.gate import fold_runs
-
     available = exported_models(settings, events)
     if versions:
         by_version = {m.version: m for m in available}
@@ -290,7 +287,7 @@ def chat_generator(base_url: str, model: str, max_new_tokens: int, *, timeout_s:
 
 def run_export(settings: CloseLoopSettings, run_id: str) -> ServedModel:
     """The exported quantised GGUF of one run (from its ``exported`` event), to evaluate what ships."""
-    from trainer.close_loop.gate import read_run_events
+    from trainer.events import read_run_events
 
     for m in exported_models(settings, read_run_events(settings)):
         if m.run_id == run_id:
