@@ -15,6 +15,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from schemas import DeadLetter, EnrichedTrace, TrainingRun, decode
 from schemas import kafka_io as kio
 from schemas.errors import SchemaError
+from schemas.runs import RunsFold
 from schemas.settings import KafkaSettings
 
 VERDICTS = ("promoted", "rejected")
@@ -120,6 +121,7 @@ class Monitor(threading.Thread):
         self.s, self.group, self.status_url, self.obs = settings, trainer_group, status_url, obs
         self.stop_event = threading.Event()
         self.lock = threading.Lock()
+        self.fold = RunsFold()  # the one fold of training-runs (schemas/runs.py), as the gate and the router
         self.probe_failing_since: float | None = None  # monotonic time of the first failure in a row
         self.probe_retries = 0  # transient probe failures, retried on the next probe (a second later)
 
@@ -187,37 +189,31 @@ class Monitor(threading.Thread):
             self._error(f"{topic}: undecodable message ({exc.kind})")
 
     def _apply_run(self, ev: TrainingRun) -> None:
+        """Fold a lifecycle event with the one fold of training-runs (``schemas.runs.RunsFold``) and copy what the
+        display shows; heartbeats (not part of the fold) are the trainer's live status."""
         if ev.event == "heartbeat":
             self.obs.heartbeat = ev
             return
-        run = self.obs.runs.setdefault(ev.run_id, RunInfo(ev.run_id, first_ms=ev.at_ms))
+        self.fold.apply(ev)
+        rec = self.fold.runs.get(ev.run_id)
+        if rec is None:
+            return
+        run = self.obs.runs.setdefault(ev.run_id, RunInfo(ev.run_id, first_ms=rec.first_ms))
         run.events.append(ev.event)
         run.seen_mono.setdefault(ev.event, time.monotonic())
-        if ev.model_version is not None:
-            run.model_version = ev.model_version
-        d = ev.details or {}
-        if ev.event == "succeeded" and "evaluation" in (d.get("metrics") or {}):
-            run.trainer_closes = True
-        if ev.event == "evaluated":
-            run.metrics = dict(d.get("metrics") or {})
-            report = d.get("report")
-            run.report = (report.get("report_md") if isinstance(report, dict) else None) or d.get("report_dir")
-            if run.report and Path(run.report).is_dir() and (Path(run.report) / "report.md").exists():
-                run.report = str(Path(run.report) / "report.md")
-        if ev.event in VERDICTS:
-            run.reasons = d.get("reasons")
-        if ev.event == "exported":
-            files = d.get("files") or {}
-            paths = files.values() if isinstance(files, dict) else files if isinstance(files, list) else []
-            run.exported = sorted(str(f.get("path") if isinstance(f, dict) else f) for f in paths
-                                  if str(f.get("path") if isinstance(f, dict) else f).endswith(".gguf"))
-            reg = d.get("ollama") or {}
-            if isinstance(reg, dict):
-                tags = ", ".join(reg.get("tags") or [])
-                run.ollama = (f"registered as {tags}" if reg.get("registered")
-                              else f"Ollama not reachable: {(reg.get('commands') or ['-'])[0]}")
-        if ev.event == "failed":
-            run.error = str(d.get("error") or d.get("reason") or "")[:300]
+        run.model_version = rec.model_version
+        run.trainer_closes = rec.evaluated_by_trainer
+        run.metrics = dict(rec.metrics)
+        run.report = rec.report
+        if run.report and Path(run.report).is_dir() and (Path(run.report) / "report.md").exists():
+            run.report = str(Path(run.report) / "report.md")
+        run.reasons = rec.reasons
+        run.exported = list(rec.exported)
+        if rec.ollama is not None:
+            tags = ", ".join(rec.ollama.tags or [])
+            run.ollama = (f"registered as {tags}" if rec.ollama.registered
+                          else f"Ollama not reachable: {(rec.ollama.commands or ['-'])[0]}")
+        run.error = rec.error[:300] if rec.error else None
 
     def _probe(self, probe: Consumer, parts: list[int]) -> None:
         """Read the end offsets and the trainer group's committed offsets. A transient error (the group's
