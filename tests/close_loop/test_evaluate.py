@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 
 from schemas import get_task
+from schemas.stats import percentile
 from trainer.errors import EvaluationError
-from trainer.evaluate import HoldoutExample, evaluate_examples, percentile, score_output, write_report
+from trainer.evaluate import HoldoutExample, evaluate_examples, score_output, write_report
 
 TASK = get_task("widget_selector")
 SYS = [{"role": "system", "content": TASK.system_prompt}]
