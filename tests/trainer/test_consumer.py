@@ -77,8 +77,8 @@ def read_all(tc: TrainerConsumer, n_messages: int, timeout_s: float = 30.0) -> N
     deadline = time.monotonic() + timeout_s
     while tc.pending.n_messages < n_messages:
         assert time.monotonic() < deadline, f"read {tc.pending.n_messages} of {n_messages} messages"
-        tc._poll_once(0.2)
-        assert tc._due() is None
+        tc.poll(0.2)
+        assert tc.due() is None
 
 
 @pytest.mark.slow
@@ -171,7 +171,7 @@ def test_duplicates_count_once_towards_min_traces(make_settings: Callable[..., A
     try:
         read_all(tc, 18)  # no run may start on 9 distinct traces
         assert tc.pending.n_messages == 18 and tc.pending.n_unique == 9
-        assert tc._due() is None
+        assert tc.due() is None
         produce_traces(s, traces[9:])
         stats = tc.run(max_runs=1, timeout_s=60)
     finally:
