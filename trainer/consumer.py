@@ -615,7 +615,7 @@ class TrainerConsumer:
             self._resume_all()
 
     def _context(self) -> RunContext:
-        return RunContext(settings=self.s, cfg=self.cfg, events=self.events, commit=self._commit,
+        return RunContext(settings=self.s, cfg=self.cfg, events=self.events, commit=self.commit,
                           in_background=self._in_background, dataset_slice=self._dataset_slice, train=self._train,
                           evaluate=self._evaluate, fault=self._fault, on_step=self._on_step)
 
@@ -657,7 +657,7 @@ class TrainerConsumer:
         if self.s.tier3_trainer_step_delay_s > 0:
             time.sleep(self.s.tier3_trainer_step_delay_s)
 
-    def _commit(self, offsets: dict[int, int]) -> None:
+    def commit(self, offsets: dict[int, int]) -> None:
         """Step (4) of the protocol: synchronous commit of exactly ``offsets``, refused for any partition that was
         revoked or lost since the batch was read (its new owner may already have read past it)."""
         gone = {p for p in offsets if p not in self.assigned or p in self._lost_since_batch}
