@@ -37,6 +37,7 @@ from confluent_kafka.admin import AdminClient
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from schemas.files import move_into_place, write_atomic
 from schemas.settings import DEFAULT_MAX_RECORD_BYTES, RECORD_BATCH_SLACK_BYTES
 from streams.errors import BrokerError
 
@@ -155,9 +156,7 @@ def resolve_jars(s: BrokerSettings) -> Path:
         for artifact in extra:
             _mvn(mvn, work, "dependency:copy", f"-Dartifact={artifact}", f"-DoutputDirectory={out}")
         (out / ".complete").write_text(s.tier3_kafka_version)
-        if libs.exists():
-            shutil.rmtree(libs)
-        os.replace(out, libs)
+        move_into_place(out, libs)
     return libs
 
 
@@ -222,12 +221,7 @@ def _secure_client_env(ca: Path, user: str, password: str) -> dict[str, str]:
 def _write_private(path: Path, text: str | bytes) -> None:
     """Write a file only its owner can read (created 0600, never world-readable in between)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    data = text.encode() if isinstance(text, str) else text
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:6]}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    write_atomic(path, text.encode() if isinstance(text, str) else text)  # its temp file is created 0600
 
 
 def _read_secret(data: Path, user: str) -> str:

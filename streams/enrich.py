@@ -33,6 +33,7 @@ from schemas import DeadLetter, EnrichedTrace, Experience, SchemaError, SourceOf
 from schemas.dead_letters import make_dead_letter
 from schemas.errors import UnsafeText
 from schemas.messages import DeadLetterStage
+from schemas.stats import percentile
 from schemas.tasks import TaskDefinition, parse_json_answer
 from streams.errors import InvalidTeacherOutput, TeacherConfigError, TeacherError, UnsafeTeacherOutput
 from streams.redaction import redact
@@ -82,10 +83,9 @@ class TeacherStats:
     health: TeacherHealth = field(default_factory=lambda: TeacherHealth())
 
     def percentile_ms(self, q: float) -> float | None:
-        if not self.latencies_ms:
-            return None
-        data = sorted(self.latencies_ms)
-        return round(data[min(len(data) - 1, int(q * len(data)))], 3)
+        """The ``q`` quantile (0..1) of the recent latencies (:func:`schemas.stats.percentile`); None when empty."""
+        value = percentile(self.latencies_ms, q * 100)
+        return None if value is None else round(value, 3)
 
     @property
     def error_rate(self) -> float:

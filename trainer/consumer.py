@@ -35,7 +35,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
@@ -43,6 +43,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from schemas import SchemaError, TrainerControl, decode
 from schemas import kafka_io as kio
 from schemas.settings import KAFKA_CLIENT_LOG
+from trainer.accumulation import Accumulator
 from trainer.errors import CommitFailed, DatasetError, ManifestError, TrainerError
 from trainer.events import TrainerEvents, now_ms
 from trainer.manifest import OffsetRange, RunManifest, list_manifests, read_manifest
@@ -57,9 +58,11 @@ from trainer.protocol import (
     publish_succeeded,
     train_and_commit,
 )
+from trainer.recovery import Recovery
 from trainer.replay import TraceRecord, decode_trace, read_ids
 from trainer.settings import TrainerSettings
 from trainer.sft_config import SFTConfig
+from trainer.trigger import Drain, Trigger, TriggerName, backoff_s
 
 log = logging.getLogger("tier3.trainer.consumer")
 
@@ -94,127 +97,7 @@ class RunAborted(TrainerError):
     retryable = True
 
 
-# ------------------------------------------------------------------------------------------------ accumulation
-
-
-@dataclass
-class _Partition:
-    start: int  # first offset read since the last commit (or since assignment)
-    end: int  # one past the last offset read: what a commit of this partition would store
-    records: list[TraceRecord] = field(default_factory=list)
-    n_messages: int = 0
-    n_bad: int = 0
-
-
-class Accumulator:
-    """Traces read and not yet committed, per partition. Distinct experience ids decide the trigger, because
-    enrichment is at-least-once and a duplicate is not a new trace: ``n_new`` counts the distinct ids that are
-    neither held twice nor in ``known`` (ids already inside a committed run)."""
-
-    def __init__(self, known: set[str] | None = None) -> None:
-        self.parts: dict[int, _Partition] = {}
-        self._ids: Counter[str] = Counter()
-        self.known: set[str] = known if known is not None else set()
-        self._n_new = 0
-
-    @property
-    def n_unique(self) -> int:
-        return len(self._ids)
-
-    @property
-    def n_new(self) -> int:
-        return self._n_new
-
-    def recount(self) -> None:
-        """After ``known`` grew (history loaded): count the new ids again."""
-        self._n_new = sum(1 for eid in self._ids if eid not in self.known)
-
-    @property
-    def n_messages(self) -> int:
-        return sum(p.n_messages for p in self.parts.values())
-
-    def add(self, partition: int, offset: int, record: TraceRecord | None) -> None:
-        part = self.parts.get(partition)
-        if part is None:
-            part = self.parts[partition] = _Partition(start=offset, end=offset)
-        if offset < part.end:  # a redelivery below what we hold (cannot happen without a seek): ignore it
-            return
-        part.end = offset + 1
-        part.n_messages += 1
-        if record is None:
-            part.n_bad += 1
-        else:
-            part.records.append(record)
-            eid = record.trace.experience_id
-            if self._ids[eid] == 0 and eid not in self.known:
-                self._n_new += 1
-            self._ids[eid] += 1
-
-    def ids_below(self, partition: int, end: int) -> set[str]:
-        """Experience ids of the records held in ``partition`` below offset ``end``."""
-        part = self.parts.get(partition)
-        return {r.trace.experience_id for r in part.records if r.offset < end} if part is not None else set()
-
-    def first_offset(self, partition: int) -> int | None:
-        part = self.parts.get(partition)
-        return part.start if part is not None else None
-
-    def next_offset(self, partition: int) -> int | None:
-        part = self.parts.get(partition)
-        return part.end if part is not None else None
-
-    def drop(self, partitions: set[int] | list[int]) -> None:
-        for p in partitions:
-            part = self.parts.pop(p, None)
-            if part is not None:
-                self._forget(part.records)
-
-    def trim(self, partition: int, end: int) -> None:
-        """Forget everything below ``end`` in ``partition`` (it was committed by a recognised manifest)."""
-        part = self.parts.get(partition)
-        if part is None:
-            return
-        gone = [r for r in part.records if r.offset < end]
-        self._forget(gone)
-        part.records = [r for r in part.records if r.offset >= end]
-        part.n_messages = max(0, part.n_messages - (min(part.end, end) - part.start))
-        if part.end <= end:
-            self.parts.pop(partition)
-        else:
-            part.start = end
-            part.n_bad = min(part.n_bad, part.n_messages)
-
-    def take(self, topic: str, trigger: str, attempt: int) -> Batch:
-        """Everything held, as one batch; the accumulator is empty afterwards."""
-        records = sorted(r for part in self.parts.values() for r in part.records)
-        batch = Batch(topic=topic, offsets={p: OffsetRange(start=x.start, end=x.end) for p, x in self.parts.items()},
-                      records=records, n_messages=self.n_messages, n_unique=self.n_unique, n_new=self.n_new,
-                      n_bad=sum(x.n_bad for x in self.parts.values()), trigger=trigger, attempt=attempt)
-        self.parts.clear()
-        self._ids.clear()
-        self._n_new = 0
-        return batch
-
-    def _forget(self, records: list[TraceRecord]) -> None:
-        for r in records:
-            eid = r.trace.experience_id
-            self._ids[eid] -= 1
-            if self._ids[eid] <= 0:
-                del self._ids[eid]
-                if eid not in self.known:
-                    self._n_new -= 1
-
-
 # ------------------------------------------------------------------------------------------------ the consumer
-
-
-@dataclass
-class _Drain:
-    """A trigger fired: read on until every partition reaches ``targets`` (its end offset at that moment)."""
-
-    trigger: str
-    targets: dict[int, int]
-    deadline: float
 
 
 @dataclass
@@ -271,7 +154,9 @@ class TrainerConsumer:
         self._after_retry_at: dict[str, float] = {}
         self._after_attempts: Counter[str] = Counter()
         self._after_scan_at: float | None = None  # when to ask the log which runs lack their close loop
-        self._drain: _Drain | None = None
+        self.trigger = Trigger(settings.tier3_min_traces, settings.tier3_check_interval_s)
+        self._drain: Drain | None = None
+        self.recovery = Recovery(self._committed_offsets, wait_s=settings.tier3_trainer_commit_timeout_s)
         self.assigned: set[int] = set()
         self._paused: set[int] = set()
         self._lost_since_batch: set[int] = set()
@@ -280,20 +165,12 @@ class TrainerConsumer:
         self._progress: tuple[int, int] = (0, 0)
         self._failures = 0
         self._backoff_until: float | None = None
-        self._retry_target: dict[int, int] | None = None
-        self._need_more_than = 0  # after an empty dataset: wait for more distinct traces than this
-        self._uncommitted: list[RunManifest] = []
         self._committed: dict[int, int] = {}  # what this process committed, per partition
-        self._awaiting_manifest = False
-        self._awaiting_since: dict[str, float] = {}  # run_id -> when we started waiting for its batch
-        self._recheck_at: dict[str, float] = {}  # run_id -> next look at the group's committed offsets
-        self._last_check_mono = time.monotonic()
-        self.last_check_ms = now_ms()
         self._next_status_mono = 0.0
         self._started = False
         self._closed = False
         self._closing = False
-        self.events.status = lambda: {"last_check_time_ms": self.last_check_ms,
+        self.events.status = lambda: {"last_check_time_ms": self.trigger.last_check_ms,
                                       "next_check_in_s": self.next_check_in_s()}
 
     # -- lifecycle ----------------------------------------------------------------------------------------
@@ -347,7 +224,7 @@ class TrainerConsumer:
 
     def turn(self) -> None:
         """One turn of the loop: poll, then whatever is due (history, recognition, close loop, a run)."""
-        self._poll_once(self.s.tier3_trainer_poll_timeout_s)
+        self.poll(self.s.tier3_trainer_poll_timeout_s)
         self._end_backoff_if_due()
         self._load_history()
         self._recognise_manifests()
@@ -363,7 +240,9 @@ class TrainerConsumer:
         """Partitions stay paused while a run trains and while a failed one backs off."""
         return self.training or self._backoff_until is not None
 
-    def _poll_once(self, timeout_s: float) -> None:
+    def poll(self, timeout_s: float) -> None:
+        """One poll (up to ``timeout_s``): read a message into the accumulator, answer the control topic, send the
+        heartbeat when due. Starts nothing: :meth:`turn` does (tests poll with it to read without training)."""
         msg = self.consumer.poll(timeout_s)
         if msg is not None:
             self._handle(msg)
@@ -502,100 +381,77 @@ class TrainerConsumer:
     def _on_error(self, err: KafkaError) -> None:
         KAFKA_CLIENT_LOG.warning("trainer consumer: %s", err.str())  # rate-limited: a broker outage repeats it
 
-    # -- when to train ------------------------------------------------------------------------------------
-    def _mark_check(self) -> None:
-        self._last_check_mono = time.monotonic()
-        self.last_check_ms = now_ms()
-
+    # -- when to train (the decision is trainer.trigger's) -------------------------------------------------
     def next_check_in_s(self) -> float:
-        return max(0.0, self._last_check_mono + self.s.tier3_check_interval_s - time.monotonic())
+        return self.trigger.next_check_in_s()
 
-    def _due(self) -> str | None:
-        """The trigger that fires now, or None."""
-        if self._hold or self._awaiting_manifest or self._history_todo or self._after_due() or not self.assigned:
+    def due(self) -> TriggerName | None:
+        """The trigger that fires now, or None (nothing is started: :meth:`turn` starts the run)."""
+        if self._hold or self.recovery.awaiting or self._history_todo or self._after_due() or not self.assigned:
             return None
-        interval_due = self.next_check_in_s() <= 0.0
-        if self.pending.n_new <= self._need_more_than:
-            if interval_due:
-                self._mark_check()  # nothing (new) to train: the next check is one interval away
-            # a request: read up to the end offsets first, then train or say there is nothing new
-            return "train_now" if self._requests and self._retry_target is None else None
-        if self._retry_target is not None:
-            # a failed batch is retried once it is back in full (the seek-back re-reads it)
-            back = all(p not in self.assigned or (self.pending.next_offset(p) or -1) >= end
-                       for p, end in self._retry_target.items())
-            return "retry" if back else None
-        if self.pending.n_new >= self.s.tier3_min_traces:
-            return "min_traces"
-        if interval_due:
-            return "interval"
-        if self._requests:
-            return "train_now"
-        return None
+        return self.trigger.due(n_new=self.pending.n_new, requests=bool(self._requests), assigned=self.assigned,
+                                held_ends=self.pending.ends())
 
-    def _ready(self) -> str | None:
+    def _ready(self) -> TriggerName | None:
         """The trigger of the run to start now, or None. A trigger (other than a retry, whose batch is fixed)
         first reads on up to the end offsets of the moment it fired, within TIER3_MAX_TRACES_PER_RUN."""
         if self._drain is None:
-            trigger = self._due()
+            trigger = self.due()
             if trigger is None or trigger == "retry":
                 return trigger
             self._drain = self._start_drain(trigger)
         if self._hold or not self._drained(self._drain):
             return None
         drain, self._drain = self._drain, None
-        if self.pending.n_new <= self._need_more_than:  # only a request gets here with nothing new
+        if self.trigger.nothing_new(self.pending.n_new):  # only a request gets here with nothing new
             self._answer_all("declined", reason=f"no new traces to train on ({self.pending.n_messages} read since "
                              "the last commit, none new)", details={"pending_messages": self.pending.n_messages})
             self._resume_all()
             return None
         return drain.trigger
 
-    def _start_drain(self, trigger: str) -> _Drain:
+    def _start_drain(self, trigger: TriggerName) -> Drain:
         timeout_s = self.s.tier3_trainer_commit_timeout_s
         deadline = time.monotonic() + self.s.tier3_trainer_drain_timeout_s
         ps = sorted(self.assigned)
-        targets: dict[int, int] = {}
+        at: dict[int, int] = {}  # where reading is (or starts) per partition
+        marks: dict[int, tuple[int, int]] = {}  # (low, high) watermarks, per partition asked so far
         try:
             pos = self._positions(ps)
             idle = [p for p in ps if pos[p] < 0]  # nothing read there yet: the fetch starts at the committed offset
-            committed = {tp.partition: tp.offset for tp in self.consumer.committed(
-                [TopicPartition(self.topic, p) for p in idle], timeout=timeout_s)} if idle else {}
+            committed = self._committed_offsets(idle) if idle else {}
+            at = {p: pos[p] if pos[p] >= 0 else committed.get(p, -1) for p in ps}
             for p in ps:
-                low, high = kio.watermarks(self.consumer, self.topic, [p], timeout_s)[p]
-                at = pos[p] if pos[p] >= 0 else committed.get(p, -1)
-                if max(at, low) < high:
-                    targets[p] = high
+                marks[p] = kio.watermarks(self.consumer, self.topic, [p], timeout_s)[p]
         except KafkaException as exc:  # the batch is then what is held: never worse than before
             log.warning("could not read the end offsets (%s); the run takes what is read so far", exc)
+        targets = Drain.targets_from(at, marks)
         log.info("trigger %s: reading up to the end offsets %s (at most %d messages per run)", trigger, targets,
                  self.s.tier3_max_traces_per_run)
-        return _Drain(trigger, targets, deadline)
+        return Drain(trigger, targets, deadline)
 
     def _positions(self, ps: list[int]) -> dict[int, int]:
         """Per partition: the next offset to read (what we hold, else the fetcher's position; -1 if unknown)."""
         got = {tp.partition: tp.offset for tp in self.consumer.position([TopicPartition(self.topic, p) for p in ps])}
         return {p: max(self.pending.next_offset(p) or -1, got.get(p, -1)) for p in ps}
 
-    def _drained(self, drain: _Drain) -> bool:
-        if self.pending.n_messages >= self.s.tier3_max_traces_per_run:
+    def _drained(self, drain: Drain) -> bool:
+        if drain.full(self.pending.n_messages, self.s.tier3_max_traces_per_run):
             return True
         todo = [p for p in drain.targets if p in self.assigned]
         pos = self._positions(todo) if todo else {}
-        if all(pos[p] >= drain.targets[p] for p in todo):
+        if drain.reached(pos):
             return True
-        if time.monotonic() > drain.deadline:
+        if drain.expired(time.monotonic()):
             log.warning("trigger %s: end offsets %s not reached within %.0f s (at %s); running with what is read",
                         drain.trigger, drain.targets, self.s.tier3_trainer_drain_timeout_s, pos)
             return True
         return False
 
     # -- one run ------------------------------------------------------------------------------------------
-    def _run_batch(self, trigger: str) -> None:
+    def _run_batch(self, trigger: TriggerName) -> None:
         batch = self.pending.take(self.topic, trigger, attempt=self._failures + 1)
-        self._mark_check()
-        self._retry_target = None
-        self._need_more_than = 0
+        self.trigger.started()
         self._lost_since_batch.clear()
         run_id = new_run_id()
         self.training, self._current_run, self._progress = True, run_id, (0, 0)
@@ -626,7 +482,7 @@ class TrainerConsumer:
             self.training, self._current_run = False, None
             # the next interval check is one interval after this run ended, not after it started: a run
             # longer than the interval must not be followed at once by a run of the few traces read meanwhile
-            self._mark_check()
+            self.trigger.mark_check()
             self._status_heartbeat(force=True)
 
     # -- the close loop after a commit (evaluated, verdict, export): resumable --------------------------------
@@ -684,7 +540,7 @@ class TrainerConsumer:
                 log.error("run %s: its close loop failed %d times; giving up until the next start", m.run_id, n)
                 self._after_todo.remove(m)
                 continue
-            wait_s = min(self.s.tier3_trainer_backoff_max_s, self.s.tier3_trainer_backoff_initial_s * 2 ** (n - 1))
+            wait_s = backoff_s(n, self.s.tier3_trainer_backoff_initial_s, self.s.tier3_trainer_backoff_max_s)
             self._after_retry_at[m.run_id] = now + wait_s
             log.warning("run %s: close loop failed (attempt %d); retry in %.1f s", m.run_id, n, wait_s)
 
@@ -715,17 +571,17 @@ class TrainerConsumer:
         retryable = bool(getattr(exc, "retryable", True))  # an unexpected exception: assume it is transient
         empty = isinstance(exc, DatasetError)
         if empty:
-            backoff_s = 0.0  # retrying the same traces cannot help; wait for more of them instead
+            wait_s = 0.0  # retrying the same traces cannot help; wait for more of them instead
         elif retryable:
-            backoff_s = min(self.s.tier3_trainer_backoff_max_s,
-                            self.s.tier3_trainer_backoff_initial_s * 2 ** (self._failures - 1))
+            wait_s = backoff_s(self._failures, self.s.tier3_trainer_backoff_initial_s,
+                               self.s.tier3_trainer_backoff_max_s)
         else:
-            backoff_s = self.s.tier3_trainer_backoff_max_s  # needs an operator: retry rarely
+            wait_s = self.s.tier3_trainer_backoff_max_s  # needs an operator: retry rarely
         log.error("run %s failed (%s, retryable=%s): %s; nothing committed, retry in %.1f s", run_id,
-                  type(exc).__name__, retryable, exc, backoff_s, exc_info=not isinstance(exc, TrainerError))
+                  type(exc).__name__, retryable, exc, wait_s, exc_info=not isinstance(exc, TrainerError))
         self.events.failed(run_id, model_version=None, base_model=self.cfg.tier3_base_model, details={
             **batch.describe(), "error": str(exc)[:2000], "error_type": type(exc).__name__,
-            "retryable": retryable, "retry_in_s": backoff_s})
+            "retryable": retryable, "retry_in_s": wait_s})
         self.events.flush(5.0)
         # Seek back: every batch partition we still own is read again from the batch's first offset, so the retry
         # trains exactly what a restarted trainer would (the broker's committed offsets did not move).
@@ -741,16 +597,16 @@ class TrainerConsumer:
             try:
                 m = read_manifest(self.s.runs_dir / run_id)
                 if m.state == "trained":
-                    self._uncommitted.append(m)
+                    self.recovery.remember(m)
             except ManifestError:
                 pass
         if empty:
-            self._need_more_than = batch.n_new
+            self.trigger.empty(batch.n_new)
             self._failures = 0
             self._resume_all()
             return
-        self._retry_target = {p: batch.offsets[p].end for p in owned}
-        self._backoff_until = time.monotonic() + backoff_s
+        self.trigger.failed({p: batch.offsets[p].end for p in owned})
+        self._backoff_until = time.monotonic() + wait_s
         self._pause_all()
 
     def _end_backoff_if_due(self) -> None:
@@ -759,7 +615,7 @@ class TrainerConsumer:
             self._resume_all()
 
     def _context(self) -> RunContext:
-        return RunContext(settings=self.s, cfg=self.cfg, events=self.events, commit=self._commit,
+        return RunContext(settings=self.s, cfg=self.cfg, events=self.events, commit=self.commit,
                           in_background=self._in_background, dataset_slice=self._dataset_slice, train=self._train,
                           evaluate=self._evaluate, fault=self._fault, on_step=self._on_step)
 
@@ -777,7 +633,7 @@ class TrainerConsumer:
         worker.start()
         stop_deadline: float | None = None
         while worker.is_alive():
-            self._poll_once(min(0.2, self.s.tier3_trainer_poll_timeout_s))
+            self.poll(min(0.2, self.s.tier3_trainer_poll_timeout_s))
             if self.stop_event.is_set():
                 # wait for the worker to notice (training ends at its next step, see _on_step): a thread left
                 # inside torch when the interpreter exits dies uncleanly ("terminate called without an active
@@ -801,7 +657,7 @@ class TrainerConsumer:
         if self.s.tier3_trainer_step_delay_s > 0:
             time.sleep(self.s.tier3_trainer_step_delay_s)
 
-    def _commit(self, offsets: dict[int, int]) -> None:
+    def commit(self, offsets: dict[int, int]) -> None:
         """Step (4) of the protocol: synchronous commit of exactly ``offsets``, refused for any partition that was
         revoked or lost since the batch was read (its new owner may already have read past it)."""
         gone = {p for p in offsets if p not in self.assigned or p in self._lost_since_batch}
@@ -866,59 +722,30 @@ class TrainerConsumer:
             log.info("history: %d experience ids already trained in partitions %s", len(self.known_ids),
                      sorted(ranges))
 
-    # -- restart: manifests whose commit (or announcement) did not happen ---------------------------------
+    # -- restart: manifests whose commit (or announcement) did not happen (the bookkeeping is trainer.recovery's)
+    def _committed_offsets(self, ps: list[int]) -> dict[int, int]:
+        """The group's committed offset of each partition (negative: none)."""
+        tps = self.consumer.committed([TopicPartition(self.topic, p) for p in ps],
+                                      timeout=self.s.tier3_trainer_commit_timeout_s)
+        return {tp.partition: tp.offset for tp in tps}
+
     def _reconcile_manifests(self) -> None:
         """At start: publish `succeeded` for runs that committed but were not announced; remember the runs that
         were trained and recorded but not committed, to commit them when their batch comes back."""
-        mine = [m for m in list_manifests(self.s.runs_dir)
-                if m.topic == self.topic and m.group == self.s.tier3_trainer_group and m.state != "published"]
-        for m in mine:
-            tps = [TopicPartition(self.topic, p) for p in sorted(m.offsets)]
-            committed = {tp.partition: tp.offset for tp in
-                         self.consumer.committed(tps, timeout=self.s.tier3_trainer_commit_timeout_s)}
-            if m.state == "committed" or all(committed.get(p, -1) >= r.end for p, r in m.offsets.items()):
-                log.info("run %s was committed before the last stop; announcing it", m.run_id)
-                if m.state == "trained":
-                    m = m.model_copy(update={"state": "committed", "committed_at_ms": now_ms()})
-                publish_succeeded(m, self._context())  # its close loop is resumed by _scan_after
-            else:
-                self._uncommitted.append(m)
-                log.info("run %s was trained and recorded but not committed; it is committed (not retrained) when "
-                         "its offsets %s come back", m.run_id, {p: [r.start, r.end] for p, r in m.offsets.items()})
+        def announce(m: RunManifest) -> None:
+            if m.state == "trained":
+                m = m.model_copy(update={"state": "committed", "committed_at_ms": now_ms()})
+            publish_succeeded(m, self._context())  # its close loop is resumed by _scan_after
+
+        self.recovery.reconcile([m for m in list_manifests(self.s.runs_dir) if m.topic == self.topic
+                                 and m.group == self.s.tier3_trainer_group and m.state != "published"], announce)
 
     def _recognise_manifests(self) -> None:
         """Commit an uncommitted manifest once the batch it describes is back in memory, in full."""
-        self._awaiting_manifest = False
-        if not self._uncommitted or self._hold:
+        if self._hold:
+            self.recovery.awaiting = False
             return
-        for m in list(self._uncommitted):
-            if not set(m.offsets) <= self.assigned:
-                continue  # not (all) ours now; another trainer of the group may own the rest
-            # Where each partition of the manifest stands here: the first offset read since the last commit, or,
-            # with nothing read yet, the position the fetcher starts from (the group's committed offset)
-            firsts = {p: self.pending.first_offset(p) for p in m.offsets}
-            moved = {p for p, f in firsts.items() if f is not None and f != m.offsets[p].start}
-            idle = [p for p, f in firsts.items() if f is None]
-            if idle and time.monotonic() >= self._recheck_at.get(m.run_id, 0.0):
-                # nothing read there yet: has the group committed past the start? (at most once a second: it asks
-                # the broker; a committed offset below the start is fine, the batch's messages are on their way)
-                self._recheck_at[m.run_id] = time.monotonic() + 1.0
-                tps = self.consumer.committed([TopicPartition(self.topic, p) for p in idle],
-                                              timeout=self.s.tier3_trainer_commit_timeout_s)
-                moved |= {tp.partition for tp in tps if tp.offset >= 0 and tp.offset > m.offsets[tp.partition].start}
-            waited_s = max(0.0, time.monotonic() - self._awaiting_since.setdefault(m.run_id, time.monotonic()))
-            if moved or waited_s > self.s.tier3_trainer_commit_timeout_s:
-                # someone committed past its start (another trainer of the group took a partition over), or its
-                # batch does not come back: it can no longer be committed as recorded; its traces train again
-                log.info("run %s: the log moved on from its offsets (partitions %s, waited %.0f s); the manifest "
-                         "is stale", m.run_id, sorted(moved), waited_s)
-                self._uncommitted.remove(m)
-                self._awaiting_since.pop(m.run_id, None)
-                continue
-            if not all((self.pending.next_offset(p) or -1) >= r.end for p, r in m.offsets.items()):
-                self._awaiting_manifest = True  # do not start a run that would train part of it again
-                continue
-            self._awaiting_since.pop(m.run_id, None)
+        for m in self.recovery.ready(self.assigned, self.pending):
             self._lost_since_batch.clear()
             try:
                 commit_recognised(m, self._context())
@@ -933,11 +760,10 @@ class TrainerConsumer:
             # its traces are inside a committed run now: a later duplicate of one is not new
             self.known_ids.update(ids)
             self.pending.recount()
-            self._uncommitted.remove(m)
-            if self._retry_target is not None and all(p in m.offsets and m.offsets[p].end >= end
-                                                      for p, end in self._retry_target.items()):
+            self.recovery.done(m)
+            if self.trigger.retry_covered_by(m.commit_offsets()):
                 # the failed batch (its commit was refused) is what this manifest committed: nothing to retry
-                self._retry_target, self._failures = None, 0
+                self._failures = 0
             if self._after_success is not None:
                 self._after_todo.append(m)  # committed by this restart path: its close loop never ran
             self.stats.recognised += 1
@@ -952,7 +778,7 @@ class TrainerConsumer:
         self._next_status_mono = now + self.s.tier3_trainer_status_interval_s
         step, total = self._progress
         self.events.heartbeat(
-            training_in_progress=self.training, last_check_time_ms=self.last_check_ms,
+            training_in_progress=self.training, last_check_time_ms=self.trigger.last_check_ms,
             next_check_in_s=self.next_check_in_s(),
             details={"run_id": self._current_run, "step": step, "total_steps": total,
                      "pending_traces": self.pending.n_new, "pending_messages": self.pending.n_messages,

@@ -10,13 +10,12 @@ Offset ranges are half-open ``[start, end)``: ``end`` is the offset committed to
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from schemas.files import write_atomic as write_atomic  # defined once in schemas.files; re-exported
 from trainer.errors import ManifestError
 
 MANIFEST_NAME = "manifest.json"
@@ -79,32 +78,6 @@ class RunManifest(BaseModel):
 
     def commit_offsets(self) -> dict[int, int]:
         return {p: r.end for p, r in self.offsets.items()}
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside ``path`` durable (POSIX: the directory entry lives in the directory's inode)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so a crash leaves either the old file or the new one, never a torn one:
-    temp file in the same folder, fsync, os.replace, fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def write_manifest(run_dir: Path, manifest: RunManifest) -> Path:

@@ -23,8 +23,6 @@ left as a hub id.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -35,11 +33,11 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -129,17 +127,6 @@ def _is_current(folder: Path, spec: ModelSpec) -> bool:
         stamp.get("version") == spec.version and (folder / "config.json").is_file()
 
 
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)  # two processes pulling at once: the second waits, then finds it done
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def pull(name: str, *, force: bool = False, root: Path | None = None) -> Path:
     """The folder of the named model, pulled (downloaded, converted, stamped) if it is not cached yet."""
     spec = MODELS.get(name)
@@ -150,7 +137,8 @@ def pull(name: str, *, force: bool = False, root: Path | None = None) -> Path:
     folder = root / name
     if not force and _is_current(folder, spec):
         return folder
-    with _lock(root / f".{name}.lock"):
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(root / f".{name}.lock"):  # two processes pulling at once: the second waits, then finds it done
         if not force and _is_current(folder, spec):
             return folder
         root.mkdir(parents=True, exist_ok=True)

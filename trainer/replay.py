@@ -25,10 +25,11 @@ from confluent_kafka import OFFSET_END, Consumer, KafkaException, Message, Topic
 
 from schemas import EnrichedTrace, SchemaError, decode
 from schemas import kafka_io as kio
+from schemas.files import move_into_place, write_atomic
 from schemas.settings import KafkaSettings
 from trainer.dataset import BuiltDataset, build_dataset
 from trainer.errors import TrainerError
-from trainer.manifest import OffsetRange, RunManifest, fsync_dir, write_atomic
+from trainer.manifest import OffsetRange, RunManifest
 from trainer.sft_config import SFTConfig
 
 log = logging.getLogger("tier3.trainer.replay")
@@ -166,14 +167,7 @@ def project_dataset(records: Iterable[TraceRecord], cfg: SFTConfig, out_dir: Pat
 
 def install_dir(src: Path, dest: Path) -> Path:
     """Move a finished folder into place with one rename: ``dest`` either does not exist or is complete."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if dest.exists():  # a previous attempt of this same run left one: replace it as a whole
-        trash = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
-        dest.rename(trash)
-        shutil.rmtree(trash, ignore_errors=True)
-    src.rename(dest)
-    fsync_dir(dest.parent)
-    return dest
+    return move_into_place(src, dest)
 
 
 @dataclass

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from schemas.files import move_into_place
 from trainer.dataset import BuiltDataset, phase_examples
 from trainer.errors import (
     AdapterError,
@@ -293,16 +294,7 @@ def _write_adapter(model: Any, tokenizer: Any, out_dir: Path, meta: dict[str, An
             if p.is_file():
                 with open(p, "rb") as fh:
                     os.fsync(fh.fileno())
-        if final.exists():  # a previous attempt in the same folder: rename it away first (rename is atomic)
-            old = out_dir / f".{ADAPTER_DIR}.old-{os.getpid()}-{time.monotonic_ns()}"
-            os.replace(final, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, final)
-        dfd = os.open(out_dir, os.O_RDONLY)  # make the rename itself durable
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        move_into_place(tmp, final)  # a previous attempt in the same folder is renamed away first
     except OSError as exc:
         raise AdapterError(f"could not write the adapter to {final}: {exc}") from exc
     finally:

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from schemas import get_task
-from trainer.close_loop.evaluate import HoldoutExample, evaluate_examples, percentile, score_output, write_report
+from schemas.stats import percentile
+from trainer.close_loop.evaluate import HoldoutExample, evaluate_examples, score_output, write_report
 from trainer.errors import EvaluationError
 
 TASK = get_task("widget_selector")

@@ -114,6 +114,14 @@ def test_prompt_parity_and_trace_fields() -> None:
     assert stats.calls == 1 and stats.errors == 0 and stats.in_flight == 0
 
 
+def test_teacher_latency_percentiles_interpolate_like_the_evaluation() -> None:
+    stats = TeacherStats()
+    assert stats.percentile_ms(0.95) is None
+    stats.latencies_ms.extend([40.0, 10.0, 30.0, 20.0])
+    # schemas.stats.percentile (linear interpolation), the same definition as the offline evaluation's p95
+    assert stats.percentile_ms(0.50) == 25.0 and stats.percentile_ms(0.95) == 38.5
+
+
 def test_transient_errors_retried_then_succeed() -> None:
     it, raw = item()
     teacher = ScriptedTeacher([TeacherServerError("HTTP 500"), TeacherTimeout("slow"), "ok"])

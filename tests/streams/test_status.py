@@ -39,7 +39,7 @@ def test_status_shape_and_metrics(tmp_path) -> None:  # type: ignore[no-untyped-
     assert set(out) == SHAPE
     assert out["counts"] == {"consumed": 10, "sampled": 4, "enriched": 3, "dead_lettered": 1, "not_sampled": 6}
     assert out["teacher"] == {"kind": "recorded", "model": "rec-model", "in_flight": 0, "calls": 5, "errors": 1,
-                              "error_rate": 0.2, "latency_ms_p50": 30.0, "latency_ms_p95": 40.0}
+                              "error_rate": 0.2, "latency_ms_p50": 25.0, "latency_ms_p95": 38.5}  # linear
     assert out["dead_letters"] == {"count": 1, "by_reason": {"not_json": 1}}
     assert out["trainer"]["tier3_sft"]["training_in_progress"] is False
     assert set(out["router"]) == {"mode", "promoted_version", "arms"}

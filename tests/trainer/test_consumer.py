@@ -77,8 +77,8 @@ def read_all(tc: TrainerConsumer, n_messages: int, timeout_s: float = 30.0) -> N
     deadline = time.monotonic() + timeout_s
     while tc.pending.n_messages < n_messages:
         assert time.monotonic() < deadline, f"read {tc.pending.n_messages} of {n_messages} messages"
-        tc._poll_once(0.2)
-        assert tc._due() is None
+        tc.poll(0.2)
+        assert tc.due() is None
 
 
 @pytest.mark.slow
@@ -171,7 +171,7 @@ def test_duplicates_count_once_towards_min_traces(make_settings: Callable[..., A
     try:
         read_all(tc, 18)  # no run may start on 9 distinct traces
         assert tc.pending.n_messages == 18 and tc.pending.n_unique == 9
-        assert tc._due() is None
+        assert tc.due() is None
         produce_traces(s, traces[9:])
         stats = tc.run(max_runs=1, timeout_s=60)
     finally:
@@ -255,7 +255,7 @@ def test_a_refused_commit_is_retried_from_the_manifest_without_training_again(
     produce_traces(s, synthetic_traces(9, seed=10))
     ends = end_offsets(s)
     calls: list[BuiltDataset] = []
-    real_commit = TrainerConsumer._commit
+    real_commit = TrainerConsumer.commit
     refused: list[dict[int, int]] = []
 
     def flaky_commit(self: TrainerConsumer, offsets: dict[int, int]) -> None:
@@ -264,7 +264,7 @@ def test_a_refused_commit_is_retried_from_the_manifest_without_training_again(
             raise CommitFailed("injected: broker answered NOT_COORDINATOR")
         real_commit(self, offsets)
 
-    monkeypatch.setattr(TrainerConsumer, "_commit", flaky_commit)
+    monkeypatch.setattr(TrainerConsumer, "commit", flaky_commit)
     stats = TrainerConsumer(s, sft_config(tiny_model), train=fake_train(calls)).run(max_runs=1, timeout_s=60)
     assert len(calls) == 1, "the batch was trained twice"
     assert stats.runs_failed == 1 and stats.recognised == 1
@@ -306,7 +306,7 @@ def test_ids_of_a_recognised_run_are_not_counted_as_new_again(
     s = trainer_settings(make_settings, tier3_min_traces=9)
     traces = synthetic_traces(13, seed=17)
     produce_traces(s, traces[:9])
-    real_commit = TrainerConsumer._commit
+    real_commit = TrainerConsumer.commit
     refused: list[dict[int, int]] = []
 
     def flaky_commit(self: TrainerConsumer, offsets: dict[int, int]) -> None:
@@ -315,7 +315,7 @@ def test_ids_of_a_recognised_run_are_not_counted_as_new_again(
             raise CommitFailed("injected: broker answered NOT_COORDINATOR")
         real_commit(self, offsets)
 
-    monkeypatch.setattr(TrainerConsumer, "_commit", flaky_commit)
+    monkeypatch.setattr(TrainerConsumer, "commit", flaky_commit)
     calls: list[BuiltDataset] = []
     tc = TrainerConsumer(s, sft_config(tiny_model), train=fake_train(calls))
     tc.start()

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError, TopicPartition
 
-from trainer.consumer import Accumulator
+from trainer.accumulation import Accumulator
 from trainer.dataset import BuiltDataset
 from trainer.errors import CommitFailed, EvaluationError, TrainingFailed
 from trainer.manifest import OffsetRange, list_manifests, read_manifest, write_atomic

@@ -42,6 +42,7 @@ import orjson
 
 from schemas import EnrichedTrace, TaskDefinition, TrainingRun, get_task
 from schemas.runs import fold_runs
+from schemas.stats import percentile
 from schemas.tasks import OutputScore, score_output  # the one scoring rule, shared with the worker's online eval
 from trainer.close_loop.settings import CloseLoopSettings
 from trainer.errors import EvaluationError, TrainerError
@@ -97,16 +98,6 @@ def examples_from_holdout(path: Path, *, reasoning: bool = True) -> tuple[str | 
         out.append(HoldoutExample(experience_id=r["experience_id"], prompt=prompt,
                                   teacher_answer=r["teacher_answer"], baseline_response=r["production_response"]))
     return task, out
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """The q-th percentile (0..100) by linear interpolation between order statistics; None when empty."""
-    if not values:
-        return None
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100.0
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 @dataclass(frozen=True)
@@ -453,8 +444,5 @@ def evaluate_run(settings: CloseLoopSettings, run_id: str, *, generate: Generate
 
 
 def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -27,7 +27,6 @@ packages and clones llama.cpp); ``UNSLOTH_AUTO_INSTALL=0`` is set anyway before 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -37,12 +36,14 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("UNSLOTH_AUTO_INSTALL", "0")  # never let unsloth apt-get / git clone on our behalf
+
+from filelock import FileLock
 
 from schemas import TrainingRun
 from trainer.close_loop.settings import CloseLoopSettings
@@ -66,17 +67,6 @@ def default_tools_dir() -> Path:
     return Path(base) / "tier3" / "tools"
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)  # concurrent exports / test workers fetch the converter once
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def ensure_converter(settings: CloseLoopSettings) -> Path:
     """The folder holding convert_hf_to_gguf.py, conversion/ and gguf-py/ (fetched and extracted once)."""
     if settings.tier3_llama_cpp_dir is not None:
@@ -89,7 +79,9 @@ def ensure_converter(settings: CloseLoopSettings) -> Path:
     target = tools / f"llama.cpp-converter-{version}"
     if (target / CONVERTER_SCRIPT).is_file():
         return target
-    with _file_lock(tools / f".llama.cpp-converter-{version}.lock"):
+    tools.mkdir(parents=True, exist_ok=True)
+    # concurrent exports / test workers fetch the converter once
+    with FileLock(tools / f".llama.cpp-converter-{version}.lock"):
         if (target / CONVERTER_SCRIPT).is_file():
             return target
         with tempfile.TemporaryDirectory(dir=tools, prefix=".fetch-") as tmp:
@@ -247,11 +239,9 @@ def _base_dirs(adapter_dir: Path) -> list[Path]:
 
 
 def file_info(path: Path) -> dict[str, Any]:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return {"path": str(path), "size_bytes": path.stat().st_size, "sha256": h.hexdigest()}
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"path": str(path), "size_bytes": path.stat().st_size, "sha256": digest}
 
 
 def gguf_summary(path: Path) -> dict[str, Any]:
