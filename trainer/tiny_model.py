@@ -21,17 +21,16 @@ Choices, with their reasons:
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock
 
 from schemas.tasks import ANSWER_ONLY_INSTRUCTION, REASONED_INSTRUCTION, get_task
 
@@ -173,25 +172,14 @@ def _is_built(folder: Path, recipe: str) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    """An exclusive file lock, so parallel test processes build one copy, not a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def build_tiny_model(out_dir: Path) -> Path:
     """Build the tiny student into ``out_dir`` (or return it at once if it is already built); return the folder."""
     out_dir = Path(out_dir).resolve()
     recipe = _recipe_hash()
     if _is_built(out_dir, recipe):
         return out_dir
-    with _lock(out_dir.parent / f".{out_dir.name}.lock"):
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(out_dir.parent / f".{out_dir.name}.lock"):  # parallel test processes build one copy, not a torn one
         if _is_built(out_dir, recipe):  # another process built it while we waited
             return out_dir
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
