@@ -96,21 +96,12 @@ class Observed:
 #: errors of a Kafka request that a later retry may not see: the group coordinator moved or is loading its offsets,
 #: a leader election, a timeout or a reconnect. librdkafka does not mark every one retriable() (committed()'s
 #: NOT_COORDINATOR is not), hence the list.
-TRANSIENT_KAFKA_ERRORS = frozenset({
-    KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
-    KafkaError.REBALANCE_IN_PROGRESS, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.NOT_LEADER_FOR_PARTITION,
-    KafkaError.REQUEST_TIMED_OUT, KafkaError.NETWORK_EXCEPTION, KafkaError.UNKNOWN_TOPIC_OR_PART,
-    KafkaError._TIMED_OUT, KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._WAIT_COORD,
-    KafkaError._MSG_TIMED_OUT, KafkaError._RESOLVE})
 PROBE_GIVE_UP_S = 60.0  # a "transient" error that lasts this long is reported after all
 
 
 def transient(exc: BaseException) -> bool:
-    """Whether a Kafka client exception is worth retrying (see :data:`TRANSIENT_KAFKA_ERRORS`)."""
-    err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
-    if not isinstance(err, KafkaError):
-        return False
-    return bool(err.retriable()) or err.code() in TRANSIENT_KAFKA_ERRORS
+    """Whether a Kafka client exception is worth retrying: the one rule, :func:`schemas.kafka_io.is_transient`."""
+    return kio.is_transient(exc)
 
 
 class Monitor(threading.Thread):
