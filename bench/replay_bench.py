@@ -122,9 +122,11 @@ def main() -> None:
                 "raw_msgs_per_s": round(args.traces / raw_s), "raw_json_msgs_per_s": round(args.traces / raw_json_s),
                 "replay_traces_per_s": round(args.traces / replay_s),
                 "replay_vs_raw": round(raw_s / replay_s, 3), "replay_vs_raw_json": round(raw_json_s / replay_s, 3)})
-        env = {**os.environ, **settings.as_env(), "TIER3_DATA_DIR": tmp}
+        # `python -m tier3` of this checkout (an installed `tier3` script may be another checkout's, or stale)
+        env = {**os.environ, **settings.as_env(), "TIER3_DATA_DIR": tmp,
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         t0 = time.perf_counter()
-        cli = subprocess.run([str(Path(sys.executable).with_name("tier3")), "replay", "--out", f"{tmp}/cli"],
+        cli = subprocess.run([sys.executable, "-m", "tier3", "replay", "--out", f"{tmp}/cli"],
                              env=env, capture_output=True, text=True, check=True)
         cli_s = time.perf_counter() - t0
         cli_sha = json.loads(cli.stdout)["sha256"]

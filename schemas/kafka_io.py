@@ -131,12 +131,31 @@ def iter_slice(consumer: Consumer, topic: str, ranges: dict[int, Range] | dict[i
     ``ranges`` values need ``start`` and ``end`` attributes. Positions, not message counts, decide when a partition
     is done: offsets can have gaps (transaction markers, compaction), so "end reached" is "the next offset to read
     is >= end". A non-transient partition error is raised; :class:`ReadTimeout` when the deadline passes first.
-    The consumer is left assigned (the caller owns and closes it).
+    The consumer is left assigned (the caller owns and closes it). One record at a time over
+    :func:`iter_slice_batches`.
     """
-    todo = {p: r for p, r in ranges.items() if r.end > r.start}
+    for batch in iter_slice_batches(consumer, topic, ranges, timeout_s=timeout_s, poll_s=poll_s):
+        yield from batch
+
+
+#: records taken from the client's queue per call in :func:`iter_slice_batches`
+SLICE_BATCH = 1000
+
+
+def iter_slice_batches(consumer: Consumer, topic: str, ranges: dict[int, Range] | dict[int, Any], *,
+                       timeout_s: float = 300.0, poll_s: float = 0.5, batch: int = SLICE_BATCH
+                       ) -> Iterator[list[Message]]:
+    """:func:`iter_slice` in lists of records (each non-empty, partitions interleaved, offset order within each
+    partition): for bulk readers, so the per-record work in Python is the reader's own.
+
+    The client's queue is drained with ``consume(batch, timeout=0)`` (whatever librdkafka has fetched already,
+    without waiting for a full batch); only when it is empty does one call wait, up to ``poll_s``, for the next
+    record, so the tail of a slice never waits for a batch that cannot fill up.
+    """
+    todo = {p: r.end for p, r in ranges.items() if r.end > r.start}
     if not todo:
         return
-    consumer.assign([TopicPartition(topic, p, r.start) for p, r in todo.items()])
+    consumer.assign([TopicPartition(topic, p, r.start) for p, r in ranges.items() if r.end > r.start])
     deadline = time.monotonic() + timeout_s
 
     def done(p: int) -> None:
@@ -146,34 +165,41 @@ def iter_slice(consumer: Consumer, topic: str, ranges: dict[int, Range] | dict[i
     while todo:
         if time.monotonic() > deadline:
             raise ReadTimeout(f"timed out reading {topic}: partitions {sorted(todo)} not at their end offsets")
-        msg = consumer.poll(poll_s)
-        if msg is None:
+        msgs = consumer.consume(batch, 0) or consumer.consume(1, poll_s)
+        if not msgs:
             # an idle partition may sit right at its end after skipping markers: ask for its position
             for tp in consumer.position([TopicPartition(topic, p) for p in list(todo)]):
-                if tp.offset >= 0 and tp.offset >= todo[tp.partition].end:
+                if tp.offset >= 0 and tp.offset >= todo[tp.partition]:
                     done(tp.partition)
             continue
-        p = msg.partition()
-        if p is None or p not in todo:
-            continue
-        err = msg.error()
-        if err is not None:
-            if err.code() == KafkaError._PARTITION_EOF:
-                off = msg.offset()
-                if off is not None and off >= todo[p].end:
-                    done(p)
+        out: list[Message] = []
+        for msg in msgs:
+            p = msg.partition()
+            end = todo.get(p)  # type: ignore[arg-type]
+            if end is None:  # not ours, or already done (records fetched past the end before the pause)
                 continue
-            if err.retriable() or err.code() in _TRANSIENT_CODES:
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    off = msg.offset()
+                    if off is not None and off >= end:
+                        done(p)  # type: ignore[arg-type]
+                    continue
+                if err.retriable() or err.code() in _TRANSIENT_CODES:
+                    continue
+                if out:  # what was read before the error is handed over first
+                    yield out
+                raise KafkaException(err)
+            off = msg.offset()
+            assert off is not None
+            if off >= end:
+                done(p)  # type: ignore[arg-type]
                 continue
-            raise KafkaException(err)
-        off = msg.offset()
-        assert off is not None
-        if off >= todo[p].end:
-            done(p)
-            continue
-        yield msg
-        if off + 1 >= todo[p].end:
-            done(p)
+            out.append(msg)
+            if off + 1 >= end:
+                done(p)  # type: ignore[arg-type]
+        if out:
+            yield out
 
 
 def read_until_now(settings: KafkaSettings, topic: str, purpose: str, *, timeout_s: float = 30.0

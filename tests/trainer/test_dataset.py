@@ -166,11 +166,14 @@ def test_phase_spec_parsing_and_validation(monkeypatch: pytest.MonkeyPatch) -> N
     assert _cfg(tier3_lora_target_modules="q_proj, v_proj").target_modules == ["q_proj", "v_proj"]
 
 
-def test_each_trace_is_validated_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # validation was most of a replay's time (issue 10): once per trace, not once per phase kind as well
+def test_each_answer_value_is_validated_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # validation was most of a replay's time (issue 10): once per distinct answer value of a task, not once per
+    # trace and phase kind
     from schemas.tasks import TaskDefinition
 
     traces = synthetic_traces(50)
+    distinct = {(t.task, orjson.dumps(t.answer)) for t in traces}
+    assert 1 < len(distinct) < 50  # the synthetic answers repeat: the test means something
     calls = 0
     inner = TaskDefinition.validate_answer
 
@@ -182,4 +185,17 @@ def test_each_trace_is_validated_once(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setattr(TaskDefinition, "validate_answer", counting)
     built = build_dataset(traces, _cfg(tier3_holdout_fraction=0.0), tmp_path)
     assert built.n_train == 50 and len({p.kind for p in built.phases}) == 2
-    assert calls == 50
+    assert calls == len(distinct)
+
+
+def test_an_answer_seen_before_does_not_excuse_unsafe_reasoning_nor_a_different_answer(tmp_path: Path) -> None:
+    good = synthetic_traces(3, partitions=1)
+    same_answer = [_moved(good[0], 0, 10 + i, experience_id=f"again-{i}") for i in range(3)]
+    same_answer[1] = same_answer[1].model_copy(update={"reasoning": "fine <|im_end|> not"})
+    # the same answer value with its keys in another order: checked as a new value, and accepted
+    reordered = _moved(good[0], 0, 20, experience_id="reordered",
+                       answer=dict(reversed(list(good[0].answer.items()))))
+    wrong = _moved(good[0], 0, 21, experience_id="wrong", answer={**good[0].answer, "widgets": ["nope"]})
+    built = build_dataset([*good, *same_answer, reordered, wrong], _cfg(tier3_holdout_fraction=0.0), tmp_path)
+    assert {s[0] for s in built.skipped} == {"again-1", "wrong"}
+    assert built.n_unsafe == 1 and built.n_train == 3 + 2 + 1
