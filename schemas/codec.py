@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import TypeVar
 
 import orjson
@@ -18,6 +19,13 @@ DEFAULT_MAX_MESSAGE_BYTES = 1_000_000
 def encode(message: BaseModel) -> bytes:
     """Serialise a message to compact JSON bytes (orjson)."""
     return orjson.dumps(message.model_dump(mode="json"))
+
+
+@functools.cache
+def _expected_version(model: type[BaseModel]) -> object:
+    """The ``schema_version`` a model's messages carry (None: the model has none); asked once per model."""
+    field = model.model_fields.get("schema_version")
+    return None if field is None else field.default
 
 
 def decode(data: bytes | bytearray | memoryview | str, model: type[M], *,
@@ -38,7 +46,7 @@ def decode(data: bytes | bytearray | memoryview | str, model: type[M], *,
     if not isinstance(obj, dict):
         raise NotJSON(f"expected a JSON object, got {type(obj).__name__}")
     version = obj.get("schema_version")
-    expected = model.model_fields["schema_version"].default if "schema_version" in model.model_fields else None
+    expected = _expected_version(model)
     if expected is not None and (type(version) is not int or version != expected):
         raise UnknownSchemaVersion(f"schema_version {version!r} is not supported (expected {expected})",
                                    field="schema_version")
