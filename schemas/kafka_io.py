@@ -143,15 +143,17 @@ SLICE_BATCH = 1000
 
 
 def iter_slice_batches(consumer: Consumer, topic: str, ranges: dict[int, Range] | dict[int, Any], *,
-                       timeout_s: float = 300.0, poll_s: float = 0.5, batch: int = SLICE_BATCH
+                       timeout_s: float = 300.0, poll_s: float = 0.5, batch: int | None = None
                        ) -> Iterator[list[Message]]:
     """:func:`iter_slice` in lists of records (each non-empty, partitions interleaved, offset order within each
     partition): for bulk readers, so the per-record work in Python is the reader's own.
 
     The client's queue is drained with ``consume(batch, timeout=0)`` (whatever librdkafka has fetched already,
     without waiting for a full batch); only when it is empty does one call wait, up to ``poll_s``, for the next
-    record, so the tail of a slice never waits for a batch that cannot fill up.
+    record, so the tail of a slice never waits for a batch that cannot fill up. ``batch``: :data:`SLICE_BATCH`
+    unless given.
     """
+    batch = batch or SLICE_BATCH
     todo = {p: r.end for p, r in ranges.items() if r.end > r.start}
     if not todo:
         return

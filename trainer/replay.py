@@ -138,6 +138,10 @@ def bulk_decode() -> Iterator[None]:
     every collection during a bulk read walks the whole growing heap of them again, for nothing (about a third of
     a replay's time). The collector's previous state is restored on exit; collection then resumes on its normal
     schedule (cycles made meanwhile, if any, are found then).
+
+    On exit the objects made meanwhile are moved to the oldest generation as they are (``freeze()`` then
+    ``unfreeze()``: two list splices, no scan; skipped if something else froze objects), instead of all being
+    walked at once by the first young collection after ``enable()``; the next full collection sees them.
     """
     was = gc.isenabled()
     gc.disable()
@@ -145,6 +149,9 @@ def bulk_decode() -> Iterator[None]:
         yield
     finally:
         if was:
+            if gc.get_freeze_count() == 0:
+                gc.freeze()
+                gc.unfreeze()
             gc.enable()
 
 

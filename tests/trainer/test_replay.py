@@ -97,3 +97,61 @@ def test_replay_train_builds_a_new_adapter_from_the_log(make_settings: Callable[
     assert not list((tmp_path / "r").glob(".adapter-tmp-*"))
     assert len(read_jsonl(res.dataset.train_path)) == res.dataset.n_train  # one phase: one line per trace
     assert orjson.loads((tmp_path / "r" / "replay.json").read_bytes())["sha256"] == res.dataset.sha256
+
+
+@pytest.mark.parametrize("batch", [1000, 3])
+def test_read_ranges_exact_slices_over_transaction_gaps_with_bad_records_counted(
+        make_settings: Callable[..., Any], monkeypatch: pytest.MonkeyPatch, batch: int) -> None:
+    """The bulk read (consume() batches): exactly [start, end) per partition, whatever the batch boundaries;
+    commit markers and an aborted transaction leave offset gaps (positions decide the end); undecodable records
+    are counted and handed to on_bad with their position; the collector's state is left as it was."""
+    import gc
+
+    from confluent_kafka import Producer
+
+    from schemas import encode, kafka_io
+    from schemas.settings import RELIABLE_PRODUCER
+    from trainer.manifest import OffsetRange
+    from trainer.replay import read_ranges
+
+    monkeypatch.setattr(kafka_io, "SLICE_BATCH", batch)  # records per consume(): batch boundaries anywhere
+    s = trainer_settings(make_settings, tier3_partitions=1)
+    topic = s.traces_topic
+    traces = synthetic_traces(40, partitions=1, seed=5, id_prefix="tx")
+    bad = {7: b"not json", 19: b'{"schema_version": 1, "experience_id": ""}'}
+    p = Producer({**s.client_config(), **RELIABLE_PRODUCER, "transactional.id": f"t-{topic}"})
+    p.init_transactions(30)
+    values: list[bytes] = []
+    for i, t in enumerate(traces):
+        values.append(bad.get(i, encode(t)))
+    for chunk, commit in ((values[:15], True), ([encode(traces[0])] * 3, False), (values[15:], True)):
+        p.begin_transaction()
+        for v in chunk:
+            p.produce(topic, value=v, partition=0)
+        if commit:
+            p.commit_transaction(30)
+        else:
+            assert p.flush(30) == 0  # written, then aborted (unsent records would just be purged)
+            p.abort_transaction(30)
+    # offsets: 0-14 values, 15 commit marker, 16-18 aborted, 19 abort marker, 20-44 values, 45 commit marker
+    whole = ranges_from_beginning(s, topic)
+    assert whole == {0: OffsetRange(start=0, end=46)}
+    seen_bad: list[tuple[int, int, bytes | None]] = []
+    gc.disable()
+    try:
+        read = read_ranges(s, topic, whole, timeout_s=60, on_bad=lambda p_, o, _k, v, _e: seen_bad.append((p_, o, v)))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    assert read.n_messages == 40 and read.n_bad == 2
+    assert seen_bad == [(0, 7, bad[7]), (0, 24, bad[19])]  # trace 19 sits after 5 extra offsets
+    expected_offsets = [o for o in [*range(0, 15), *range(20, 45)] if o not in (7, 24)]
+    assert [r.offset for r in read.records] == expected_offsets
+    assert [r.trace.experience_id for r in read.records] == [
+        t.experience_id for i, t in enumerate(traces) if i not in bad]
+    # a slice whose end is the first commit marker, and one that starts inside the aborted transaction
+    head = read_ranges(s, topic, {0: OffsetRange(start=0, end=16)}, timeout_s=60)
+    assert head.n_messages == 15 and [r.offset for r in head.records][-1] == 14
+    tail = read_ranges(s, topic, {0: OffsetRange(start=17, end=21)}, timeout_s=60)
+    assert tail.n_messages == 1 and [r.offset for r in tail.records] == [20]
+    assert gc.isenabled()
