@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from rich.live import Live
 
-from schemas import Experience
+from schemas import Experience, get_task
 from streams.sampling import is_shadow
 from tier3.demo.display import Display, ab_figures_note, console, headline_metrics, version_label
 from tier3.demo.monitor import Observed, RunInfo
@@ -40,6 +40,7 @@ from tier3.demo.supervise import DemoState, free_port, start_child
 
 if TYPE_CHECKING:
     from streams.router import Router
+    from streams.teachers import Teacher, TeacherReply
 
 AB_SHARE = 0.5  # the student's share of users in the demo's ab split (production's default is 0.1)
 SERVE_WAIT_S = 240.0  # `tier3 serve`: the server loads the GGUF (its own bound is TIER3_SERVE_START_TIMEOUT_S)
@@ -219,6 +220,22 @@ def run_ab_phase(state: DemoState, session: Session, opts: DemoOptions, obs: Obs
             "wall_s": round(time.monotonic() - t0, 1)}
 
 
+class RecordedAsAsked:
+    """The demo's teacher arm: the recorded teacher, asked with the prompt its answers were recorded for (the
+    worker's teacher prompt: the production messages plus the task's output-format instruction). A live teacher
+    answers the production messages as they are; the recorded one only knows the prompts it was recorded on."""
+
+    def __init__(self, inner: Teacher, task: str) -> None:
+        self.inner, self.task = inner, get_task(task)
+        self.kind, self.model, self.recorded = inner.kind, inner.model, inner.recorded
+
+    async def complete(self, messages: list[dict[str, str]]) -> TeacherReply:
+        return await self.inner.complete(self.task.messages_for_model(messages, reasoning=True))
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 def _wait_served(serve: Any, base_url: str, version: int) -> tuple[str | None, str]:
     """(the alias ``tier3 serve`` lists for ``version``, "") once it does; (None, why) if it exits or never does."""
     deadline = time.monotonic() + SERVE_WAIT_S
@@ -250,7 +267,10 @@ async def _send(session: Session, opts: DemoOptions, experiences: list[Experienc
         "tier3_student_base_url": base_url, "tier3_student_model": alias.rsplit(":v", 1)[0] + ":v{version}",
         "tier3_student_max_tokens": opts.ab_max_tokens, "tier3_student_timeout_s": STUDENT_TIMEOUT_S,
         "tier3_teacher": "recorded", "tier3_teacher_recorded_path": opts.recorded_path.resolve()})
-    router: Router = Router(settings).start()
+    from streams.teachers import make_teacher
+
+    task = experiences[0].task if experiences else "widget_selector"
+    router: Router = Router(settings, teacher=RecordedAsAsked(make_teacher(settings), task)).start()
     try:
         cur = router.view.current
         if cur is None or cur.model_version != version:
