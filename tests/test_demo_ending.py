@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
+from schemas import TrainingRun
 from schemas.settings import RELIABLE_PRODUCER, KafkaSettings
 from tier3.demo import display, monitor, summary
 from tier3.demo.options import DemoOptions, Session
@@ -138,8 +139,8 @@ def test_the_ab_phase_reads_the_served_versions_figures_from_the_status_block() 
     """The A/B phase's figures are the worker's /status online_eval block for the served version (built here by
     the worker's own OnlineEvaluator): n summed over the windows, rates weighted by n, the worst window's
     latency; another version's windows and an empty block give nothing."""
+    from streams.client.router import ab_bucket
     from streams.online_eval import OnlineEvaluator, latency_bucket, window_key
-    from streams.router import ab_bucket
     from streams.settings import StreamsSettings
     from tier3.demo import ab
 
@@ -185,6 +186,8 @@ def test_the_ab_phase_is_skipped_with_a_reason_when_nothing_can_be_served(tmp_pa
     run = monitor.RunInfo("run-1", events=["started", "succeeded", "evaluated", "promoted"], model_version=2,
                           seen_mono={"promoted": time.monotonic()})
     obs.runs[run.run_id] = run
+    assert state.monitor is not None
+    state.monitor.fold.apply(TrainingRun(run_id="run-1", event="promoted", at_ms=1, model_version=2))
     out = ab.run_ab_phase(state, session, DemoOptions(), obs, disp, [], {"serve"})
     assert out["status"] == "skipped" and "v2" in out["reason"] and "no exported" in out["reason"]
     assert ab.run_ab_phase(state, session, DemoOptions(ab_prompts=0), obs, disp, [], {"serve"})["status"] == \

@@ -7,7 +7,7 @@ After the pipeline is done and a version is promoted and exported (by the gate, 
    for this demo, and a run started on them would compete with the student's server for the CPU;
 2. ``tier3 serve --port P --no-follow`` (llama-cpp-python's OpenAI-compatible server on the exported GGUF) starts
    as a supervised child, stopped with the others at the end or on Ctrl-C;
-3. :class:`streams.router.Router` in ``ab`` mode (the application's client path) answers ``--ab-prompts`` of the
+3. :class:`streams.client.router.Router` in ``ab`` mode (the application's client path) answers ``--ab-prompts`` of the
    demo's prompts, half of them from users whose sticky arm is the student; every answer is published on
    ``experiences`` with its arm and model version;
 4. the worker (started with ``TIER3_SHADOW_RATE`` = ``--shadow-rate``) enriches the student's answers as shadow
@@ -32,6 +32,7 @@ import httpx
 from rich.live import Live
 
 from schemas import Experience, get_task
+from schemas.runs import RunsFold
 from streams.sampling import is_shadow
 from tier3.demo.display import Display, ab_figures_note, console, headline_metrics, version_label
 from tier3.demo.monitor import Observed, RunInfo
@@ -39,7 +40,7 @@ from tier3.demo.options import DemoOptions, Session
 from tier3.demo.supervise import DemoState, free_port, start_child
 
 if TYPE_CHECKING:
-    from streams.router import Router
+    from streams.client.router import Router
     from streams.teachers import Teacher, TeacherReply
 
 AB_SHARE = 0.5  # the student's share of users in the demo's ab split (production's default is 0.1)
@@ -61,20 +62,17 @@ class AbProgress:
     errors: list[str] = field(default_factory=list)
 
 
-def promoted_exported(obs: Observed) -> RunInfo | None:
-    """The version in force that the demo can serve: the newest promoted run not rolled back since, if exported."""
-    in_force = [r for r in obs.runs.values() if r.verdict == "promoted" and "promoted" in r.seen_mono
-                and r.seen_mono["promoted"] > r.seen_mono.get("rollback", float("-inf"))]
-    if not in_force:
-        return None
-    run = max(in_force, key=lambda r: r.seen_mono["promoted"])
-    return run if "exported" in run.events and run.exported else None
+def promoted_exported(obs: Observed, fold: RunsFold) -> tuple[RunInfo | None, RunInfo | None]:
+    """(the run in force by the one fold of training-runs, that run if the demo can serve it: exported)."""
+    in_force = fold.in_force
+    run = obs.runs.get(in_force[0]) if in_force is not None else None
+    return run, (run if run is not None and "exported" in run.events and run.exported else None)
 
 
 def ab_users(n: int, share: float, salt: str) -> list[str]:
     """``n`` user ids, alternately on the student's and the teacher's sticky arm (the router's own hash), so a
     handful of prompts is enough for both arms; the router still chooses each arm itself."""
-    from streams.router import ab_bucket
+    from streams.client.router import ab_bucket
 
     student = [u for u in (f"demo-user-{i}" for i in range(10_000)) if ab_bucket(u, salt) < share][:(n + 1) // 2]
     teacher = [u for u in (f"demo-user-{i}" for i in range(10_000)) if ab_bucket(u, salt) >= share][:n // 2]
@@ -129,16 +127,14 @@ def run_ab_phase(state: DemoState, session: Session, opts: DemoOptions, obs: Obs
     if not session.have_worker:
         return skipped("no `tier3 worker` here: nothing would score the student's answers")
     with monitor.lock:
-        run = promoted_exported(obs)
-        promoted = [r for r in obs.runs.values() if r.verdict == "promoted"]
+        in_force, run = promoted_exported(obs, monitor.fold)
     if run is None or run.model_version is None:
-        return skipped("no promoted version was exported (pass --promote to promote the newest by hand)"
-                       if not promoted else f"the version in force ({version_label(promoted[-1])}) has no exported "
-                       "GGUF")
+        return skipped("no version was promoted (pass --promote to promote the newest by hand)" if in_force is None
+                       else f"the version in force ({version_label(in_force)}) has no exported GGUF")
     version = run.model_version
     if "serve" not in commands or state.closer_env is None:
         return skipped("`tier3 serve` is not installed here", version=version)
-    from trainer.serve import server_installed
+    from trainer.close_loop.serve import server_installed
 
     if not server_installed():
         return skipped("llama-cpp-python's server is not installed (pip install 'tier3[serve]')", version=version)
@@ -259,8 +255,8 @@ def _wait_served(serve: Any, base_url: str, version: int) -> tuple[str | None, s
 
 async def _send(session: Session, opts: DemoOptions, experiences: list[Experience], alias: str, base_url: str,
                 version: int, prog: AbProgress, refresh: Any) -> None:
-    """The prompts through :class:`streams.router.Router` in ``ab`` mode, one at a time, each published by it."""
-    from streams.router import Router, RouterSettings
+    """The prompts through :class:`streams.client.router.Router` in ``ab`` mode, one at a time, each published by it."""
+    from streams.client.router import Router, RouterSettings
 
     settings = RouterSettings.model_validate({
         **session.settings.model_dump(), "tier3_serve": "ab", "tier3_ab_student_share": AB_SHARE,
