@@ -119,7 +119,55 @@ def test_demo_runs_the_whole_flywheel(kafka_bootstrap: str, tmp_path: Path) -> N
     exported = [r for r in s2["runs"] if "exported" in r["events"]]
     assert len(exported) == 1 and exported[0]["verdict"] == "promoted", s2["runs"]
     assert exported[0]["gguf"] and all(Path(f).stat().st_size > 0 for f in exported[0]["gguf"])
+
+    # the A/B phase: `tier3 serve` on the exported student, prompts through the router in ab mode, and the
+    # served version's online agreement read from the worker's /status online_eval block
+    ab = s2["ab"]
+    version = exported[0]["model_version"]
+    assert ab["status"] == "done", (ab, out2[-4000:])
+    assert ab["version"] == version and ab["model"].endswith(f":v{version}")
+    assert ab["sent"] == ab["prompts"] > 0 and ab["arms"]["student"] > 0 and ab["arms"]["teacher"] > 0
+    assert ab["fallbacks"] == 0, ab["errors"]  # every student arm answer came from the server
+    fig = ab["online_eval"]
+    assert fig["source"].startswith(s2["status_url"]) and f"versions.{version}" in fig["source"]
+    assert fig["n"] == ab["expected_shadow"] == ab["arms"]["student"] > 0  # --shadow-rate 1.0: every one
+    assert fig["n"] == sum(w["n"] for w in fig["windows"])
+    assert fig["json_valid_rate"] is not None and 0.0 <= fig["f1"] <= 1.0 and fig["latency_ms_p95"] > 0
+    # read back from the broker, not from the demo: the router published what it served, with arm and version
+    served = _served_by(kafka_bootstrap, s2["topic_prefix"])
+    assert served.count(("student", str(version))) == ab["arms"]["student"]
+    assert served.count(("teacher", None)) == ab["arms"]["teacher"]
+    # the pipeline's figures were taken before the phase: its experiences and traces are not in them
+    assert s2["experiences_in_log"] == 40 and len(served) == 40 + ab["sent"]
+    assert "serve" in {p["name"] for p in s2["processes"]}
     assert not [p["pid"] for p in s2["processes"] if _alive(p["pid"])]
+
+
+def _served_by(kafka_bootstrap: str, prefix: str) -> list[tuple[str, str | None]]:
+    """(arm, model version) of every experience on the run's experiences topic."""
+    from confluent_kafka import OFFSET_BEGINNING
+
+    settings = KafkaSettings(kafka_bootstrap_servers=kafka_bootstrap, tier3_topic_prefix=prefix)
+    c = Consumer({**settings.client_config(), "group.id": f"{prefix}test-served", "enable.auto.commit": False,
+                  "isolation.level": "read_committed"})
+    out: list[tuple[str, str | None]] = []
+    try:
+        md = c.list_topics(settings.experiences_topic, timeout=10)
+        parts = sorted(md.topics[settings.experiences_topic].partitions)
+        ends = {p: hi for p, (_lo, hi) in kio.watermarks(c, settings.experiences_topic, parts, 10).items()}
+        c.assign([TopicPartition(settings.experiences_topic, p, OFFSET_BEGINNING) for p in parts])
+        seen = {p: 0 for p in parts}
+        deadline = time.monotonic() + 60
+        while any(seen[p] < ends[p] for p in parts) and time.monotonic() < deadline:
+            msg = c.poll(1.0)
+            if msg is None or msg.error() is not None:
+                continue
+            seen[msg.partition() or 0] = (msg.offset() or 0) + 1
+            e = decode(msg.value() or b"", Experience)
+            out.append((e.served_by.arm, e.served_by.model_version))
+    finally:
+        c.close()
+    return out
 
 
 def test_demo_default_student_is_smollm2_pulled_by_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
+from schemas import TrainingRun
 from schemas.settings import RELIABLE_PRODUCER, KafkaSettings
 from tier3.demo import display, monitor, summary
 from tier3.demo.options import DemoOptions, Session
@@ -132,3 +133,62 @@ def test_summary_prints_the_urls_only_while_they_answer(keep_running: bool, tmp_
     else:  # the worker is stopped right after the summary: a URL there would point at nothing
         assert "127.0.0.1:6123" not in out
     assert "summary" in out  # the table itself was printed
+
+
+def test_the_ab_phase_reads_the_served_versions_figures_from_the_status_block() -> None:
+    """The A/B phase's figures are the worker's /status online_eval block for the served version (built here by
+    the worker's own OnlineEvaluator): n summed over the windows, rates weighted by n, the worst window's
+    latency; another version's windows and an empty block give nothing."""
+    from streams.client.router import ab_bucket
+    from streams.online_eval import OnlineEvaluator, latency_bucket, window_key
+    from streams.settings import StreamsSettings
+    from tier3.demo import ab
+
+    table: dict[str, Any] = {
+        window_key("widget_selector", "student", "3", 1500, 0):
+            {"n": 2, "json_valid_n": 2, "schema_valid_n": 1, "exact_n": 0, "f1_sum": 1.0,
+             "latency_hist": {latency_bucket(40): 2}},
+        window_key("widget_selector", "student", "3", 1515, 1):
+            {"n": 1, "json_valid_n": 0, "schema_valid_n": 0, "exact_n": 0, "f1_sum": 0.0,
+             "latency_hist": {latency_bucket(400): 1}},
+        window_key("widget_selector", "student", "2", 1515, 1): {"n": 5, "json_valid_n": 5, "f1_sum": 5.0},
+    }
+    block = OnlineEvaluator(StreamsSettings(tier3_window_s=15), table).block(1520)
+    fig = ab.online_figures({"online_eval": block}, "widget_selector", 3)
+    assert fig is not None
+    assert fig["n"] == 3 and [w["n"] for w in fig["windows"]] == [2, 1]
+    assert fig["json_valid_rate"] == pytest.approx(2 / 3, abs=1e-5)
+    assert fig["f1"] == pytest.approx(1 / 3, abs=1e-5)
+    assert 400 <= fig["latency_ms_p95"] <= 450 and fig["latency_ms_p50"] == fig["latency_ms_p95"]
+    assert ab.online_figures({"online_eval": block}, "widget_selector", 4) is None
+    assert ab.online_figures({"online_eval": {}}, "widget_selector", 3) is None and ab.online_figures(
+        None, "widget_selector", 3) is None
+    assert "n 3" in display.ab_figures_note(fig) and "F1 vs teacher 0.33" in display.ab_figures_note(fig)
+
+    # the users alternate between the student's and the teacher's sticky arm, by the router's own hash
+    users = ab.ab_users(7, 0.5, "tier3-ab-v1")
+    assert len(set(users)) == 7
+    assert [ab_bucket(u, "tier3-ab-v1") < 0.5 for u in users] == [i % 2 == 0 for i in range(7)]
+
+
+def test_the_ab_phase_is_skipped_with_a_reason_when_nothing_can_be_served(tmp_path: Path) -> None:
+    """No promoted (or no exported) version: the phase says why and the demo goes on (no exception)."""
+    from tier3.demo import ab
+
+    s = KafkaSettings(tier3_topic_prefix=f"t{uuid.uuid4().hex[:8]}.")
+    session = Session(settings=s, run_name="demo-x", demo_dir=tmp_path, web_port=6123, trainer_group="g",
+                      n_examples=10, expected_sampled=3, have_worker=True, have_trainer=True)
+    obs = monitor.Observed()
+    state = DemoState(monitor=monitor.Monitor(s, "g", session.status_url, obs))
+    disp = display.Display(10, 3, True, True)
+    out = ab.run_ab_phase(state, session, DemoOptions(), obs, disp, [], {"serve"})
+    assert out["status"] == "skipped" and "--promote" in out["reason"]
+    run = monitor.RunInfo("run-1", events=["started", "succeeded", "evaluated", "promoted"], model_version=2,
+                          seen_mono={"promoted": time.monotonic()})
+    obs.runs[run.run_id] = run
+    assert state.monitor is not None
+    state.monitor.fold.apply(TrainingRun(run_id="run-1", event="promoted", at_ms=1, model_version=2))
+    out = ab.run_ab_phase(state, session, DemoOptions(), obs, disp, [], {"serve"})
+    assert out["status"] == "skipped" and "v2" in out["reason"] and "no exported" in out["reason"]
+    assert ab.run_ab_phase(state, session, DemoOptions(ab_prompts=0), obs, disp, [], {"serve"})["status"] == \
+        "skipped"

@@ -35,6 +35,7 @@ class Display:
                 note = "[yellow]trainer not installed"
             self.tasks[stage] = self.progress.add_task(stage, total=totals[stage], note=note)
         self.have_worker, self.have_trainer = have_worker, have_trainer
+        self.stages: list[str] = list(STAGES)  # the A/B phase adds its own (add_stage)
         self.line = ""
         self.last_events: list[str] = []
 
@@ -44,10 +45,36 @@ class Display:
     def text_line(self) -> str:
         """The bars as one line, for a log (CI) where a live display cannot redraw."""
         parts = []
-        for stage in STAGES:
+        for stage in self.stages:
             t = self.progress.tasks[self.tasks[stage]]
             total = "?" if t.total is None else f"{t.total:.0f}"
             parts.append(f"{stage} {t.completed:.0f}/{total}")
+        return " · ".join(parts)
+
+    def add_stage(self, stage: str, total: int | None) -> None:
+        """A bar for a later phase (the A/B phase's), below the others."""
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(stage, total=total, note="")
+            self.stages.append(stage)
+
+    def update_ab(self, sent: int, arms: dict[str, int], expected_shadow: int, figures: dict[str, Any] | None
+                  ) -> None:
+        """The A/B phase's bars: prompts answered (per arm), and the shadow samples /status's online_eval block
+        counts for the served version, with its agreement figures."""
+        p = self.progress
+        p.update(self.tasks["A/B served"], completed=sent,
+                 note=" · ".join(f"{arm} {n}" for arm, n in sorted(arms.items())))
+        n = int(figures["n"]) if figures else 0
+        p.update(self.tasks["online eval"], total=max(expected_shadow, n, 1), completed=n,
+                 note=ab_figures_note(figures))
+
+    def ab_line(self) -> str:
+        """The A/B phase's bars as one line (for a log)."""
+        parts = []
+        for stage in ("A/B served", "online eval"):
+            t = self.progress.tasks[self.tasks[stage]]
+            total = "?" if t.total is None else f"{t.total:.0f}"
+            parts.append(f"{stage} {t.completed:.0f}/{total} {t.fields.get('note', '')}".rstrip())
         return " · ".join(parts)
 
     def update(self, published: int, obs: Observed, expected_sampled: int) -> None:
@@ -88,6 +115,19 @@ class Display:
                  note=" · ".join(f"{version_label(r)} {r.verdict}" for r in verdicts[-4:]))
         p.update(self.tasks["exported"], total=len(promoted), completed=len(exported),
                  note="" if promoted else "only promoted versions are exported")
+
+
+def ab_figures_note(fig: dict[str, Any] | None) -> str:
+    """The served version's online agreement in a few words (from /status's online_eval block)."""
+    if not fig:
+        return "waiting for /status online_eval"
+
+    def num(key: str, fmt: str) -> str:
+        v = fig.get(key)
+        return "-" if v is None else format(v, fmt)
+
+    return (f"n {fig['n']} · JSON {num('json_valid_rate', '.2f')} · F1 vs teacher {num('f1', '.2f')} · "
+            f"latency p50 {num('latency_ms_p50', '.0f')} ms, p95 {num('latency_ms_p95', '.0f')} ms")
 
 
 def version_label(run: RunInfo) -> str:

@@ -31,6 +31,10 @@ class DemoOptions:
     eval_wait_s: float = 30.0
     export_wait_s: float = 600.0
     promote: bool = False
+    ab_prompts: int = 8  # the A/B phase's prompts through the router (0 = no A/B phase)
+    ab_max_tokens: int = 128  # max output tokens of one student answer in the A/B phase
+    shadow_rate: float = 1.0  # TIER3_SHADOW_RATE of the demo's worker: every student answer is scored
+    ab_wait_s: float = 60.0  # wait this long for /status to count the A/B phase's shadow samples
 
 
 @dataclass(frozen=True)

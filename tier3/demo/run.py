@@ -13,19 +13,23 @@ What it does, in order:
 5. Follows every stage by reading the topics (experiences, enriched-traces, dead-letters, training-runs), the
    trainer group's committed offsets and the worker's ``/status``, with one progress bar per stage.
 6. When every sampled experience is enriched (or dead-lettered), every trace is inside a trained model (the
-   trainer's committed offsets reach the end of enriched-traces) and every run has its verdict, it prints a
-   summary table and the evaluation report's path, writes ``summary.json``, and stops what it started (unless
-   ``--keep-running``: then it prints the status and dashboard URLs, which still answer). Ctrl-C at any point
-   stops everything cleanly.
+   trainer's committed offsets reach the end of enriched-traces) and every run has its verdict, and a version
+   is promoted and exported: the A/B phase (``ab``): ``tier3 serve`` on that student, ``--ab-prompts`` of the
+   prompts through the router in ``ab`` mode, and the served version's online agreement (n, JSON validity, F1
+   vs the teacher, latency) from the worker's ``/status`` ``online_eval`` block; skipped, saying why, when it
+   cannot serve. Then it prints a summary table and the evaluation report's path, writes ``summary.json``,
+   and stops what it started (unless ``--keep-running``: then it prints the status and dashboard URLs, which
+   still answer). Ctrl-C at any point stops everything cleanly.
 
 The pieces: ``options`` (what was asked, what was set up), ``supervise`` (the processes and the signals),
 ``monitor`` (what the topics say), ``display`` (the bars and event lines), ``progress`` (when is it done, and the
-demo's own steps), ``summary`` (the JSON and the table). This module runs them in that order.
+demo's own steps), ``ab`` (the A/B phase), ``summary`` (the JSON and the table). This module runs them in that order.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import signal
 import time
@@ -42,11 +46,12 @@ from schemas import Experience, decode
 from schemas.settings import KafkaSettings
 from streams.errors import StreamsError
 from streams.sampling import sample_reason
+from tier3.demo.ab import run_ab_phase
 from tier3.demo.display import Display, console, narrate, say
 from tier3.demo.monitor import Monitor, Observed
 from tier3.demo.options import EXAMPLES_DIR, DemoError, DemoOptions, Session
 from tier3.demo.progress import finished, force_promote, maybe_train_now, start_closers
-from tier3.demo.summary import build_summary, print_summary
+from tier3.demo.summary import build_summary, print_summary, process_list
 from tier3.demo.supervise import (
     STOP_SIGNALS,
     DemoState,
@@ -102,13 +107,25 @@ def demo(
                                           "it), promote the newest by hand and export it to GGUF, so the last "
                                           "stages run too (downloads llama.cpp's converter once, ~75 MB)")]
     = False,
+    ab_prompts: Annotated[int, typer.Option(help="after a version is promoted and exported: serve it (`tier3 "
+                                            "serve`) and send this many of the demo's prompts through the router "
+                                            "in ab mode, then show its online agreement from /status (0 = no A/B "
+                                            "phase)")] = 8,
+    ab_max_tokens: Annotated[int, typer.Option(help="max output tokens of a student answer in the A/B phase")]
+    = 128,
+    shadow_rate: Annotated[float, typer.Option(help="the worker's TIER3_SHADOW_RATE: share of the student's answers "
+                                               "scored against the teacher (production's default is 0.2)")] = 1.0,
+    ab_wait_s: Annotated[float, typer.Option(help="seconds to wait for /status to count the A/B phase's shadow "
+                                             "samples")] = 60.0,
 ) -> None:
     """Run the whole flywheel on this machine: broker, worker, trainer, the example traffic, every stage live."""
     opts = DemoOptions(examples_path=examples_file or EXAMPLES_DIR / "experiences.jsonl",
                        recorded_path=recorded_teacher or EXAMPLES_DIR / "recorded_teacher.jsonl", limit=examples,
                        publish_seconds=publish_seconds, keep_running=keep_running, timeout_s=timeout_s,
                        sample_rate=sample_rate, window_s=window_s, summary_json=summary_json,
-                       eval_wait_s=eval_wait_s, export_wait_s=export_wait_s, promote=promote)
+                       eval_wait_s=eval_wait_s, export_wait_s=export_wait_s, promote=promote,
+                       ab_prompts=ab_prompts, ab_max_tokens=ab_max_tokens, shadow_rate=shadow_rate,
+                       ab_wait_s=ab_wait_s)
     state = DemoState()
     exit_code = 0
     completed = False  # only a demo that ran to its summary may leave things running (--keep-running)
@@ -179,10 +196,20 @@ def _run(state: DemoState, opts: DemoOptions) -> int:
     capture = Capture(CaptureSettings.model_validate(settings.model_dump()))
     done_reason = _follow(state, session, opts, experiences, obs, capture, display)
 
-    # 6. summary
+    # the pipeline's figures, before the A/B phase adds its own traffic (its experiences and traces)
     with state.monitor.lock:
-        summary = build_summary(obs, session, opts, state, capture_stats=capture.stats().as_dict(),
-                                done_reason=done_reason, wall_s=time.monotonic() - t_start)
+        summary = copy.deepcopy(build_summary(obs, session, opts, state, capture_stats=capture.stats().as_dict(),
+                                              done_reason=done_reason, wall_s=time.monotonic() - t_start))
+
+    # 7. the A/B phase: the promoted student served, prompts through the router, its online agreement
+    if done_reason == "complete":
+        summary["ab"] = run_ab_phase(state, session, opts, obs, display, experiences, commands)
+    else:
+        summary["ab"] = {"status": "skipped", "reason": f"the pipeline did not finish ({done_reason})"}
+    summary["processes"] = process_list(state)
+    summary["wall_s"] = round(time.monotonic() - t_start, 1)
+
+    # 8. summary
     print_summary(summary)
     path = opts.summary_json or demo_dir / "summary.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -245,7 +272,8 @@ def _start_processes(state: DemoState, session: Session, opts: DemoOptions, comm
                       "TIER3_TEACHER_RECORDED_PATH": str(opts.recorded_path.resolve()),
                       "TIER3_WEB_HOST": "127.0.0.1", "TIER3_WEB_PORT": str(session.web_port),
                       "TIER3_WORKER_ID": f"{session.run_name}-worker", "TIER3_SAMPLE_RATE": str(opts.sample_rate),
-                      "TIER3_WINDOW_S": str(opts.window_s), "TIER3_RECENT_WINDOWS": "40"}
+                      "TIER3_WINDOW_S": str(opts.window_s), "TIER3_RECENT_WINDOWS": "40",
+                      "TIER3_SHADOW_RATE": str(opts.shadow_rate)}
         state.children.append(start_child("worker", ["worker"], worker_env, demo_dir,
                                           keep_running=opts.keep_running))
     if have_trainer:

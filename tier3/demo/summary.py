@@ -6,7 +6,7 @@ from typing import Any
 
 from rich.table import Table
 
-from tier3.demo.display import console, headline_metrics, version_label
+from tier3.demo.display import ab_figures_note, console, headline_metrics, version_label
 from tier3.demo.monitor import Observed
 from tier3.demo.options import DemoOptions, Session
 from tier3.demo.supervise import DemoState
@@ -61,12 +61,16 @@ def build_summary(obs: Observed, session: Session, opts: DemoOptions, state: Dem
                   "metrics": r.metrics, "report": r.report, "reasons": r.reasons, "error": r.error,
                   "gguf": r.exported, "ollama": r.ollama} for r in runs],
         "evaluation_report": reports[-1] if reports else None,
-        "processes": [{"name": c.name, "pid": c.pid, "log": str(c.log_path)}
-                      for c in [*state.children, *state.closers.values()]],
+        "processes": process_list(state),
         "kept_running": opts.keep_running,
         "errors": obs.errors,
         "notes": notes,
     }
+
+
+def process_list(state: DemoState) -> list[dict[str, Any]]:
+    """Every process the demo started (the worker, the trainer, `tier3 serve`, the close-loop commands)."""
+    return [{"name": c.name, "pid": c.pid, "log": str(c.log_path)} for c in [*state.children, *state.closers.values()]]
 
 
 def print_summary(s: dict[str, Any]) -> None:
@@ -96,12 +100,24 @@ def print_summary(s: dict[str, Any]) -> None:
                       r["verdict"] or r["events"][-1] if r["events"] else "-", detail)
         if "exported" in r["events"]:
             table.add_row("exported", str(len(r["gguf"])) + " GGUF", "\n".join([*r["gguf"], r["ollama"] or ""]))
+    ab = s.get("ab") or {}
+    if ab.get("status") in ("done", "partial"):
+        arms = ", ".join(f"{k} {v}" for k, v in sorted((ab.get("arms") or {}).items()))
+        table.add_row("A/B served", f"{ab['sent']}/{ab['prompts']}",
+                      f"router in ab mode: {arms}" + (f", {ab['fallbacks']} fallbacks" if ab.get("fallbacks") else "")
+                      + f"; v{ab['version']} served by `tier3 serve`")
+        fig = ab.get("online_eval")
+        offline = f"; offline holdout F1 {ab['offline_f1']:.2f}" if ab.get("offline_f1") is not None else ""
+        table.add_row(f"online v{ab['version']}", f"{fig['n'] if fig else 0}/{ab['expected_shadow']}",
+                      ab_figures_note(fig) + offline + " (worker /status online_eval)")
+    elif ab.get("status") == "skipped" and ab.get("reason") != "--ab-prompts 0":
+        table.add_row("A/B phase", "skipped", str(ab.get("reason")))
     console.print(table)
     if s["result"] != "complete":
         console.print(f"[yellow]the pipeline did not finish: {s['result']}[/]")
     if s["missing"]:
         console.print(f"[yellow]not installed: {', '.join(s['missing'])}[/]")
-    for e in [*s["notes"], *s["errors"]]:
+    for e in [*s["notes"], *s["errors"], *ab.get("notes", []), *ab.get("errors", [])]:
         console.print(f"[yellow]{e}[/]")
     console.print(f"evaluation report: [bold]{s['evaluation_report'] or '(none yet)'}[/]")
     # the URLs only while they answer: printed at the start when the worker started, and here only when it keeps
