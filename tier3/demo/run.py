@@ -68,9 +68,15 @@ if TYPE_CHECKING:
 
 
 def _available_commands() -> set[str]:
-    """The ``tier3`` commands installed here."""
-    from tier3.cli import app
+    """The ``tier3`` commands each side registers (the same registrations ``tier3/cli.py`` assembles; imported
+    here rather than from ``tier3.cli``, which imports this module)."""
+    from streams import cli as streams_cli
+    from trainer import cli as trainer_cli
+    from trainer.close_loop import cli as close_loop_cli
 
+    app = typer.Typer()
+    for register in (streams_cli.register, trainer_cli.register, close_loop_cli.register):
+        register(app)
     names: set[str] = set()
     for cmd in app.registered_commands:
         name = cmd.name or (cmd.callback.__name__.replace("_", "-") if cmd.callback else "")
