@@ -14,12 +14,12 @@ redacted where they are made (:mod:`streams.redaction`), before they are cut to 
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import orjson
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_fixed
 
 from streams.errors import (
     TeacherBadRequest,
@@ -87,15 +87,12 @@ class OpenAIClient:
         self._client = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=timeout_s, limits=limits)
 
     async def _request(self, method: str, path: str, body: bytes | None = None) -> httpx.Response:
-        attempt = 0
-        while True:
-            try:
-                return await self._once(method, path, body)
-            except TeacherError as exc:
-                if not exc.retryable or attempt >= self._retries:
-                    raise
-            attempt += 1
-            await asyncio.sleep(RETRY_PAUSE_S)
+        if self._retries <= 0:  # the teacher: its retries are the enrichment's policy (streams/enrich.py)
+            return await self._once(method, path, body)
+        retrying = AsyncRetrying(retry=retry_if_exception(lambda e: isinstance(e, TeacherError) and e.retryable),
+                                 stop=stop_after_attempt(self._retries + 1), wait=wait_fixed(RETRY_PAUSE_S),
+                                 reraise=True)
+        return await retrying(self._once, method, path, body)  # type: ignore[no-any-return]
 
     async def _once(self, method: str, path: str, body: bytes | None) -> httpx.Response:
         try:
