@@ -190,7 +190,8 @@ def create_app(settings: StreamsSettings, teacher: Teacher | None = None) -> tup
     state.lag = lambda: _lag(app, settings, state)
 
     # online evaluation of the served student (streams/online_eval.py): a table keyed by task, arm, model version,
-    # window and partition; an agent over the traces scores shadow traces into it; a timer publishes closed windows
+    # window and partition; the traces agent (count_traces) scores shadow traces into it; a timer publishes closed
+    # windows
     ensure_topics(settings, [online_eval.changelog_spec(settings)])
     online_table = app.Table(online_eval.ONLINE_TABLE, default=dict, partitions=settings.tier3_partitions,
                              key_type=str)
