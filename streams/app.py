@@ -190,11 +190,13 @@ def create_app(settings: StreamsSettings, teacher: Teacher | None = None) -> tup
     state.lag = lambda: _lag(app, settings, state)
 
     # online evaluation of the served student (streams/online_eval.py): a table keyed by task, arm, model version,
-    # window and partition; an agent over the traces scores shadow traces into it; a timer publishes closed windows
+    # window and partition; the traces agent (count_traces) scores shadow traces into it; a timer publishes closed
+    # windows
     ensure_topics(settings, [online_eval.changelog_spec(settings)])
     online_table = app.Table(online_eval.ONLINE_TABLE, default=dict, partitions=settings.tier3_partitions,
                              key_type=str)
-    online = online_eval.install(app, settings, traces, online_table, lambda: _assigned(app, settings.traces_topic))
+    online = online_eval.install(app, settings, traces, online_table, lambda: _assigned(app, settings.traces_topic),
+                                 agent=False)  # count_traces below scores each trace too: one read of the traces
     state.online_eval = lambda: online.block(time.time())
 
     # the router's per-arm statistics (streams/router_stats.py): a table over the experiences, fed by the
@@ -211,12 +213,14 @@ def create_app(settings: StreamsSettings, teacher: Teacher | None = None) -> tup
 
     @app.agent(traces)
     async def count_traces(stream: StreamT) -> None:
+        # one agent over the traces feeds both tables, each write inside the trace's event (its partition)
         async for event in stream.events():
+            msg = event.message
+            now = time.time()
+            online.observe(msg.value, msg.partition, msg.timestamp or now, now)
             task = _task_of(event.value)
             if task is None:
                 continue
-            msg = event.message
-            now = time.time()
             due = tally.add(task, msg.partition, msg.timestamp or now, now, counts_table)
             if due is not None:  # written in this event's context: the changelog partition is msg.partition
                 counts_table[due[0]] = due[1]

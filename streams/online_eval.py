@@ -285,19 +285,24 @@ def _old(key: Any, partition: int, cutoff: int) -> bool:
     return parsed is not None and parsed[4] == partition and parsed[3] < cutoff
 
 
-def install(app: faust.App, settings: StreamsSettings, traces_topic: Any, table: Any, assigned: Any
-            ) -> OnlineEvaluator:
-    """Add the scoring agent (over enriched-traces) and the publishing timer to ``app``; return the logic."""
+def install(app: faust.App, settings: StreamsSettings, traces_topic: Any, table: Any, assigned: Any, *,
+            agent: bool = True) -> OnlineEvaluator:
+    """Add the scoring agent (over enriched-traces) and the publishing timer to ``app``; return the logic.
+
+    ``agent=False``: no agent of its own; the caller's agent over the traces calls :meth:`OnlineEvaluator.observe`
+    for every trace, inside that trace's event (the worker does: one agent reads the traces once for the count
+    table and this table, instead of two streams each paying Faust's per-event cost)."""
     online = OnlineEvaluator(settings, table, assigned)
     out_topic = app.topic(settings.online_eval_topic, key_type=bytes, value_type=bytes, key_serializer="raw",
                           value_serializer="raw")
 
-    @app.agent(traces_topic)
-    async def score_traces(stream: Any) -> None:
-        async for event in stream.events():
-            msg = event.message
-            now = time.time()
-            online.observe(msg.value, msg.partition, msg.timestamp or now, now)
+    if agent:
+        @app.agent(traces_topic)
+        async def score_traces(stream: Any) -> None:
+            async for event in stream.events():
+                msg = event.message
+                now = time.time()
+                online.observe(msg.value, msg.partition, msg.timestamp or now, now)
 
     @app.timer(min(1.0, settings.tier3_window_s / 4))
     async def publish_closed_windows() -> None:

@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 ARM_TABLE = "router_arms"
 RECENT_SERVED = 1000  # routed experiences behind the mode and share of /status's router block
 ARM_WRITE_INTERVAL_S = 1.0  # each per-arm table key is written (one changelog message) at most this often
-_EMPTY: dict[str, float] = {}
 
 
 def empty_arm() -> dict[str, float]:
@@ -36,7 +35,10 @@ def empty_arm() -> dict[str, float]:
 
 def add_experience(acc: Mapping[str, float], exp: Experience) -> dict[str, float]:
     """The arm's sums plus one experience (a new dict: Faust tables persist assignments, not mutations)."""
-    out = {**empty_arm(), **acc}
+    return _add_into({**empty_arm(), **acc}, exp)
+
+
+def _add_into(out: dict[str, float], exp: Experience) -> dict[str, float]:
     out["count"] += 1
     out["confidence_sum"] += exp.confidence
     if exp.reward is not None:
@@ -126,7 +128,10 @@ class RouterStats:
         """One valid experience, called by the experiences agent inside that event's context (so the table
         write lands on the same partition)."""
         key = arm_key(exp, partition)
-        self.pending[key] = add_experience(self.pending.get(key, _EMPTY), exp)
+        acc = self.pending.get(key)
+        if acc is None:
+            acc = self.pending[key] = empty_arm()
+        _add_into(acc, exp)  # in place (a plain dict, not the table): no new dicts per experience
         now = time.monotonic()
         if now - self._written_at.get(key, -ARM_WRITE_INTERVAL_S) >= ARM_WRITE_INTERVAL_S:
             self.table[key] = add_sums(self.table[key], self.pending.pop(key))
