@@ -48,7 +48,7 @@ def test_status_shape_and_metrics(tmp_path) -> None:  # type: ignore[no-untyped-
     assert metric_value(text, "tier3_worker_consumer_lag", worker_id="w9", partition="0") == 2
     assert metric_value(text, "tier3_teacher_error_rate", worker_id="w9", kind="recorded", model="rec-model") == 0.2
     assert metric_value(text, "tier3_teacher_latency_ms", worker_id="w9", kind="recorded", model="rec-model",
-                        quantile="0.95") == 40.0
+                        quantile="0.95") == 38.5
     assert metric_value(text, "tier3_trainer_training_in_progress", worker_id="w9") == 0
     assert metric_value(text, "tier3_trainer_next_check_in_seconds", worker_id="w9") is not None
     assert "# TYPE tier3_worker_enriched_total counter" in text and "# TYPE tier3_worker_consumer_lag gauge" in text
