@@ -140,6 +140,56 @@ def test_target_only_loss_is_the_models_loss() -> None:
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
 
 
+def test_shared_prefix_loss_and_gradients_are_the_full_rows() -> None:
+    """A batch whose rows share a system prompt runs it once: same loss and same LoRA gradients as full rows."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from trainer.sft_trainer import MIN_SHARED_PREFIX, shared_prefix_len, target_only_loss
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(cached_tiny_model()),
+                           LoraConfig(r=4, target_modules="all-linear"))
+    for name, p in model.named_parameters():  # B = 0 at init would hide gradients that pass through the prefix
+        if "lora_B" in name:
+            p.data.normal_(0, 0.02)
+    prefix = torch.randint(3, 500, (40,))
+    rows, lengths = 3, (52, 60, 57)
+    ids = torch.zeros((rows, 60), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, n in enumerate(lengths):
+        ids[i, :40] = prefix
+        ids[i, 40:n] = torch.randint(3, 500, (n - 40,))
+        mask[i, :n] = 1
+        labels[i, 46:n] = ids[i, 46:n]  # targets start after a per-row "question"
+    inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    assert shared_prefix_len(inputs) == 40 >= MIN_SHARED_PREFIX
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads(shared: bool) -> tuple[float, list[Any]]:
+        model.zero_grad()
+        if shared:
+            loss = target_only_loss(model, inputs)
+        else:  # each row alone: no prefix to share
+            n_items = (labels[:, 1:] != -100).sum()
+            loss = sum(target_only_loss(model, {k: v[i:i + 1] for k, v in inputs.items()}, n_items)
+                       for i in range(rows))
+        loss.backward()
+        return float(loss.detach()), [p.grad.clone() for p in params]
+
+    full_loss, full_grads = loss_and_grads(shared=False)
+    shared_loss, shared_grads = loss_and_grads(shared=True)
+    assert abs(full_loss - shared_loss) < 1e-5, (full_loss, shared_loss)
+    assert max(float((a - b).abs().max()) for a, b in zip(full_grads, shared_grads)) < 1e-5
+    assert max(float(g.abs().max()) for g in full_grads) > 1e-4  # the gradients compared are not all zero
+    # a target inside the common prefix cuts it; one row alone has nothing to share
+    labels[:, 30] = ids[:, 30]
+    assert shared_prefix_len(inputs) == 0  # 29 tokens < MIN_SHARED_PREFIX
+    assert shared_prefix_len({k: v[:1] for k, v in inputs.items()}) == 0
+
+
 def test_batched_generation_matches_one_at_a_time() -> None:
     """Left padding + KV cache in a batch gives the same greedy outputs as generating each prompt alone."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -156,6 +206,33 @@ def test_batched_generation_matches_one_at_a_time() -> None:
     outs, wall_s = generate_batch(model, tok, prompts, max_new_tokens=8)
     assert wall_s > 0 and len(outs) == 3
     assert outs == [generate(model, tok, p, max_new_tokens=8)[:2] for p in prompts]
+
+
+def test_prompt_cache_keeps_outputs_and_skips_the_shared_prefix() -> None:
+    """generate() with a PromptCache gives the same greedy outputs; the shared prefix is cached once it is seen
+    twice, and a prompt that does not start with it is generated without it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.dataset import inference_messages
+    from trainer.sft_trainer import MIN_SHARED_PREFIX, PromptCache, generate, prompt_ids
+    from trainer.synthetic import synthetic_traces
+
+    base = cached_tiny_model()
+    model = AutoModelForCausalLM.from_pretrained(base).eval()
+    tok = AutoTokenizer.from_pretrained(base)
+    prompts = [inference_messages(t.experience, reasoning=False) for t in synthetic_traces(4, seed=7)]
+    prompts.append([{"role": "user", "content": "no system prompt here"}])
+    plain = [generate(model, tok, p, max_new_tokens=8)[:2] for p in prompts]
+    cache = PromptCache()
+    cached = []
+    for p in prompts:
+        cached.append(generate(model, tok, p, max_new_tokens=8, prompt_cache=cache)[:2])
+        if len(cached) == 2:  # two prompts seen: their common prefix (the system prompt) is cached
+            first, second = prompt_ids(tok, prompts[0]), prompt_ids(tok, prompts[1])
+            assert len(cache.ids) >= MIN_SHARED_PREFIX
+            assert cache.ids == first[: len(cache.ids)] == second[: len(cache.ids)]
+    assert cached == plain
+    assert cache.reusable(prompt_ids(tok, prompts[-1])) is None
 
 
 # ------------------------------------------------------------------------------------------ the real model
