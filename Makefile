@@ -1,5 +1,5 @@
 # tier3 — the two commands of the README, and what they need.
-#   make demo   the main job on embedded defaults (local Kafka, worker, trainer, tiny student on CPU)
+#   make demo   the main job on embedded defaults (local Kafka, worker, trainer, SmolLM2-135M student on CPU)
 #   make test   lint, type check and the whole test suite against a real local Kafka broker
 PY ?= python3
 VENV ?= .venv

@@ -182,7 +182,7 @@ def main() -> None:
                     "(default: all, with N from --traces)")
     ap.add_argument("--traces", default="50,100,200", help="N values for the default rows")
     ap.add_argument("--holdout", type=int, default=24, help="holdout examples (never trained on)")
-    ap.add_argument("--answer-phases", default="answer:2", help="answer-only curriculum")
+    ap.add_argument("--answer-phases", default="answer:6", help="answer-only curriculum (the product default)")
     ap.add_argument("--reasoning-phases", default="answer:1,reasoning:2", help="reasoning curriculum")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)

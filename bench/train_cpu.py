@@ -4,9 +4,10 @@ Both train the same LoRA (the product defaults: rank 16 on all linear layers) of
 (``TIER3_BASE_MODEL``, default SmolLM2-135M-Instruct) on the same widget-selector examples with the same loss
 (the assistant turn only, its end-of-turn token included), learning rate and epochs. What differs is how:
 
-- ``tier3``: ``trainer.sft_trainer.train`` as the trainer runs it: TRL's SFTTrainer with assistant-only loss, one
-  example per step (no padding), and the LM head applied only where there is a target (the prompt's ~600
-  positions never build 49k-wide logits);
+- ``tier3``: ``trainer.sft_trainer.train`` as the trainer runs it: TRL's SFTTrainer with assistant-only loss,
+  batches of ``TIER3_BATCH_SIZE`` (default 8) whose shared prompt prefix (the task's system prompt, ~550 of
+  ~640 tokens) is run once per batch and reused by every row (same loss and gradients), and the LM head applied
+  only where there is a target (prompt positions never build 49k-wide logits);
 - ``baseline``: a plain ``transformers.Trainer`` over the PEFT model: the chat template tokenized, the prompt
   masked with -100, ``DataCollatorForSeq2Seq`` padding each batch of ``--baseline-batch`` to its longest example,
   and the model's own loss (full logits).

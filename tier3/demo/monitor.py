@@ -61,6 +61,7 @@ class Observed:
     status_error: str | None = None
     errors: list[str] = field(default_factory=list)
     notes_live: list[str] = field(default_factory=list)  # what the demo itself did, for the event lines
+    windows_seen: dict[Any, int] = field(default_factory=dict)  # window start -> count, kept across polls
 
     def runs_with(self, event: str) -> list[RunInfo]:
         return [r for r in self.runs.values() if event in r.events]
@@ -74,13 +75,13 @@ class Observed:
         return sum(self.traces_end.values())
 
     def _windows(self) -> dict[Any, int]:
-        """window start -> enriched traces counted in it (every window /status shows)."""
+        """window start -> enriched traces counted in it: every window /status has shown so far (a long demo
+        outlives /status's list of recent windows, so windows seen earlier are kept)."""
         w = (self.status or {}).get("windows") or {}
-        wins: dict[Any, int] = {}
         for win in [*(w.get("recent") or []), *([w["current"]] if w.get("current") else [])]:
-            wins[win.get("start_ms")] = int(sum(v for v in (win.get("by_task") or {}).values()
-                                                if isinstance(v, (int, float))))
-        return wins
+            self.windows_seen[win.get("start_ms")] = int(sum(v for v in (win.get("by_task") or {}).values()
+                                                             if isinstance(v, (int, float))))
+        return self.windows_seen
 
     def counted(self) -> int:
         """Enriched traces in the worker's tumbling count table."""

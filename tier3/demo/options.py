@@ -24,7 +24,7 @@ class DemoOptions:
     limit: int = 0  # publish only the first N example experiences (0 = all)
     publish_seconds: float = 60.0
     keep_running: bool = False
-    timeout_s: float = 900.0
+    timeout_s: float = 1500.0
     sample_rate: float = 0.3
     window_s: int = 15
     summary_json: Path | None = None

