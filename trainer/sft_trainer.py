@@ -711,7 +711,7 @@ def load_student(adapter_dir: Path) -> tuple[Any, Any]:
 
 def common_prefix_len(a: list[int], b: list[int]) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         n += 1

@@ -79,8 +79,8 @@ CHAT_TEMPLATE = (
 )
 
 #: SFT settings under which the tiny student visibly learns the task on CPU (100 traces: ~30 s on 2 cores; it
-#: stops at its end-of-turn token and some answers parse). The defaults (lr 3e-3, batch 8, answer:6) suit the real 135M student;
-#: on this random 0.2 M-parameter model they barely move the loss.
+#: stops at its end-of-turn token and some answers parse). The defaults (lr 3e-3, batch 8, answer:6) suit the
+#: real 135M student; on this random 0.2 M-parameter model they barely move the loss.
 TINY_DEMO_OVERRIDES: dict[str, object] = {"tier3_learning_rate": 1e-2, "tier3_phases": "answer:5,reasoning:5",
                                           "tier3_batch_size": 4}
 

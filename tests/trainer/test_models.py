@@ -9,7 +9,6 @@ falls on what they trained, the end of turn among the targets, the adapter saved
 from __future__ import annotations
 
 import importlib.util
-
 import json
 import subprocess
 import sys
@@ -184,7 +183,7 @@ def test_shared_prefix_loss_and_gradients_are_the_full_rows() -> None:
     full_loss, full_grads = loss_and_grads(shared=False)
     shared_loss, shared_grads = loss_and_grads(shared=True)
     assert abs(full_loss - shared_loss) < 1e-5, (full_loss, shared_loss)
-    assert max(float((a - b).abs().max()) for a, b in zip(full_grads, shared_grads)) < 1e-5
+    assert max(float((a - b).abs().max()) for a, b in zip(full_grads, shared_grads, strict=True)) < 1e-5
     assert max(float(g.abs().max()) for g in full_grads) > 1e-4  # the gradients compared are not all zero
     # a target inside the common prefix cuts it; one row alone has nothing to share
     labels[:, 30] = ids[:, 30]
