@@ -89,7 +89,7 @@ def eval_model(model: Any, tokenizer: Any, holdout: list[Any], reasoning: bool, 
                ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     from schemas import get_task
     from trainer.close_loop.evaluate import evaluate_examples, examples_from_traces
-    from trainer.sft_trainer import PromptCache, generate, generate_batch, prompt_ids
+    from trainer.sft_trainer import cached_generators
 
     examples = examples_from_traces(holdout)
     if not reasoning:
@@ -98,17 +98,9 @@ def eval_model(model: Any, tokenizer: Any, holdout: list[Any], reasoning: bool, 
         prompts = {t.experience_id: inference_messages(t.experience, reasoning=False) for t in holdout}
         examples = [type(ex)(ex.experience_id, prompts[ex.experience_id], ex.teacher_answer, ex.baseline_response)
                     for ex in examples]
-    cache = PromptCache()  # what trainer.close_loop.evaluate does: the shared system prompt is kept, as a server does
-
-    def gen_batch(ps: list[Any]) -> Any:
-        out = generate_batch(model, tokenizer, ps, a.max_new_tokens)
-        cache.observe(model, [prompt_ids(tokenizer, p) for p in ps[:2]])
-        return out
-
+    gen, gen_batch = cached_generators(model, tokenizer, a.max_new_tokens)  # what trainer.close_loop.evaluate does
     res = evaluate_examples(
-        get_task("widget_selector"), examples,
-        lambda msgs: generate(model, tokenizer, msgs, a.max_new_tokens, prompt_cache=cache),
-        generate_batch=gen_batch,
+        get_task("widget_selector"), examples, gen, generate_batch=gen_batch,
         batch_size=a.batch_size, latency_samples=a.latency_samples)
     rows = [{"experience_id": r.experience_id, "output": r.output, "json_valid": r.student.json_valid,
              "f1": r.student.f1} for r in res.rows]

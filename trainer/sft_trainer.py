@@ -803,6 +803,23 @@ def generate(model: Any, tokenizer: Any, messages: list[dict[str, str]], max_new
     return text, len(new_ids), latency_s
 
 
+def cached_generators(model: Any, tokenizer: Any, max_new_tokens: int) -> tuple[Any, Any]:
+    """(one request at a time, a batch at a time) greedy generators sharing one :class:`PromptCache`: the prompt
+    prefix the batches share (the system prompt) is kept, as a serving llama.cpp keeps it, so a single request's
+    latency is what the served student costs. The cache is filled after a batch's timing."""
+    cache = PromptCache()
+
+    def gen(messages: list[dict[str, str]]) -> tuple[str, int, float]:
+        return generate(model, tokenizer, messages, max_new_tokens, prompt_cache=cache)
+
+    def gen_batch(prompts: list[list[dict[str, str]]]) -> tuple[list[tuple[str, int]], float]:
+        out = generate_batch(model, tokenizer, prompts, max_new_tokens)
+        cache.observe(model, [prompt_ids(tokenizer, p) for p in prompts[:2]])
+        return out
+
+    return gen, gen_batch
+
+
 def load_merged_student(adapter_dir: Path) -> tuple[Any, Any]:
     """The student as it ships: base + LoRA adapter merged into plain weights (``merge_and_unload``), eval mode.
     Generation then runs the dense model with its KV cache, without PEFT's per-layer adapter detour."""

@@ -211,22 +211,10 @@ def model_generator(adapter_dir: Path, max_new_tokens: int) -> Generate:
 
 def model_generators(adapter_dir: Path, max_new_tokens: int) -> tuple[Generate, BatchGenerate]:
     """Load the merged student once: (one request at a time, a batch at a time), both greedy with the KV cache."""
-    from trainer.sft_trainer import PromptCache, generate, generate_batch, load_merged_student, prompt_ids
+    from trainer.sft_trainer import cached_generators, load_merged_student
 
     model, tokenizer = load_merged_student(adapter_dir)
-    # the prompt prefix the holdout shares (the system prompt) is kept, as a serving llama.cpp keeps it: a single
-    # request's latency is then what the served student costs
-    cache = PromptCache()
-
-    def gen(messages: list[dict[str, str]]) -> tuple[str, int, float]:
-        return generate(model, tokenizer, messages, max_new_tokens, prompt_cache=cache)  # type: ignore[no-any-return]
-
-    def gen_batch(prompts: list[list[dict[str, str]]]) -> tuple[list[tuple[str, int]], float]:
-        out = generate_batch(model, tokenizer, prompts, max_new_tokens)
-        cache.observe(model, [prompt_ids(tokenizer, p) for p in prompts[:2]])  # after the batch's timing
-        return out  # type: ignore[no-any-return]
-
-    return gen, gen_batch
+    return cached_generators(model, tokenizer, max_new_tokens)  # type: ignore[no-any-return]
 
 
 # --------------------------------------------------------------------------------------------- report
