@@ -31,7 +31,7 @@ from typing import Any
 import orjson
 
 from schemas.errors import SchemaError, UnsafeText
-from schemas.messages import EnrichedTrace, Experience
+from schemas.fastcodec import ExperienceLike, TraceLike, served_by_json
 from schemas.tasks import check_trace_text, get_task
 from trainer.manifest import write_atomic
 from trainer.sft_config import Phase, PhaseKind, SFTConfig
@@ -53,14 +53,14 @@ def is_holdout(experience_id: str, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") < fraction * _BUCKETS
 
 
-def inference_messages(experience: Experience, reasoning: bool = True) -> list[dict[str, str]]:
+def inference_messages(experience: ExperienceLike, reasoning: bool = True) -> list[dict[str, str]]:
     """The messages the student is given for ``experience``: in training, in evaluation and in production."""
     task = get_task(experience.task)
     return task.messages_for_model([{"role": m.role, "content": m.content} for m in experience.messages],
                                    reasoning=reasoning)
 
 
-def training_messages(trace: EnrichedTrace, reasoning: bool, *, answer: dict[str, Any] | None = None
+def training_messages(trace: TraceLike, reasoning: bool, *, answer: dict[str, Any] | None = None
                       ) -> list[dict[str, str]]:
     """One SFT example: the inference prompt plus the teacher's output as the assistant turn.
 
@@ -112,19 +112,19 @@ class BuiltDataset:
         }
 
 
-def order_and_dedup(traces: Iterable[EnrichedTrace]) -> tuple[list[EnrichedTrace], int]:
+def order_and_dedup(traces: Iterable[TraceLike]) -> tuple[list[TraceLike], int]:
     """Traces in log order ((partition, offset); those without a source keep their given order, after the
     others), one per experience_id (the first wins). Returns (traces, number of duplicates dropped)."""
     indexed = list(enumerate(traces))
 
-    def key(item: tuple[int, EnrichedTrace]) -> tuple[int, str, int, int, int]:
+    def key(item: tuple[int, TraceLike]) -> tuple[int, str, int, int, int]:
         i, t = item
         if t.source is None:
             return (1, "", 0, 0, i)
         return (0, t.source.topic, t.source.partition, t.source.offset, i)
 
     seen: set[str] = set()
-    out: list[EnrichedTrace] = []
+    out: list[TraceLike] = []
     for _, t in sorted(indexed, key=key):
         if t.experience_id in seen:
             continue
@@ -137,7 +137,7 @@ def _line(obj: dict[str, Any]) -> bytes:
     return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS) + b"\n"
 
 
-def build_dataset(traces: Iterable[EnrichedTrace], cfg: SFTConfig, out_dir: Path) -> BuiltDataset:
+def build_dataset(traces: Iterable[TraceLike], cfg: SFTConfig, out_dir: Path) -> BuiltDataset:
     """Project ``traces`` into ``out_dir/train.jsonl`` and ``out_dir/holdout.jsonl`` (see the module doc).
 
     A trace whose task is unknown, whose answer fails the task's schema, or whose reasoning or answer holds the
@@ -178,7 +178,7 @@ def build_dataset(traces: Iterable[EnrichedTrace], cfg: SFTConfig, out_dir: Path
                     "answer_only_messages": inference_messages(t.experience, reasoning=False),
                     "teacher_answer": answer, "teacher_reasoning": t.reasoning,
                     "production_response": t.experience.response,
-                    "served_by": t.experience.served_by.model_dump(mode="json"),
+                    "served_by": served_by_json(t.experience),
                 }))
                 holdout_ids.append(t.experience_id)
                 continue

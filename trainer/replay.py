@@ -25,7 +25,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_END, Consumer, KafkaException, Message, TopicPartition
 
-from schemas import EnrichedTrace, SchemaError, decode
+from schemas import SchemaError, fastcodec
 from schemas import kafka_io as kio
 from schemas.files import move_into_place, write_atomic
 from schemas.settings import KafkaSettings
@@ -49,7 +49,7 @@ class TraceRecord:
 
     partition: int
     offset: int
-    trace: EnrichedTrace = field(compare=False)
+    trace: fastcodec.TraceLike = field(compare=False)
 
 
 @dataclass
@@ -59,10 +59,12 @@ class SliceRead:
     n_bad: int
 
 
-def decode_trace(value: bytes | None, max_bytes: int) -> EnrichedTrace:
+def decode_trace(value: bytes | None, max_bytes: int) -> fastcodec.TraceLike:
+    """One record's trace, decoded and validated (:func:`schemas.fastcodec.decode_trace`: a read-only view, or
+    the pydantic model where only the canonical path decides), or a SchemaError that says why not."""
     if value is None:
         raise SchemaError("empty value (tombstone)")
-    return decode(value, EnrichedTrace, max_bytes=max_bytes)
+    return fastcodec.decode_trace(value, max_bytes=max_bytes)
 
 
 def _reader(settings: KafkaSettings) -> Consumer:
