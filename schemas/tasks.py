@@ -191,10 +191,17 @@ def check_output_markup(text: str) -> None:
 
 def check_trace_text(reasoning: str, answer: Any) -> None:
     """Raise UnsafeText if the reasoning or the answer (any string in it) holds a format tag or special token."""
-    for where, text in (("reasoning", reasoning), ("answer", orjson.dumps(answer).decode())):
-        bad = unsafe_markup(text)
-        if bad is not None:
-            raise UnsafeText(f"contains {bad!r}, which must never reach training text", field=where)
+    check_reasoning_text(reasoning)
+    bad = unsafe_markup(orjson.dumps(answer).decode())
+    if bad is not None:
+        raise UnsafeText(f"contains {bad!r}, which must never reach training text", field="answer")
+
+
+def check_reasoning_text(reasoning: str) -> None:
+    """:func:`check_trace_text` for the reasoning alone (its answer was checked already)."""
+    bad = unsafe_markup(reasoning)
+    if bad is not None:
+        raise UnsafeText(f"contains {bad!r}, which must never reach training text", field="reasoning")
 
 
 def parse_json_answer(text: str) -> tuple[str, Any]:

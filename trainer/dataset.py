@@ -32,7 +32,7 @@ import orjson
 
 from schemas.errors import SchemaError, UnsafeText
 from schemas.fastcodec import ExperienceLike, TraceLike, served_by_json
-from schemas.tasks import check_trace_text, get_task
+from schemas.tasks import TaskDefinition, check_reasoning_text, check_trace_text, get_task
 from trainer.manifest import write_atomic
 from trainer.sft_config import Phase, PhaseKind, SFTConfig
 
@@ -53,25 +53,28 @@ def is_holdout(experience_id: str, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") < fraction * _BUCKETS
 
 
-def inference_messages(experience: ExperienceLike, reasoning: bool = True) -> list[dict[str, str]]:
-    """The messages the student is given for ``experience``: in training, in evaluation and in production."""
-    task = get_task(experience.task)
+def inference_messages(experience: ExperienceLike, reasoning: bool = True, *, task: TaskDefinition | None = None
+                       ) -> list[dict[str, str]]:
+    """The messages the student is given for ``experience``: in training, in evaluation and in production.
+    ``task``: the experience's task definition, when the caller has it already."""
+    task = task or get_task(experience.task)
     return task.messages_for_model([{"role": m.role, "content": m.content} for m in experience.messages],
                                    reasoning=reasoning)
 
 
-def training_messages(trace: TraceLike, reasoning: bool, *, answer: dict[str, Any] | None = None
-                      ) -> list[dict[str, str]]:
+def training_messages(trace: TraceLike, reasoning: bool, *, answer: dict[str, Any] | None = None,
+                      task: TaskDefinition | None = None) -> list[dict[str, str]]:
     """One SFT example: the inference prompt plus the teacher's output as the assistant turn.
 
     ``answer``: the trace's answer already validated by the caller (validation is the costly part: once per
     trace, not once per phase kind); when None it is validated here.
     """
-    task = get_task(trace.task)
+    task = task or get_task(trace.task)
     if answer is None:
         answer = task.validate_answer(trace.answer)
     completion = task.format_output(answer, trace.reasoning if reasoning else None)
-    return [*inference_messages(trace.experience, reasoning=reasoning), {"role": "assistant", "content": completion}]
+    return [*inference_messages(trace.experience, reasoning=reasoning, task=task),
+            {"role": "assistant", "content": completion}]
 
 
 @dataclass(frozen=True)
@@ -160,13 +163,14 @@ def build_dataset(traces: Iterable[TraceLike], cfg: SFTConfig, out_dir: Path) ->
     # (task, answer JSON) already accepted in this build: the schema and the untrusted-text rule are pure functions
     # of the answer's value, and orjson's bytes tell values apart exactly (1 / 1.0 / true): checked once per value
     accepted: set[tuple[str, bytes]] = set()
+    tasks: dict[str, TaskDefinition] = {}
     for t in ordered:
         try:
-            task = get_task(t.task)
+            task = tasks.get(t.task) or tasks.setdefault(t.task, get_task(t.task))
             seen_answer = (t.task, orjson.dumps(t.answer))
             if seen_answer in accepted:
                 answer = dict(t.answer)
-                check_trace_text(t.reasoning, None)  # the answer's own text passed already
+                check_reasoning_text(t.reasoning)  # the answer's own text passed already
             else:
                 answer = task.validate_answer(t.answer)
                 check_trace_text(t.reasoning, answer)
@@ -174,8 +178,8 @@ def build_dataset(traces: Iterable[TraceLike], cfg: SFTConfig, out_dir: Path) ->
             if is_holdout(t.experience_id, cfg.tier3_holdout_fraction):
                 holdout_lines.append(_line({
                     "experience_id": t.experience_id, "task": t.task,
-                    "messages": inference_messages(t.experience, reasoning=True),
-                    "answer_only_messages": inference_messages(t.experience, reasoning=False),
+                    "messages": inference_messages(t.experience, reasoning=True, task=task),
+                    "answer_only_messages": inference_messages(t.experience, reasoning=False, task=task),
                     "teacher_answer": answer, "teacher_reasoning": t.reasoning,
                     "production_response": t.experience.response,
                     "served_by": served_by_json(t.experience),
@@ -183,7 +187,8 @@ def build_dataset(traces: Iterable[TraceLike], cfg: SFTConfig, out_dir: Path) ->
                 holdout_ids.append(t.experience_id)
                 continue
             lines = {k: _line({"experience_id": t.experience_id, "task": t.task, "phase": k,
-                               "messages": training_messages(t, reasoning=(k == "reasoning"), answer=answer)})
+                               "messages": training_messages(t, reasoning=(k == "reasoning"), answer=answer,
+                                                             task=task)})
                      for k in kinds}
         except SchemaError as exc:
             skipped.append((t.experience_id, f"{exc.kind}: {exc}"))
