@@ -28,6 +28,7 @@ from confluent_kafka import Producer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's code, not an installed copy
 
+from bench import cleanup
 from schemas import Experience, encode, get_task
 from schemas.preflight import kafka_metadata, load_settings, run_cli
 from schemas.settings import RELIABLE_PRODUCER
@@ -142,13 +143,14 @@ def main() -> None:
     results: dict[str, Any] = {"n": args.n, "message_bytes": len(encode(exps[0])), "python": platform.python_version()}
     # warm-up (JIT of the broker, connections, page cache), discarded; then each client on a fresh topic
     for name in ("warmup", "raw", "tier3"):
-        settings = CaptureSettings(**{**base.model_dump(), "tier3_topic_prefix": f"bench{uuid.uuid4().hex[:6]}.",
+        settings = CaptureSettings(**{**base.model_dump(), "tier3_topic_prefix": cleanup.track(f"bench{uuid.uuid4().hex[:6]}."),
                                       "tier3_partitions": 6, "tier3_capture_buffer_messages": 1_000_000})
         ensure_topics(settings)
         if name == "warmup":
             bench_raw(settings, exps[: min(len(exps), 50_000)])
             continue
         results[name] = bench_raw(settings, exps) if name == "raw" else bench_tier3(settings, exps)
+    cleanup.drop(base.client_config())
     results["original_queue_jsonl"] = bench_original(exps)
     ratio = results["tier3"]["throughput_per_s"] / results["raw"]["throughput_per_s"]
     results["tier3_vs_raw_throughput"] = round(ratio, 3)

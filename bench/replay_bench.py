@@ -36,6 +36,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import cleanup  # noqa: E402
 from schemas import encode  # noqa: E402
 from schemas.settings import RELIABLE_CONSUMER, RELIABLE_PRODUCER  # noqa: E402
 from streams import broker  # noqa: E402
@@ -83,7 +84,13 @@ def main() -> None:
     args = ap.parse_args()
     ensure_broker()
 
-    settings = TrainerSettings(tier3_topic_prefix=f"bench{uuid.uuid4().hex[:8]}.", tier3_partitions=args.partitions)
+    settings = TrainerSettings(tier3_topic_prefix=cleanup.track(f"bench{uuid.uuid4().hex[:8]}."),
+                               tier3_partitions=args.partitions)
+    with cleanup.dropped_at_exit(settings.client_config()):
+        run(settings, args)
+
+
+def run(settings: TrainerSettings, args: argparse.Namespace) -> None:
     ensure_topics(settings)
     topic = settings.traces_topic
     traces = synthetic_traces(args.traces, topic=topic, partitions=args.partitions, id_prefix="rb")

@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 # the worker subprocesses (`tier3 worker`) run this checkout's code, not whichever copy the venv has installed
 os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
 
+from bench import cleanup  # noqa: E402
 from schemas import EnrichedTrace, Experience, decode, encode, get_task  # noqa: E402
 from schemas.settings import RELIABLE_PRODUCER  # noqa: E402
 from streams import broker  # noqa: E402
@@ -102,7 +103,7 @@ def produce(settings: StreamsSettings, exps: list[Experience], rate_per_s: float
 
 
 def new_settings(data_dir: Path, **kw: Any) -> StreamsSettings:
-    s = StreamsSettings(tier3_topic_prefix=f"bench{uuid.uuid4().hex[:8]}.", tier3_partitions=6,
+    s = StreamsSettings(tier3_topic_prefix=cleanup.track(f"bench{uuid.uuid4().hex[:8]}."), tier3_partitions=6,
                         tier3_data_dir=data_dir, tier3_session_timeout_s=6.0, **kw)
     ensure_topics(s, [*s.topic_specs(), changelog_spec(s)])
     return s
@@ -122,6 +123,22 @@ def wait_counts(w: WorkerProcess, key: str, n: int, timeout_s: float) -> list[tu
             pass
         time.sleep(0.2)  # /status is not free: polling it often would slow the worker it measures
     raise RuntimeError(f"{key} did not reach {n}: {samples[-1:]}\n{w.log_tail()}")
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) used by process ``pid`` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def backlog_run(w: WorkerProcess, n: int) -> dict[str, Any]:
+    """One worker drains a backlog of ``n``: experiences/s, and the worker's CPU time per experience (steadier
+    than wall time on a shared machine: it does not count waiting for the CPU)."""
+    w.wait_for(lambda st: bool(st["lag"]["experiences"]), 120)  # started, partitions assigned
+    c0 = cpu_s(w.proc.pid)
+    samples = wait_counts(w, "consumed", n, 600)
+    rate = consume_rate(samples, n)
+    return {"experiences_per_s": round(rate), "cpu_us_per_experience": round((cpu_s(w.proc.pid) - c0) / n * 1e6)}
 
 
 def consume_rate(samples: list[tuple[float, int]], n: int) -> float:
@@ -191,6 +208,19 @@ def bench_raw(s: StreamsSettings, n: int) -> dict[str, Any]:
     return {"messages_per_s": round((seen - t_first[1]) / (t_last - t_first[0])), "traces": produced}
 
 
+def bench_not_sampled(data_dir: Path, exps: list[Experience], rec: Path) -> dict[str, Any]:
+    """The worker on the same experiences with sampling off (rate 0, confidence threshold 1): every one is
+    decoded, validated, counted by the router's table and acknowledged, none goes to the teacher."""
+    s = new_settings(data_dir, tier3_sample_rate=0.0, tier3_confidence_threshold=1.0, tier3_teacher="recorded",
+                     tier3_teacher_recorded_path=rec)
+    produce(s, exps)
+    w = WorkerProcess(settings_env(s), data_dir / "worker-not-sampled.log")
+    try:
+        return backlog_run(w, len(exps) + 1)  # + the producer's warm-up experience
+    finally:
+        w.stop()
+
+
 def bench_scale_out(data_dir: Path, exps: list[Experience], rec: Path, workers: int) -> dict[str, Any]:
     """``workers`` worker processes in one group: started first (all partitions assigned), then the backlog."""
     s = new_settings(data_dir, tier3_teacher="recorded", tier3_teacher_recorded_path=rec)
@@ -244,8 +274,8 @@ def bench_sampling_path(data_dir: Path, backlog: int, rate_per_s: float, latency
     env = settings_env(s)
     w = WorkerProcess(env, data_dir / "worker-sampling.log")
     try:
-        samples = wait_counts(w, "consumed", backlog, 600)
-        throughput = consume_rate(samples, backlog)
+        drained = backlog_run(w, backlog)
+        throughput = drained["experiences_per_s"]
         elapsed = backlog / throughput
         st = w.wait_for(lambda st: st["counts"]["enriched"] >= sampled, 120)
         # steady state before measuring latency: the count table has caught up on the backlog's traces too
@@ -269,11 +299,13 @@ def bench_sampling_path(data_dir: Path, backlog: int, rate_per_s: float, latency
     total = backlog + len(lat_exps) + 2  # + the two warm-up experiences
     bare = bench_bare_faust(s, data_dir, total)
     raw = bench_raw(s, total)
+    none_sampled = bench_not_sampled(data_dir, exps, rec)
     scale = bench_scale_out(data_dir, exps, rec, scale_workers) if scale_workers > 1 else None
     return {
         "experiences": backlog, "sampled": sampled, "partitions": s.tier3_partitions, "teacher": "recorded",
         "publish_s": round(publish_s, 2),
         "consume_s": round(elapsed, 2), "experiences_per_s": round(throughput),
+        "cpu_us_per_experience": drained["cpu_us_per_experience"],
         "enriched": st["counts"]["enriched"], "dead_lettered": st["counts"]["dead_lettered"],
         "latency": {"publish_rate_per_s": rate_per_s, "traces": len(lat),
                     "p50_ms": round(statistics.median(lat), 1) if lat else None,
@@ -282,6 +314,9 @@ def bench_sampling_path(data_dir: Path, backlog: int, rate_per_s: float, latency
         "bare_faust": bare, "raw": raw,
         "worker_vs_bare_faust": round(throughput / bare["messages_per_s"], 3),
         "worker_vs_raw": round(throughput / raw["messages_per_s"], 3),
+        # the same backlog with nothing sampled (no teacher call, no trace): what the sampled share costs
+        "not_sampled": {**none_sampled,
+                        "vs_bare_faust": round(none_sampled["experiences_per_s"] / bare["messages_per_s"], 3)},
         "scale_out": scale and {**scale, "vs_one_worker": round(scale["experiences_per_s"] / throughput, 2)},
         "goal": {"worker_vs_bare_faust": 0.6, "p99_ms": 250, "scale_out_vs_one_worker": 1.8},
     }
@@ -397,7 +432,8 @@ def main() -> None:
         if broker.list_topics(bs.bootstrap) is None:  # one already answering is used and left running
             broker.up(bs)
         os.environ["KAFKA_BOOTSTRAP_SERVERS"] = bs.bootstrap
-    with tempfile.TemporaryDirectory(prefix="tier3-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="tier3-bench-") as tmp, \
+            cleanup.dropped_at_exit(StreamsSettings().client_config()):
         data_dir = Path(tmp)
         result: dict[str, Any] = {
             "bench": "streams",
