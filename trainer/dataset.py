@@ -137,7 +137,7 @@ def order_and_dedup(traces: Iterable[TraceLike]) -> tuple[list[TraceLike], int]:
 
 
 def _line(obj: dict[str, Any]) -> bytes:
-    return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS) + b"\n"
+    return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE)
 
 
 def build_dataset(traces: Iterable[TraceLike], cfg: SFTConfig, out_dir: Path) -> BuiltDataset:
