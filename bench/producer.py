@@ -143,7 +143,8 @@ def main() -> None:
     results: dict[str, Any] = {"n": args.n, "message_bytes": len(encode(exps[0])), "python": platform.python_version()}
     # warm-up (JIT of the broker, connections, page cache), discarded; then each client on a fresh topic
     for name in ("warmup", "raw", "tier3"):
-        settings = CaptureSettings(**{**base.model_dump(), "tier3_topic_prefix": cleanup.track(f"bench{uuid.uuid4().hex[:6]}."),
+        prefix = cleanup.track(f"bench{uuid.uuid4().hex[:6]}.")
+        settings = CaptureSettings(**{**base.model_dump(), "tier3_topic_prefix": prefix,
                                       "tier3_partitions": 6, "tier3_capture_buffer_messages": 1_000_000})
         ensure_topics(settings)
         if name == "warmup":
