@@ -26,13 +26,14 @@ from faust.types import EventT, StreamT
 from prometheus_client.exposition import generate_latest
 
 from schemas import DeadLetter, EnrichedTrace, Experience, SchemaError, TrainingRun, decode, encode
+from schemas import kafka_io as kio
 from schemas.dead_letters import metadata_only
 from schemas.settings import TopicSpec
 from streams import faust_adapter, metrics, online_eval, router_stats
 from streams.counts import WindowCounts
 from streams.delivery import DeliveryError, DeliveryProducer
 from streams.enrich import Source, TeacherStats, ToEnrich, dead_letter, enrich, triage
-from streams.inflight import InOrderAcker
+from streams.inflight import InOrderAcker, OffsetGuard
 from streams.redaction import redact
 from streams.router_stats import no_router_block
 from streams.runs_view import RunHistory
@@ -205,11 +206,19 @@ def create_app(settings: StreamsSettings, teacher: Teacher | None = None) -> tup
     router = router_stats.RouterStats(app, settings)
     state.router = router.block
 
+    guard = OffsetGuard()
+
+    def forget_revoked(_sender: Any, revoked: Any, **_kw: Any) -> None:  # Faust sends (sender, revoked, signal=)
+        guard.forget(tp.partition for tp in revoked if tp.topic == settings.experiences_topic)
+
+    # mode's stub wants a positional-only sender and a typed `signal` keyword; the call is (sender, revoked, signal=)
+    app.on_partitions_revoked.connect(forget_revoked)  # type: ignore[arg-type]
+
     @app.agent(experiences, concurrency=1)
     async def process_experiences(stream: StreamT) -> None:
         # concurrency=1 on purpose: this one instance acknowledges in offset order (streams/inflight.py)
         await _process(app, stream.noack(), settings, state,  # type: ignore[attr-defined]
-                       observers=[router.observe])
+                       observers=[router.observe], guard=guard)
 
     @app.agent(traces)
     async def count_traces(stream: StreamT) -> None:
@@ -302,7 +311,8 @@ def _lag(app: faust.App, settings: StreamsSettings, state: WorkerState) -> dict[
 
 
 async def _process(app: faust.App, stream: StreamT, settings: StreamsSettings, state: WorkerState,
-                   observers: Sequence[Callable[[Experience, int], None]] = ()) -> None:
+                   observers: Sequence[Callable[[Experience, int], None]] = (),
+                   guard: OffsetGuard | None = None) -> None:
     """Read experiences; start each one's work; acknowledge in order when its output is written.
 
     ``observers`` see every valid experience with its partition, inside that event's context (so a Faust table
@@ -362,9 +372,30 @@ async def _process(app: faust.App, stream: StreamT, settings: StreamsSettings, s
                                  max_bytes=settings.max_record_bytes, experience_id=result.experience_id)
         await write_dead_letter(result, source)
 
+    guard = guard or OffsetGuard()
+    loop = asyncio.get_running_loop()
+
+    def committed(partition: int) -> int | None:
+        for tp, off in faust_adapter.committed_offsets(app).items():
+            if tp.topic == settings.experiences_topic and tp.partition == partition:
+                return off
+        return None
+
     try:
         async for event in stream.events():
             msg = event.message
+            skipped_from = guard.check(msg.partition, msg.offset, committed)
+            if skipped_from is not None:
+                n = await loop.run_in_executor(None, records_between, settings, msg.topic, msg.partition,
+                                               skipped_from, msg.offset)
+                if n:
+                    # never acknowledge past records that were not processed: stop, the restart re-reads them
+                    await fatal(SkippedRecords(
+                        f"partition {msg.partition}: records {skipped_from}..{msg.offset - 1} ({n} of them) were "
+                        f"never delivered to the worker, which got offset {msg.offset} next; stopping before "
+                        f"acknowledging anything after them (the restart reads them again)"))
+                    return
+                guard.accept(msg.partition, msg.offset)  # only markers, or records deleted by retention
             raw: bytes = msg.value if isinstance(msg.value, bytes) else bytes(msg.value or b"")
             source = Source(msg.topic, msg.partition, msg.offset, msg.key)
             counts["consumed"] += 1
@@ -390,6 +421,24 @@ async def _process(app: faust.App, stream: StreamT, settings: StreamsSettings, s
         # what is queued is delivered if it can be (its source offsets are not acknowledged, so it may be
         # written again after the restart: at-least-once)
         await asyncio.get_running_loop().run_in_executor(None, out.flush, 5.0)
+
+
+class SkippedRecords(Exception):
+    """Faust delivered a later offset while records before it were never delivered (see OffsetGuard)."""
+
+
+def records_between(settings: StreamsSettings, topic: str, partition: int, start: int, end: int) -> int:
+    """How many records ``[start, end)`` of one partition holds now (read_uncommitted, as the worker reads):
+    0 when the range is only transaction markers or was deleted by retention."""
+    c = kio.reader(settings, "offset-guard", **{"isolation.level": "read_uncommitted"})
+    try:
+        lo, hi = kio.watermarks(c, topic, [partition])[partition]
+        start, end = max(start, lo), min(end, hi)
+        if start >= end:
+            return 0
+        return sum(1 for _ in kio.iter_slice(c, topic, {partition: kio.Range(start, end)}, timeout_s=60))
+    finally:
+        c.close()
 
 
 async def _follow_training_runs(settings: StreamsSettings, apply: Sequence[Callable[[TrainingRun], None]]) -> None:

@@ -131,3 +131,35 @@ def test_cancel_all_acknowledges_nothing(n: int) -> None:
         return acked
 
     assert run(main()) == []
+
+
+# ------------------------------------------------------------------------------------------------ OffsetGuard
+
+def test_offset_guard_reports_a_jump_and_nothing_else() -> None:
+    from streams.inflight import OffsetGuard
+
+    g = OffsetGuard()
+    committed = {0: 100, 1: None}
+    base = committed.get
+    assert g.check(0, 100, base) is None  # the first record of the assignment, at the committed offset
+    assert g.check(0, 101, base) is None
+    assert g.check(0, 103, base) is None  # one offset skipped: a transaction marker
+    assert g.check(0, 110, base) == 104  # 104..109 never delivered: reported, nothing recorded
+    assert g.check(0, 110, base) == 104  # still reported until the caller decides
+    g.accept(0, 110)  # the caller read the range: only markers, or deleted
+    assert g.check(0, 111, base) is None
+    assert g.check(0, 50, base) is None  # a re-delivery after a seek back is fine
+    assert g.check(0, 51, base) is None
+    assert g.check(1, 7, base) is None  # no committed offset: wherever the reset put it
+    assert g.check(2, 5, lambda p: 0) == 0  # the first record after the assignment is already past a hole
+
+
+def test_offset_guard_forgets_revoked_partitions() -> None:
+    from streams.inflight import OffsetGuard
+
+    g = OffsetGuard()
+    assert g.check(3, 10, lambda p: None) is None
+    g.forget([3])
+    # another worker had it meanwhile and committed up to 500: the new assignment starts there, no jump
+    assert g.check(3, 500, lambda p: 500) is None
+    assert g.check(3, 520, lambda p: 500) == 501
