@@ -206,13 +206,7 @@ def create_app(settings: StreamsSettings, teacher: Teacher | None = None) -> tup
     router = router_stats.RouterStats(app, settings)
     state.router = router.block
 
-    guard = OffsetGuard()
-
-    def forget_revoked(_sender: Any, revoked: Any, **_kw: Any) -> None:  # Faust sends (sender, revoked, signal=)
-        guard.forget(tp.partition for tp in revoked if tp.topic == settings.experiences_topic)
-
-    # mode's stub wants a positional-only sender and a typed `signal` keyword; the call is (sender, revoked, signal=)
-    app.on_partitions_revoked.connect(forget_revoked)  # type: ignore[arg-type]
+    guard = OffsetGuard()  # outlives the agent instance: what was delivered before a restart of it still counts
 
     @app.agent(experiences, concurrency=1)
     async def process_experiences(stream: StreamT) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Awaitable, Callable, Hashable, Iterable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Generic, TypeVar
 
 E = TypeVar("E")
@@ -105,33 +105,31 @@ class InOrderAcker(Generic[E]):
 
 
 class OffsetGuard:
-    """Notices records skipped inside one assignment of a partition, before anything after them is acknowledged.
+    """Notices records skipped by the consumer, before anything after them is acknowledged.
 
     Why: Faust's consumer treats a forward jump in the offsets it delivers as a gap (transaction markers,
-    compaction) and commits across it once a later offset is acknowledged. If records were in that range (a fetch
-    around a rebalance that skipped them was seen once in the scale-out chaos test: committed past nine
-    untraced experiences), committing across them loses them. The agent asks :meth:`check` for every record
-    before starting its work; a jump of more than one offset (one is a transaction marker) is reported, and the
-    caller reads the range to see whether records were really there (:func:`streams.app` stops the worker
-    without acknowledging the record if so: nothing after the hole is committed, and a restart re-reads it).
-
-    ``forget`` on revocation: a new assignment starts wherever the group's committed offset is, which
-    ``baseline`` gives for the first record of a partition.
+    compaction) and commits across it once a later offset is acknowledged; around rebalances it can deliver a
+    later offset first (seen in the scale-out chaos test: the group committed past nine experiences that no worker
+    ever traced). The agent asks :meth:`check` for every record before starting its work. The next offset expected
+    on a partition is one past the last one delivered here (in this or an earlier assignment: records delivered
+    before a rebalance are still being worked on), or the group's committed offset (``baseline``) when that is
+    further. A jump of more than one offset past it (one is a transaction marker) is reported; the caller reads the
+    range to see whether records were really there (``streams.app`` then stops the worker without acknowledging
+    the record: nothing after the hole is committed, and a restart reads it again).
     """
 
     def __init__(self) -> None:
         self._next: dict[int, int] = {}
 
-    def forget(self, partitions: Iterable[int]) -> None:
-        for p in partitions:
-            self._next.pop(p, None)
-
     def check(self, partition: int, offset: int, baseline: Callable[[int], int | None]) -> int | None:
         """The first offset that was skipped before ``offset`` (a jump of more than one), or None."""
-        expected = self._next.get(partition)
-        if expected is None:
-            expected = baseline(partition)
-        if expected is None or offset <= expected + 1:  # in order, a transaction marker, or a re-delivery
+        known = self._next.get(partition)
+        if known is not None and offset <= known + 1:  # in order, a marker, or a re-delivery after a seek back
+            self._next[partition] = offset + 1
+            return None
+        committed = baseline(partition)  # asked only off the fast path
+        expected = max((x for x in (known, committed) if x is not None), default=None)
+        if expected is None or offset <= expected + 1:
             self._next[partition] = offset + 1
             return None
         return expected

@@ -139,7 +139,7 @@ def test_offset_guard_reports_a_jump_and_nothing_else() -> None:
     from streams.inflight import OffsetGuard
 
     g = OffsetGuard()
-    committed = {0: 100, 1: None}
+    committed: dict[int, int | None] = {0: 100, 1: None, 2: 0}
     base = committed.get
     assert g.check(0, 100, base) is None  # the first record of the assignment, at the committed offset
     assert g.check(0, 101, base) is None
@@ -151,15 +151,19 @@ def test_offset_guard_reports_a_jump_and_nothing_else() -> None:
     assert g.check(0, 50, base) is None  # a re-delivery after a seek back is fine
     assert g.check(0, 51, base) is None
     assert g.check(1, 7, base) is None  # no committed offset: wherever the reset put it
-    assert g.check(2, 5, lambda p: 0) == 0  # the first record after the assignment is already past a hole
+    assert g.check(2, 5, base) == 0  # the first record of a partition is already past a hole
 
 
-def test_offset_guard_forgets_revoked_partitions() -> None:
+def test_offset_guard_across_rebalances() -> None:
     from streams.inflight import OffsetGuard
 
     g = OffsetGuard()
-    assert g.check(3, 10, lambda p: None) is None
-    g.forget([3])
-    # another worker had it meanwhile and committed up to 500: the new assignment starts there, no jump
-    assert g.check(3, 500, lambda p: 500) is None
-    assert g.check(3, 520, lambda p: 500) == 501
+    committed = {3: 0}
+    for off in range(0, 30):  # delivered here; committed only up to 0 so far (the work is in flight)
+        assert g.check(3, off, committed.get) is None
+    # a rebalance keeps the partition here and the position continues: records 0..29 are still being worked on
+    assert g.check(3, 30, committed.get) is None
+    # it moves to another worker, which commits up to 500, and comes back: the group's offset is the baseline
+    committed[3] = 500
+    assert g.check(3, 500, committed.get) is None
+    assert g.check(3, 520, committed.get) == 501
