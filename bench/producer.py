@@ -142,16 +142,16 @@ def main() -> None:
     exps = experiences(args.n)
     results: dict[str, Any] = {"n": args.n, "message_bytes": len(encode(exps[0])), "python": platform.python_version()}
     # warm-up (JIT of the broker, connections, page cache), discarded; then each client on a fresh topic
-    for name in ("warmup", "raw", "tier3"):
-        prefix = cleanup.track(f"bench{uuid.uuid4().hex[:6]}.")
-        settings = CaptureSettings(**{**base.model_dump(), "tier3_topic_prefix": prefix,
-                                      "tier3_partitions": 6, "tier3_capture_buffer_messages": 1_000_000})
-        ensure_topics(settings)
-        if name == "warmup":
-            bench_raw(settings, exps[: min(len(exps), 50_000)])
-            continue
-        results[name] = bench_raw(settings, exps) if name == "raw" else bench_tier3(settings, exps)
-    cleanup.drop(base.client_config())
+    with cleanup.dropped_at_exit(base.client_config()):
+        for name in ("warmup", "raw", "tier3"):
+            prefix = cleanup.track(f"bench{uuid.uuid4().hex[:6]}.")
+            settings = CaptureSettings(**{**base.model_dump(), "tier3_topic_prefix": prefix,
+                                          "tier3_partitions": 6, "tier3_capture_buffer_messages": 1_000_000})
+            ensure_topics(settings)
+            if name == "warmup":
+                bench_raw(settings, exps[: min(len(exps), 50_000)])
+                continue
+            results[name] = bench_raw(settings, exps) if name == "raw" else bench_tier3(settings, exps)
     results["original_queue_jsonl"] = bench_original(exps)
     ratio = results["tier3"]["throughput_per_s"] / results["raw"]["throughput_per_s"]
     results["tier3_vs_raw_throughput"] = round(ratio, 3)

@@ -28,6 +28,12 @@ def _expected_version(model: type[BaseModel]) -> object:
     return None if field is None else field.default
 
 
+def check_size(raw: bytes, max_bytes: int) -> None:
+    """Raise :class:`MessageTooLarge` when ``raw`` is over ``max_bytes`` (before any parsing: costs nothing)."""
+    if len(raw) > max_bytes:
+        raise MessageTooLarge(f"{len(raw)} bytes is over the limit of {max_bytes}")
+
+
 def decode(data: bytes | bytearray | memoryview | str, model: type[M], *,
            max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> M:
     """Parse and validate ``data`` as ``model``.
@@ -37,8 +43,7 @@ def decode(data: bytes | bytearray | memoryview | str, model: type[M], *,
     ``UnknownSchemaVersion`` and ``InvalidMessage`` (with the dotted field path and pydantic's reason).
     """
     raw = data.encode() if isinstance(data, str) else bytes(data)
-    if len(raw) > max_bytes:
-        raise MessageTooLarge(f"{len(raw)} bytes is over the limit of {max_bytes}")
+    check_size(raw, max_bytes)
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

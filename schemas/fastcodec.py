@@ -4,7 +4,7 @@ Replay and the trainer read every trace of a slice of ``enriched-traces``. :func
 then pydantic's strict validation) costs ~3× the parse alone; msgspec decodes *and* validates a trace into typed
 read-only structs in less time than orjson takes only to parse it (``bench/replay_bench.py``).
 
-The contract (checked by ``tests/schemas/test_fastcodec.py``, including a differential fuzz against the pydantic
+The contract (checked by ``tests/test_fastcodec.py``, including a differential fuzz against the pydantic
 path):
 
 - the structs below mirror :class:`schemas.messages.EnrichedTrace` field for field (names, defaults, bounds,
@@ -25,8 +25,7 @@ from typing import Annotated, Any, Literal, TypeAlias
 import msgspec
 from msgspec import Meta, Struct
 
-from schemas.codec import DEFAULT_MAX_MESSAGE_BYTES, decode
-from schemas.errors import MessageTooLarge
+from schemas.codec import DEFAULT_MAX_MESSAGE_BYTES, check_size, decode
 from schemas.messages import MAX_ID_LEN, MAX_TEXT_LEN, EnrichedTrace, Experience
 
 Id = Annotated[str, Meta(min_length=1, max_length=MAX_ID_LEN)]
@@ -127,8 +126,7 @@ def _beyond_64_bits(value: Any) -> bool:
 def decode_trace(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> TraceLike:
     """``data`` as an enriched trace: the fast view when msgspec accepts it, else :func:`schemas.codec.decode`'s
     result or error (a :class:`schemas.errors.SchemaError`: the canonical reason, dead-letter ready)."""
-    if len(data) > max_bytes:
-        raise MessageTooLarge(f"{len(data)} bytes is over the limit of {max_bytes}")
+    check_size(data, max_bytes)
     try:
         view = _TRACE_DECODER.decode(data)
     except (msgspec.ValidationError, msgspec.DecodeError):
