@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 
 from schemas import TrainingRun, decode
-from schemas.runs import fold_runs
+from schemas.runs import fold_runs, metrics_of
 from tests.close_loop.conftest import ROOT, TrainedRun
 from tests.conftest import settings_env
 from tests.kafka_utils import consume_values
@@ -48,17 +48,44 @@ def test_eval_cli_on_a_trained_tiny_model_then_the_gate(trained_run: TrainedRun,
     events = [decode(msg.value() or b"", TrainingRun) for msg in consume_values(s, s.training_runs_topic, 1)]
     assert [(e.event, e.run_id, e.model_version) for e in events] == [("evaluated", run_id, 4)]
 
-    # after a run: the evaluation from the manifest is announced again and judged by the rule (a tiny model
-    # trained for seconds usually fails JSON validity: rejected, with the reasons); no export in this test
+    # after a run: an evaluation of the PyTorch model never decides. The close loop exports the candidate (GGUF f16 +
+    # q8_0, `candidate: true`), evaluates that GGUF through the real llama.cpp server as the router asks, and the
+    # gate decides on those figures (a tiny model trained for seconds usually fails JSON validity: rejected)
+    assert decide(m, s, None).checks["served_artifact"]["passed"] is False
     result = after_run(s, run_id)
     verdict = result["verdict"]
-    expected = decide(m, s, None)
+    view = fold_runs(read_run_events(s))
+    served = metrics_of(view.evaluated[run_id])
+    assert served["model"] == "gguf-q8_0" and served["evaluated_via"]["quant"] == "q8_0"
+    assert served["n_examples"] == 6 and served["holdout_size"] == 6
+    assert served["slices"]["holdout"]["served"]["n_examples"] == 6
+    assert served["slices"]["holdout"]["f16"]["n_examples"] == 6  # the quantisation's cost, beside it
+    assert served["pytorch"]["n_examples"] == 6  # the PyTorch figure stays, as a diagnostic column
+    assert served["agreement_pytorch_f16"]["n"] == 6
+    assert served["paired"]["vs_production"]["verdict"] == "not_enough_evidence"  # 6 items decide nothing
+    expected = decide(served, s, None)
+    assert "served_artifact" not in expected.checks
     assert verdict.event == ("promoted" if expected.promote else "rejected") and verdict.model_version == 4
     assert verdict.details["reasons"] == expected.reasons
-    assert result["exported"] is None
-    view = fold_runs(read_run_events(s))
+    assert any("not enough evidence" in r for r in verdict.details["reasons"])
+    assert verdict.event == "rejected"
+    assert result["exported"] is None  # not registered: rejected
+    assert view.exported[run_id].details["candidate"] is True  # the candidate's files stay, unserved
+    assert models_to_serve_or_none(s) is None
     assert view.verdicts[run_id].event == verdict.event
-    assert (view.current.run_id if view.current else None) == (run_id if expected.promote else None)
+    assert view.current is None
+    report = (s.reports_dir / run_id / "report.md").read_text()
+    assert "What is served" in report and "constant answer" in report and "merged PyTorch (diagnostic)" in report
+
+
+def models_to_serve_or_none(s: CloseLoopSettings) -> object:
+    from trainer.close_loop.serve import models_to_serve
+    from trainer.errors import ServeError
+
+    try:
+        return models_to_serve(s, read_run_events(s))
+    except ServeError:
+        return None
 
 
 @pytest.mark.slow

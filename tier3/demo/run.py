@@ -307,6 +307,9 @@ def _start_processes(state: DemoState, session: Session, opts: DemoOptions, comm
         console.print(f"demo training: {'two runs' if tiny_student else 'one run, on every trace, when all are in'}"
                       f", curriculum {overrides.get('TIER3_PHASES') or os.environ.get('TIER3_PHASES') or 'default'}; "
                       "the gate keeps the product's thresholds (docs/settings.md)")
+        golden = EXAMPLES_DIR / "golden.jsonl"  # the example's hand-written golden set: its own slice at the gate
+        if golden.is_file() and not os.environ.get("TIER3_GOLDEN_SET"):
+            overrides["TIER3_GOLDEN_SET"] = str(golden.resolve())
         trainer_env = {**env, **overrides, "TIER3_BASE_MODEL": student, "TIER3_TRAINER_GROUP": session.trainer_group,
                        "TIER3_MIN_TRACES": str(min_traces),
                        "TIER3_CHECK_INTERVAL_S": str(opts.publish_seconds + 90.0),

@@ -1,13 +1,15 @@
 """``tier3 eval | promote | rollback | export``: the close-the-loop steps by hand (``tier3/cli.py`` adds them).
 
-- ``tier3 eval RUN_ID``: evaluate the run's adapter on its holdout again; metrics into its manifest, a report
-  folder (markdown, JSON, PNG) and an ``evaluated`` event.
+- ``tier3 eval RUN_ID``: evaluate the run's merged PyTorch model on its holdout again (a diagnostic); ``--served``:
+  the gate's evaluation of the exported GGUF through the real server (slices, paired comparisons); metrics into
+  its manifest, a report folder (markdown, JSON, PNG) and an ``evaluated`` event.
 - ``tier3 promote RUN_ID``: apply the promotion rule to the run's latest evaluation and publish the verdict
   (``promoted`` / ``rejected`` with the reasons); ``--force`` promotes regardless and says so in the event.
 - ``tier3 rollback``: withdraw the promoted model in force; the router goes back to the one before (or the
   teacher).
 - ``tier3 export RUN_ID``: merge, GGUF f16 + quantised, Ollama registration (or a Modelfile and the command).
-- ``tier3 close-loop RUN_ID``: all of it as the trainer does after a run (evaluated, verdict, export).
+- ``tier3 close-loop RUN_ID``: all of it as the trainer does after a run: export the candidate, evaluate the
+  served GGUF, the verdict, and a promoted version's registration.
 - ``tier3 watch``: watch the promoted version's online agreement (``online-eval``) and roll it back when it
   drifts (``trainer/close_loop/online_watch.py``); ``--once`` judges once and prints the judgement.
 - ``tier3 serve``: llama-cpp-python's OpenAI-compatible server on the exported GGUF files, each version under
@@ -82,7 +84,7 @@ def eval_cmd(
 def _eval_served(s: Any, run_id: str, server_url: str | None) -> Any:
     """Evaluate the run's exported model through an OpenAI-compatible server (started here unless given)."""
     from trainer.close_loop.evaluate import evaluate_run
-    from trainer.close_loop.serve import chat_generator, run_export, served_name, server_for
+    from trainer.close_loop.serve import chat_generator, run_export, served_name
     from trainer.manifest import find_manifest
 
     if server_url:
@@ -91,11 +93,10 @@ def _eval_served(s: Any, run_id: str, server_url: str | None) -> Any:
         gen = chat_generator(server_url, alias, s.tier3_eval_max_new_tokens)
         return evaluate_run(s, run_id, generate=gen, source={"via": "server", "server_url": server_url,
                                                             "model": alias})
-    model = run_export(s, run_id)
-    with server_for(s, [model], port=0).start(s.tier3_serve_start_timeout_s) as srv:
-        gen = chat_generator(srv.base_url, model.alias, s.tier3_eval_max_new_tokens)
-        return evaluate_run(s, run_id, generate=gen, source={"via": "llama_cpp.server", "gguf": str(model.gguf),
-                                                            "model": model.alias})
+    from trainer.close_loop.served_eval import evaluate_served_run
+
+    run_export(s, run_id)  # a clear error when the run has no exported GGUF here
+    return evaluate_served_run(s, run_id)  # what the gate decides on: slices, paired comparisons, diagnostics
 
 
 def promote_cmd(
@@ -150,7 +151,7 @@ def export_cmd(run_id: Annotated[str, typer.Argument(help="the run to export")])
 
 
 def close_loop_cmd(run_id: Annotated[str, typer.Argument(help="a trained run")]) -> None:
-    """Evaluated event, the gate's verdict and (when promoted) the export, as the trainer does after a run."""
+    """Export the candidate, evaluate the served GGUF, the gate's verdict and (when promoted) the registration."""
     from trainer.close_loop.gate import after_run
 
     s = _settings()

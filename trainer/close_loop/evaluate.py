@@ -131,6 +131,7 @@ def _rates(prefix: str, scores: Sequence[OutputScore], set_fields: Sequence[str]
         f"{prefix}schema_valid_rate": mean(float(s.schema_valid) for s in scores),
         f"{prefix}exact_match": mean(float(s.exact) for s in scores),
         f"{prefix}f1": mean(s.f1 for s in scores),
+        f"{prefix}task_f1": mean(s.task_f1 for s in scores),  # the task's primary metric (weighted fields)
     }
     for k in set_fields:
         out[f"{prefix}set_f1_{k}"] = mean(s.set_f1.get(k, 0.0) for s in scores)
@@ -429,6 +430,7 @@ def evaluate_run(settings: CloseLoopSettings, run_id: str, *, generate: Generate
                                          holdout, generate=generate, read_history=publish)
     if source is not None:  # what answered: e.g. the exported GGUF through a server, not the adapter
         metrics["evaluated_via"] = dict(source)
+        metrics["model"] = f"served ({source.get('via', 'server')})"
     write_manifest(run_dir, manifest.model_copy(update={"metrics": {**manifest.metrics, "evaluation": metrics}}))
     if publish:
         with TrainerEvents(settings) as writer:

@@ -46,6 +46,7 @@ os.environ.setdefault("UNSLOTH_AUTO_INSTALL", "0")  # never let unsloth apt-get 
 from filelock import FileLock
 
 from schemas import TrainingRun
+from schemas.runs import fold_runs
 from trainer.close_loop.settings import CloseLoopSettings
 from trainer.errors import ExportError
 
@@ -386,8 +387,12 @@ class ExportResult:
 
 
 def export_run(settings: CloseLoopSettings, run_id: str, *, publish: bool = True,
-               fault: Callable[[str], None] | None = None) -> ExportResult:
-    """``tier3 export RUN_ID``: merge, GGUF f16 + quantised, Ollama (or a Modelfile), ``exported`` event."""
+               fault: Callable[[str], None] | None = None, candidate: bool = False) -> ExportResult:
+    """``tier3 export RUN_ID``: merge, GGUF f16 + quantised, Ollama (or a Modelfile), ``exported`` event.
+
+    ``candidate``: the close loop's export before the gate (``gate.after_run``): the files are written and announced
+    with ``candidate: true`` so the served evaluation can load them, but nothing is registered with Ollama and
+    ``tier3 serve`` does not serve them until the run is promoted (then :func:`register_run`)."""
     from trainer.events import TrainerEvents, now_ms
     from trainer.manifest import find_manifest
 
@@ -408,17 +413,53 @@ def export_run(settings: CloseLoopSettings, run_id: str, *, publish: bool = True
                                          pre_tokenizer=pre, model_name=f"{settings.tier3_student_name}:v{version}")
         files[outtype] = file_info(paths[outtype])
     summary = gguf_summary(paths[settings.tier3_gguf_quant])
-    reg = register_with_ollama(settings, paths[settings.tier3_gguf_quant], version, merged)
+    reg = (Registration(False, settings.tier3_ollama_host, [], "") if candidate
+           else register_with_ollama(settings, paths[settings.tier3_gguf_quant], version, merged))
     event = TrainingRun(
         run_id=run_id, event="exported", at_ms=now_ms(), model_name=settings.tier3_student_name,
         model_version=version, base_model=manifest.base_model,
         details={"merged_dir": str(merged), "files": files, "gguf": summary, "ollama": reg.as_dict(),
-                 "converter": str(converter), "pre_tokenizer": pre or None},
+                 "converter": str(converter), "pre_tokenizer": pre or None, "candidate": candidate},
     )
     if publish:
         with TrainerEvents(settings) as writer:
             writer.record(event)
     return ExportResult(run_id, version, merged, files, summary, reg, event)
+
+
+@dataclass(frozen=True)
+class RegisterResult:
+    run_id: str
+    ollama: Registration
+    event: TrainingRun
+
+
+def register_run(settings: CloseLoopSettings, run_id: str, *, publish: bool = True) -> RegisterResult:
+    """A promoted candidate's export becomes a served version: its quantised GGUF is registered with Ollama (or
+    the commands are printed) and an ``exported`` event without ``candidate`` is published with the same files."""
+    from trainer.events import TrainerEvents, now_ms, read_run_events
+
+    ev = fold_runs(read_run_events(settings)).exported.get(run_id)
+    if ev is None:
+        return RegisterResult(run_id, *_export_and_event(settings, run_id, publish))
+    files = ev.details.get("files") if isinstance(ev.details.get("files"), dict) else {}
+    info = files.get(settings.tier3_gguf_quant) if files else None
+    gguf = Path(str(info.get("path"))) if isinstance(info, dict) else None
+    merged = Path(str(ev.details.get("merged_dir") or ""))
+    if gguf is None or not gguf.is_file() or ev.model_version is None:
+        return RegisterResult(run_id, *_export_and_event(settings, run_id, publish))
+    reg = register_with_ollama(settings, gguf, ev.model_version, merged)
+    event = ev.model_copy(update={"at_ms": now_ms(), "details": {**ev.details, "ollama": reg.as_dict(),
+                                                                 "candidate": False}})
+    if publish:
+        with TrainerEvents(settings) as writer:
+            writer.record(event)
+    return RegisterResult(run_id, reg, event)
+
+
+def _export_and_event(settings: CloseLoopSettings, run_id: str, publish: bool) -> tuple[Registration, TrainingRun]:
+    res = export_run(settings, run_id, publish=publish)  # the candidate's files are gone: export it again
+    return res.ollama, res.event
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -88,10 +88,18 @@ class ServedModel:
     version: int
 
 
-def exported_models(settings: CloseLoopSettings, events: Iterable[TrainingRun]) -> list[ServedModel]:
-    """Every exported version whose quantised GGUF exists, oldest version first (the latest export of a run)."""
+def exported_models(settings: CloseLoopSettings, events: Iterable[TrainingRun], *,
+                    candidates: bool = False) -> list[ServedModel]:
+    """Every exported version whose quantised GGUF exists, oldest version first (the latest export of a run).
+    A candidate's export (made before the gate: ``candidate`` in the event) is not served unless the run was
+    promoted since (a rejected candidate's files stay on disk, unserved); ``candidates`` lists them all (the
+    served evaluation of ``tier3 eval --served``)."""
+    view = fold_runs(events)
+    promoted = {rid for rid, v in view.verdicts.items() if v.event == "promoted"}
     out: dict[int, ServedModel] = {}
-    for run_id, ev in fold_runs(events).exported.items():
+    for run_id, ev in view.exported.items():
+        if not candidates and ev.details.get("candidate") and run_id not in promoted:
+            continue
         files = ev.details.get("files") or {}
         info = files.get(settings.tier3_gguf_quant) or next(iter(files.values()), None)
         if ev.model_version is None or not isinstance(info, dict) or not Path(str(info.get("path"))).is_file():
@@ -289,7 +297,7 @@ def run_export(settings: CloseLoopSettings, run_id: str) -> ServedModel:
     """The exported quantised GGUF of one run (from its ``exported`` event), to evaluate what ships."""
     from trainer.events import read_run_events
 
-    for m in exported_models(settings, read_run_events(settings)):
+    for m in exported_models(settings, read_run_events(settings), candidates=True):
         if m.run_id == run_id:
             return m
     raise ServeError(f"run {run_id} has no exported {settings.tier3_gguf_quant} GGUF on this machine; run "

@@ -27,6 +27,14 @@ class CloseLoopSettings(TrainerSettings):
     tier3_eval_latency_samples: int = Field(3, ge=0, le=1000, description="holdout examples also generated one "
                                             "at a time: their wall times are the latency p50/p95 the gate checks")
     tier3_task: str = Field("widget_selector", description="task whose answer schema scores the outputs")
+    tier3_golden_set: Path | None = Field(None, description="the user's own evaluation set: a JSONL file of "
+                                          "requests ('messages' as production sends them) with reference answers "
+                                          "('answer'), evaluated at every gate as its own slice "
+                                          "(examples/widget_selector/golden.jsonl is the example's)")
+    tier3_eval_f16: bool = Field(True, description="also evaluate the f16 GGUF on the same items, to report the "
+                                 "serving quantisation's cost (a diagnostic, never the decision)")
+    tier3_student_max_tokens: int = Field(512, ge=1, description="max output tokens of one student call: the "
+                                          "router's setting, which the served evaluation asks with too")
 
     # --- promotion gate ----------------------------------------------------------------------------------
     tier3_gate_min_examples: int = Field(5, ge=0, description="a candidate evaluated on fewer holdout examples "
@@ -34,26 +42,37 @@ class CloseLoopSettings(TrainerSettings):
     tier3_gate_min_json_valid: float = Field(0.95, ge=0.0, le=1.0, description="minimum JSON validity rate")
     tier3_gate_min_schema_valid: float = Field(0.90, ge=0.0, le=1.0, description="minimum answer-schema "
                                                "validity rate")
-    tier3_gate_baseline_margin: float = Field(0.05, ge=0.0, le=1.0, description="the candidate's field F1 vs "
-                                              "the teacher must be >= the production baseline's F1 minus this")
-    tier3_gate_require_beat_promoted: bool = Field(True, description="the candidate's F1 must be >= the "
-                                                   "currently promoted student's F1")
-    tier3_gate_max_latency_p95_ms: float = Field(5000.0, gt=0.0, description="maximum generation latency p95 "
-                                                 "(ms) on the holdout")
+    tier3_gate_baseline_margin: float = Field(0.05, ge=0.0, le=1.0, description="non-inferiority margin on the "
+                                              "task's primary metric: the paired interval's lower bound of (student "
+                                              "- production) must be >= -margin (inclusive)")
+    tier3_gate_require_beat_promoted: bool = Field(True, description="the candidate must also be no worse within "
+                                                   "the margin than the version in force, paired on the same items")
+    tier3_gate_max_latency_p95_ms: float = Field(5000.0, gt=0.0, description="maximum served latency p95 (ms) on "
+                                                 "the holdout, inclusive")
+    tier3_gate_confidence: float = Field(0.95, gt=0.5, lt=1.0, description="confidence level of the paired "
+                                         "bootstrap interval the gate's verdict uses")
+    tier3_gate_min_paired: int = Field(10, ge=2, description="paired comparisons on fewer items say "
+                                       "'not enough evidence' (the run waits for more traces)")
+    tier3_gate_min_golden: float = Field(0.5, ge=0.0, le=1.0, description="minimum primary metric on the golden "
+                                         "set (inclusive), when TIER3_GOLDEN_SET is set; it must also beat the "
+                                         "constant answer's")
     # --- online evaluation and automatic rollback (`tier3 watch`, trainer/close_loop/online_watch.py) ---------
     tier3_online_windows: int = Field(3, ge=1, le=1000, description="roll back when this many consecutive "
                                       "eligible windows (see TIER3_ONLINE_MIN_N) of the promoted version are each "
-                                      "below the bound, and their pooled F1 too")
+                                      "at or below the bound (value <= bound), and their pooled value too")
     tier3_online_min_n: int = Field(20, ge=1, description="a window counts only with at least this many shadow "
                                     "traces of the promoted version")
-    tier3_online_min_f1: float = Field(0.5, ge=0.0, le=1.0, description="online field F1 vs the teacher below "
-                                       "which the promoted version is rolled back")
-    tier3_online_min_fraction: float = Field(0.8, ge=0.0, le=1.0, description="also roll back below this "
-                                             "fraction of the version's offline holdout F1 (0 = only "
-                                             "TIER3_ONLINE_MIN_F1)")
+    tier3_online_min_f1: float = Field(0.5, ge=0.0, le=1.0, description="absolute bound on the task's primary "
+                                       "metric online vs the teacher (task_f1 for the widget selector): a window "
+                                       "at or below it fails, so the promoted version must stay strictly above it")
+    tier3_online_min_fraction: float = Field(0.8, ge=0.0, le=1.0, description="relative bound: this fraction of "
+                                             "the version's offline holdout figure of the same metric (task_f1, f1 "
+                                             "when the evaluation lacks it); the bound is the larger of the two, "
+                                             "a window at or below it fails (0 = only TIER3_ONLINE_MIN_F1)")
     tier3_watch_interval_s: float = Field(10.0, gt=0.0, description="how often `tier3 watch` reads online-eval "
                                           "and training-runs and judges the promoted version (s)")
-    tier3_auto_export: bool = Field(True, description="export (merge, GGUF, Ollama) right after a promotion")
+    tier3_auto_export: bool = Field(True, description="register a promoted version's GGUF with Ollama right "
+                                    "after its promotion (the export itself always precedes the gate)")
 
     # --- export ------------------------------------------------------------------------------------------
     tier3_ollama_stable_tag: str = Field("latest", description="tag moved to each newly exported version "
