@@ -170,6 +170,8 @@ class OnlineEval(_Frozen):
     The worker publishes it on ``online-eval`` (compacted; key ``task|arm|version|window start s@partition``)
     when the window closes, and again if a late trace changes it. Sums, not means, so that readers add the
     partitions of a window up; ``latency_hist`` maps a log bucket (``streams/online_eval.py``) to a count.
+    ``task_f1_sum`` is the sum of the task's weighted field score (``schemas.tasks.task_f1``); None in a record
+    written before it existed (readers then fall back to ``f1_sum``).
     """
 
     schema_version: Literal[1] = SCHEMA_VERSION
@@ -185,6 +187,7 @@ class OnlineEval(_Frozen):
     exact_n: int = Field(ge=0)
     f1_sum: float = Field(ge=0.0)
     set_f1_sums: dict[str, float] = Field(default_factory=dict)
+    task_f1_sum: float | None = Field(default=None, ge=0.0)
     extra_teacher_calls: int = Field(default=0, ge=0)
     latency_hist: dict[str, int] = Field(default_factory=dict)
     published_at_ms: int = Field(ge=0)

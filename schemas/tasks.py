@@ -2,7 +2,14 @@
 
 A task is a JSON file (``schemas/tasks/*.json``, or a folder named by ``TIER3_TASKS_DIR``) with ``name``,
 ``system_prompt``, ``answer_schema`` and optionally ``set_fields`` (list-valued answer fields scored as sets,
-e.g. the widget selector's ``widgets``).
+e.g. the widget selector's ``widgets``), ``field_weights`` (how much each answer field counts in
+:func:`task_f1`; empty: equal weights) and ``primary_metric`` (the one figure promotion and rollback judge on,
+one of :data:`PRIMARY_METRICS`; default ``task_f1``).
+
+**Why a task metric.** :func:`field_f1` is the plain mean over the answer's fields, so for the widget selector
+a student that picks only wrong widgets but the right time range scores 0.5. :func:`task_f1` weighs the fields
+by what matters for the task (the widget selector: ``widgets`` 0.8, ``time_range`` 0.2, so that student scores
+0.2).
 
 **The reasoned output format** is shared by the teacher (at enrichment) and the student (in training and at
 inference), so a student is asked exactly what its teacher was asked::
@@ -33,6 +40,7 @@ an answer that contains any of them. Nothing is escaped or stripped: such an out
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -44,7 +52,7 @@ import fastjsonschema
 import jsonschema
 import orjson
 
-from schemas.errors import InvalidAnswer, UnknownTask, UnsafeText
+from schemas.errors import InvalidAnswer, SchemaError, UnknownTask, UnsafeText
 
 REASONED_INSTRUCTION = (
     "Think step by step about the request above. Write your reasoning between <reasoning> and </reasoning>, "
@@ -57,6 +65,10 @@ _REASONING_RE = re.compile(r"<reasoning>\s*(.*?)\s*</reasoning>", re.DOTALL)
 _FENCE_RE = re.compile(r"^```(?:json)?\s*|\s*```$")
 
 BUILTIN_TASKS_DIR = Path(__file__).parent / "tasks"
+
+#: the metrics a task may name as its primary one: per output, :class:`OutputScore`'s ``task_f1``, ``f1`` (field F1)
+#: or ``exact`` (``exact_match`` as a rate); the offline evaluation and the online windows report each of them
+PRIMARY_METRICS = ("task_f1", "f1", "exact_match")
 
 #: the output format's own tags: in a model's output each appears at most once, in this order
 FORMAT_TAGS = ("<reasoning>", "</reasoning>", "<answer>", "</answer>")
@@ -112,6 +124,28 @@ class TaskDefinition:
     version: int = 1
     set_fields: tuple[str, ...] = ()
     catalog: Mapping[str, str] = field(default_factory=dict)
+    #: answer field -> weight in :func:`task_f1` (finite, >= 0); empty: every field weighs the same
+    field_weights: Mapping[str, float] = field(default_factory=dict)
+    #: the metric promotion and the online rollback judge on (one of :data:`PRIMARY_METRICS`)
+    primary_metric: str = "task_f1"
+
+    def __post_init__(self) -> None:
+        """Refuse (SchemaError) a primary metric not in :data:`PRIMARY_METRICS`, a weight that is not a finite
+        number >= 0, weights that are all 0, and a weighted field the answer schema's ``properties`` lack."""
+        if self.primary_metric not in PRIMARY_METRICS:
+            raise SchemaError(f"task {self.name!r}: primary_metric {self.primary_metric!r} is not one of "
+                              f"{', '.join(PRIMARY_METRICS)}", field="primary_metric")
+        props = self.answer_schema.get("properties") if isinstance(self.answer_schema, Mapping) else None
+        for k, w in self.field_weights.items():
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+                raise SchemaError(f"task {self.name!r}: the weight of {k!r} must be a finite number >= 0, not "
+                                  f"{w!r}", field="field_weights")
+            if isinstance(props, Mapping) and k not in props:
+                raise SchemaError(f"task {self.name!r}: field_weights names {k!r}, which the answer schema's "
+                                  f"properties lack", field="field_weights")
+        if self.field_weights and not any(w > 0 for w in self.field_weights.values()):
+            raise SchemaError(f"task {self.name!r}: field_weights gives no field a weight above 0",
+                              field="field_weights")
 
     @functools.cached_property
     def _validator(self) -> jsonschema.protocols.Validator:
@@ -238,18 +272,44 @@ def _hashable(v: Any) -> Any:
     return orjson.dumps(v, option=orjson.OPT_SORT_KEYS) if isinstance(v, (dict, list)) else v
 
 
+def _field_score(task: TaskDefinition, predicted: Mapping[str, Any], reference: Mapping[str, Any], k: str) -> float:
+    """One field's agreement: set-F1 for a set field (both lists), else exact match (1 or 0)."""
+    if k in task.set_fields and isinstance(predicted.get(k), list) and isinstance(reference[k], list):
+        return set_f1(predicted[k], reference[k])
+    return float(predicted.get(k) == reference[k])
+
+
 def field_f1(task: TaskDefinition, predicted: Mapping[str, Any], reference: Mapping[str, Any]) -> float:
     """Field-level agreement: the mean over the reference's fields of set-F1 (``set_fields``) or exact match."""
     keys = sorted(reference)
     if not keys:
         return 1.0
-    total = 0.0
-    for k in keys:
-        if k in task.set_fields and isinstance(predicted.get(k), list) and isinstance(reference[k], list):
-            total += set_f1(predicted[k], reference[k])
-        else:
-            total += float(predicted.get(k) == reference[k])
-    return total / len(keys)
+    return sum(_field_score(task, predicted, reference, k) for k in keys) / len(keys)
+
+
+def task_f1(task: TaskDefinition, predicted: Mapping[str, Any], reference: Mapping[str, Any]) -> float:
+    """The task's own agreement figure: the weighted mean over the **reference's** fields of each field's score
+    (set-F1 for ``set_fields``, else exact match, as in :func:`field_f1`), weights from ``task.field_weights``.
+
+    - no ``field_weights``: every field of the reference weighs the same, so this equals :func:`field_f1`;
+    - with ``field_weights``: a field of the reference the weights do not name weighs 0 (it does not count);
+      a weighted field the reference lacks is skipped (nothing to agree with), and so are fields only the
+      prediction has (as in :func:`field_f1`; the answer schema judges those);
+    - when the weights of the reference's fields add up to 0 (none of its fields is weighted), equal weights
+      over its fields, i.e. :func:`field_f1`; an empty reference scores 1.0.
+
+    In [0, 1]. The widget selector (``widgets`` 0.8, ``time_range`` 0.2): the right time range with wrong widgets
+    scores 0.2, the right widgets with the wrong time range 0.8.
+    """
+    keys = sorted(reference)
+    if not keys:
+        return 1.0
+    weights = {k: float(task.field_weights.get(k, 0.0)) for k in keys} if task.field_weights else {}
+    total_w = sum(weights.values())
+    if total_w <= 0:
+        return field_f1(task, predicted, reference)
+    total = sum(w * _field_score(task, predicted, reference, k) for k, w in weights.items() if w > 0)
+    return min(1.0, max(0.0, total / total_w))
 
 
 @dataclass(frozen=True)
@@ -264,6 +324,7 @@ class OutputScore:
     f1: float  # field F1 (:func:`field_f1`)
     set_f1: dict[str, float] = field(default_factory=dict)  # per set field, e.g. the widget-set F1
     error: str | None = None
+    task_f1: float = 0.0  # the task's weighted field score (:func:`task_f1`); 0 when not a JSON object, like f1
 
 
 def score_output(task: TaskDefinition, text: str, reference: Mapping[str, Any]) -> OutputScore:
@@ -271,7 +332,9 @@ def score_output(task: TaskDefinition, text: str, reference: Mapping[str, Any]) 
 
     - JSON valid: an answer parses as JSON; schema valid: it is an object matching the task's answer schema;
     - exact: the same JSON value as the reference (list order counts);
-    - f1: :func:`field_f1`; ``set_f1``: :func:`set_f1` per set field of the reference (0 when not a list).
+    - f1: :func:`field_f1`; ``set_f1``: :func:`set_f1` per set field of the reference (0 when not a list);
+    - task_f1: :func:`task_f1` (the task's field weights); f1 and task_f1 are 0 for invalid JSON or a non-object,
+      and computed (not zeroed) for an object that fails the schema, field by field.
     """
     zero_sets = {k: 0.0 for k in task.set_fields if k in reference}
     try:
@@ -297,6 +360,7 @@ def score_output(task: TaskDefinition, text: str, reference: Mapping[str, Any]) 
         json_valid=True, schema_valid=schema_valid,
         exact=_canonical(value) == _canonical(reference),
         f1=field_f1(task, value, reference), set_f1=sets, error=error,
+        task_f1=task_f1(task, value, reference),
     )
 
 
@@ -311,6 +375,8 @@ def _load_file(path: Path) -> TaskDefinition:
             name=d["name"], system_prompt=d["system_prompt"], answer_schema=d["answer_schema"],
             description=d.get("description", ""), version=int(d.get("version", 1)),
             set_fields=tuple(d.get("set_fields", ())), catalog=d.get("catalog", {}),
+            field_weights=dict(d.get("field_weights") or {}),
+            primary_metric=str(d.get("primary_metric", "task_f1")),
         )
     except KeyError as exc:
         raise UnknownTask(f"task file {path} lacks {exc.args[0]!r}") from None

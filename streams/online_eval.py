@@ -6,8 +6,9 @@ The loop (README, "Online evaluation and automatic rollback"):
    shadow sample of the student's experiences (``TIER3_SHADOW_RATE``, by hash: ``streams/sampling.py``), so
    each shadow trace holds the student's served answer and the teacher's answer side by side.
 2. This module scores every shadow trace with the offline evaluation's rule (:func:`schemas.tasks.score_output`)
-   and adds it to a Faust table keyed by task, arm, model version, window and partition; the production
-   baseline arm's randomly sampled traces are scored the same way, for comparison in the same windows.
+   and adds it to a Faust table keyed by task, arm, model version, window and partition (sums of the field F1
+   ``f1`` and of the task's weighted score ``task_f1``, the widget selector's primary metric, among others); the
+   production baseline arm's randomly sampled traces are scored the same way, for comparison in the same windows.
 3. When a window has been closed for ``TIER3_ONLINE_GRACE_S``, its figures are published on the compacted
    ``online-eval`` topic (:class:`schemas.OnlineEval`, one record per partition; again if a late trace changes
    it). The trainer side (``tier3 watch``, ``trainer/close_loop/online_watch.py``) reads them and rolls the promoted
@@ -42,7 +43,7 @@ log = logging.getLogger("tier3.online_eval")
 
 ONLINE_TABLE = "online_eval"
 _BASE = 1.1  # latency histogram: bucket i holds (1.1**i, 1.1**(i+1)] ms
-_FIELDS = ("n", "json_valid_n", "schema_valid_n", "exact_n", "f1_sum", "extra_teacher_calls")
+_FIELDS = ("n", "json_valid_n", "schema_valid_n", "exact_n", "f1_sum", "task_f1_sum", "extra_teacher_calls")
 
 
 def changelog_spec(settings: StreamsSettings) -> TopicSpec:
@@ -70,8 +71,8 @@ def parse_key(key: str) -> tuple[str, str, str | None, int, int] | None:
 
 
 def empty() -> dict[str, Any]:
-    return {"n": 0, "json_valid_n": 0, "schema_valid_n": 0, "exact_n": 0, "f1_sum": 0.0, "set_f1_sums": {},
-            "extra_teacher_calls": 0, "latency_hist": {}}
+    return {"n": 0, "json_valid_n": 0, "schema_valid_n": 0, "exact_n": 0, "f1_sum": 0.0, "task_f1_sum": 0.0,
+            "set_f1_sums": {}, "extra_teacher_calls": 0, "latency_hist": {}}
 
 
 def latency_bucket(ms: float) -> str:
@@ -114,6 +115,8 @@ def add_trace(acc: Mapping[str, Any], trace: EnrichedTrace) -> dict[str, Any]:
     out["schema_valid_n"] += int(score.schema_valid)
     out["exact_n"] += int(score.exact)
     out["f1_sum"] = round(out["f1_sum"] + score.f1, 9)
+    if "task_f1_sum" in out:  # absent: a value an older worker began (see merge)
+        out["task_f1_sum"] = round(out["task_f1_sum"] + score.task_f1, 9)
     for k, v in score.set_f1.items():
         out["set_f1_sums"][k] = round(out["set_f1_sums"].get(k, 0.0) + v, 9)
     out["extra_teacher_calls"] += int(trace.sample_reason == "shadow")
@@ -124,15 +127,22 @@ def add_trace(acc: Mapping[str, Any], trace: EnrichedTrace) -> dict[str, Any]:
 
 
 def merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
-    """The sum of two values (windows or partitions)."""
+    """The sum of two values (windows or partitions).
+
+    A value with traces but no ``task_f1_sum`` was begun by a worker that did not score it (restored from the
+    changelog across an upgrade): the sum then has no ``task_f1_sum`` either (unknown, not 0), so the published
+    window says None and the watcher falls back to ``f1_sum`` for it."""
     out = empty()
     for src in (a, b):
         for f in _FIELDS:
-            out[f] += src.get(f, 0)
+            out[f] += src.get(f) or 0
         for key in ("set_f1_sums", "latency_hist"):
             for k, v in (src.get(key) or {}).items():
                 out[key][k] = out[key].get(k, 0) + v
     out["f1_sum"] = round(out["f1_sum"], 9)
+    out["task_f1_sum"] = round(out["task_f1_sum"], 9)
+    if any(src.get("n") and src.get("task_f1_sum") is None for src in (a, b)):
+        del out["task_f1_sum"]
     return out
 
 
@@ -147,6 +157,7 @@ def figures(acc: Mapping[str, Any]) -> dict[str, Any]:
         "n": n, "json_valid_rate": rate(acc.get("json_valid_n", 0)),
         "schema_valid_rate": rate(acc.get("schema_valid_n", 0)), "exact_match": rate(acc.get("exact_n", 0)),
         "f1": rate(acc.get("f1_sum", 0.0)),
+        "task_f1": rate(acc["task_f1_sum"]) if acc.get("task_f1_sum") is not None else None,
         "latency_ms_p50": hist_quantile(acc.get("latency_hist") or {}, 0.50),
         "latency_ms_p95": hist_quantile(acc.get("latency_hist") or {}, 0.95),
         "extra_teacher_calls": int(acc.get("extra_teacher_calls", 0)),
@@ -231,6 +242,8 @@ class OnlineEvaluator:
                 json_valid_n=int(value.get("json_valid_n", 0)), schema_valid_n=int(value.get("schema_valid_n", 0)),
                 exact_n=int(value.get("exact_n", 0)), f1_sum=float(value.get("f1_sum", 0.0)),
                 set_f1_sums=dict(value.get("set_f1_sums") or {}),
+                task_f1_sum=(float(value["task_f1_sum"]) if value.get("task_f1_sum") is not None
+                             else None if n else 0.0),
                 extra_teacher_calls=int(value.get("extra_teacher_calls", 0)),
                 latency_hist={str(k): int(v) for k, v in (value.get("latency_hist") or {}).items()},
                 published_at_ms=int(time.time() * 1000), worker_id=self.settings.worker_id))

@@ -7,9 +7,11 @@ reasoning)``: the teacher's reasoning then its answer for a ``reasoning`` phase,
 answer-only instruction in the prompt) for an ``answer`` phase.
 
 Reproducibility: traces are ordered by (partition, offset) of their source record, deduplicated by experience_id
-(enrichment is at-least-once: the first copy wins), split by a hash of the experience_id, and written as JSONL
-with sorted keys. The same traces therefore always give the same bytes and the same sha256, whatever order
-they were handed over in: a replay up to a run's offsets rebuilds that run's dataset hash.
+(enrichment is at-least-once: the first copy wins), split into train and holdout by whole groups of near-twin
+questions (``trainer.split``: a group's side is a hash of its smallest experience_id, so no holdout question has
+a near-twin in training), and written as JSONL with sorted keys. The same traces therefore always give the same
+bytes and the same sha256, whatever order they were handed over in: a replay up to a run's offsets rebuilds that
+run's dataset hash.
 
 Files written to ``out_dir``:
 
@@ -35,22 +37,25 @@ from schemas.fastcodec import ExperienceLike, TraceLike, served_by_json
 from schemas.tasks import TaskDefinition, check_reasoning_text, check_trace_text, get_task
 from trainer.manifest import write_atomic
 from trainer.sft_config import Phase, PhaseKind, SFTConfig
+from trainer.split import (
+    LOOSE_JACCARD,
+    NEAR_DUP_JACCARD,
+    SPLIT_RULE,
+    contamination_rate,
+    hash_side,
+    split_holdout,
+    user_text,
+)
 
 TRAIN_FILE = "train.jsonl"
 HOLDOUT_FILE = "holdout.jsonl"
 SUMMARY_FILE = "dataset.json"
 
-# 2**64 buckets: the split is a pure function of the id, stable across processes, machines and Python versions
-# (unlike hash(), which is salted per process).
-_BUCKETS = 1 << 64
-
 
 def is_holdout(experience_id: str, fraction: float) -> bool:
-    """True when ``experience_id`` belongs to the evaluation-only holdout (a deterministic hash split)."""
-    if fraction <= 0.0:
-        return False
-    digest = hashlib.sha256(b"tier3-holdout\x00" + experience_id.encode()).digest()
-    return int.from_bytes(digest[:8], "big") < fraction * _BUCKETS
+    """The id-hash split (sha256 of the id against ``fraction``): the side of an item with no near-twin, and of a
+    near-twin group by its smallest id (``trainer.split``). ``build_dataset`` splits by groups, not by this alone."""
+    return hash_side(experience_id, fraction)
 
 
 def inference_messages(experience: ExperienceLike, reasoning: bool = True, *, task: TaskDefinition | None = None
@@ -93,6 +98,10 @@ class BuiltDataset:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (experience_id, reason): cannot be trained
     train_sha256: str = ""
     holdout_sha256: str = ""
+    split_rule: str = ""  # trainer.split.SPLIT_RULE: how near-twins were kept on one side
+    n_near_dup_groups: int = 0  # groups of near-twin traces (more than one member)
+    contamination_rate: float = 0.0  # share of the holdout with a near-twin in training (0.0 by construction)
+    contamination_rate_loose: float = 0.0  # the same at trainer.split.LOOSE_JACCARD (for information)
 
     @property
     def n_unsafe(self) -> int:
@@ -111,7 +120,9 @@ class BuiltDataset:
             "n_train": self.n_train, "n_holdout": self.n_holdout, "n_duplicates": self.n_duplicates,
             "n_examples": self.n_examples, "n_unsafe": self.n_unsafe, "phases": [str(p) for p in self.phases],
             "holdout_ids": self.holdout_ids, "train_ids": self.train_ids,
-            "skipped": [list(s) for s in self.skipped],
+            "skipped": [list(s) for s in self.skipped], "split_rule": self.split_rule,
+            "n_near_dup_groups": self.n_near_dup_groups, "contamination_rate": self.contamination_rate,
+            "contamination_rate_loose": self.contamination_rate_loose,
         }
 
 
@@ -157,14 +168,16 @@ def build_dataset(traces: Iterable[TraceLike], cfg: SFTConfig, out_dir: Path) ->
     ordered, n_dup = order_and_dedup(traces)
     train_ids: list[str] = []
     holdout_ids: list[str] = []
-    skipped: list[tuple[str, str]] = []
+    skipped: list[tuple[int, tuple[str, str]]] = []  # (position in ``ordered``, entry): reported in log order
     per_kind: dict[str, list[bytes]] = {k: [] for k in kinds}
     holdout_lines: list[bytes] = []
     # (task, answer JSON) already accepted in this build: the schema and the untrusted-text rule are pure functions
     # of the answer's value, and orjson's bytes tell values apart exactly (1 / 1.0 / true): checked once per value
     accepted: set[tuple[str, bytes]] = set()
     tasks: dict[str, TaskDefinition] = {}
-    for t in ordered:
+    # (1) validation: only usable traces take part in the split
+    usable: list[tuple[int, TraceLike, TaskDefinition, dict[str, Any]]] = []
+    for pos, t in enumerate(ordered):
         try:
             task = tasks.get(t.task) or tasks.setdefault(t.task, get_task(t.task))
             seen_answer = (t.task, orjson.dumps(t.answer))
@@ -175,7 +188,17 @@ def build_dataset(traces: Iterable[TraceLike], cfg: SFTConfig, out_dir: Path) ->
                 answer = task.validate_answer(t.answer)
                 check_trace_text(t.reasoning, answer)
                 accepted.add(seen_answer)
-            if is_holdout(t.experience_id, cfg.tier3_holdout_fraction):
+        except SchemaError as exc:
+            skipped.append((pos, (t.experience_id, f"{exc.kind}: {exc}")))
+            continue
+        usable.append((pos, t, task, answer))
+    # (2) the split: whole groups of near-twin questions on one side (trainer.split)
+    texts = {t.experience_id: user_text(t.experience) for _, t, _, _ in usable}
+    split = split_holdout(texts.items(), cfg.tier3_holdout_fraction)
+    # (3) the lines
+    for pos, t, task, answer in usable:
+        try:
+            if split.is_holdout(t.experience_id):
                 holdout_lines.append(_line({
                     "experience_id": t.experience_id, "task": t.task,
                     "messages": inference_messages(t.experience, reasoning=True, task=task),
@@ -191,7 +214,7 @@ def build_dataset(traces: Iterable[TraceLike], cfg: SFTConfig, out_dir: Path) ->
                                                              task=task)})
                      for k in kinds}
         except SchemaError as exc:
-            skipped.append((t.experience_id, f"{exc.kind}: {exc}"))
+            skipped.append((pos, (t.experience_id, f"{exc.kind}: {exc}")))
             continue
         for k in kinds:
             per_kind[k].append(lines[k])
@@ -206,10 +229,17 @@ def build_dataset(traces: Iterable[TraceLike], cfg: SFTConfig, out_dir: Path) ->
     holdout_sha = hashlib.sha256(holdout_bytes).hexdigest()
     # one hash for the pair, unambiguous because each part's length is fixed (hex digests)
     sha = hashlib.sha256(f"tier3-dataset-v1\n{train_sha}\n{holdout_sha}\n".encode()).hexdigest()
+    # an independent check of the split (plain pairwise Jaccard, not the split's join): 0.0 by construction
+    holdout_texts = [texts[i] for i in holdout_ids]
+    train_texts = [texts[i] for i in train_ids]
     built = BuiltDataset(
         train_path=train_path, holdout_path=holdout_path, sha256=sha, n_train=len(train_ids),
         n_holdout=len(holdout_ids), holdout_ids=holdout_ids, phases=phases, train_ids=train_ids,
-        n_duplicates=n_dup, skipped=skipped, train_sha256=train_sha, holdout_sha256=holdout_sha,
+        n_duplicates=n_dup, skipped=[entry for _, entry in sorted(skipped, key=lambda s: s[0])],
+        train_sha256=train_sha, holdout_sha256=holdout_sha, split_rule=SPLIT_RULE,
+        n_near_dup_groups=split.n_near_dup_groups,
+        contamination_rate=contamination_rate(holdout_texts, train_texts, NEAR_DUP_JACCARD),
+        contamination_rate_loose=contamination_rate(holdout_texts, train_texts, LOOSE_JACCARD),
     )
     write_atomic(out_dir / SUMMARY_FILE, orjson.dumps(built.summary(), option=orjson.OPT_SORT_KEYS |
                                                        orjson.OPT_INDENT_2))

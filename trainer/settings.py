@@ -18,7 +18,7 @@ from schemas.settings import RELIABLE_CONSUMER, KafkaSettings
 #: the close loop: during the evaluation (before the manifest), after the `evaluated` event, in the gate (verdict
 #: decided, not published), after the verdict, in the export (merged, not converted)
 FaultPoint = Literal["", "crash_after_manifest", "crash_after_commit", "kill_in_evaluation", "kill_after_evaluated",
-                     "kill_in_gate", "kill_after_verdict", "kill_in_export"]
+                     "kill_in_gate", "kill_after_verdict", "kill_in_export", "kill_after_export"]
 
 
 class TrainerSettings(KafkaSettings):
@@ -81,7 +81,7 @@ class TrainerSettings(KafkaSettings):
     tier3_trainer_fault: FaultPoint = Field("", description="testing only: exit the process abruptly at this "
                                             "point (crash_after_manifest, crash_after_commit: os._exit; "
                                             "kill_in_evaluation, kill_after_evaluated, kill_in_gate, "
-                                            "kill_after_verdict, kill_in_export: SIGKILL)")
+                                            "kill_after_verdict, kill_in_export, kill_after_export: SIGKILL)")
     tier3_trainer_step_delay_s: float = Field(0.0, ge=0.0, description="testing only: sleep this long after "
                                               "every optimiser step, to make a run outlast a timeout")
 

@@ -243,7 +243,8 @@ def test_tier3_trainer_closes_the_loop_evaluate_before_the_manifest_gate_after_t
     (m,) = list_manifests(s.runs_dir)
     assert m.dataset.n_holdout > 0 and "json_valid_rate" in m.metrics["evaluation"]
     kinds = [e for e, _ in lifecycle(s)]
-    assert kinds[:3] == ["started", "succeeded", "evaluated"] and kinds[3] in ("promoted", "rejected")
+    # the close loop's order: the candidate's export, the served GGUF's evaluation, the verdict
+    assert kinds[:4] == ["started", "succeeded", "exported", "evaluated"] and kinds[4] in ("promoted", "rejected")
 
 
 @pytest.mark.chaos

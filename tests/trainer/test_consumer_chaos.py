@@ -225,9 +225,10 @@ def test_sigterm_while_torch_trains_stops_cleanly(make_settings: Callable[..., A
 @pytest.mark.slow
 def test_the_close_loop_survives_sigkill_during_evaluation_gate_and_export(
         make_settings: Callable[..., Any], tiny_model: Path, tmp_path: Path) -> None:
-    """Every committed run gets exactly one `evaluated`, one verdict and (promoted) one `exported`, however often
-    the trainer is SIGKILLed: during the evaluation (before the manifest), in the gate (verdict decided, not
-    published) and in the export (merged, not converted). Each restart resumes from the log and the manifest."""
+    """Every committed run gets exactly one candidate export, one `evaluated` (of the served GGUF), one verdict and
+    (promoted) one registration, however often the trainer is SIGKILLed: during the PyTorch evaluation (before the
+    manifest), in the export (merged, not converted), in the gate (verdict decided, not published) and after the
+    verdict (not registered). Each restart resumes from the log and the manifest."""
     # a killed member is evicted within 6 s; max.poll.interval is generous: on a loaded CPU, importing torch in the
     # training thread can starve the polling thread past 6 s (partitions lost, the run refused and retried)
     s = trainer_settings(make_settings, tier3_min_traces=16, tier3_trainer_max_poll_interval_ms=120_000)
@@ -235,9 +236,10 @@ def test_the_close_loop_survives_sigkill_during_evaluation_gate_and_export(
     ends = end_offsets(s)
     cfg = sft_config(tiny_model, tier3_phases="answer:1", tier3_holdout_fraction=0.3)
     log = tmp_path / "trainer.log"
-    # a gate every evaluation passes (the tiny model answers nonsense), so the export runs too; no Ollama server
+    # a gate every evaluation passes (the tiny model answers nonsense), so the registration runs too; no Ollama
     loop = {"tier3_trainer_close_loop": "true", "tier3_eval_max_new_tokens": 8, "tier3_gate_min_examples": 0,
             "tier3_gate_min_json_valid": 0.0, "tier3_gate_min_schema_valid": 0.0, "tier3_gate_baseline_margin": 1.0,
+            "tier3_gate_min_paired": 2, "tier3_student_max_tokens": 8, "tier3_eval_f16": "false",
             "tier3_ollama_host": "http://127.0.0.1:9", "tier3_auto_export": "true",
             "tier3_gguf_quant": "f16"}  # one conversion, not two: the export is the slow part on a loaded CPU
 
@@ -249,27 +251,34 @@ def test_the_close_loop_survives_sigkill_during_evaluation_gate_and_export(
             stop(proc)
         assert rc == -signal.SIGKILL, f"{fault}: exit {rc}\n{log.read_text()[-3000:]}"
 
-    life("kill_in_evaluation")  # trained and evaluated, killed before the manifest: nothing is committed
+    life("kill_in_evaluation")  # trained and evaluated (PyTorch), killed before the manifest: nothing is committed
     assert set(committed(s).values()) == {INVALID} and list_manifests(s.runs_dir) == []
     (first,) = [r for e, r in lifecycle(s) if e == "started"]
 
-    life("kill_in_gate")  # trained again, committed, `evaluated` published, killed before the verdict
+    life("kill_in_export")  # trained again, committed, killed while exporting the candidate (merged, not converted)
     (m,) = list_manifests(s.runs_dir)
     assert m.run_id != first and m.state == "published"
-    assert [e for e, r in lifecycle(s) if r == m.run_id] == ["started", "succeeded", "evaluated"]
-
-    life("kill_in_export")  # the restart publishes the verdict (not a second `evaluated`), killed while exporting
-    assert [e for e, r in lifecycle(s) if r == m.run_id] == ["started", "succeeded", "evaluated", "promoted"]
+    assert [e for e, r in lifecycle(s) if r == m.run_id] == ["started", "succeeded"]
     assert (s.tier3_data_dir / "exports" / m.run_id / "merged").is_dir()
 
-    proc = start_trainer(s, cfg, log, **loop)  # the last restart finishes the export
+    life("kill_in_gate")  # the restart exports, evaluates the served GGUF, decides, and is killed before publishing
+    assert [e for e, r in lifecycle(s) if r == m.run_id] == ["started", "succeeded", "exported", "evaluated"]
+
+    life("kill_after_verdict")  # the restart publishes the verdict (not a second `evaluated`), killed before registering
+    assert [e for e, r in lifecycle(s) if r == m.run_id] == ["started", "succeeded", "exported", "evaluated",
+                                                             "promoted"]
+
+    proc = start_trainer(s, cfg, log, **loop)  # the last restart registers the promoted version
     try:
-        exported = wait_for_event(s, "exported", timeout_s=600, proc=proc)
+        exported = wait_for_event(s, "exported", timeout_s=600, proc=proc,
+                                  where=lambda r: r.details.get("candidate") is False)
     finally:
         stop(proc)
     assert exported.run_id == m.run_id and exported.model_version == m.model_version
+    assert exported.details.get("candidate") is False
     runs = lifecycle(s)
-    assert [e for e, r in runs if r == m.run_id] == ["started", "succeeded", "evaluated", "promoted", "exported"]
+    assert [e for e, r in runs if r == m.run_id] == ["started", "succeeded", "exported", "evaluated", "promoted",
+                                                     "exported"]
     assert [e for e, r in runs if r == first] == ["started"]  # the killed attempt never got a verdict
     assert committed(s) == {p: ends.get(p, INVALID) for p in range(s.tier3_partitions)}
     assert [x.run_id for x in list_manifests(s.runs_dir)] == [m.run_id]  # trained twice, committed once

@@ -13,12 +13,20 @@ the trainer (``docker compose`` or ``tier3 watch``), and one watcher or several 
 
 **The rule**, for the version in force (the top of the promotion stack) and ``TIER3_TASK``:
 
+- *the metric*: the task's primary metric (``primary_metric`` in its task file, :mod:`schemas.tasks`; the widget
+  selector's is ``task_f1``, the weighted field score, so right time range + wrong widgets scores 0.2, not the
+  field F1's 0.5). A window without it (published by an older worker: ``task_f1_sum`` None) is judged on its
+  field F1 instead, and says so (``windows[].metric``);
 - *eligible windows*: closed windows of that version, ending after its latest promotion, with at least
   ``TIER3_ONLINE_MIN_N`` shadow traces (smaller windows are too noisy to count either way);
-- *bound*: ``max(TIER3_ONLINE_MIN_F1, TIER3_ONLINE_MIN_FRACTION x its offline holdout F1)`` (the ``evaluated``
-  event's ``f1``: the same field-F1 rule, :func:`schemas.tasks.score_output`);
-- *roll back* when the last ``TIER3_ONLINE_WINDOWS`` eligible windows are **each** below the bound **and** their
-  pooled F1 is below it.
+- *bound*: ``max(TIER3_ONLINE_MIN_F1, TIER3_ONLINE_MIN_FRACTION x its offline holdout figure)``, the offline
+  figure being the same metric in the ``evaluated`` event's metrics (``task_f1``; ``f1`` when the event has no
+  such key: evaluated before the metric existed). Same rule as offline: :func:`schemas.tasks.score_output`;
+- *a window fails* when its value is **at or below** the bound (``value <= bound``): the student must stay
+  strictly above it. Inclusive on purpose: scores are discrete (a field is right or wrong), so a degenerate
+  student can land exactly on a bound, as one that got only the time range right did on 0.5;
+- *roll back* when the last ``TIER3_ONLINE_WINDOWS`` eligible windows **each** fail **and** their pooled value
+  (sum over those windows / their traces) is at or below the bound too.
 
 Hysteresis, so a good student never flaps: one good window among the last ``TIER3_ONLINE_WINDOWS`` resets the
 count (a noisy dip never triggers alone); a version is rolled back at most once per promotion (a standing
@@ -31,14 +39,14 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
-from schemas import OnlineEval, TrainingRun, decode
+from schemas import OnlineEval, TrainingRun, decode, get_task
 from schemas import kafka_io as kio
 from schemas.errors import SchemaError
 from schemas.runs import RunsFold, fold_runs, metrics_of
@@ -62,10 +70,24 @@ class Window:
     end_ms: int
     n: int
     f1_sum: float
+    task_f1_sum: float | None = None  # None when any partition's record predates it
+    exact_n: int = 0
 
     @property
     def f1(self) -> float | None:
         return self.f1_sum / self.n if self.n else None
+
+    def metric_sum(self, metric: str) -> tuple[str, float]:
+        """(the metric used, its sum over the window): ``metric``, or ``f1`` when the window lacks it."""
+        if metric == "task_f1" and self.task_f1_sum is not None:
+            return "task_f1", self.task_f1_sum
+        if metric == "exact_match":
+            return "exact_match", float(self.exact_n)
+        return "f1", self.f1_sum
+
+    def value(self, metric: str) -> float | None:
+        """The window's mean of :meth:`metric_sum` (None when empty)."""
+        return self.metric_sum(metric)[1] / self.n if self.n else None
 
 
 @dataclass
@@ -81,10 +103,14 @@ class OnlineView:
         sums: dict[int, list[Any]] = {}
         for (t, a, v, start, _p), rec in self.latest.items():
             if t == task and a == arm and v == version:
-                acc = sums.setdefault(start, [rec.window_end_ms, 0, 0.0])
+                acc = sums.setdefault(start, [rec.window_end_ms, 0, 0.0, 0.0, 0])
                 acc[1] += rec.n
                 acc[2] += rec.f1_sum
-        return [Window(start, int(end), int(n), float(f)) for start, (end, n, f) in sorted(sums.items())]
+                # a partition's record without task_f1 makes the window's sum unknown (not partial)
+                acc[3] = None if acc[3] is None or rec.task_f1_sum is None else acc[3] + rec.task_f1_sum
+                acc[4] += rec.exact_n
+        return [Window(start, int(end), int(n), float(f), None if tf is None else float(tf), int(x))
+                for start, (end, n, f, tf, x) in sorted(sums.items())]
 
 
 # ------------------------------------------------------------------------------------------- the rule
@@ -109,6 +135,28 @@ def standing_rollbacks(events: Iterable[TrainingRun]) -> set[tuple[str, int]]:
     return out
 
 
+def primary_metric(task: str) -> str:
+    """The task's primary metric (its task file's ``primary_metric``); ``task_f1`` for a task not known here."""
+    try:
+        return get_task(task).primary_metric
+    except SchemaError:
+        return "task_f1"
+
+
+def offline_figure(metrics: Mapping[str, Any], metric: str) -> tuple[str, float | None]:
+    """(the key read, its value) of the offline holdout figure for ``metric``: that key, else ``f1``."""
+    for key in (metric, "f1"):
+        v = metrics.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return key, float(v)
+    return metric, None
+
+
+def fails(value: float | None, bound: float) -> bool:
+    """The one comparison of the rule: a value fails when it is at or below the bound (inclusive)."""
+    return value is not None and value <= bound
+
+
 def judge(runs: RunsFold, online: OnlineView, settings: CloseLoopSettings,
           standing: AbstractSet[tuple[str, int]] = frozenset()) -> Judgement:
     """Apply the rule (module docstring) to the version in force."""
@@ -118,35 +166,46 @@ def judge(runs: RunsFold, online: OnlineView, settings: CloseLoopSettings,
     if (cur.run_id, cur.at_ms) in standing:
         return Judgement("standing", f"an {REASON} rollback of run {cur.run_id} already stands")
     version = str(cur.model_version)
-    ev = runs.evaluated.get(cur.run_id)
-    offline = metrics_of(ev).get("f1")
-    offline_f1 = float(offline) if isinstance(offline, (int, float)) else None
-    frac = settings.tier3_online_min_fraction
-    bound = max(settings.tier3_online_min_f1, frac * offline_f1 if offline_f1 is not None and frac > 0 else 0.0)
     task = settings.tier3_task
+    metric = primary_metric(task)
+    offline_metrics = metrics_of(runs.evaluated.get(cur.run_id))
+    offline_key, offline = offline_figure(offline_metrics, metric)
+    _, offline_f1 = offline_figure(offline_metrics, "f1")
+    frac = settings.tier3_online_min_fraction
+    bound = max(settings.tier3_online_min_f1, frac * offline if offline is not None and frac > 0 else 0.0)
     eligible = [w for w in online.windows(task, "student", version)
                 if w.end_ms > cur.at_ms and w.n >= settings.tier3_online_min_n]
     need = settings.tier3_online_windows
     last = eligible[-need:]
     base = {w.start_ms: w for w in online.windows(task, "baseline", None)}
     n = sum(w.n for w in last)
-    pooled = sum(w.f1_sum for w in last) / n if n else None
+    pooled = sum(w.metric_sum(metric)[1] for w in last) / n if n else None
+    pooled_f1 = sum(w.f1_sum for w in last) / n if n else None
     numbers: dict[str, Any] = {
-        "task": task, "model_version": cur.model_version, "run_id": cur.run_id, "f1": _r(pooled), "n": n,
-        "bound": _r(bound), "min_f1": settings.tier3_online_min_f1, "min_fraction": frac,
-        "offline_f1": _r(offline_f1), "windows_required": need, "min_n": settings.tier3_online_min_n,
-        "windows": [{"start_ms": w.start_ms, "end_ms": w.end_ms, "n": w.n, "f1": _r(w.f1),
+        "task": task, "model_version": cur.model_version, "run_id": cur.run_id, "metric": metric,
+        "value": _r(pooled), "f1": _r(pooled_f1), "n": n, "bound": _r(bound), "fails_when": "value <= bound",
+        "min_f1": settings.tier3_online_min_f1, "min_fraction": frac, "offline_metric": offline_key,
+        "offline": _r(offline), "offline_f1": _r(offline_f1), "windows_required": need,
+        "min_n": settings.tier3_online_min_n,
+        "windows": [{"start_ms": w.start_ms, "end_ms": w.end_ms, "n": w.n, "metric": w.metric_sum(metric)[0],
+                     "value": _r(w.value(metric)), "f1": _r(w.f1),
                      "baseline_n": base[w.start_ms].n if w.start_ms in base else 0,
+                     "baseline_value": _r(base[w.start_ms].value(metric)) if w.start_ms in base else None,
                      "baseline_f1": _r(base[w.start_ms].f1) if w.start_ms in base else None} for w in last],
     }
     if len(last) < need:
         return Judgement("wait", f"{len(last)} of {need} windows with >= {settings.tier3_online_min_n} shadow "
                                  f"traces since v{version} was promoted", numbers)
-    below = [w for w in last if w.f1 is not None and w.f1 < bound]
-    if len(below) == need and pooled is not None and pooled < bound:
-        return Judgement("rollback", f"v{version}'s online F1 vs the teacher {pooled:.3f} is below {bound:.3f} "
-                                     f"in each of the last {need} windows ({n} shadow traces)", numbers)
-    return Judgement("keep", f"{len(below)} of the last {need} windows below {bound:.3f}", numbers)
+    failing = [w for w in last if fails(w.value(metric), bound)]
+    if len(failing) == need and pooled is not None and fails(pooled, bound):
+        return Judgement("rollback", f"v{version}'s online {metric} vs the teacher {pooled:.3f} is at or below "
+                                     f"{bound:.3f} in each of the last {need} windows ({n} shadow traces)", numbers)
+    return Judgement("keep", f"{len(failing)} of the last {need} windows at or below {bound:.3f} ({metric}; "
+                             f"pooled {_fmt(pooled)})", numbers)
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def _r(x: float | None) -> float | None:
@@ -280,5 +339,5 @@ def watch(settings: CloseLoopSettings, *, once: bool = False, stop: Any = None) 
         w.close()
 
 
-__all__ = ["REASON", "Judgement", "OnlineView", "TopicTail", "Watcher", "Window", "judge", "rollback_event",
-           "standing_rollbacks", "watch"]
+__all__ = ["REASON", "Judgement", "OnlineView", "TopicTail", "Watcher", "Window", "fails", "judge", "offline_figure",
+           "primary_metric", "rollback_event", "standing_rollbacks", "watch"]
