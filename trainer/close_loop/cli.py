@@ -133,20 +133,29 @@ def rollback_cmd(
 
 
 def export_cmd(run_id: Annotated[str, typer.Argument(help="the run to export")]) -> None:
-    """Merge the run's LoRA adapter, write GGUF (f16 and the quantised type), register with Ollama."""
-    from trainer.close_loop.export import export_run
+    """Merge the run's LoRA adapter, write GGUF (f16 and the quantised type), register with Ollama. A run the close
+    loop exported as a candidate already is registered from those files (nothing is converted again)."""
+    from schemas.runs import fold_runs
+    from trainer.close_loop.export import export_run, register_run
+    from trainer.events import read_run_events
 
     s = _settings()
     _run_dir(s, run_id)
     try:
-        res = export_run(s, run_id)
+        if run_id in fold_runs(read_run_events(s)).exported:
+            reg = register_run(s, run_id)
+            res_files, res_gguf, res_ollama = reg.event.details.get("files"), reg.event.details.get("gguf"), reg.ollama
+            version = reg.event.model_version
+        else:
+            res = export_run(s, run_id)
+            res_files, res_gguf, res_ollama, version = res.files, res.gguf, res.ollama, res.model_version
     except TrainerError as exc:
         raise _fail(exc) from None
-    _print({"run_id": run_id, "model_version": res.model_version, "files": res.files, "gguf": res.gguf,
-            "ollama": res.ollama.as_dict()})
-    if not res.ollama.registered:
-        typer.echo(f"no Ollama server answered at {res.ollama.host}; to register by hand run:", err=True)
-        for cmd in res.ollama.commands:
+    _print({"run_id": run_id, "model_version": version, "files": res_files, "gguf": res_gguf,
+            "ollama": res_ollama.as_dict()})
+    if not res_ollama.registered:
+        typer.echo(f"no Ollama server answered at {res_ollama.host}; to register by hand run:", err=True)
+        for cmd in res_ollama.commands:
             typer.echo(f"  {cmd}", err=True)
 
 
