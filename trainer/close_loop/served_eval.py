@@ -149,7 +149,7 @@ def _served(settings: CloseLoopSettings, run_id: str, events: Sequence[Any], out
     return path if path is not None and path.is_file() else None
 
 
-def _ask(settings: CloseLoopSettings, gguf: Path, alias: str, task: TaskDefinition,
+def ask_served(settings: CloseLoopSettings, gguf: Path, alias: str, task: TaskDefinition,
          slices: Mapping[str, Sequence[HoldoutExample]], *, also: tuple[str, Path] | None = None
          ) -> tuple[dict[str, EvalResult], dict[str, EvalResult]]:
     """Serve ``gguf`` (and ``also``: the version in force) with tier3 serve's launcher, ask every slice; return
@@ -234,11 +234,11 @@ def evaluate_served_run(settings: CloseLoopSettings, run_id: str, *, publish: bo
         prev = _served(settings, current.run_id, events, quant)
         if prev is not None:
             also = (f"{settings.tier3_student_name}:v{current.model_version}", prev)
-    served, in_force = _ask(settings, gguf, alias, task, slices, also=also)
+    served, in_force = ask_served(settings, gguf, alias, task, slices, also=also)
     f16: dict[str, EvalResult] = {}
     f16_path = _served(settings, run_id, events, "f16") if settings.tier3_eval_f16 and quant != "f16" else None
     if f16_path is not None:
-        f16, _ = _ask(settings, f16_path, f"{alias}-f16", task, slices)
+        f16, _ = ask_served(settings, f16_path, f"{alias}-f16", task, slices)
 
     # -- the metrics: served holdout at the top level, the rest beside it
     main = served["holdout"] if "holdout" in served else EvalResult(metrics={"task": task.name, "n_examples": 0},
