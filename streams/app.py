@@ -57,8 +57,13 @@ class TrainerView:
     """The trainer block of /status, projected from the training-runs topic and the trainers' heartbeats on the
     compacted trainer-status topic."""
 
+    #: the heartbeat's details that the ``live`` block shows (the trainer's stage, with its run's step, the latest
+    #: training loss and an ETA while it trains)
+    LIVE_FIELDS = ("stage", "stage_since_ms", "run_id", "step", "total_steps", "loss", "eta_s")
+
     def __init__(self) -> None:
         self.heartbeat: TrainingRun | None = None
+        self.live_beat: TrainingRun | None = None  # the newest heartbeat proper (not a lifecycle event)
         self.training_in_progress: bool | None = None
         self._state_at_ms = 0  # at_ms of the event that set training_in_progress
         self.history = RunHistory()  # every run's lifecycle (streams/runs_view.py): bounded by runs, not events
@@ -70,6 +75,8 @@ class TrainerView:
         if (run.event == "heartbeat" or run.training_in_progress is not None) and (
                 self.heartbeat is None or run.at_ms >= self.heartbeat.at_ms):
             self.heartbeat = run
+        if run.event == "heartbeat" and (self.live_beat is None or run.at_ms >= self.live_beat.at_ms):
+            self.live_beat = run
         if newer and run.training_in_progress is not None:
             self.training_in_progress, self._state_at_ms = run.training_in_progress, run.at_ms
         if newer and run.event == "started":
@@ -91,8 +98,27 @@ class TrainerView:
                 "check_interval_s": hb.check_interval_s if hb else None,
                 "next_check_in_s": next_in,
             },
+            "live": self.live(now_ms),
             **self.history.block(),  # totals, in_force, runs (one record per run), versions
         }
+
+    def live(self, now_ms: int) -> dict[str, Any] | None:
+        """What the trainer does, from its newest heartbeat: ``stage`` (idle, training, evaluating, close_loop,
+        exporting, evaluating_served, gating, registering), ``stage_since_ms``, the run's ``step`` / ``total_steps``,
+        the latest training ``loss`` and ``eta_s`` (counted down from the heartbeat's time), ``stage_for_s`` (how
+        long the stage has lasted) and the heartbeat's ``at_ms``. None before the first heartbeat; ``stage`` None
+        from a trainer that does not send it."""
+        hb = self.live_beat
+        if hb is None:
+            return None
+        out: dict[str, Any] = {k: hb.details.get(k) for k in self.LIVE_FIELDS}
+        eta = out["eta_s"]
+        if isinstance(eta, (int, float)) and not isinstance(eta, bool):
+            out["eta_s"] = round(max(0.0, eta - max(0, now_ms - hb.at_ms) / 1000), 1)
+        since = out["stage_since_ms"]
+        out["stage_for_s"] = round(max(0, now_ms - since) / 1000, 1) if isinstance(since, int) else None
+        out["at_ms"] = hb.at_ms
+        return out
 
 
 class WorkerState:

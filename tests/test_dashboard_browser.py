@@ -99,6 +99,9 @@ def known_status() -> dict[str, Any]:
         "trainer": {
             "tier3_sft": {"training_in_progress": False, "last_check_time": (T0_MS + 3 * WINDOW_MS) / 1000,
                           "check_interval_s": 1800, "next_check_in_s": 600},
+            # the trainer's newest heartbeat: a run trains (its stage, step, loss and ETA)
+            "live": {"stage": "training", "stage_since_ms": T0_MS, "run_id": "run-e", "step": 37, "total_steps": 168,
+                     "loss": 0.41234, "eta_s": 370.0, "stage_for_s": 95.0, "at_ms": T0_MS + 95_000},
             **history_block(KNOWN_RUN_EVENTS),
         },
         "router": {"mode": "ab", "ab_student_share": 0.3, "promoted_version": None,
@@ -308,6 +311,8 @@ async def _run_dashboard(tmp: Path) -> tuple[dict[str, Any], dict[str, Any], lis
                                                              "teacher_invalid_answer": 3}}
         status["windows"]["current"]["by_task"]["widget_selector"] = 120
         status["trainer"].update(history_block([*KNOWN_RUN_EVENTS, _ev("run-e", "started", 3000, 4)]))
+        status["trainer"]["live"] = {**status["trainer"]["live"], "stage": "evaluating_served", "step": 168,
+                                     "eta_s": None, "stage_for_s": 65.0}
         await browser.wait_for("document.getElementById('tile-enriched').dataset.value === '400'")
         await browser.wait_for(f"Number(document.body.dataset.refreshes) >= {first['refreshes'] + 2}")
         second = await browser.eval(SNAPSHOT_JS)
@@ -378,6 +383,8 @@ def test_dashboard_shows_known_counts_without_console_errors(tmp_path: Path) -> 
     assert "no" in first["trainer"] and "30 min" in first["trainer"] and "10 min" in first["trainer"]
     assert "2026" in first["trainer"]  # last_check_time is epoch seconds (the original system's block)
     assert "runs (all time)4" in first["trainer"] and "model in forceteacher" in first["trainer"]
+    assert "stagetraining 37/168 · loss 0.412 · ETA 6m10s" in first["trainer"]
+    assert "trainer training 37/168" in first["header"]
     assert "served: ab" in first["routerSub"] and "student share 0.30" in first["routerSub"]
     assert "worker-test-1" in first["header"] and "recorded" in first["header"]
 
@@ -386,6 +393,8 @@ def test_dashboard_shows_known_counts_without_console_errors(tmp_path: Path) -> 
     assert second["dead"]["total"] == "20" and second["dead"]["bars"]["not_json"] == 12
     assert second["windows"]["current"] == "124" and second["windows"]["bars"][-1] == [T0_MS + 3 * WINDOW_MS, 124]
     assert second["runs"]["runs"] == "5" and second["runs"]["table"][-1] == ["run-e", "started", ["started"]]
+    assert "stageevaluating (served) for 1m05s" in second["trainer"]
+    assert "trainer evaluating (served)" in second["header"]
 
 
 # --- the page as the real worker serves it ----------------------------------------------------------------------

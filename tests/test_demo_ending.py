@@ -192,3 +192,82 @@ def test_the_ab_phase_is_skipped_with_a_reason_when_nothing_can_be_served(tmp_pa
     assert out["status"] == "skipped" and "v2" in out["reason"] and "no exported" in out["reason"]
     assert ab.run_ab_phase(state, session, DemoOptions(ab_prompts=0), obs, disp, [], {"serve"})["status"] == \
         "skipped"
+
+
+def _beat(stage: str | None, at_ms: int, training: bool, **details: Any) -> TrainingRun:
+    return TrainingRun(run_id="trainer:g", event="heartbeat", at_ms=at_ms, training_in_progress=training,
+                       next_check_in_s=30.0,
+                       details={**({"stage": stage} if stage else {}), "run_id": "run-20260101T000000Z-abcd",
+                                **details})
+
+
+def test_the_training_row_shows_the_trainers_stage_step_loss_and_eta() -> None:
+    """The training row follows the trainer's heartbeat (details.stage, trainer/stage.py): while a run trains, its
+    steps, the latest loss and the ETA (counted from the heartbeat's time); in the close loop, which step runs and
+    for how long; idle, what it waits for. The log line (text_line) says the same."""
+    now = int(time.time() * 1000)  # Display.update counts the ETA from the heartbeat's time to the clock's
+    disp = display.Display(10, 3, True, True)
+    obs = monitor.Observed(traces_end={0: 100, 1: 68}, committed={0: 0, 1: 0})
+    obs.heartbeat = _beat("training", now - 10_000, True, step=37, total_steps=168, loss=0.41234, eta_s=380.0,
+                          stage_since_ms=now - 600_000)
+    assert display.trainer_note(obs.heartbeat, now) == "training 37/168 · loss 0.412 · ETA 6m10s"
+    disp.update(10, obs, 3)
+    row = disp.progress.tasks[disp.tasks["training"]]
+    assert (row.completed, row.total) == (37, 168)
+    assert "loss 0.412" in row.fields["note"] and "ETA" in row.fields["note"]
+    assert "training 37/168 · loss 0.412 · ETA 6m10s · evaluated" in disp.text_line()
+    import io
+
+    from rich.console import Console
+
+    wide = Console(file=io.StringIO(), width=220)
+    wide.print(disp.renderable())
+    text = wide.file.getvalue()  # type: ignore[attr-defined]
+    assert "37/168" in text and "loss 0.412 · ETA 6m10s · steps of run-20260101T000000Z-a" in text, text
+
+    # not a step yet (dataset, model loading): no step count, the bar shows the traces
+    obs.heartbeat = _beat("training", now, True, step=0, total_steps=0, loss=None, eta_s=None)
+    assert display.trainer_note(obs.heartbeat, now) == "training: preparing the dataset and the model"
+
+    # the close loop: the stage and how long it has been running; the bar counts the traces trained again
+    obs.committed = {0: 100, 1: 68}
+    for stage, label in [("close_loop", "closing the loop"), ("exporting", "exporting"),
+                         ("evaluating_served", "evaluating (served)"), ("gating", "gating"),
+                         ("registering", "registering"), ("evaluating", "evaluating")]:
+        obs.heartbeat = _beat(stage, now, True, step=168, total_steps=168, loss=0.3, stage_since_ms=now - 65_000)
+        assert display.trainer_note(obs.heartbeat, now) == f"{label} for 1m05s"
+    disp.update(10, obs, 3)
+    row = disp.progress.tasks[disp.tasks["training"]]
+    assert (row.completed, row.total) == (168, 168) and row.fields["note"].startswith("evaluating for ")
+    assert "training 168/168 traces · evaluating for " in disp.text_line()
+
+    # idle: what it waits for; a trainer older than the stage field: from training_in_progress
+    obs.heartbeat = _beat("idle", now, False, pending_traces=12, min_traces=100)
+    assert display.trainer_note(obs.heartbeat, now) == "idle · 12 new traces waiting (>= 100 or 30 s)"
+    obs.heartbeat = _beat(None, now, True, step=5, total_steps=10)
+    assert display.trainer_note(obs.heartbeat, now) == "training 5/10"
+    assert display.trainer_note(None) == ""
+    assert [display.duration(s) for s in (0.4, 45, 370, 3725)] == ["0s", "45s", "6m10s", "1h02m"]
+
+
+def test_the_summary_names_the_base_model_of_each_run_and_of_the_demo(tmp_path: Path) -> None:
+    s = KafkaSettings(tier3_topic_prefix=f"t{uuid.uuid4().hex[:8]}.")
+    session = Session(settings=s, run_name="demo-x", demo_dir=tmp_path, web_port=6123, trainer_group="g",
+                      n_examples=10, expected_sampled=3, have_worker=True, have_trainer=True)
+    mon = monitor.Monitor(s, "g", session.status_url, monitor.Observed())
+    for ev in ("started", "succeeded"):
+        mon._apply_run(TrainingRun(run_id="run-1", event=ev, at_ms=1, model_version=1, base_model="tiny/base"))
+    mon._apply_run(TrainingRun(run_id="run-1", event="evaluated", at_ms=2, model_version=1))  # none named here
+    built = summary.build_summary(mon.obs, session, DemoOptions(), DemoState(),
+                                  capture_stats={"sent": 10, "delivered": 10}, done_reason="complete", wall_s=1.0)
+    assert built["base_model"] == "tiny/base" and built["runs"][0]["base_model"] == "tiny/base"
+    assert not any("base models" in n for n in built["notes"])
+    mon._apply_run(TrainingRun(run_id="run-2", event="started", at_ms=3, model_version=2, base_model="other/base"))
+    built = summary.build_summary(mon.obs, session, DemoOptions(), DemoState(),
+                                  capture_stats={"sent": 10, "delivered": 10}, done_reason="complete", wall_s=1.0)
+    assert built["base_model"] == "other/base" and [r["base_model"] for r in built["runs"]] == ["tiny/base",
+                                                                                                 "other/base"]
+    assert any("different base models: tiny/base, other/base" in n for n in built["notes"])
+    with display.console.capture() as cap:
+        summary.print_summary(built)
+    assert "other/base" in cap.get()

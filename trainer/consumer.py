@@ -21,6 +21,12 @@ cooperative-sticky assignment. The loop, one thread:
    every committed run of this group that the log (training-runs) shows without a verdict, or promoted without
    its export, is queued and closed (``after_pending`` says which; ``after_success`` does only the missing steps).
 
+Heartbeats (trainer-status, every ``TIER3_TRAINER_STATUS_INTERVAL_S`` and at once when the stage changes) say what
+the trainer does: ``training_in_progress`` while the partitions are held, and in ``details`` the stage
+(trainer/stage.py: ``idle``, ``training`` with step, total_steps, loss and eta_s, ``evaluating`` in the evaluation
+hook, ``close_loop`` or the step of it that ``after_success`` reports with ``trainer.stage.set_stage``) and
+``stage_since_ms``.
+
 Revoked or lost partitions are dropped from memory and never committed: a run whose partitions were revoked
 while it trained fails its commit step (the new owner reads those traces again from the committed offset).
 """
@@ -36,6 +42,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
@@ -44,6 +51,7 @@ from schemas import SchemaError, TrainerControl, decode
 from schemas import kafka_io as kio
 from schemas.settings import KAFKA_CLIENT_LOG
 from trainer.accumulation import Accumulator
+from trainer.dataset import BuiltDataset
 from trainer.errors import CommitFailed, DatasetError, ManifestError, TrainerError
 from trainer.events import TrainerEvents, now_ms
 from trainer.manifest import OffsetRange, RunManifest, list_manifests, read_manifest
@@ -62,6 +70,7 @@ from trainer.recovery import Recovery
 from trainer.replay import TraceRecord, decode_trace, read_ids
 from trainer.settings import TrainerSettings
 from trainer.sft_config import SFTConfig
+from trainer.stage import StageHolder, bound
 from trainer.trigger import Drain, Trigger, TriggerName, backoff_s
 
 log = logging.getLogger("tier3.trainer.consumer")
@@ -162,7 +171,10 @@ class TrainerConsumer:
         self._lost_since_batch: set[int] = set()
         self.training = False
         self._current_run: str | None = None
-        self._progress: tuple[int, int] = (0, 0)
+        #: what the trainer is doing (heartbeat's stage, step, loss, ETA); bound to every worker thread, so the
+        #: training callback and the close loop report into it (trainer/stage.py)
+        self.stage = StageHolder()
+        self._stage_sent = -1  # stage changes already in a heartbeat (a change sends one at once)
         self._failures = 0
         self._backoff_until: float | None = None
         self._committed: dict[int, int] = {}  # what this process committed, per partition
@@ -454,7 +466,8 @@ class TrainerConsumer:
         self.trigger.started()
         self._lost_since_batch.clear()
         run_id = new_run_id()
-        self.training, self._current_run, self._progress = True, run_id, (0, 0)
+        self.training, self._current_run = True, run_id
+        self.stage.begin_run()
         self._pause_all()
         if self._requests:  # every waiting request is served by this run: it takes all that is available
             self._answer_all("accepted", run_id=run_id, details={**batch.describe(), "trigger": trigger})
@@ -480,6 +493,7 @@ class TrainerConsumer:
                 self._close_runs()
         finally:
             self.training, self._current_run = False, None
+            self.stage.set("idle")
             # the next interval check is one interval after this run ended, not after it started: a run
             # longer than the interval must not be followed at once by a run of the few traces read meanwhile
             self.trigger.mark_check()
@@ -551,6 +565,7 @@ class TrainerConsumer:
         after = self._after_success
         self.training = True  # keep the partitions paused: the next batch waits for the gate and the export
         self._current_run = manifest.run_id
+        self.stage.set("close_loop")  # after_run may say which of its steps runs (trainer.stage.set_stage)
         try:
             self._in_background(lambda: after(manifest))
             return True
@@ -563,6 +578,7 @@ class TrainerConsumer:
         finally:
             self.training = False
             self._current_run = None
+            self.stage.set("idle")
             self._resume_all()
 
     def _on_failure(self, batch: Batch, run_id: str, exc: Exception) -> None:
@@ -617,7 +633,20 @@ class TrainerConsumer:
     def _context(self) -> RunContext:
         return RunContext(settings=self.s, cfg=self.cfg, events=self.events, commit=self.commit,
                           in_background=self._in_background, dataset_slice=self._dataset_slice, train=self._train,
-                          evaluate=self._evaluate, fault=self._fault, on_step=self._on_step)
+                          evaluate=self._evaluating(), fault=self._fault, on_step=self._on_step)
+
+    def _evaluating(self) -> EvaluateFn | None:
+        """The evaluation hook, reporting the stage ``evaluating`` while it runs (before the manifest)."""
+        evaluate = self._evaluate
+        if evaluate is None:
+            return None
+
+        def run(adapter_dir: Path, built: BuiltDataset, cfg: SFTConfig, *, run_id: str,
+                model_version: int) -> dict[str, Any]:
+            self.stage.set("evaluating")
+            return evaluate(adapter_dir, built, cfg, run_id=run_id, model_version=model_version)
+
+        return run
 
     def _in_background(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` in a worker thread; meanwhile keep polling (partitions paused) so the group keeps us."""
@@ -625,7 +654,8 @@ class TrainerConsumer:
 
         def target() -> None:
             try:
-                box["value"] = fn()
+                with bound(self.stage):  # trainer.stage.set_stage / record_loss in this thread report to us
+                    box["value"] = fn()
             except BaseException as exc:
                 box["error"] = exc
 
@@ -653,7 +683,7 @@ class TrainerConsumer:
     def _on_step(self, step: int, total: int) -> None:
         if self.stop_event.is_set():  # called by the training thread after every optimiser step
             raise RunAborted("the trainer is stopping; training ends at this step")
-        self._progress = (step, total)
+        self.stage.step(step, total)
         if self.s.tier3_trainer_step_delay_s > 0:
             time.sleep(self.s.tier3_trainer_step_delay_s)
 
@@ -772,15 +802,19 @@ class TrainerConsumer:
 
     # -- status -------------------------------------------------------------------------------------------
     def _status_heartbeat(self, force: bool = False) -> None:
+        """The heartbeat, every TIER3_TRAINER_STATUS_INTERVAL_S and at once when the stage changed.
+        ``training_in_progress`` means "partitions held" (a run trains or its close loop runs); ``details.stage``
+        says which (trainer/stage.py), with the step, the latest loss and an ETA while training."""
         now = time.monotonic()
-        if not force and now < self._next_status_mono:
+        changes = self.stage.changes
+        if not force and now < self._next_status_mono and changes == self._stage_sent:
             return
         self._next_status_mono = now + self.s.tier3_trainer_status_interval_s
-        step, total = self._progress
+        self._stage_sent = changes
         self.events.heartbeat(
             training_in_progress=self.training, last_check_time_ms=self.trigger.last_check_ms,
             next_check_in_s=self.next_check_in_s(),
-            details={"run_id": self._current_run, "step": step, "total_steps": total,
+            details={"run_id": self._current_run, **self.stage.snapshot(),
                      "pending_traces": self.pending.n_new, "pending_messages": self.pending.n_messages,
                      "min_traces": self.s.tier3_min_traces, "assigned": sorted(self.assigned),
                      "consecutive_failures": self._failures,

@@ -209,11 +209,14 @@ def progress_bar(total: int, desc: str, unit: str) -> Any:
 
 class _Progress:
     """A transformers TrainerCallback (built lazily) that reports (step, total) across all phases and moves the
-    progress bar (with the latest training loss)."""
+    progress bar (with the latest training loss). Each logged loss also goes to :func:`trainer.stage.record_loss`
+    (the trainer's heartbeat shows it; the consumer binds its stage holder to the training thread)."""
 
     @staticmethod
     def make(on_step: OnStep | None, offset: int, total: int, bar: Any = None) -> Any:
         from transformers import TrainerCallback
+
+        from trainer.stage import record_loss
 
         class Cb(TrainerCallback):  # type: ignore[misc]
             def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -225,8 +228,12 @@ class _Progress:
 
             def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
                        **kwargs: Any) -> None:
-                if bar is not None and logs and "loss" in logs:
-                    bar.set_postfix(loss=f"{float(logs['loss']):.3f}", refresh=False)
+                if not logs or "loss" not in logs:
+                    return
+                loss = float(logs["loss"])
+                record_loss(loss)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
 
         return Cb()
 

@@ -79,3 +79,30 @@ def test_trainer_view_newest_event_decides_across_the_two_topics(tmp_path) -> No
                                  last_check_time_ms=now, check_interval_s=60.0, next_check_in_s=50.0))
     assert st.trainer.block(now + 20)["tier3_sft"]["training_in_progress"] is False
     assert [r["last_event"] for r in block["runs"]] == ["started"]
+
+
+def test_trainer_live_block_shows_the_stage_step_loss_and_eta_of_the_newest_heartbeat(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    st = state(tmp_path)
+    now = int(time.time() * 1000)
+    assert st.trainer.block(now)["live"] is None  # no heartbeat yet
+    st.trainer.apply(TrainingRun(run_id="trainer:g", event="heartbeat", at_ms=now, training_in_progress=True,
+                                 details={"stage": "training", "stage_since_ms": now - 60_000, "run_id": "run-1",
+                                          "step": 37, "total_steps": 168, "loss": 0.412, "eta_s": 370.0,
+                                          "pending_traces": 0}))
+    st.trainer.apply(TrainingRun(run_id="run-1", event="started", at_ms=now + 1))  # a lifecycle event: not live
+    live = st.trainer.block(now + 10_000)["live"]
+    assert live == {"stage": "training", "stage_since_ms": now - 60_000, "run_id": "run-1", "step": 37,
+                    "total_steps": 168, "loss": 0.412, "eta_s": 360.0, "stage_for_s": 70.0,
+                    "at_ms": now}  # counted down from the heartbeat's time
+    assert st.status()["trainer"]["live"]["stage"] == "training"
+    st.trainer.apply(TrainingRun(run_id="trainer:g", event="heartbeat", at_ms=now - 5, training_in_progress=True,
+                                 details={"stage": "idle"}))  # an older one read late: ignored
+    st.trainer.apply(TrainingRun(run_id="trainer:g", event="heartbeat", at_ms=now + 20, training_in_progress=True,
+                                 details={"stage": "gating", "stage_since_ms": now + 15, "run_id": "run-1",
+                                          "step": 168, "total_steps": 168, "loss": 0.3, "eta_s": None}))
+    live = st.trainer.block(now + 30)["live"]
+    assert live["stage"] == "gating" and live["eta_s"] is None and live["loss"] == 0.3 and live["stage_for_s"] == 0.0
+    # a trainer that sends no stage: the fields are there, None
+    st.trainer.apply(TrainingRun(run_id="trainer:g", event="heartbeat", at_ms=now + 40, training_in_progress=False))
+    assert st.trainer.block(now + 40)["live"] == {**dict.fromkeys(st.trainer.LIVE_FIELDS), "stage_for_s": None,
+                                                      "at_ms": now + 40}

@@ -126,6 +126,10 @@ def test_a_full_run_trains_the_tiny_model_and_commits_exactly_what_it_read(
     assert {b.run_id for b in beats} == {f"trainer:{s.tier3_trainer_group}"}
     assert beats and beats[0].check_interval_s == s.tier3_check_interval_s
     assert beats[0].last_check_time_ms is not None and beats[0].next_check_in_s is not None
+    # the training callback's losses reached the heartbeat (trainer/stage.py, bound to the training thread)
+    last = beats[-1].details
+    assert last["stage"] == "idle" and last["step"] == last["total_steps"] == m.metrics["steps"]
+    assert isinstance(last["loss"], float) and last["loss"] > 0
 
 
 @pytest.mark.chaos
@@ -208,9 +212,10 @@ def test_interval_and_train_now_trigger_a_run_below_min_traces(make_settings: Ca
 @pytest.mark.slow
 def test_a_run_longer_than_max_poll_interval_keeps_the_group(make_settings: Callable[..., Any],
                                                              tiny_model: Path) -> None:
-    # max.poll.interval.ms = 6 s; real training slowed by 0.7 s per step (about 10 steps): well over 6 s
+    # max.poll.interval.ms = 6 s; real training slowed by 1 s per step (8 or more steps: the near-twin split keeps
+    # whole template groups of the synthetic traces in the holdout): well over 6 s
     s = trainer_settings(make_settings, tier3_min_traces=40, tier3_trainer_max_poll_interval_ms=6000,
-                         tier3_trainer_step_delay_s=0.7)
+                         tier3_trainer_step_delay_s=1.0)
     produce_traces(s, synthetic_traces(40, seed=6))
     ends = end_offsets(s)
     tc = TrainerConsumer(s, sft_config(tiny_model, tier3_scope="new"))
@@ -426,3 +431,69 @@ def test_heartbeats_go_to_the_compacted_status_topic_not_the_lifecycle_log(
     res = ConfigResource(ConfigResource.Type.TOPIC, s.trainer_status_topic)
     configs = admin.describe_configs([res])[res].result(timeout=30)
     assert configs["cleanup.policy"].value == "compact"
+
+
+def test_heartbeats_say_the_stage_with_step_loss_and_eta_while_training_then_idle(
+        make_settings: Callable[..., Any], tiny_model: Path) -> None:
+    """The heartbeat's ``details.stage`` follows the run: training (step, total, the latest loss, an ETA),
+    evaluating (the commit protocol's hook), close_loop and the steps ``after_run`` reports with
+    ``trainer.stage.set_stage``, then idle. A stage change is sent at once, not at the next interval (here 30 s)."""
+    import time
+
+    from trainer.stage import record_loss, set_stage
+
+    s = trainer_settings(make_settings, tier3_min_traces=3, tier3_trainer_status_interval_s=30.0)
+    produce_traces(s, synthetic_traces(3, seed=7))
+
+    def beat_sent() -> None:
+        """Wait (in the worker thread) until the loop thread sent a heartbeat after the last stage change."""
+        deadline = time.monotonic() + 20
+        while tc._stage_sent < tc.stage.changes:
+            assert time.monotonic() < deadline, "no heartbeat after a stage change"
+            time.sleep(0.02)
+
+    def train(dataset: BuiltDataset, cfg: SFTConfig, out_dir: Path, *, on_step: Any = None) -> FakeAdapter:
+        beat_sent()
+        for step in (1, 2, 3):  # what trainer.sft_trainer._Progress does in the training thread
+            on_step(step, 8)
+            record_loss(1.0 / step)
+            time.sleep(0.4)
+        # a periodic heartbeat while training (forced here: the interval is long)
+        tc._next_status_mono = 0.0
+        deadline = time.monotonic() + 20
+        while tc._next_status_mono == 0.0:
+            assert time.monotonic() < deadline, "no heartbeat while training"
+            time.sleep(0.02)
+        adapter = out_dir / "adapter"
+        adapter.mkdir(parents=True)
+        (adapter / "adapter_model.safetensors").write_bytes(b"fake")
+        return FakeAdapter(adapter)
+
+    def evaluate(adapter_dir: Path, built: BuiltDataset, cfg: SFTConfig, *, run_id: str,
+                 model_version: int) -> dict[str, Any]:
+        beat_sent()
+        return {"fake": 1.0}
+
+    def after_run(_manifest: Any) -> None:  # stands for trainer.close_loop.gate.after_run
+        beat_sent()
+        for stage in ("exporting", "evaluating_served", "gating", "registering"):
+            set_stage(stage)
+            beat_sent()
+
+    tc = TrainerConsumer(s, sft_config(tiny_model), train=train, evaluate=evaluate, after_success=after_run)
+    stats = tc.run(max_runs=1, timeout_s=60)
+    assert stats.runs_succeeded == 1 and stats.closed == 1
+    beats = heartbeats(s)
+    stages = [b.details["stage"] for b in beats]
+    seen = [st for i, st in enumerate(stages) if i == 0 or stages[i - 1] != st]
+    assert seen == ["idle", "training", "evaluating", "close_loop", "exporting", "evaluating_served", "gating",
+                    "registering", "idle"], seen
+    training = [b for b in beats if b.details["stage"] == "training"]
+    assert all(b.training_in_progress and b.details["run_id"] == stats.last_run_id for b in training)
+    assert training[0].details["step"] == 0 and training[0].details["loss"] is None
+    late = training[-1].details
+    assert late["step"] == 3 and late["total_steps"] == 8 and late["loss"] == pytest.approx(1 / 3, abs=1e-3)
+    assert 0.0 < late["eta_s"] <= 5.0, late  # 5 steps left at about 0.4 s a step
+    assert all(b.training_in_progress for b in beats if b.details["stage"] in ("evaluating", "gating"))
+    assert beats[-1].details["stage"] == "idle" and beats[-1].training_in_progress is False
+    assert beats[-1].details["eta_s"] is None and beats[-1].details["stage_since_ms"] <= beats[-1].at_ms

@@ -4,11 +4,13 @@ when the output is a log, as in CI)."""
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any
 
 from rich.console import Console, Group
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
+from schemas import TrainingRun
 from tier3.demo.monitor import VERDICTS, Observed, RunInfo
 
 STAGES = ("published", "sampled", "enriched", "counted", "training", "evaluated", "promoted/rejected", "exported")
@@ -38,6 +40,7 @@ class Display:
         self.stages: list[str] = list(STAGES)  # the A/B phase adds its own (add_stage)
         self.line = ""
         self.last_events: list[str] = []
+        self.training_text: str | None = None  # the training row in a log line: the trainer's stage (update)
 
     def renderable(self) -> Group:
         return Group(self.progress, *(f"  [dim]{e}[/]" for e in self.last_events[-4:]))
@@ -46,6 +49,9 @@ class Display:
         """The bars as one line, for a log (CI) where a live display cannot redraw."""
         parts = []
         for stage in self.stages:
+            if stage == "training" and self.training_text:
+                parts.append(self.training_text)
+                continue
             t = self.progress.tasks[self.tasks[stage]]
             total = "?" if t.total is None else f"{t.total:.0f}"
             parts.append(f"{stage} {t.completed:.0f}/{total}")
@@ -93,16 +99,20 @@ class Display:
         if not self.have_trainer:
             return
         hb = obs.heartbeat
-        total = obs.traces_total
-        note = ""
-        if hb is not None and hb.training_in_progress and hb.details.get("total_steps"):
-            run_id = str(hb.details.get("run_id"))[:18]
-            note = f"run {run_id}: step {hb.details.get('step')}/{hb.details['total_steps']}"
-        elif hb is not None and hb.next_check_in_s is not None:
-            note = (f"{hb.details.get('pending_traces', '?')} new traces waiting (>= "
-                    f"{hb.details.get('min_traces', '?')} or {hb.next_check_in_s:.0f} s)")
-        p.update(self.tasks["training"], total=max(total, 1), completed=obs.traces_committed,
-                 note=(note + " · " if note else "") + "traces inside a trained model")
+        activity = trainer_note(hb)
+        steps = training_steps(hb)
+        if steps is not None:  # a run trains: the bar counts its optimiser steps
+            assert hb is not None
+            step, total_steps = steps
+            p.update(self.tasks["training"], total=total_steps, completed=step,
+                     note=" · ".join([*training_figures(hb), f"steps of {str(hb.details.get('run_id'))[:24]}"]))
+            self.training_text = activity
+        else:  # otherwise the traces inside a trained model (the trainer group's committed offsets)
+            total = obs.traces_total
+            p.update(self.tasks["training"], total=max(total, 1), completed=obs.traces_committed,
+                     note=(activity + " · " if activity else "") + "traces inside a trained model")
+            self.training_text = (f"training {obs.traces_committed}/{total} traces"
+                                  + (f" · {activity}" if activity else ""))
         ok = obs.runs_with("succeeded")
         evaluated = obs.runs_with("evaluated")
         verdicts = [r for r in obs.runs.values() if r.verdict]
@@ -115,6 +125,81 @@ class Display:
                  note=" · ".join(f"{version_label(r)} {r.verdict}" for r in verdicts[-4:]))
         p.update(self.tasks["exported"], total=len(promoted), completed=len(exported),
                  note="" if promoted else "only promoted versions are exported")
+
+
+#: how the display names the stages of the trainer's heartbeat (``details.stage``, trainer/stage.py)
+STAGE_LABELS = {"idle": "idle", "training": "training", "evaluating": "evaluating", "close_loop": "closing the loop",
+                "exporting": "exporting", "evaluating_served": "evaluating (served)", "gating": "gating",
+                "registering": "registering"}
+
+
+def duration(s: float) -> str:
+    """Seconds as ``45s``, ``6m10s``, ``1h02m``."""
+    n = max(0, round(s))
+    if n < 60:
+        return f"{n}s"
+    if n < 3600:
+        return f"{n // 60}m{n % 60:02d}s"
+    return f"{n // 3600}h{n % 3600 // 60:02d}m"
+
+
+def trainer_stage(hb: TrainingRun | None) -> str | None:
+    """The stage of the trainer's heartbeat; from ``training_in_progress`` for a trainer that sends none."""
+    if hb is None:
+        return None
+    st = hb.details.get("stage")
+    if isinstance(st, str) and st:
+        return st
+    return None if hb.training_in_progress is None else "training" if hb.training_in_progress else "idle"
+
+
+def training_steps(hb: TrainingRun | None) -> tuple[int, int] | None:
+    """(step, total_steps) while a run trains and its step count is known, else None."""
+    if trainer_stage(hb) != "training" or hb is None:
+        return None
+    try:
+        total, step = int(hb.details.get("total_steps") or 0), int(hb.details.get("step") or 0)
+    except (TypeError, ValueError):
+        return None
+    return (min(step, total), total) if total > 0 else None
+
+
+def training_figures(hb: TrainingRun, now_ms: int | None = None) -> list[str]:
+    """``loss 0.412``, ``ETA 6m10s`` (counted from the heartbeat's time), those the heartbeat has."""
+    out = []
+    loss, eta = hb.details.get("loss"), hb.details.get("eta_s")
+    if isinstance(loss, (int, float)):
+        out.append(f"loss {loss:.3f}")
+    if isinstance(eta, (int, float)):
+        now = now_ms if now_ms is not None else int(time.time() * 1000)
+        out.append(f"ETA {duration(eta - max(0, now - hb.at_ms) / 1000)}")
+    return out
+
+
+def trainer_note(hb: TrainingRun | None, now_ms: int | None = None) -> str:
+    """What the trainer does, from its latest heartbeat: ``training 37/168 · loss 0.412 · ETA 6m10s``,
+    ``exporting for 1m05s``, ``evaluating (served) for 20s``, ``gating for 2s``, or, idle, what it waits for.
+    Empty without a heartbeat."""
+    st = trainer_stage(hb)
+    if hb is None or st is None:
+        return ""
+    now = now_ms if now_ms is not None else int(time.time() * 1000)
+    d = hb.details
+    if st == "training":
+        steps = training_steps(hb)
+        if steps is None:
+            return "training: preparing the dataset and the model"
+        return " · ".join([f"training {steps[0]}/{steps[1]}", *training_figures(hb, now)])
+    if st == "idle":
+        if isinstance(d.get("retry_in_s"), (int, float)) and d["retry_in_s"] > 0:
+            return f"idle · the failed run is retried in {duration(d['retry_in_s'] - max(0, now - hb.at_ms) / 1000)}"
+        if hb.next_check_in_s is not None:
+            return (f"idle · {d.get('pending_traces', '?')} new traces waiting (>= {d.get('min_traces', '?')} or "
+                    f"{hb.next_check_in_s:.0f} s)")
+        return "idle"
+    label = STAGE_LABELS.get(st, st)
+    since = d.get("stage_since_ms")
+    return f"{label} for {duration((now - since) / 1000)}" if isinstance(since, int) and since <= now else label
 
 
 def ab_figures_note(fig: dict[str, Any] | None) -> str:

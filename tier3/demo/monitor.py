@@ -26,6 +26,7 @@ class RunInfo:
     run_id: str
     events: list[str] = field(default_factory=list)
     model_version: int | None = None
+    base_model: str | None = None  # what it was trained from (its started / succeeded / evaluated events say)
     metrics: dict[str, Any] = field(default_factory=dict)
     report: str | None = None
     reasons: Any = None
@@ -54,7 +55,7 @@ class Observed:
     dead_letters: int = 0
     dead_by_reason: dict[str, int] = field(default_factory=dict)
     runs: dict[str, RunInfo] = field(default_factory=dict)
-    heartbeat: TrainingRun | None = None
+    heartbeat: TrainingRun | None = None  # the trainer's latest: details.stage, step, total_steps, loss, eta_s
     traces_end: dict[int, int] = field(default_factory=dict)  # partition -> end offset (high watermark)
     committed: dict[int, int] = field(default_factory=dict)  # partition -> the trainer group's committed offset
     status: dict[str, Any] | None = None
@@ -194,6 +195,8 @@ class Monitor(threading.Thread):
         run.events.append(ev.event)
         run.seen_mono.setdefault(ev.event, time.monotonic())
         run.model_version = rec.model_version
+        if ev.base_model:
+            run.base_model = ev.base_model
         run.trainer_closes = rec.evaluated_by_trainer
         run.metrics = dict(rec.metrics)
         run.report = rec.report

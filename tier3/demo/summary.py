@@ -35,6 +35,9 @@ def build_summary(obs: Observed, session: Session, opts: DemoOptions, state: Dem
     promoted_not_exported = [version_label(r) for r in runs if r.verdict == "promoted" and "exported" not in r.events]
     if promoted_not_exported:
         notes.append(f"promoted but not exported (yet): {', '.join(promoted_not_exported)}")
+    base_models = list(dict.fromkeys(r.base_model for r in runs if r.base_model))  # distinct, oldest run first
+    if len(base_models) > 1:
+        notes.append(f"the runs were trained from different base models: {', '.join(base_models)}")
     counts = (obs.status or {}).get("counts") or {}
     return {
         "result": done_reason,
@@ -54,10 +57,13 @@ def build_summary(obs: Observed, session: Session, opts: DemoOptions, state: Dem
         "counted_in_windows": obs.counted(),
         "dead_letters": {"count": obs.dead_letters, "by_reason": obs.dead_by_reason},
         "trainer_group": session.trainer_group,
+        # what the student was trained from: the runs' base model (the newest run's if they differ; see notes)
+        "base_model": next((r.base_model for r in reversed(runs) if r.base_model), None),
         "offsets": {"topic": settings.traces_topic, "end": {str(p): o for p, o in sorted(obs.traces_end.items())},
                     "committed": {str(p): o for p, o in sorted(obs.committed.items())},
                     "all_committed": bool(obs.traces_end) and obs.traces_committed == obs.traces_total},
-        "runs": [{"run_id": r.run_id, "model_version": r.model_version, "events": r.events, "verdict": r.verdict,
+        "runs": [{"run_id": r.run_id, "model_version": r.model_version, "base_model": r.base_model,
+                  "events": r.events, "verdict": r.verdict,
                   "metrics": r.metrics, "report": r.report, "reasons": r.reasons, "error": r.error,
                   "gguf": r.exported, "ollama": r.ollama} for r in runs],
         "evaluation_report": reports[-1] if reports else None,
@@ -93,6 +99,8 @@ def print_summary(s: dict[str, Any]) -> None:
     off = s["offsets"]
     table.add_row("committed", f"{sum(min(off['committed'].get(p, 0), e) for p, e in off['end'].items())}"
                   f"/{sum(off['end'].values())}", "traces inside a trained model (trainer group's offsets)")
+    if s.get("base_model"):
+        table.add_row("base model", "", str(s["base_model"]))
     for r in s["runs"]:
         m = headline_metrics(r["metrics"])
         detail = ", ".join(f"{k} {v:.2f}" for k, v in m.items()) or (r["error"] or "")

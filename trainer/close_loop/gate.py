@@ -257,16 +257,19 @@ def after_run(settings: CloseLoopSettings, run_id: str, *,
     never undoes the verdict."""
     from trainer.close_loop.export import export_run, register_run
     from trainer.close_loop.served_eval import evaluate_served_run
+    from trainer.stage import set_stage
 
     hit = fault or (lambda point: None)
     view = fold_runs(read_run_events(settings))
     out: dict[str, Any] = {"verdict": None, "exported": None, "export_error": None, "resumed": []}
     if run_id not in view.exported:
+        set_stage("exporting")
         export_run(settings, run_id, fault=hit, candidate=True)
         hit("kill_after_export")
     else:
         out["resumed"].append("exported")
     if run_id not in view.evaluated or not served_metrics(metrics_of(view.evaluated[run_id])):
+        set_stage("evaluating_served")
         evaluate_served_run(settings, run_id)  # an evaluation of the PyTorch model (`tier3 eval`) never decides
         hit("kill_after_evaluated")
     else:
@@ -275,6 +278,7 @@ def after_run(settings: CloseLoopSettings, run_id: str, *,
     view = fold_runs(events)
     verdict = view.verdicts.get(run_id)
     if verdict is None:
+        set_stage("gating")
         verdict = gate_run(settings, run_id, events=events, fault=hit)
         hit("kill_after_verdict")
     else:
@@ -287,6 +291,7 @@ def after_run(settings: CloseLoopSettings, run_id: str, *,
             out["resumed"].append("registered")
         else:
             try:
+                set_stage("registering")
                 out["exported"] = register_run(settings, run_id).event
             except TrainerError as exc:
                 log.error("run %s promoted but its registration failed: %s", run_id, exc)
