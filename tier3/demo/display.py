@@ -117,14 +117,16 @@ class Display:
         evaluated = obs.runs_with("evaluated")
         verdicts = [r for r in obs.runs.values() if r.verdict]
         promoted = obs.runs_with("promoted")
-        exported = obs.runs_with("exported")
+        # every candidate is exported before the gate judges it; this row counts the promoted versions registered
+        # for serving (an `exported` event after the promotion)
+        exported = [r for r in promoted if "exported" in r.events[r.events.index("promoted"):]]
         failed = obs.runs_with("failed")
         p.update(self.tasks["evaluated"], total=len(ok), completed=len(evaluated),
                  note=f"{len(ok)} runs succeeded" + (f", {len(failed)} failed" if failed else ""))
         p.update(self.tasks["promoted/rejected"], total=len(evaluated), completed=len(verdicts),
                  note=" · ".join(f"{version_label(r)} {r.verdict}" for r in verdicts[-4:]))
         p.update(self.tasks["exported"], total=len(promoted), completed=len(exported),
-                 note="" if promoted else "only promoted versions are exported")
+                 note="" if promoted else "only promoted versions are served (candidates are exported to be judged)")
 
 
 #: how the display names the stages of the trainer's heartbeat (``details.stage``, trainer/stage.py)
