@@ -319,7 +319,8 @@ def ollama_template(model_dir: Path) -> str | None:
 
 
 def write_modelfile(path: Path, gguf_file: Path, template: str | None, stop: list[str]) -> Path:
-    lines = [f"FROM ./{gguf_file.name}", "PARAMETER temperature 0"]
+    # Ollama's default repeat_penalty is 1.1: greedy decoding must not penalise repeated tokens (JSON repeats many)
+    lines = [f"FROM ./{gguf_file.name}", "PARAMETER temperature 0", "PARAMETER repeat_penalty 1"]
     lines += [f'PARAMETER stop "{s}"' for s in stop]
     if template:
         lines.append(f'TEMPLATE """{template}"""')
@@ -362,7 +363,7 @@ def register_with_ollama(settings: CloseLoopSettings, gguf_file: Path, version: 
     try:
         digest = client.create_blob(gguf_file)  # POST /api/blobs/sha256:<hex of the file>
         files = {gguf_file.name: digest}
-        params: dict[str, Any] = {"temperature": 0, **({"stop": stop} if stop else {})}
+        params: dict[str, Any] = {"temperature": 0, "repeat_penalty": 1, **({"stop": stop} if stop else {})}
         for tag in tags:  # the stable tag points at the same blob: moving it is one more create
             client.create(model=tag, files=files, template=template, parameters=params, stream=False)
     except (ollama.ResponseError, ollama.RequestError, OSError) as exc:

@@ -12,7 +12,10 @@
   so the router's student arm first asks ``GET /v1/models`` and refuses (falls back to the teacher, saying
   why) a version the server does not list. ``--follow`` restarts the server when the exported versions change.
 - **Greedy, the GGUF's own chat template**: the server renders the chat template stored in the GGUF (written by
-  llama.cpp's converter from the merged model's tokenizer) and stops at its eos (``<|im_end|>`` for ChatML).
+  llama.cpp's converter from the merged model's tokenizer) and stops at its eos (``<|im_end|>`` for ChatML). The
+  prompt ids are the ones the trainer trained on (``trainer/close_loop/parity.py`` checks it), and a request's
+  ``repeat_penalty`` defaults to 1.0 instead of llama-cpp-python's 1.1, so ``temperature`` 0 is plain greedy
+  decoding, as in transformers.
 - **Evaluation of what ships**: :func:`chat_generator` is an ``evaluate.Generate`` over any OpenAI-compatible
   endpoint; ``tier3 eval RUN_ID --served`` starts this server on the run's exported GGUF and scores it.
 
@@ -51,6 +54,13 @@ SERVER_MODULE = "llama_cpp.server"
 #: quantised model crashed the server, f16 models ran. Without repacking the same build runs the plain CPU
 #: kernels (same outputs, no AMX speed-up). llama-cpp-python builds ``llama_model_params`` from
 #: ``llama_model_default_params()`` and exposes no option for this field, so the launcher wraps that function.
+#: It also makes ``repeat_penalty`` default to 1.0 (no penalty) in the server's request models. llama-cpp-python's
+#: server defaults it to 1.1 and applies it *before* greedy selection (``add_penalties`` then ``add_greedy``), so a
+#: request with ``temperature`` 0 that names no ``repeat_penalty`` (the router's, :func:`chat_generator`'s) was not
+#: the greedy decoding the student was evaluated with in transformers: on SmolLM2-135M the f16 GGUF's outputs
+#: matched PyTorch's on 0/10 holdout prompts with the default and on 10/10 with 1.0 (``trainer/close_loop/parity.py``).
+#: The request models are patched before ``llama_cpp.server.app`` builds its routes from them; a request naming a
+#: ``repeat_penalty`` still gets it.
 _SERVER_LAUNCHER = """\
 import sys
 import llama_cpp.llama_cpp as _c
@@ -60,6 +70,10 @@ def _no_repack():
     params.use_extra_bufts = False
     return params
 _c.llama_model_default_params = _no_repack
+import llama_cpp.server.types as _t
+for _request in (_t.CreateCompletionRequest, _t.CreateChatCompletionRequest):
+    _request.model_fields["repeat_penalty"].default = 1.0  # greedy decoding as transformers does it
+    _request.model_rebuild(force=True)
 from llama_cpp.server.__main__ import main
 sys.argv[0] = "llama_cpp.server"
 main()
