@@ -24,7 +24,8 @@ from trainer.manifest import read_manifest
 def test_eval_cli_on_a_trained_tiny_model_then_the_gate(trained_run: TrainedRun,
                                                          make_settings: Callable[..., CloseLoopSettings]) -> None:
     s = make_settings(cls=CloseLoopSettings, tier3_eval_max_examples=6, tier3_eval_max_new_tokens=48,
-                      tier3_gate_min_examples=5, tier3_auto_export=False)
+                      tier3_gate_min_examples=5, tier3_auto_export=False, tier3_student_max_tokens=24,
+                      tier3_golden_set=ROOT / "examples" / "widget_selector" / "golden.jsonl")
     run_id = trained_run.install(s.runs_dir, model_version=4)
     env = {**settings_env(s), "TIER3_RUNS_DIR": str(s.runs_dir)}
     proc = subprocess.run([sys.executable, "-m", "trainer.close_loop.cli", "eval", run_id], cwd=ROOT, env=env,
@@ -63,6 +64,13 @@ def test_eval_cli_on_a_trained_tiny_model_then_the_gate(trained_run: TrainedRun,
     assert served["pytorch"]["n_examples"] == 6  # the PyTorch figure stays, as a diagnostic column
     assert served["agreement_pytorch_f16"]["n"] == 6
     assert served["paired"]["vs_production"]["verdict"] == "not_enough_evidence"  # 6 items decide nothing
+    # the golden set: its own slice, with the constant answer beside it (no production answer there)
+    golden = served["slices"]["golden"]
+    assert golden["served"]["n_examples"] == served["golden"]["n_examples"] == 54
+    assert golden["constant"]["n_examples"] == 54 and golden["constant"]["answer"]
+    assert 0.0 <= golden["constant"]["task_f1"] <= 1.0 and golden["f16"]["n_examples"] == 54
+    assert served["slices"]["holdout"]["constant"]["n_examples"] == 6
+    assert served["contamination_rate"] == 0.0 and served["split_rule"]
     expected = decide(served, s, None)
     assert "served_artifact" not in expected.checks
     assert verdict.event == ("promoted" if expected.promote else "rejected") and verdict.model_version == 4

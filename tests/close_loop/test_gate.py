@@ -46,6 +46,70 @@ def test_rule_each_check() -> None:
     assert decide({k: v for k, v in GOOD.items() if k != "baseline_f1"}, s, None).promote
 
 
+def _served(student: list[float], production: list[float], **extra: Any) -> dict[str, Any]:
+    """Metrics as the served evaluation writes them: paired comparisons on the task's primary metric."""
+    from trainer.close_loop.verdict import paired_comparison
+
+    return {**GOOD, "model": "gguf-q8_0", "primary_metric": "task_f1", "task_f1": sum(student) / len(student),
+            "paired": {"vs_production": paired_comparison(student, production, margin=0.05, min_n=10).as_dict()},
+            **extra}
+
+
+def test_the_served_rule_decides_on_paired_comparisons_of_the_primary_metric() -> None:
+    s = _settings()
+    # clearly better than production on 30 items: promoted
+    better = _served([1.0] * 25 + [0.5] * 5, [0.5] * 25 + [0.5] * 5)
+    v = decide(better, s, None)
+    assert v.promote, v.reasons
+    assert v.checks["task_f1_vs_production"]["verdict"] == "better"
+    # 12 items, a mixed and small difference: not enough evidence, and the reason says so
+    noisy = _served([1, 0, 1, 0.2, 1, 0, 1, 1, 0, 1, 0.8, 0], [0, 1, 1, 1, 0, 1, 0.2, 1, 1, 0, 1, 0.8])
+    v = decide(noisy, s, None)
+    assert not v.promote and v.checks["task_f1_vs_production"]["verdict"] == "not_enough_evidence"
+    assert any("not enough evidence" in r and "more traces" in r for r in v.reasons)
+    # the point figures alone would have let it through (F1 0.80 >= 0.82 - 0.05): paired decides, not them
+    assert "f1_vs_baseline" not in v.checks
+    # too few items: never promoted on noise
+    few = _served([1.0] * 5, [0.0] * 5)
+    assert decide(few, s, None).checks["task_f1_vs_production"]["verdict"] == "not_enough_evidence"
+    assert not decide(few, s, None).promote
+
+
+def test_an_evaluation_of_the_pytorch_model_never_decides() -> None:
+    v = decide({**GOOD, "model": "merged"}, _settings(), None)
+    assert not v.promote and [r.split(":")[0] for r in v.reasons] == ["served_artifact"]
+
+
+def test_the_golden_slice_has_its_own_bound_and_must_beat_the_constant_answer() -> None:
+    s = _settings(tier3_gate_min_golden=0.6)
+    base = _served([1.0] * 25 + [0.5] * 5, [0.5] * 30)
+
+    def with_golden(value: float, constant: float) -> dict[str, Any]:
+        return {**base, "golden": {"task_f1": value},
+                "slices": {"golden": {"constant": {"task_f1": constant}}}}
+
+    assert decide(with_golden(0.7, 0.3), s, None).promote
+    v = decide(with_golden(0.59, 0.3), s, None)  # below the bound (inclusive: 0.6 passes)
+    assert not v.promote and [r.split(":")[0] for r in v.reasons] == ["golden_task_f1"]
+    assert decide(with_golden(0.6, 0.3), s, None).promote
+    v = decide(with_golden(0.7, 0.7), s, None)  # no better than always answering the most common answer
+    assert not v.promote and [r.split(":")[0] for r in v.reasons] == ["golden_task_f1_vs_constant"]
+
+
+def test_right_time_range_wrong_widgets_cannot_pass_on_the_time_range() -> None:
+    from schemas import get_task
+    from schemas.tasks import score_output
+
+    task = get_task("widget_selector")
+    ref = {"widgets": ["error_rate", "incident_timeline"], "time_range": "24h"}
+    wrong = score_output(task, '{"widgets": ["revenue_trend"], "time_range": "24h"}', ref)
+    assert wrong.f1 == 0.5 and wrong.task_f1 <= 0.2 + 1e-9
+    # a student answering like that on every item, production right on half of them: not promoted
+    m = _served([wrong.task_f1] * 30, [1.0] * 15 + [0.0] * 15)
+    v = decide(m, _settings(), None)
+    assert not v.promote and v.checks["task_f1_vs_production"]["verdict"] == "worse"
+
+
 def test_fold_promotions_and_rollback() -> None:
     def ev(run: str, kind: str) -> TrainingRun:
         return TrainingRun(run_id=run, event=kind, at_ms=1, model_version=int(run[1:]))  # type: ignore[arg-type]
