@@ -47,12 +47,18 @@ optimiser loop's time), so that equal-compute comparisons can be stated. Nothing
 training settings are the product's defaults (``trainer.sft_config.SFTConfig``, environment overrides apply)
 except the curriculum and, with ``--base-model``, the base model.
 
-    .venv/bin/python bench/quality.py --rows constant,teacher,production,base,answer-50 --traces 50 \\
-        --out bench/results/quality-served-answer-50.json           # quick: ~15 min on 2 CPU cores
-    .venv/bin/python bench/quality.py --f16 --out bench/results/quality-served-all.json   # everything: hours
+    # quick (SmolLM2, one student; roughly 15-20 min on 2 idle CPU cores, most of it training)
+    .venv/bin/python bench/quality.py --rows constant,teacher,production,answer-50 --traces 50 \\
+        --out bench/results/quality-served-answer-50.json
+    # everything (SmolLM2: base, answer-50/100/200, reasoning-200, with the f16 and PyTorch diagnostics): hours
+    .venv/bin/python bench/quality.py --f16 --pytorch --out bench/results/quality-served-all.json
+    # the tiny random model (plumbing only, it learns nothing; under a minute; tests/test_bench_quality.py)
     .venv/bin/python bench/quality.py --base-model "$(.venv/bin/python -c \\
         'from trainer.tiny_model import build_tiny_model; print(build_tiny_model("/tmp/tiny"))')" \\
-        --rows constant,production,teacher,answer-8 --traces 8   # the tiny random model: a minute, plumbing only
+        --rows constant,production,teacher,answer-8 --traces 8 --max-new-tokens 32
+
+The base row serves an answer-only prompt to a model that does not stop by itself: each item runs to
+``--max-new-tokens``, so on SmolLM2 it alone takes tens of minutes on 2 CPU cores.
 """
 
 from __future__ import annotations

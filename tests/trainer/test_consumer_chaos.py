@@ -264,7 +264,7 @@ def test_the_close_loop_survives_sigkill_during_evaluation_gate_and_export(
     life("kill_in_gate")  # the restart exports, evaluates the served GGUF, decides, and is killed before publishing
     assert [e for e, r in lifecycle(s) if r == m.run_id] == ["started", "succeeded", "exported", "evaluated"]
 
-    life("kill_after_verdict")  # the restart publishes the verdict (not a second `evaluated`), killed before registering
+    life("kill_after_verdict")  # the restart publishes the verdict (not a second `evaluated`), then is killed
     assert [e for e, r in lifecycle(s) if r == m.run_id] == ["started", "succeeded", "exported", "evaluated",
                                                              "promoted"]
 

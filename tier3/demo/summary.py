@@ -102,8 +102,11 @@ def print_summary(s: dict[str, Any]) -> None:
     if s.get("base_model"):
         table.add_row("base model", "", str(s["base_model"]))
     for r in s["runs"]:
+        served = served_figures(r["metrics"] or {})
         m = headline_metrics(r["metrics"])
-        detail = ", ".join(f"{k} {v:.2f}" for k, v in m.items()) or (r["error"] or "")
+        detail = served or ", ".join(f"{k} {v:.2f}" for k, v in m.items()) or (r["error"] or "")
+        if r["verdict"] == "rejected" and r.get("reasons"):
+            detail += "\nwhy not promoted: " + "; ".join(map(str, r["reasons"]))
         table.add_row(f"run {r['model_version'] if r['model_version'] is not None else '?'}",
                       r["verdict"] or r["events"][-1] if r["events"] else "-", detail)
         if "exported" in r["events"]:
@@ -134,3 +137,38 @@ def print_summary(s: dict[str, Any]) -> None:
         console.print(f"status: [bold]{s['status_url']}[/]   dashboard: [bold]{s['dashboard_url']}[/] "
                       "(the worker keeps running)")
     console.print(f"logs and state: {s['demo_dir']}")
+
+
+def _n(v: Any) -> str:
+    return f"{v:.2f}" if isinstance(v, int | float) else "–"
+
+
+def served_figures(m: dict[str, Any]) -> str:
+    """The honest numbers of one run, as the gate saw them: what is served (the quantised GGUF through llama.cpp)
+    on the near-twin-free holdout and on the golden set, beside production and the constant answer; the paired
+    comparison with production; the f16 and PyTorch figures as diagnostics. Empty for an evaluation without
+    slices."""
+    slices = m.get("slices")
+    if not isinstance(slices, dict):
+        return ""
+    metric = str(m.get("primary_metric") or "task_f1")
+    lines = []
+    for name, sl in slices.items():
+        served, const = sl.get("served") or {}, sl.get("constant") or {}
+        text = (f"{name} (n {served.get('n_examples')}): served {metric} {_n(served.get(metric))}, widget F1 "
+                f"{_n(served.get('set_f1_widgets'))}, field F1 {_n(served.get('f1'))}, JSON "
+                f"{_n(served.get('json_valid_rate'))}")
+        if name == "holdout":
+            text += f" · production {_n(served.get('baseline_' + metric))}"
+        text += f" · constant answer {_n(const.get(metric))}"
+        if sl.get("f16"):
+            text += f" · f16 {_n(sl['f16'].get(metric))}"
+        lines.append(text)
+    pt = m.get("pytorch") or {}
+    if pt:
+        lines.append(f"PyTorch (diagnostic) {metric} {_n(pt.get(metric))}, field F1 {_n(pt.get('f1'))}; holdout "
+                     f"contamination {_n(m.get('contamination_rate'))}")
+    for name, p in (m.get("paired") or {}).items():
+        lines.append(f"paired {name}: diff {_n(p.get('mean_diff'))} [{_n(p.get('ci_low'))}, {_n(p.get('ci_high'))}]"
+                     f" → {p.get('verdict')}")
+    return "\n".join(lines)
