@@ -172,6 +172,14 @@ class OnlineEval(_Frozen):
     partitions of a window up; ``latency_hist`` maps a log bucket (``streams/online_eval.py``) to a count.
     ``task_f1_sum`` is the sum of the task's weighted field score (``schemas.tasks.task_f1``); None in a record
     written before it existed (readers then fall back to ``f1_sum``).
+
+    The window (``window_start_ms`` .. ``window_end_ms``) is one of the traces' **enrichment** time (when the
+    teacher answered), not of when the answers were served. ``first_served_ms`` and ``last_served_ms`` bound
+    when the answers it sums were **served** (their experiences' ``created_at_ms``, stamped by the router). The
+    rule readers apply (``tier3 watch``, docs/close_loop.md): a version is judged after a promotion only on
+    windows whose answers were all served at or after it (``first_served_ms >= promoted at_ms``); a record
+    without the bounds (written before them, or by a worker that restored a window begun before them) counts
+    only if ``window_start_ms`` is at or after the promotion.
     """
 
     schema_version: Literal[1] = SCHEMA_VERSION
@@ -192,6 +200,12 @@ class OnlineEval(_Frozen):
     latency_hist: dict[str, int] = Field(default_factory=dict)
     published_at_ms: int = Field(ge=0)
     worker_id: str | None = Field(default=None, max_length=MAX_ID_LEN)
+    first_served_ms: int | None = Field(default=None, ge=0, description=(
+        "the earliest served time (experience created_at_ms) of the answers in this window; a version is judged "
+        "after a promotion only on windows with first_served_ms >= the promotion's at_ms (None: unknown, then "
+        "window_start_ms >= at_ms)"))
+    last_served_ms: int | None = Field(default=None, ge=0, description=(
+        "the latest served time (experience created_at_ms) of the answers in this window (None: unknown)"))
 
 
 TrainerCommandKind = Literal["train_now"]

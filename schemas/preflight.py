@@ -3,6 +3,10 @@
 - **Settings.** An invalid setting is reported as ``error: invalid setting NAME: what is wrong``, one line per
   setting, never with its value: pydantic's own message prints every value it read (``input_value=``), API keys
   and passwords included.
+- **Security.** The TLS / SASL settings are checked before any client is made (librdkafka refuses to create one
+  with a CA file it cannot load, an unknown SASL mechanism or SASL without user name and password, and that
+  would end in a traceback): one line per mistake, naming the setting (:func:`security_problems`). A client
+  that librdkafka refuses to create for a reason not anticipated here gets one line too (:func:`run_cli`).
 - **Kafka.** A broker answers within ``TIER3_KAFKA_TIMEOUT_S`` (else one line: the bootstrap servers tried, why,
   and what to do), and the command's topics exist with the partition counts of the settings. A missing topic is
   never created on the side: one auto-created by a client's request gets the broker's default partition count
@@ -17,6 +21,7 @@ Used by ``streams/`` and ``trainer/`` alike; like the rest of ``schemas/`` it im
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from collections.abc import Callable, Iterable
@@ -84,13 +89,103 @@ def settings_error(exc: Exception) -> UserError:
 
 
 def load_settings(cls: Callable[..., S], **overrides: Any) -> S:
-    """``cls(**overrides)`` (the rest from the environment), or a :class:`UserError` naming each bad setting."""
+    """``cls(**overrides)`` (the rest from the environment), or a :class:`UserError` naming each bad setting
+    (for Kafka settings, the TLS / SASL ones too: :func:`check_security`)."""
     from pydantic_settings import SettingsError
 
+    from schemas.settings import KafkaSettings
+
     try:
-        return cls(**overrides)
+        settings = cls(**overrides)
     except (ValidationError, SettingsError) as exc:
         raise settings_error(exc) from None
+    if isinstance(settings, KafkaSettings):
+        check_security(settings)
+    return settings
+
+
+# ----------------------------------------------------------------------------------------------- TLS / SASL
+
+#: the SASL mechanisms librdkafka knows (case matters: it refuses ``scram-sha-512``)
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI")
+#: mechanisms that sign in with KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD
+_USER_PASSWORD = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+_TLS_FILES = (("kafka_ssl_ca_location", "CA certificate"), ("kafka_ssl_certificate_location", "client certificate"),
+              ("kafka_ssl_key_location", "client key"))
+
+
+def _file_problem(path: str) -> str | None:
+    """Why librdkafka could not read the file (or folder of certificates) at ``path``; None when it can."""
+    if not os.path.exists(path):
+        return "no such file"
+    if os.path.isdir(path):
+        return None if os.access(path, os.R_OK | os.X_OK) else "the folder cannot be read (permissions)"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError as exc:
+        return f"the file cannot be read ({exc.strerror or 'permissions'})"
+    if b"-----BEGIN " not in head:  # librdkafka loads PEM files only
+        return "not a PEM file (no -----BEGIN line)"
+    return None
+
+
+def security_problems(settings: KafkaSettings) -> list[str]:
+    """One line per TLS / SASL setting mistake (never a value: a path is shown, a secret never): files that do
+    not exist or cannot be read, a certificate without its key, an unknown SASL mechanism, SASL without one or
+    without user name / password. The settings librdkafka ignores for the protocol in use are not checked."""
+    protocol = settings.kafka_security_protocol
+    lines: list[str] = []
+    if protocol in ("SSL", "SASL_SSL"):
+        for field, what in _TLS_FILES:
+            path = getattr(settings, field)
+            if path is None or (field == "kafka_ssl_ca_location" and path == "probe"):
+                continue
+            problem = _file_problem(path)
+            if problem:
+                lines.append(f"invalid setting {field.upper()}: {problem} at {path} (the {what} for "
+                             f"KAFKA_SECURITY_PROTOCOL={protocol})")
+        if (settings.kafka_ssl_certificate_location is None) != (settings.kafka_ssl_key_location is None):
+            lines.append("invalid settings: KAFKA_SSL_CERTIFICATE_LOCATION and KAFKA_SSL_KEY_LOCATION go together "
+                         "(mutual TLS): set both or neither")
+    if protocol in ("SASL_PLAINTEXT", "SASL_SSL"):
+        mechanism = settings.kafka_sasl_mechanism
+        if not mechanism:
+            lines.append(f"invalid setting KAFKA_SASL_MECHANISM: required with KAFKA_SECURITY_PROTOCOL={protocol}; "
+                         f"one of {', '.join(SASL_MECHANISMS)}")
+        elif mechanism not in SASL_MECHANISMS:
+            hint = next((m for m in SASL_MECHANISMS if m == mechanism.strip().upper()), None)
+            lines.append("invalid setting KAFKA_SASL_MECHANISM: not a SASL mechanism librdkafka knows; "
+                         + (f"did you mean {hint}? (case matters)" if hint else
+                            f"one of {', '.join(SASL_MECHANISMS)}"))
+        elif mechanism in _USER_PASSWORD:
+            for field in ("kafka_sasl_username", "kafka_sasl_password"):
+                value = getattr(settings, field)
+                if value is None or not (value.get_secret_value() if hasattr(value, "get_secret_value") else value):
+                    lines.append(f"invalid setting {field.upper()}: required with KAFKA_SASL_MECHANISM={mechanism}")
+    return lines
+
+
+def check_security(settings: KafkaSettings) -> None:
+    """:class:`UserError` listing :func:`security_problems`, if any: before any Kafka client is made."""
+    lines = security_problems(settings)
+    if lines:
+        raise UserError("\n".join(lines))
+
+
+def client_refused(exc: BaseException) -> UserError | None:
+    """The one line for a Kafka client librdkafka refused to create (its configuration), else None."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    if not isinstance(exc, KafkaException) or not exc.args or not isinstance(exc.args[0], KafkaError):
+        return None
+    err = exc.args[0]
+    text = err.str()
+    if err.code() != KafkaError._INVALID_ARG or not text.startswith("Failed to create"):
+        return None
+    reason = re.sub(r"^Failed to create [\w ]+?: ", "", text)
+    return UserError(f"invalid Kafka client settings: {reason} (check KAFKA_SECURITY_PROTOCOL, KAFKA_SASL_* and "
+                     "KAFKA_SSL_*)")
 
 
 # ----------------------------------------------------------------------------------------------- Kafka
@@ -115,6 +210,7 @@ def kafka_metadata(settings: KafkaSettings, timeout_s: float | None = None, *, w
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
 
+    check_security(settings)
     timeout = settings.tier3_kafka_timeout_s if timeout_s is None else timeout_s
     errors: list[Any] = []
     conf: dict[str, Any] = {**settings.client_config(), "logger": _QUIET, "error_cb": errors.append}
@@ -143,6 +239,7 @@ def check_topics(settings: KafkaSettings, specs: Iterable[TopicSpec] | None = No
     """
     from schemas.kafka_access import KafkaAccessError, check_kafka_access
 
+    check_security(settings)
     wanted = list(specs if specs is not None else settings.topic_specs())
     timeout = settings.tier3_kafka_timeout_s if timeout_s is None else timeout_s
     # refused credentials, TLS or ACLs first: one line naming the user or topic (a topic the principal may not
@@ -190,7 +287,14 @@ def run_cli(app: Callable[[], Any]) -> None:
     except (ValidationError, SettingsError) as exc:
         print_error(str(settings_error(exc)))
         sys.exit(EXIT_USAGE)
+    except Exception as exc:
+        refused = client_refused(exc)  # a client librdkafka would not create: its settings, not a bug
+        if refused is None:
+            raise
+        print_error(str(refused))
+        sys.exit(EXIT_USAGE)
 
 
-__all__ = ["EXIT_USAGE", "KafkaUnreachable", "TopicsNotReady", "UserError", "check_topics", "kafka_metadata",
-           "load_settings", "print_error", "run_cli", "settings_error", "validation_problems"]
+__all__ = ["EXIT_USAGE", "SASL_MECHANISMS", "KafkaUnreachable", "TopicsNotReady", "UserError", "check_security",
+           "check_topics", "client_refused", "kafka_metadata", "load_settings", "print_error", "run_cli",
+           "security_problems", "settings_error", "validation_problems"]

@@ -104,7 +104,10 @@ class KafkaSettings(BaseSettings):
                                   "(and so of the count table's changelog)")
     tier3_dead_letter_partitions: int = Field(3, ge=1, le=1000, description="partitions of dead-letters")
     tier3_replication_factor: int = Field(1, ge=1, description="replication factor of created topics")
-    tier3_experiences_retention_ms: int = Field(7 * 24 * 3600 * 1000, description="retention of experiences")
+    tier3_experiences_retention_ms: int = Field(28 * 24 * 3600 * 1000, description="retention of experiences "
+                                                "(default: as long as dead letters are kept, so a dead letter "
+                                                "holding only a prefix of its original can be re-driven from "
+                                                "the source record)")
     tier3_dead_letters_retention_ms: int = Field(28 * 24 * 3600 * 1000, description="retention of dead-letters")
     tier3_max_message_bytes: int = Field(1_000_000, ge=1024, description="largest accepted experience (bytes): "
                                          "capture refuses larger ones, the worker dead-letters them; every "

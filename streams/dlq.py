@@ -113,10 +113,19 @@ def redrive(settings: KafkaSettings, letters: list[Letter]) -> int:
         else:
             key = base64.b64decode(dl.key_b64) if dl.key_b64 else None
             value = base64.b64decode(dl.original_b64)
-        producer.produce(dl.source_topic, value=value, key=key,
-                         headers={"tier3-redriven-from": f"{settings.dead_letters_topic}/{item.partition}/"
-                                                         f"{item.offset}"})
-        n += 1
+        headers: dict[str, str | bytes | None] = {
+            "tier3-redriven-from": f"{settings.dead_letters_topic}/{item.partition}/{item.offset}"}
+        while True:
+            try:
+                producer.produce(dl.source_topic, value=value, key=key, headers=headers)
+                n += 1
+                break
+            except BufferError:  # local queue full: let deliveries drain, then go on
+                producer.poll(0.1)
+            except KafkaException as exc:  # e.g. a record written by a client with a larger limit than ours
+                console.print(f"[yellow]{item.partition}/{item.offset}: not re-driven ({len(value)} bytes with its "
+                              f"key and header): {exc.args[0].str() if exc.args else exc}[/yellow]")
+                break
         producer.poll(0)
     left = producer.flush(60)
     if left:

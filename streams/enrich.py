@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
 
 from schemas import DeadLetter, EnrichedTrace, Experience, SchemaError, SourceOffset, TeacherInfo, decode, get_task
-from schemas.dead_letters import make_dead_letter
+from schemas.dead_letters import letter_budget, letter_key, make_dead_letter
 from schemas.errors import UnsafeText
 from schemas.messages import DeadLetterStage
 from schemas.stats import percentile
@@ -58,7 +58,8 @@ class Source:
     key: bytes | None = None
 
     def dead_letter_key(self) -> bytes:
-        return f"{self.topic}/{self.partition}/{self.offset}".encode()
+        """``<topic>/<partition>/<offset>``, bounded (``schemas.dead_letters.letter_key``)."""
+        return letter_key(self.topic, self.partition, self.offset)
 
 
 @dataclass(frozen=True)
@@ -154,8 +155,10 @@ def _clock(t: float) -> str:
 
 def dead_letter(raw: bytes, source: Source, *, stage: DeadLetterStage, error_kind: str, reason: str,
                 max_bytes: int, experience_id: str | None = None, attempts: int = 1) -> DeadLetter:
-    """The dead letter of the message at ``source``; at most ``max_bytes`` encoded (``schemas.dead_letters``)."""
-    return make_dead_letter(raw, stage=stage, error_kind=error_kind, reason=redact(reason), max_bytes=max_bytes,
+    """The dead letter of the message at ``source``: with its key (:meth:`Source.dead_letter_key`) a record that a
+    producer whose ``message.max.bytes`` is ``max_bytes`` accepts (``schemas.dead_letters.letter_budget``)."""
+    budget = letter_budget(max_bytes, source.dead_letter_key())
+    return make_dead_letter(raw, stage=stage, error_kind=error_kind, reason=redact(reason), max_bytes=budget,
                             source_topic=source.topic, source_partition=source.partition,
                             source_offset=source.offset, key=source.key, experience_id=experience_id,
                             attempts=attempts, failed_at_ms=now_ms())

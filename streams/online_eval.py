@@ -19,6 +19,14 @@ as soon as the teacher has answered, whatever the teacher's latency. Keys carry 
 (= its experience's): each key is written to its own changelog partition, so partitions never overwrite each
 other and a restarted worker restores exactly its partitions' figures from the changelog.
 
+Since an answer's window is its enrichment time, a window may hold answers served well before it (a backlog, a
+slow teacher) and, around a promotion, answers served before and after it. So each value also keeps the earliest
+and latest **served** time of its answers (``first_served_ms``/``last_served_ms``: the experiences'
+``created_at_ms``, stamped by the router when it served them), published with the window; the watcher counts a
+window for a version only if every answer in it was served at or after the version's latest promotion
+(``first_served_ms >= at_ms``, docs/close_loop.md). A value begun by an older worker (restored from the changelog
+without them) publishes them as None (unknown), never as the bounds of only the newer traces.
+
 Values are sums (and a log-bucket latency histogram, 10 % wide buckets), so windows and partitions add up; one
 table write per scored trace (only shadow and baseline-random traces are scored).
 """
@@ -72,7 +80,8 @@ def parse_key(key: str) -> tuple[str, str, str | None, int, int] | None:
 
 def empty() -> dict[str, Any]:
     return {"n": 0, "json_valid_n": 0, "schema_valid_n": 0, "exact_n": 0, "f1_sum": 0.0, "task_f1_sum": 0.0,
-            "set_f1_sums": {}, "extra_teacher_calls": 0, "latency_hist": {}}
+            "set_f1_sums": {}, "extra_teacher_calls": 0, "latency_hist": {}, "first_served_ms": None,
+            "last_served_ms": None}
 
 
 def latency_bucket(ms: float) -> str:
@@ -110,6 +119,12 @@ def add_trace(acc: Mapping[str, Any], trace: EnrichedTrace) -> dict[str, Any]:
     task = get_task(trace.task)
     score = score_output(task, trace.experience.response, trace.answer)
     out = merge(empty(), acc)
+    served = trace.experience.created_at_ms
+    if not out["n"]:  # the first answer: its served time is both bounds
+        out["first_served_ms"] = out["last_served_ms"] = served
+    elif out["first_served_ms"] is not None and out["last_served_ms"] is not None:  # None: unknown, stays so
+        out["first_served_ms"] = min(out["first_served_ms"], served)
+        out["last_served_ms"] = max(out["last_served_ms"], served)
     out["n"] += 1
     out["json_valid_n"] += int(score.json_valid)
     out["schema_valid_n"] += int(score.schema_valid)
@@ -131,7 +146,8 @@ def merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
 
     A value with traces but no ``task_f1_sum`` was begun by a worker that did not score it (restored from the
     changelog across an upgrade): the sum then has no ``task_f1_sum`` either (unknown, not 0), so the published
-    window says None and the watcher falls back to ``f1_sum`` for it."""
+    window says None and the watcher falls back to ``f1_sum`` for it. Likewise the served-time bounds: the min
+    and max over the values with traces, None (unknown) when any of them lacks its bounds."""
     out = empty()
     for src in (a, b):
         for f in _FIELDS:
@@ -143,6 +159,11 @@ def merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
     out["task_f1_sum"] = round(out["task_f1_sum"], 9)
     if any(src.get("n") and src.get("task_f1_sum") is None for src in (a, b)):
         del out["task_f1_sum"]
+    full = [src for src in (a, b) if src.get("n")]
+    if full and all(src.get("first_served_ms") is not None and src.get("last_served_ms") is not None
+                    for src in full):
+        out["first_served_ms"] = min(int(src["first_served_ms"]) for src in full)
+        out["last_served_ms"] = max(int(src["last_served_ms"]) for src in full)
     return out
 
 
@@ -246,7 +267,8 @@ class OnlineEvaluator:
                              else None if n else 0.0),
                 extra_teacher_calls=int(value.get("extra_teacher_calls", 0)),
                 latency_hist={str(k): int(v) for k, v in (value.get("latency_hist") or {}).items()},
-                published_at_ms=int(time.time() * 1000), worker_id=self.settings.worker_id))
+                published_at_ms=int(time.time() * 1000), worker_id=self.settings.worker_id,
+                first_served_ms=_served(value, "first_served_ms"), last_served_ms=_served(value, "last_served_ms")))
         return out
 
     def mark_published(self, rec: OnlineEval) -> None:
@@ -272,7 +294,9 @@ class OnlineEvaluator:
             series = t["baseline"] if arm == "baseline" else t["versions"].setdefault(
                 str(version), {"current": None, "previous": None, "history": []})
             fig = figures(value)
-            series["history"].append({"start_ms": start * 1000, "end_ms": (start + self.size_s) * 1000, **fig})
+            series["history"].append({"start_ms": start * 1000, "end_ms": (start + self.size_s) * 1000, **fig,
+                                      "first_served_ms": _served(value, "first_served_ms"),
+                                      "last_served_ms": _served(value, "last_served_ms")})
             if start == cur:
                 series["current"] = fig
             elif start == prev:
@@ -291,6 +315,13 @@ class OnlineEvaluator:
                                                 for st, v in sorted(shadow_by_window.items())]},
             "scored_traces": self.scored, "published_windows": self.published_total,
         }
+
+
+def _served(value: Mapping[str, Any], key: str) -> int | None:
+    """A served-time bound of a value; None (unknown) unless both are known and it holds traces."""
+    if not value.get("n") or value.get("first_served_ms") is None or value.get("last_served_ms") is None:
+        return None
+    return int(value[key])
 
 
 def _old(key: Any, partition: int, cutoff: int) -> bool:

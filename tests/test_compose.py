@@ -65,6 +65,8 @@ def test_compose_file_parses_and_names_services() -> None:
     assert services["kafka"]["image"].startswith("apache/kafka:")
     assert "healthcheck" in services["kafka"]
     assert services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft
+    # only `tier3 topics create` makes topics: the broker's default (true) would let a request create one
+    assert services["kafka"]["environment"]["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
     gpu = services["trainer"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
     assert services["worker"]["command"] == ["worker"] and services["trainer"]["command"] == ["trainer"]

@@ -345,8 +345,11 @@ class TrainerConsumer:
         except SchemaError as exc:
             # bad bytes never stop the trainer: kept on dead-letters with the reason; the offset is still part of
             # the batch, so the next successful run commits past it
-            self.events.dead_letter(topic=self.topic, partition=p, offset=off, key=msg.key(), value=value or b"",
-                                    reason=str(exc), error_kind=exc.kind)
+            try:  # never fatal (trainer/events.py): a letter that cannot be written must not stop the trainer
+                self.events.dead_letter(topic=self.topic, partition=p, offset=off, key=msg.key(),
+                                        value=value or b"", reason=str(exc), error_kind=exc.kind)
+            except Exception:
+                log.exception("dead letter for %s/%d/%d not written; the trace is skipped", self.topic, p, off)
             self.stats.dead_lettered += 1
             record = None
         self.pending.add(p, off, record)

@@ -25,7 +25,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from schemas import TrainerControl, TrainingRun, decode, encode
-from schemas.dead_letters import make_dead_letter
+from schemas.dead_letters import LetterRecord, dead_letter_record, fallbacks, write_failure
 from schemas.errors import SchemaError
 from schemas.kafka_io import ReadTimeout, TopicMissing, read_until_now
 from schemas.settings import RELIABLE_PRODUCER, KafkaSettings
@@ -33,6 +33,10 @@ from trainer.errors import TrainerError
 from trainer.settings import TrainerSettings
 
 log = logging.getLogger("tier3.trainer.events")
+
+
+#: writes of one dead letter that failed transiently before it is given up (each after librdkafka's own retries)
+DEAD_LETTER_ATTEMPTS = 5
 
 
 class EventLogError(TrainerError):
@@ -57,6 +61,10 @@ class TrainerEvents:
         self._producer = Producer({**settings.client_config(), **RELIABLE_PRODUCER, "linger.ms": 5,
                                    "client.id": f"tier3-trainer-events-{settings.tier3_trainer_group}"})
         self._errors: list[str] = []
+        #: dead letters that could not be written at all (logged with their source coordinates)
+        self.dead_letters_failed = 0
+        #: dead-letter writes that failed, (record, fallback level, attempt, error), written again outside callbacks
+        self._letters_failed: list[tuple[LetterRecord, int, int, KafkaError]] = []
         #: the trainer's check times, added to started/succeeded/failed too: a reader that keeps the latest event
         #: with ``training_in_progress`` as the trainer's status then always has them
         self.status: Callable[[], dict[str, Any]] | None = None
@@ -98,15 +106,21 @@ class TrainerEvents:
                 "next_check_in_s": round(max(0.0, st["next_check_in_s"]), 3)}
 
     def flush(self, timeout_s: float | None = None) -> bool:
-        """Wait for every event to be acknowledged; False if one failed or the wait timed out."""
-        left = self._producer.flush(timeout_s if timeout_s is not None
-                                    else self.settings.tier3_trainer_commit_timeout_s)
+        """Wait for every event to be acknowledged; False if one failed or the wait timed out. Dead letters whose
+        write failed are written again meanwhile (smaller, or the same after a transient error)."""
+        deadline = time.monotonic() + (timeout_s if timeout_s is not None
+                                       else self.settings.tier3_trainer_commit_timeout_s)
+        while True:
+            left = self._producer.flush(max(0.0, deadline - time.monotonic()))
+            if not self._retry_letters() or time.monotonic() >= deadline:
+                break
         ok = left == 0 and not self._errors
         self._errors.clear()
         return ok
 
     def poll(self) -> None:
         self._producer.poll(0)
+        self._retry_letters()
 
     # -- the events ---------------------------------------------------------------------------------------
     def started(self, run_id: str, *, model_version: int, base_model: str, details: dict[str, Any]) -> None:
@@ -152,15 +166,80 @@ class TrainerEvents:
     def dead_letter(self, *, topic: str, partition: int, offset: int, key: bytes | None, value: bytes,
                     reason: str, error_kind: str) -> None:
         """A trace the trainer cannot decode: kept with its bytes and the reason; its offset is still part of
-        the batch, so it is committed (skipped) with the next successful run."""
-        # at most one record: a trace of up to the record limit does not fit whole in base64 (schemas.dead_letters)
-        dl = make_dead_letter(value, stage="decode", reason=reason, error_kind=error_kind, failed_at_ms=now_ms(),
-                              source_topic=topic, source_partition=partition, source_offset=offset, key=key,
-                              max_bytes=self.settings.max_record_bytes)
-        self._send(self.settings.dead_letters_topic, f"{topic}/{partition}/{offset}", encode(dl))
+        the batch, so it is committed (skipped) with the next successful run.
+
+        Never raises, whatever the record's size, key or coordinates: the letter is built to fit
+        (``schemas.dead_letters.dead_letter_record``); one refused anyway, at once or by the broker, is written
+        again smaller (without the original, then the smallest letter); a transient failure is written again,
+        up to :data:`DEAD_LETTER_ATTEMPTS` times; what still fails is logged with the source coordinates and
+        counted in :attr:`dead_letters_failed` (the source record stays on enriched-traces, kept forever)."""
+        try:
+            rec = dead_letter_record(value, max_record_bytes=self.settings.max_record_bytes, stage="decode",
+                                     reason=reason, error_kind=error_kind, failed_at_ms=now_ms(), source_topic=topic,
+                                     source_partition=partition, source_offset=offset, key=key)
+            self._write_letter(rec, level=0, attempt=1)
+            self._retry_letters()  # a write refused at once is written smaller now
+        except Exception:  # a bug here must not stop the trainer either
+            self.dead_letters_failed += 1
+            log.exception("dead letter for %s/%d/%d not written", topic, partition, offset)
+
+    def _write_letter(self, rec: LetterRecord, *, level: int, attempt: int, note: str = "write refused") -> None:
+        letter = fallbacks(rec.letter, note=note)[level]
+
+        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+            # never produce from inside a delivery report (librdkafka aborts when that happens during flush()):
+            # the next write is queued, and written by the next poll() / flush() / dead_letter()
+            if err is not None:
+                self._letters_failed.append((rec, level, attempt, err))
+
+        while True:
+            try:
+                self._producer.produce(self.settings.dead_letters_topic, key=rec.key, value=encode(letter),
+                                       on_delivery=on_delivery)
+                break
+            except BufferError:  # local queue full: let deliveries drain, then try again
+                self._producer.poll(0.1)
+            except KafkaException as exc:  # refused at once (e.g. MSG_SIZE_TOO_LARGE): never raised from here
+                err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+                if err is None:
+                    raise
+                self._letters_failed.append((rec, level, attempt, err))
+                break
+
+    def _retry_letters(self) -> int:
+        """Write again the dead letters whose write failed: smaller when refused, the same when the failure was
+        transient (up to :data:`DEAD_LETTER_ATTEMPTS`); give up (logged, counted) otherwise. Returns how many
+        were written again."""
+        n = 0
+        for _ in range(3 * DEAD_LETTER_ATTEMPTS):  # each round may fail at once again (bounded)
+            todo, self._letters_failed = self._letters_failed, []
+            if not todo:
+                break
+            for rec, level, attempt, err in todo:
+                where = rec.key.decode(errors="replace")
+                what = write_failure(err.code())
+                try:
+                    if what == "refused" and level < 2:
+                        log.warning("dead letter for %s refused (%s); writing it again smaller", where, err.str())
+                        self._write_letter(rec, level=level + 1, attempt=attempt,
+                                           note=f"first write refused: {err.str()}")
+                    elif what == "transient" and attempt < DEAD_LETTER_ATTEMPTS:
+                        log.warning("dead letter for %s not written (%s, attempt %d); again", where, err.str(),
+                                    attempt)
+                        self._write_letter(rec, level=level, attempt=attempt + 1)
+                    else:
+                        self.dead_letters_failed += 1
+                        log.error("dead letter for %s not written (%s, attempt %d); the source record is where "
+                                  "its key says", where, err.str(), attempt)
+                        continue
+                    n += 1
+                except Exception:
+                    self.dead_letters_failed += 1
+                    log.exception("dead letter for %s not written", where)
+        return n
 
     def close(self, timeout_s: float = 10.0) -> None:
-        self._producer.flush(timeout_s)
+        self.flush(timeout_s)
 
     def __enter__(self) -> TrainerEvents:
         return self

@@ -1,5 +1,6 @@
-"""The online-eval table in a real worker: shadow traces scored per version, and restored from its changelog
-after a restart (the group's offsets are past every trace by then, so nothing is recomputed from the traces)."""
+"""The online-eval table in a real worker: shadow traces scored per version, with the served-time bounds of their
+answers, and restored from its changelog after a restart (the group's offsets are past every trace by then, so
+nothing is recomputed from the traces)."""
 
 from __future__ import annotations
 
@@ -44,6 +45,11 @@ def test_table_survives_a_worker_restart(streams_settings: Callable[..., Streams
     before = _v5(st)
     total_f1 = sum(w["f1"] * w["n"] for w in before)
     assert abs(total_f1 - 20) < 1e-3  # each right answer scores 1, each off-schema one 0
+    # each window says when its answers were served (the experiences' created_at_ms), not only its window
+    served = [e.created_at_ms for e in exps]
+    assert min(w["first_served_ms"] for w in before) == min(served)
+    assert max(w["last_served_ms"] for w in before) == max(served)
+    assert all(w["first_served_ms"] <= w["last_served_ms"] for w in before)
     assert st["counts"]["enriched"] == 30
     assert w1.stop() == 0
 

@@ -302,6 +302,68 @@ def test_undecodable_traces_are_dead_lettered_and_committed_with_the_batch(
     assert {d.stage for d in letters} == {"decode"} and all(d.source_topic == s.traces_topic for d in letters)
 
 
+def test_a_2_mb_garbage_trace_with_a_long_prefix_is_dead_lettered_and_the_trainer_goes_on(
+        make_settings: Callable[..., Any], tiny_model: Path) -> None:
+    """Issue 11b: a 2,096,600-byte undecodable trace, with a 200-character topic prefix (a dead letter's key of
+    ~220 bytes): the letter used to be refused (MSG_SIZE_TOO_LARGE), the trainer exited and read it again on
+    every restart. Now the letter fits, the trace is committed with its batch, and training goes on."""
+    import hashlib
+    import os
+
+    from schemas import DeadLetter, decode
+    from tests.kafka_utils import consume_values, produce_values
+
+    prefix = "g" * 190 + f"{os.urandom(4).hex()}."  # 199 characters
+    s = trainer_settings(make_settings, tier3_min_traces=1000, tier3_topic_prefix=prefix, tier3_partitions=1)
+    garbage = os.urandom(2_096_600)
+    produce_values(s, s.traces_topic, [(b"garbage", garbage)])
+    produce_traces(s, synthetic_traces(6, seed=21))
+    ends = end_offsets(s)
+    calls: list[BuiltDataset] = []
+    tc = TrainerConsumer(s, sft_config(tiny_model), train=fake_train(calls))
+    read_all(tc, 7)
+    assert tc.stats.dead_lettered == 1
+    [m] = consume_values(s, s.dead_letters_topic, expected=1)
+    assert m.key() == f"{s.traces_topic}/0/0".encode() and len(m.key() or b"") > 200
+    assert len(m.value() or b"") + len(m.key() or b"") + 36 <= s.max_record_bytes
+    dl = decode(m.value() or b"", DeadLetter, max_bytes=s.max_record_bytes)
+    assert dl.stage == "decode" and dl.original_truncated and dl.original_size == 2_096_600
+    assert dl.original_sha256 == hashlib.sha256(garbage).hexdigest() and garbage.startswith(
+        __import__("base64").b64decode(dl.original_b64))
+    assert (dl.source_topic, dl.source_partition, dl.source_offset) == (s.traces_topic, 0, 0)
+    send_train_now(s, group=s.tier3_trainer_group, wait_s=0)
+    stats = tc.run(max_runs=1, timeout_s=60)
+    assert stats.runs_succeeded == 1 and len(calls) == 1
+    assert committed(s) == {0: ends[0]}  # past the garbage: a restart does not read it again
+    assert tc.events.dead_letters_failed == 0
+
+
+def test_a_refused_dead_letter_is_written_smaller_and_never_raised(make_settings: Callable[..., Any]) -> None:
+    """A dead-letters topic stricter than ours (someone else's cluster): the letter is refused by the broker, then
+    written without the original; nothing is raised to the trainer."""
+    import os
+    from dataclasses import replace
+
+    from schemas import DeadLetter, decode
+    from streams.topics import ensure_topics
+    from tests.kafka_utils import consume_values
+    from trainer.events import TrainerEvents
+
+    s = trainer_settings(make_settings, create_topics=False, tier3_partitions=1)
+    specs = [replace(t, config={**t.config, "max.message.bytes": "4096"}) if t.name == s.dead_letters_topic else t
+             for t in s.topic_specs()]
+    ensure_topics(s, specs)
+    with TrainerEvents(s) as ev:
+        ev.dead_letter(topic=s.traces_topic, partition=1_000, offset=10**12, key=b"k", value=os.urandom(50_000),
+                       reason="not json", error_kind="not_json")
+        assert ev.flush(30)  # the smaller letter is written from the refused one's report, within the flush
+    [m] = consume_values(s, s.dead_letters_topic, expected=1)
+    dl = decode(m.value() or b"", DeadLetter)
+    assert dl.original_b64 == "" and dl.original_truncated and "first write refused" in dl.reason
+    assert (dl.source_partition, dl.source_offset, dl.original_size) == (1_000, 10**12, 50_000)
+    assert ev.dead_letters_failed == 0
+
+
 @pytest.mark.chaos
 def test_ids_of_a_recognised_run_are_not_counted_as_new_again(
         make_settings: Callable[..., Any], tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:

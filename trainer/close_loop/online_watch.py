@@ -17,8 +17,13 @@ the trainer (``docker compose`` or ``tier3 watch``), and one watcher or several 
   selector's is ``task_f1``, the weighted field score, so right time range + wrong widgets scores 0.2, not the
   field F1's 0.5). A window without it (published by an older worker: ``task_f1_sum`` None) is judged on its
   field F1 instead, and says so (``windows[].metric``);
-- *eligible windows*: closed windows of that version, ending after its latest promotion, with at least
-  ``TIER3_ONLINE_MIN_N`` shadow traces (smaller windows are too noisy to count either way);
+- *eligible windows*: closed windows of that version whose answers were **all served at or after its latest
+  promotion** (``first_served_ms >= at_ms``: the earliest served time, i.e. experience ``created_at_ms``, of the
+  answers the window sums; a window an older worker published without it counts only if it *starts* at or after
+  the promotion), with at least ``TIER3_ONLINE_MIN_N`` shadow traces (smaller windows are too noisy to count
+  either way). Per answer, not per window end: the worker windows answers by when the teacher answered them,
+  so a window ending after a promotion may sum answers served long before it (before a rollback, say), and a
+  window that straddles a promotion is not counted at all (its sums cannot be split);
 - *bound*: ``max(TIER3_ONLINE_MIN_F1, TIER3_ONLINE_MIN_FRACTION x its offline holdout figure)``, the offline
   figure being the same metric in the ``evaluated`` event's metrics (``task_f1``; ``f1`` when the event has no
   such key: evaluated before the metric existed). Same rule as offline: :func:`schemas.tasks.score_output`;
@@ -30,8 +35,12 @@ the trainer (``docker compose`` or ``tier3 watch``), and one watcher or several 
 
 Hysteresis, so a good student never flaps: one good window among the last ``TIER3_ONLINE_WINDOWS`` resets the
 count (a noisy dip never triggers alone); a version is rolled back at most once per promotion (a standing
-``online_eval`` rollback of that promotion blocks another); a re-promoted version is judged only on windows
-after its new promotion, so the windows that condemned it never count twice.
+``online_eval`` rollback of that promotion blocks another); a re-promoted version is judged only on answers
+it served after its new promotion (windows with ``first_served_ms`` at or after it), so the answers that
+condemned it, or any it served before a rollback, never count again.
+
+Every judgement is logged at INFO, one line each (version, windows counted, their values, the bound, the
+decision), not only when it changes: a run of windows below the bound is visible before it triggers.
 """
 
 from __future__ import annotations
@@ -72,6 +81,16 @@ class Window:
     f1_sum: float
     task_f1_sum: float | None = None  # None when any partition's record predates it
     exact_n: int = 0
+    first_served_ms: int | None = None  # earliest served time of its answers; None when any record lacks it
+    last_served_ms: int | None = None  # latest served time of its answers; None when any record lacks it
+    served_from_ms: int | None = None  # what the rule compares with a promotion: see served_since
+
+    def served_since(self, at_ms: int) -> bool:
+        """Whether every answer in the window was served at or after ``at_ms`` (a promotion): its earliest served
+        time, or, for a partition's record without one (an older worker), that record's window start."""
+        since = self.served_from_ms if self.served_from_ms is not None else (
+            self.first_served_ms if self.first_served_ms is not None else self.start_ms)
+        return since >= at_ms
 
     @property
     def f1(self) -> float | None:
@@ -103,14 +122,28 @@ class OnlineView:
         sums: dict[int, list[Any]] = {}
         for (t, a, v, start, _p), rec in self.latest.items():
             if t == task and a == arm and v == version:
-                acc = sums.setdefault(start, [rec.window_end_ms, 0, 0.0, 0.0, 0])
+                acc = sums.setdefault(start, [rec.window_end_ms, 0, 0.0, 0.0, 0, _BIG, -1, _BIG])
                 acc[1] += rec.n
                 acc[2] += rec.f1_sum
                 # a partition's record without task_f1 makes the window's sum unknown (not partial)
                 acc[3] = None if acc[3] is None or rec.task_f1_sum is None else acc[3] + rec.task_f1_sum
                 acc[4] += rec.exact_n
-        return [Window(start, int(end), int(n), float(f), None if tf is None else float(tf), int(x))
-                for start, (end, n, f, tf, x) in sorted(sums.items())]
+                known = rec.first_served_ms is not None and rec.last_served_ms is not None
+                # likewise the served bounds; the rule then uses the record's window start in its place
+                acc[5] = None if acc[5] is None or not known else min(acc[5], rec.first_served_ms)
+                acc[6] = None if acc[6] is None or not known else max(acc[6], rec.last_served_ms)
+                acc[7] = min(acc[7], rec.first_served_ms if known and rec.first_served_ms is not None
+                             else rec.window_start_ms)
+        return [Window(start, int(end), int(n), float(f), None if tf is None else float(tf), int(x),
+                       _known(first), _known(last), _known(since))
+                for start, (end, n, f, tf, x, first, last, since) in sorted(sums.items())]
+
+
+_BIG = 1 << 62  # "no record yet" for the running minimum of served times
+
+
+def _known(ms: int | None) -> int | None:
+    return None if ms is None or ms < 0 or ms >= _BIG else int(ms)
 
 
 # ------------------------------------------------------------------------------------------- the rule
@@ -173,8 +206,9 @@ def judge(runs: RunsFold, online: OnlineView, settings: CloseLoopSettings,
     _, offline_f1 = offline_figure(offline_metrics, "f1")
     frac = settings.tier3_online_min_fraction
     bound = max(settings.tier3_online_min_f1, frac * offline if offline is not None and frac > 0 else 0.0)
-    eligible = [w for w in online.windows(task, "student", version)
-                if w.end_ms > cur.at_ms and w.n >= settings.tier3_online_min_n]
+    closed = [w for w in online.windows(task, "student", version) if w.end_ms > cur.at_ms]
+    after = [w for w in closed if w.served_since(cur.at_ms)]  # every answer served since the promotion
+    eligible = [w for w in after if w.n >= settings.tier3_online_min_n]
     need = settings.tier3_online_windows
     last = eligible[-need:]
     base = {w.start_ms: w for w in online.windows(task, "baseline", None)}
@@ -186,8 +220,12 @@ def judge(runs: RunsFold, online: OnlineView, settings: CloseLoopSettings,
         "value": _r(pooled), "f1": _r(pooled_f1), "n": n, "bound": _r(bound), "fails_when": "value <= bound",
         "min_f1": settings.tier3_online_min_f1, "min_fraction": frac, "offline_metric": offline_key,
         "offline": _r(offline), "offline_f1": _r(offline_f1), "windows_required": need,
-        "min_n": settings.tier3_online_min_n,
+        "min_n": settings.tier3_online_min_n, "promoted_at_ms": cur.at_ms,
+        "counts_when": "every answer served at or after promoted_at_ms (first_served_ms >= promoted_at_ms; "
+                       "window start for a window without it)",
+        "windows_served_before": len(closed) - len(after),
         "windows": [{"start_ms": w.start_ms, "end_ms": w.end_ms, "n": w.n, "metric": w.metric_sum(metric)[0],
+                     "first_served_ms": w.first_served_ms, "last_served_ms": w.last_served_ms,
                      "value": _r(w.value(metric)), "f1": _r(w.f1),
                      "baseline_n": base[w.start_ms].n if w.start_ms in base else 0,
                      "baseline_value": _r(base[w.start_ms].value(metric)) if w.start_ms in base else None,
@@ -195,7 +233,7 @@ def judge(runs: RunsFold, online: OnlineView, settings: CloseLoopSettings,
     }
     if len(last) < need:
         return Judgement("wait", f"{len(last)} of {need} windows with >= {settings.tier3_online_min_n} shadow "
-                                 f"traces since v{version} was promoted", numbers)
+                                 f"traces served since v{version} was promoted", numbers)
     failing = [w for w in last if fails(w.value(metric), bound)]
     if len(failing) == need and pooled is not None and fails(pooled, bound):
         return Judgement("rollback", f"v{version}'s online {metric} vs the teacher {pooled:.3f} is at or below "
@@ -206,6 +244,22 @@ def judge(runs: RunsFold, online: OnlineView, settings: CloseLoopSettings,
 
 def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
+
+
+def describe(j: Judgement) -> str:
+    """One log line for a judgement: the decision, the version, the windows counted with their values, the
+    pooled value and the bound, and why (``tier3 watch`` logs one per judgement)."""
+    nums = j.numbers
+    if not nums:
+        return f"watch: {j.action}: {j.why}"
+    metric = nums.get("metric")
+    wins = " ".join(f"{w['start_ms']}..{w['end_ms']}:n={w['n']},{w['metric']}={_fmt(w['value'])}"
+                    for w in nums.get("windows") or [])
+    return (f"watch: {j.action}: v{nums.get('model_version')} (run {nums.get('run_id')}, promoted at "
+            f"{nums.get('promoted_at_ms')}): {len(nums.get('windows') or [])} of {nums.get('windows_required')} "
+            f"windows counted [{wins}] ({nums.get('windows_served_before', 0)} skipped: answers served before "
+            f"the promotion); {metric} pooled {_fmt(nums.get('value'))} over n={nums.get('n')}, bound "
+            f"{_fmt(nums.get('bound'))} (fails when value <= bound): {j.why}")
 
 
 def _r(x: float | None) -> float | None:
@@ -303,8 +357,7 @@ class Watcher:
                 log.warning("watch: skipping a bad online-eval record: %s", exc)
         runs = fold_runs(self.events)
         j = judge(runs, self.online, self.settings, standing_rollbacks(self.events) | self.published)
-        if self.last is None or (j.action, j.why) != (self.last.action, self.last.why):
-            log.info("watch: %s: %s", j.action, j.why)
+        log.info("%s", describe(j))  # every judgement, not only a changed one (one line each)
         self.last = j
         if j.action != "rollback":
             return None
@@ -339,5 +392,5 @@ def watch(settings: CloseLoopSettings, *, once: bool = False, stop: Any = None) 
         w.close()
 
 
-__all__ = ["REASON", "Judgement", "OnlineView", "TopicTail", "Watcher", "Window", "fails", "judge", "offline_figure",
-           "primary_metric", "rollback_event", "standing_rollbacks", "watch"]
+__all__ = ["REASON", "Judgement", "OnlineView", "TopicTail", "Watcher", "Window", "describe", "fails", "judge",
+           "offline_figure", "primary_metric", "rollback_event", "standing_rollbacks", "watch"]
