@@ -22,7 +22,9 @@ inference), so a student is asked exactly what its teacher was asked::
     </answer>
 
 The production messages are kept unchanged; one extra user message, :data:`REASONED_INSTRUCTION`, asks for
-that format (prompt parity: nothing else differs from what production sent).
+that format (prompt parity: nothing else differs from what production sent). :data:`ANSWER_ONLY_INSTRUCTION` asks
+for the ``<answer>`` block alone, :data:`RATIONALE_INSTRUCTION` (a training task only) for the ``<reasoning>``
+block alone.
 
 **Untrusted text.** A model's output is untrusted: it becomes training text, wrapped in exactly these tags and
 then in the student's chat template. :meth:`TaskDefinition.parse_output` therefore refuses (``UnsafeText``, kind
@@ -59,6 +61,12 @@ REASONED_INSTRUCTION = (
     "then give only the final answer as one JSON object between <answer> and </answer>."
 )
 ANSWER_ONLY_INSTRUCTION = "Give only the final answer as one JSON object between <answer> and </answer>."
+#: the rationale task of multi-task distillation (``multitask`` training phases, Distilling Step-by-Step): the
+#: student writes the teacher's reasoning alone (:meth:`TaskDefinition.format_rationale`); trained, never served
+RATIONALE_INSTRUCTION = (
+    "Explain step by step how to answer the request above. Write only your reasoning between <reasoning> and "
+    "</reasoning>; do not give the final answer."
+)
 
 _ANSWER_RE = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL)
 _REASONING_RE = re.compile(r"<reasoning>\s*(.*?)\s*</reasoning>", re.DOTALL)
@@ -195,6 +203,12 @@ class TaskDefinition:
         if reasoning is None:
             return f"<answer>\n{body}\n</answer>"
         return f"<reasoning>\n{reasoning.strip()}\n</reasoning>\n<answer>\n{body}\n</answer>"
+
+    @staticmethod
+    def format_rationale(reasoning: str) -> str:
+        """The assistant text of the rationale task (:data:`RATIONALE_INSTRUCTION`): the reasoning block of the
+        reasoned format alone, no answer."""
+        return f"<reasoning>\n{reasoning.strip()}\n</reasoning>"
 
     def parse_output(self, text: str) -> tuple[str, dict[str, Any]]:
         """Parse a model's reasoned output into (reasoning, validated answer) under the untrusted-text rule (module

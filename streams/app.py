@@ -27,7 +27,8 @@ from prometheus_client.exposition import generate_latest
 
 from schemas import DeadLetter, EnrichedTrace, Experience, SchemaError, TrainingRun, decode, encode
 from schemas import kafka_io as kio
-from schemas.dead_letters import metadata_only
+from schemas.dead_letters import backoff_s as dl_backoff_s
+from schemas.dead_letters import fallbacks, letter_budget, write_failure
 from schemas.settings import TopicSpec
 from streams import faust_adapter, metrics, online_eval, router_stats
 from streams.counts import WindowCounts
@@ -355,18 +356,38 @@ async def _process(app: faust.App, stream: StreamT, settings: StreamsSettings, s
     acker_task = asyncio.ensure_future(acker.run())
 
     async def write_dead_letter(dl: DeadLetter, source: Source) -> None:
-        try:
-            await (await out.send(settings.dead_letters_topic, source.dead_letter_key(), encode(dl)))
-        except DeliveryError as exc:
-            # a refused dead letter must not stop its partition: once more without the original bytes (sha256,
-            # size and source coordinates stay, to re-drive from the source). An outage or a refused write of
-            # that small letter is the cluster's problem: fatal, nothing committed (docs/guarantees.md)
-            if not exc.record_refused:
-                raise
-            log.warning("dead letter for %s refused (%s); writing it again without the original bytes",
-                        source.dead_letter_key().decode(), exc)
-            dl = metadata_only(dl, note=f"first write refused: {exc}")
-            await (await out.send(settings.dead_letters_topic, source.dead_letter_key(), encode(dl)))
+        # built to fit (schemas.dead_letters: bounded key, value within letter_budget). A write refused anyway (a
+        # topic stricter than ours) is degraded: the letter without the original bytes (sha256, size and source
+        # coordinates stay, to re-drive from the source), then the smallest letter; a transient failure (an
+        # outage past librdkafka's own retries) is written again after a back-off, holding the partition's
+        # slot. No message can make this fatal: only the cluster's answers (authorization, or even the
+        # smallest letter refused) stop the worker, with nothing committed (docs/guarantees.md)
+        key = source.dead_letter_key()
+        letter = dl
+        level = 0 if len(encode(dl)) <= letter_budget(settings.max_record_bytes, key) else 1
+        if level:  # not built by dead_letter(): never hand the producer an oversize letter
+            letter = fallbacks(dl, note="over the record limit")[level]
+        attempt = 0
+        while True:
+            try:
+                await (await out.send(settings.dead_letters_topic, key, encode(letter)))
+                break
+            except DeliveryError as exc:
+                what = write_failure(exc.code)
+                if what == "refused" and level < 2:
+                    log.warning("dead letter for %s refused (%s); writing it again without the original bytes",
+                                key.decode(errors="replace"), exc)
+                    level += 1
+                    letter = fallbacks(dl, note=f"first write refused: {exc}")[level]
+                    continue
+                if what != "transient":
+                    raise
+                attempt += 1
+                wait_s = dl_backoff_s(attempt)
+                log.warning("dead letter for %s not written (%s, attempt %d); again in %.1f s",
+                            key.decode(errors="replace"), exc, attempt, wait_s)
+                await asyncio.sleep(wait_s)
+        dl = letter
         # acknowledged by the broker: only now may the source offset be committed
         counts["dead_lettered"] += 1
         state.dead_by_reason[dl.error_kind] += 1

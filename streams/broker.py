@@ -224,6 +224,11 @@ def _write_private(path: Path, text: str | bytes) -> None:
     write_atomic(path, text.encode() if isinstance(text, str) else text)  # its temp file is created 0600
 
 
+def _java_argfile(args: list[str]) -> str:
+    """``args`` as a java launcher argument file (``java @file``): one double-quoted argument a line."""
+    return "".join('"' + a.replace("\\", "\\\\").replace('"', '\\"') + '"\n' for a in args)
+
+
 def _read_secret(data: Path, user: str) -> str:
     path = data / "secrets" / f"{user}.password"
     if not path.exists():
@@ -493,11 +498,18 @@ def up(s: BrokerSettings | None = None) -> BrokerStatus:
            f"-Dlog4j2.configurationFile={log4j}", f"-Dkafka.logs.dir={data}", "-cp", cp]
     if not (data / "logs" / "meta.properties").exists():
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-        fmt = subprocess.run([*jvm, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props),
-                              "--ignore-formatted", *extra_format], capture_output=True, text=True)
+        # the tool's arguments (the admin's SCRAM password among them) go in a java @argfile, written 0600 and
+        # removed after: never on a command line, which every user of the host can read (ps, /proc/<pid>/cmdline)
+        argfile = data / "secrets" / "format.args"
+        _write_private(argfile, _java_argfile(["kafka.tools.StorageTool", "format", "-t", cluster_id,
+                                               "-c", str(props), "--ignore-formatted", *extra_format]))
+        try:
+            fmt = subprocess.run([*jvm, f"@{argfile}"], capture_output=True, text=True)
+        finally:
+            argfile.unlink(missing_ok=True)
         if fmt.returncode != 0:
             output = fmt.stdout + fmt.stderr
-            for secret in extra_format[1:]:  # the admin's password is on the command line: never echo it
+            for secret in extra_format[1:]:  # the tool may quote its arguments: never echo the password
                 output = output.replace(secret.split("password=", 1)[-1].rstrip("]"), "***")
             raise BrokerError(f"formatting the broker storage failed:\n{output[-3000:]}")
         mode_file.write_text(_mode(s) + "\n")

@@ -19,6 +19,7 @@ from schemas.preflight import UserError, check_topics, load_settings, run_cli
 from schemas.settings import KafkaSettings
 from streams import broker as broker_mod
 from streams.errors import StreamsError
+from streams.redaction import install_excepthook, install_log_redaction, redact
 
 app = typer.Typer(help="tier3's streams commands (the broker, topics, capture, the worker, dead letters); "
                   "`tier3` has these and the trainer's.", no_args_is_help=True, pretty_exceptions_enable=False)
@@ -149,10 +150,12 @@ register(app)
 
 
 def main() -> None:
+    install_log_redaction()  # no secret in any log record, whatever logger or handler
+    install_excepthook()
     try:
         run_cli(app)  # a user's mistake (settings, arguments, no broker, missing topics): one line, exit 2
     except StreamsError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        console.print(f"[bold red]error:[/] {redact(str(exc))}")
         sys.exit(1)
 
 

@@ -31,6 +31,7 @@ import orjson
 from streams.errors import (
     RecordedAnswerMissing,
     TeacherConfigError,
+    TeacherError,
     TeacherServerError,
     TeacherTimeout,
     TeacherUnavailable,
@@ -107,14 +108,17 @@ class AnthropicTeacher:
         kwargs: dict[str, Any] = {"model": self.model, "max_tokens": self._max_tokens, "messages": turns}
         if system:
             kwargs["system"] = system
+        failure: TeacherError | None = None
         try:
             resp = await self._client.messages.create(**kwargs)
         except a.APITimeoutError as exc:
-            raise TeacherTimeout(f"anthropic: {type(exc).__name__}") from None
+            failure = TeacherTimeout(f"anthropic: {type(exc).__name__}")
         except a.APIConnectionError as exc:
-            raise TeacherUnavailable(f"anthropic: {type(exc).__name__}: {exc}") from None
+            failure = TeacherUnavailable(f"anthropic: {type(exc).__name__}: {exc}")
         except a.APIStatusError as exc:
-            raise error_for_status(exc.status_code, f"anthropic: {exc.message}") from None
+            failure = error_for_status(exc.status_code, f"anthropic: {exc.message}")
+        if failure is not None:  # raised outside the handler: no __context__ keeps the SDK's error, whose text
+            raise failure from None  # quotes the server's answer unredacted (a gateway may echo the key)
         text = "".join(getattr(b, "text", "") for b in resp.content if getattr(b, "type", "") == "text")
         usage = resp.usage
         return TeacherReply(text=text, model=resp.model or self.model,

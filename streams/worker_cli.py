@@ -43,4 +43,8 @@ def worker(
         app, _state = create_app(settings)
     except StreamsError as exc:  # a teacher that cannot be set up (no key, no recorded file, ...)
         raise UserError(str(exc)) from None
+    from streams.redaction import install_log_redaction, register_secrets
+
+    register_secrets(settings)
+    install_log_redaction()  # the record factory keeps filtering after Faust sets up its own handlers
     faust.Worker(app, loglevel=settings.tier3_log_level.upper()).execute_from_commandline()

@@ -301,6 +301,69 @@ def test_user_mistakes_give_one_line_and_exit_2(env_base: dict[str, str], kafka_
     assert not problems, _report(rans, problems)
 
 
+#: TLS / SASL mistakes (schemas/preflight.py: security_problems), each with what its one line must say
+def _security_mistakes(tmp_path: Path) -> dict[str, tuple[dict[str, str], tuple[str, ...]]]:
+    not_pem = tmp_path / "not-a-ca.pem"
+    not_pem.write_text("this is not a certificate\n")
+    pem = tmp_path / "client.pem"
+    pem.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    return {
+        "ssl CA file missing": ({"KAFKA_SECURITY_PROTOCOL": "SSL",
+                                 "KAFKA_SSL_CA_LOCATION": str(tmp_path / "no-such-ca.pem")},
+                                ("invalid setting KAFKA_SSL_CA_LOCATION:", "no such file")),
+        "ssl CA file unreadable": ({"KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "KAFKA_SASL_MECHANISM": "PLAIN",
+                                    "KAFKA_SASL_USERNAME": "u", "KAFKA_SSL_CA_LOCATION": str(not_pem)},
+                                   ("invalid setting KAFKA_SSL_CA_LOCATION:", "not a PEM file")),
+        "ssl certificate without key": ({"KAFKA_SECURITY_PROTOCOL": "SSL",
+                                         "KAFKA_SSL_CERTIFICATE_LOCATION": str(pem)},
+                                        ("KAFKA_SSL_KEY_LOCATION go together",)),
+        "sasl mechanism wrong": ({"KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "KAFKA_SASL_MECHANISM": "scram-sha-512",
+                                  "KAFKA_SASL_USERNAME": "u"},
+                                 ("invalid setting KAFKA_SASL_MECHANISM:", "SCRAM-SHA-512")),
+        "sasl mechanism missing": ({"KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "KAFKA_SASL_USERNAME": "u"},
+                                   ("invalid setting KAFKA_SASL_MECHANISM: required",)),
+        "sasl username missing": ({"KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "KAFKA_SASL_MECHANISM": "PLAIN"},
+                                  ("invalid setting KAFKA_SASL_USERNAME: required",)),
+        "sasl password missing": ({"KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+                                   "KAFKA_SASL_MECHANISM": "SCRAM-SHA-256", "KAFKA_SASL_USERNAME": "u",
+                                   "KAFKA_SASL_PASSWORD": ""},
+                                  ("invalid setting KAFKA_SASL_PASSWORD: required",)),
+    }
+
+
+def test_ssl_and_sasl_mistakes_give_one_line_and_exit_2_in_every_command(env_base: dict[str, str],
+                                                                         tmp_path: Path, ready_prefix: str) -> None:
+    """A missing CA file in every command (it gave a traceback: librdkafka refuses to create the client), and
+    every other TLS / SASL mistake in a command of each side: one line naming the setting, exit code 2."""
+    mistakes = _security_mistakes(tmp_path)
+    ready = {"TIER3_TOPIC_PREFIX": ready_prefix}
+    env, say = mistakes["ssl CA file missing"]
+    cases = [Case(f"{name}: ssl CA file missing", args, {**ready, **env}, must_say=say, timeout_s=120)
+             for name, args in COMMANDS.items()]
+    for mistake, (env, say) in mistakes.items():
+        for name in ("worker", "trainer", "dlq"):
+            if mistake != "ssl CA file missing":
+                cases.append(Case(f"{name}: {mistake}", COMMANDS[name], {**ready, **env}, must_say=say,
+                                  timeout_s=120))
+    rans = _run_all(cases, env_base, tmp_path)
+    problems = {r.case.name: p for r in rans if (p := _check_user_error(r))}
+    problems.update({r.case.name: ["a canary in the output"] for r in rans
+                     if any(v in r.out + r.err for v in CANARIES.values())})
+    assert not problems, _report(rans, problems)
+    # a librdkafka refusal not anticipated by the checks is one line too (run_cli), never a traceback
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    from schemas.preflight import client_refused
+
+    with pytest.raises(KafkaException) as info:
+        AdminClient({"bootstrap.servers": "127.0.0.1:9", "security.protocol": "SSL",
+                     "ssl.ca.location": str(tmp_path / "no-such-ca.pem")})
+    refused = client_refused(info.value)
+    assert refused is not None and "\n" not in str(refused) and "KAFKA_SSL_" in str(refused)
+    assert client_refused(RuntimeError("a bug")) is None
+
+
 def test_publish_accepts_what_publish_accepts_and_counts_skipped_lines(env_base: dict[str, str],
                                                                        kafka_bootstrap: str, tmp_path: Path,
                                                                        ready_prefix: str) -> None:

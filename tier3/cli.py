@@ -16,6 +16,7 @@ import typer
 from schemas.preflight import run_cli
 from streams import cli as streams_cli
 from streams.errors import StreamsError
+from streams.redaction import install_excepthook, install_log_redaction, redact
 from tier3.demo import demo
 from trainer import cli as trainer_cli
 from trainer.close_loop import cli as close_loop_cli
@@ -29,10 +30,14 @@ close_loop_cli.register(app)
 
 
 def main() -> None:
+    # every command: secrets (and their encoded / masked forms) out of every log record of every logger, whatever
+    # handlers the command adds, and out of a crash's traceback
+    install_log_redaction()
+    install_excepthook()
     try:
         run_cli(app)  # a user's mistake (settings, arguments, no broker, missing topics): one line, exit 2
     except StreamsError as exc:
-        streams_cli.console.print(f"[bold red]error:[/] {exc}")
+        streams_cli.console.print(f"[bold red]error:[/] {redact(str(exc))}")
         sys.exit(1)
 
 

@@ -26,12 +26,14 @@ import orjson
 import typer
 
 from schemas.preflight import UserError, check_topics, load_settings, run_cli
+from schemas.redaction import install_excepthook, install_log_redaction, redact
 from trainer.errors import TrainerError
 
 
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_log_redaction()  # secrets out of every record of every logger (its handler included)
 
 
 def _settings() -> Any:
@@ -123,7 +125,7 @@ def train_now_cmd(
     try:
         req, answer = send_train_now(settings, group=group or settings.tier3_trainer_group, wait_s=wait_s)
     except TrainerError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {redact(str(exc))}", err=True)
         raise typer.Exit(1) from None
     if answer is None:
         typer.echo(orjson.dumps({"request_id": req.request_id, "answer": None}).decode())
@@ -254,6 +256,8 @@ def register(app: typer.Typer) -> None:
 def main() -> None:
     app = typer.Typer(help="tier3 trainer commands", no_args_is_help=True, pretty_exceptions_enable=False)
     register(app)
+    install_log_redaction()
+    install_excepthook()
     run_cli(app)
 
 

@@ -4,7 +4,12 @@ Prompt parity: the prompt of every training example is :func:`inference_messages
 student gets at inference (the production messages unchanged, plus the task's one output-format instruction);
 the evaluator builds its prompts with the same function. The assistant turn is ``task.format_output(answer,
 reasoning)``: the teacher's reasoning then its answer for a ``reasoning`` phase, the answer alone (and the
-answer-only instruction in the prompt) for an ``answer`` phase.
+answer-only instruction in the prompt) for an ``answer`` phase. A ``multitask`` phase (Distilling Step-by-Step) has
+two examples per trace: the answer task (byte for byte an ``answer`` example's messages) and the rationale task
+(:func:`rationale_messages`: the answer-only prompt with :data:`schemas.tasks.RATIONALE_INSTRUCTION` in place of
+its instruction, the teacher's reasoning alone as the assistant turn). The rationale target is the trace's
+reasoning, which passed the untrusted-text rule like every target (a trace that fails it gives no example at all,
+as in every other phase); a trace with empty reasoning gives only its answer example.
 
 Reproducibility: traces are ordered by (partition, offset) of their source record, deduplicated by experience_id
 (enrichment is at-least-once: the first copy wins), split into train and holdout by whole groups of near-twin
@@ -16,7 +21,10 @@ run's dataset hash.
 Files written to ``out_dir``:
 
 - ``train.jsonl``: one line per (phase kind, trace), phase kinds in curriculum order, then source order:
-  ``{"experience_id", "messages", "phase", "task"}``;
+  ``{"experience_id", "messages", "phase", "task"}``; a ``multitask`` phase has two lines per trace (answer, then
+  rationale), told apart by an ``"objective": "answer" | "rationale"`` field that only its lines have (lines of
+  other kinds are unchanged, so are their bytes and sha256; the rationale loss weight is a training setting, not
+  part of the dataset);
 - ``holdout.jsonl``: one line per holdout trace: the inference prompt (reasoning format), the teacher's answer
   and reasoning, and the production response, for evaluation only;
 - ``dataset.json``: counts, ids, sha256s (for people; the run manifest carries the same numbers).
@@ -34,7 +42,14 @@ import orjson
 
 from schemas.errors import SchemaError, UnsafeText
 from schemas.fastcodec import ExperienceLike, TraceLike, served_by_json
-from schemas.tasks import TaskDefinition, check_reasoning_text, check_trace_text, get_task
+from schemas.tasks import (
+    ANSWER_ONLY_INSTRUCTION,
+    RATIONALE_INSTRUCTION,
+    TaskDefinition,
+    check_reasoning_text,
+    check_trace_text,
+    get_task,
+)
 from trainer.manifest import write_atomic
 from trainer.sft_config import Phase, PhaseKind, SFTConfig
 from trainer.split import (
@@ -82,6 +97,24 @@ def training_messages(trace: TraceLike, reasoning: bool, *, answer: dict[str, An
             {"role": "assistant", "content": completion}]
 
 
+def rationale_messages(trace: TraceLike, *, task: TaskDefinition | None = None) -> list[dict[str, str]]:
+    """The rationale-task example of a ``multitask`` phase: the answer-only inference prompt with
+    :data:`RATIONALE_INSTRUCTION` in place of its instruction, and the teacher's reasoning alone
+    (:meth:`TaskDefinition.format_rationale`) as the assistant turn.
+
+    The reasoning goes through the untrusted-text rule (:func:`check_reasoning_text`, raises UnsafeText) as every
+    training target does; ``build_dataset`` has checked it already, this keeps the function safe on its own.
+    """
+    task = task or get_task(trace.task)
+    check_reasoning_text(trace.reasoning)
+    prompt = inference_messages(trace.experience, reasoning=False, task=task)
+    if not prompt or prompt[-1] != {"role": "user", "content": ANSWER_ONLY_INSTRUCTION}:
+        raise RuntimeError("TaskDefinition.messages_for_model no longer ends with the answer-only instruction: "
+                           "rationale_messages must follow it")
+    return [*prompt[:-1], {"role": "user", "content": RATIONALE_INSTRUCTION},
+            {"role": "assistant", "content": task.format_rationale(trace.reasoning)}]
+
+
 @dataclass(frozen=True)
 class BuiltDataset:
     """What :func:`build_dataset` wrote, and what the run manifest records."""
@@ -102,6 +135,7 @@ class BuiltDataset:
     n_near_dup_groups: int = 0  # groups of near-twin traces (more than one member)
     contamination_rate: float = 0.0  # share of the holdout with a near-twin in training (0.0 by construction)
     contamination_rate_loose: float = 0.0  # the same at trainer.split.LOOSE_JACCARD (for information)
+    n_rationale: int = 0  # rationale-task lines of a multitask phase (a trace with empty reasoning has none)
 
     @property
     def n_unsafe(self) -> int:
@@ -111,11 +145,11 @@ class BuiltDataset:
 
     @property
     def n_examples(self) -> int:
-        """Lines in train.jsonl."""
-        return self.n_train * len({p.kind for p in self.phases})
+        """Lines in train.jsonl: one per trace per phase kind, plus the multitask rationale lines."""
+        return self.n_train * len({p.kind for p in self.phases}) + self.n_rationale
 
     def summary(self) -> dict[str, Any]:
-        return {
+        out = {
             "sha256": self.sha256, "train_sha256": self.train_sha256, "holdout_sha256": self.holdout_sha256,
             "n_train": self.n_train, "n_holdout": self.n_holdout, "n_duplicates": self.n_duplicates,
             "n_examples": self.n_examples, "n_unsafe": self.n_unsafe, "phases": [str(p) for p in self.phases],
@@ -124,6 +158,9 @@ class BuiltDataset:
             "n_near_dup_groups": self.n_near_dup_groups, "contamination_rate": self.contamination_rate,
             "contamination_rate_loose": self.contamination_rate_loose,
         }
+        if any(p.kind == "multitask" for p in self.phases):  # (other schedules: the summary as it was)
+            out["n_rationale"] = self.n_rationale
+        return out
 
 
 def order_and_dedup(traces: Iterable[TraceLike]) -> tuple[list[TraceLike], int]:
@@ -171,6 +208,7 @@ def build_dataset(traces: Iterable[TraceLike], cfg: SFTConfig, out_dir: Path) ->
     skipped: list[tuple[int, tuple[str, str]]] = []  # (position in ``ordered``, entry): reported in log order
     per_kind: dict[str, list[bytes]] = {k: [] for k in kinds}
     holdout_lines: list[bytes] = []
+    n_rationale = 0
     # (task, answer JSON) already accepted in this build: the schema and the untrusted-text rule are pure functions
     # of the answer's value, and orjson's bytes tell values apart exactly (1 / 1.0 / true): checked once per value
     accepted: set[tuple[str, bytes]] = set()
@@ -209,16 +247,19 @@ def build_dataset(traces: Iterable[TraceLike], cfg: SFTConfig, out_dir: Path) ->
                 }))
                 holdout_ids.append(t.experience_id)
                 continue
-            lines = {k: _line({"experience_id": t.experience_id, "task": t.task, "phase": k,
-                               "messages": training_messages(t, reasoning=(k == "reasoning"), answer=answer,
-                                                             task=task)})
-                     for k in kinds}
+            lines: dict[PhaseKind, bytes] = {
+                k: _multitask_lines(t, task, answer) if k == "multitask" else
+                _line({"experience_id": t.experience_id, "task": t.task, "phase": k,
+                       "messages": training_messages(t, reasoning=(k == "reasoning"), answer=answer, task=task)})
+                for k in kinds}
         except SchemaError as exc:
             skipped.append((pos, (t.experience_id, f"{exc.kind}: {exc}")))
             continue
         for k in kinds:
             per_kind[k].append(lines[k])
         train_ids.append(t.experience_id)
+        if "multitask" in kinds and t.reasoning.strip():
+            n_rationale += 1
 
     train_bytes = b"".join(b"".join(per_kind[k]) for k in kinds)
     holdout_bytes = b"".join(holdout_lines)
@@ -240,10 +281,22 @@ def build_dataset(traces: Iterable[TraceLike], cfg: SFTConfig, out_dir: Path) ->
         n_near_dup_groups=split.n_near_dup_groups,
         contamination_rate=contamination_rate(holdout_texts, train_texts, NEAR_DUP_JACCARD),
         contamination_rate_loose=contamination_rate(holdout_texts, train_texts, LOOSE_JACCARD),
+        n_rationale=n_rationale,
     )
     write_atomic(out_dir / SUMMARY_FILE, orjson.dumps(built.summary(), option=orjson.OPT_SORT_KEYS |
                                                        orjson.OPT_INDENT_2))
     return built
+
+
+def _multitask_lines(t: TraceLike, task: TaskDefinition, answer: dict[str, Any]) -> bytes:
+    """A trace's lines of a ``multitask`` phase: the answer task (an ``answer`` example's messages), then the
+    rationale task (:func:`rationale_messages`) unless the reasoning is empty."""
+    common = {"experience_id": t.experience_id, "task": t.task, "phase": "multitask"}
+    out = _line({**common, "objective": "answer",
+                 "messages": training_messages(t, reasoning=False, answer=answer, task=task)})
+    if t.reasoning.strip():
+        out += _line({**common, "objective": "rationale", "messages": rationale_messages(t, task=task)})
+    return out
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -251,9 +304,29 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in Path(path).read_bytes().splitlines() if line.strip()]
 
 
-def phase_examples(dataset: BuiltDataset, kind: PhaseKind) -> list[dict[str, Any]]:
-    """The ``{"messages": [...]}`` examples of one phase kind, in file order."""
-    return [{"messages": r["messages"]} for r in read_jsonl(dataset.train_path) if r["phase"] == kind]
+def phase_examples(dataset: BuiltDataset, kind: PhaseKind, *, rationale_weight: float = 1.0
+                   ) -> list[dict[str, Any]]:
+    """The ``{"messages": [...]}`` examples of one phase kind, in file order.
+
+    ``multitask``: both tasks' examples; ``rationale_weight`` (``TIER3_RATIONALE_WEIGHT``) is the rationale
+    examples' loss weight relative to the answer examples'. At 1 the examples carry no weight (plain SFT); at 0
+    the rationale examples are left out; otherwise every example has a ``"weight"`` (1.0 for the answer task) that
+    the trainer's loss applies per example (:func:`trainer.sft_trainer.target_only_loss`).
+    """
+    if rationale_weight < 0:
+        raise ValueError(f"rationale_weight must be >= 0, not {rationale_weight}")
+    out: list[dict[str, Any]] = []
+    for r in read_jsonl(dataset.train_path):
+        if r["phase"] != kind:
+            continue
+        rationale = r.get("objective") == "rationale"
+        if rationale and rationale_weight == 0:
+            continue
+        ex: dict[str, Any] = {"messages": r["messages"]}
+        if kind == "multitask" and rationale_weight not in (0, 1):
+            ex["weight"] = float(rationale_weight) if rationale else 1.0
+        out.append(ex)
+    return out
 
 
 def holdout_records(dataset: BuiltDataset) -> Sequence[dict[str, Any]]:

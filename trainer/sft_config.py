@@ -6,7 +6,14 @@ manifest through :meth:`SFTConfig.hyperparameters`, so a run can be reproduced f
 
 Curriculum (``TIER3_PHASES``): a comma-separated list of ``kind:epochs``. ``answer`` trains the student to give
 only the final answer, ``reasoning`` to give the teacher's reasoning and then the answer (rationale-augmented
-distillation: the answer first, then the harder reasoned format). Phases run in order on the same LoRA weights.
+distillation: the answer first, then the harder reasoned format). ``multitask`` is Distilling Step-by-Step (Hsieh
+et al. 2023): each trace gives two examples in the same phase, the answer task (the answer-only instruction -> the
+answer, exactly an ``answer`` example) and the rationale task (:data:`schemas.tasks.RATIONALE_INSTRUCTION` -> the
+teacher's reasoning alone), the rationale examples' loss weighted by ``TIER3_RATIONALE_WEIGHT``; the student is
+served answer-only (:data:`PROMPT_FORMAT_OF`). Phases run in order on the same LoRA weights.
+
+The default schedule (``answer:6``) is measured; ``multitask`` is available but unmeasured here: choose it (and its
+weight) by a measurement on the task before making it a default.
 """
 
 from __future__ import annotations
@@ -17,8 +24,12 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-PhaseKind = Literal["answer", "reasoning"]
-PHASE_KINDS: tuple[PhaseKind, ...] = ("answer", "reasoning")
+PhaseKind = Literal["answer", "reasoning", "multitask"]
+PHASE_KINDS: tuple[PhaseKind, ...] = ("answer", "reasoning", "multitask")
+#: the output format (the instruction) a phase kind trains the student to answer in, hence the one it is prompted
+#: with when that phase is the last: ``multitask`` also trains the rationale task, but is served answer-only
+PROMPT_FORMAT_OF: dict[PhaseKind, Literal["answer", "reasoning"]] = {
+    "answer": "answer", "reasoning": "reasoning", "multitask": "answer"}
 
 #: what ``tier3_lora_target_modules=all-linear`` means for backends that need explicit names (unsloth): the
 #: attention and MLP projections of Llama / Qwen2 / Mistral / Gemma style decoders
@@ -35,6 +46,11 @@ class Phase:
     @property
     def reasoning(self) -> bool:
         return self.kind == "reasoning"
+
+    @property
+    def prompt_format(self) -> Literal["answer", "reasoning"]:
+        """The output format this phase's served task is trained in (``multitask``: ``answer``)."""
+        return PROMPT_FORMAT_OF[self.kind]
 
     def __str__(self) -> str:
         return f"{self.kind}:{self.epochs:g}"
@@ -97,9 +113,17 @@ class SFTConfig(BaseSettings):
     tier3_load_in_4bit: bool = Field(False, description="QLoRA: load the base model in 4-bit (unsloth only)")
     tier3_seed: int = Field(42, description="seed of data order, LoRA init and dropout")
 
+    # the default is measured (answer-only); multitask is available and unmeasured: not a default until measured
     tier3_phases: str = Field("answer:6", description="curriculum: kind:epochs,... with kind answer (answer "
-                              "only) or reasoning (reasoning then answer), run in this order, e.g. "
-                              "answer:1,reasoning:2; the student is prompted in the last phase's format")
+                              "only), reasoning (reasoning then answer) or multitask (distilling step-by-step: "
+                              "each trace trains both the answer task and a separate rationale task, its "
+                              "instruction asking for the teacher's reasoning alone; served answer-only), run in "
+                              "this order, e.g. answer:1,reasoning:2 or multitask:4; the student is prompted in "
+                              "the last phase's format (answer for multitask)")
+    tier3_rationale_weight: float = Field(0.5, ge=0.0, le=100.0, description="multitask phases: the rationale "
+                                          "examples' loss weight relative to the answer examples' (1.0: equal; 0: "
+                                          "the rationale examples are left out); the TRL backend weighs each "
+                                          "example's tokens, unsloth takes only 0 or 1 (auto uses TRL otherwise)")
     tier3_holdout_fraction: float = Field(0.10, ge=0.0, lt=1.0, description="share of experience ids kept for "
                                           "evaluation only (deterministic hash split)")
     tier3_scope: Literal["all", "new"] = Field(
@@ -122,6 +146,10 @@ class SFTConfig(BaseSettings):
     def _check_combination(self) -> SFTConfig:
         if self.tier3_load_in_4bit and self.tier3_backend == "trl":
             raise ValueError("TIER3_LOAD_IN_4BIT needs the unsloth backend; set TIER3_BACKEND=unsloth or auto")
+        if (self.tier3_packing and self.tier3_rationale_weight not in (0.0, 1.0)
+                and any(p.kind == "multitask" for p in self.phases)):
+            raise ValueError("TIER3_PACKING cannot keep per-example loss weights: a multitask phase with "
+                             "TIER3_RATIONALE_WEIGHT other than 0 or 1 needs TIER3_PACKING=false")
         if not self.tier3_base_model.strip():
             raise ValueError("TIER3_BASE_MODEL is empty: give a hub name or a local model folder")
         return self

@@ -16,6 +16,14 @@ Both check before training that an end-of-turn token (eos, or the template's own
 and the training loss would not show it.
 
 Curriculum: phases run in order on the same LoRA weights, each with its own optimiser and schedule.
+
+Multi-task phases (``multitask``, Distilling Step-by-Step): the rationale examples' loss is weighted by
+``TIER3_RATIONALE_WEIGHT`` relative to the answer examples'. The TRL path applies it per example in
+:func:`target_only_loss` (a ``weight`` column, a weighted mean over the target tokens; every weight 1 is the plain
+loss), on CPU and on CUDA alike (on CUDA a weighted phase uses that loss instead of TRL's fused kernel). unsloth's
+patched trainer computes its own loss, so it is given no weights: a weight of 1 (no weights) or 0 (the rationale
+examples left out) runs there, any other weight is refused with ``TIER3_BACKEND=unsloth`` and makes ``auto``
+choose TRL (:func:`choose_backend`).
 Heavy libraries are imported inside functions, so importing this module is cheap and never imports unsloth.
 """
 
@@ -40,11 +48,12 @@ from trainer.errors import (
     AdapterError,
     BackendUnavailable,
     BaseModelError,
+    ConfigError,
     EmptyDataset,
     TrainerError,
     TrainingFailed,
 )
-from trainer.sft_config import Phase, SFTConfig
+from trainer.sft_config import PROMPT_FORMAT_OF, Phase, SFTConfig
 
 if TYPE_CHECKING:  # imported lazily at run time: torch/transformers take seconds to import
     import torch
@@ -54,6 +63,7 @@ log = logging.getLogger("tier3.trainer.sft")
 ADAPTER_DIR = "adapter"
 ADAPTER_META = "tier3_adapter.json"
 IGNORE_INDEX = -100  # label value that the loss skips (transformers' convention)
+WEIGHT_COLUMN = "weight"  # per-example loss weight of a multitask phase (trainer.dataset.phase_examples)
 MAX_NEW_TOKENS_LIMIT = 4096  # generate() never runs longer than this, whatever it is asked
 
 OnStep = Callable[[int, int], None]
@@ -93,11 +103,22 @@ def cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+def weighted_examples(cfg: SFTConfig) -> bool:
+    """Whether training needs per-example loss weights: a ``multitask`` phase with a rationale weight that is
+    neither 1 (equal weights: plain SFT) nor 0 (the rationale examples are left out)."""
+    return (any(p.kind == "multitask" for p in cfg.phases)
+            and cfg.tier3_rationale_weight not in (0.0, 1.0))
+
+
 def choose_backend(cfg: SFTConfig) -> str:
-    """``unsloth`` or ``trl`` for this machine and config; raise BackendUnavailable if the choice cannot run."""
+    """``unsloth`` or ``trl`` for this machine and config; raise BackendUnavailable if the choice cannot run.
+
+    unsloth computes its own loss and takes no per-example weights (:func:`weighted_examples`): with them
+    ``TIER3_BACKEND=unsloth`` is refused and ``auto`` chooses TRL (on CUDA too), which weighs each example."""
     if cfg.tier3_backend == "trl":
         return "trl"
     has_cuda = cuda_available()
+    weighted = weighted_examples(cfg)
     if cfg.tier3_backend == "unsloth":
         if not has_cuda:
             raise BackendUnavailable("TIER3_BACKEND=unsloth needs a CUDA GPU and none is visible; "
@@ -105,9 +126,24 @@ def choose_backend(cfg: SFTConfig) -> str:
         if not unsloth_installed():
             raise BackendUnavailable("TIER3_BACKEND=unsloth but unsloth is not installed: "
                                      "pip install 'tier3[gpu]', or use TIER3_BACKEND=trl")
+        if weighted:
+            raise BackendUnavailable(
+                f"TIER3_BACKEND=unsloth cannot weight the multitask rationale examples "
+                f"(TIER3_RATIONALE_WEIGHT={cfg.tier3_rationale_weight:g}): unsloth computes its own loss. Use "
+                "TIER3_BACKEND=trl or auto (TRL weighs each example), or TIER3_RATIONALE_WEIGHT=1 (equal) or 0 "
+                "(answer examples only)")
         return "unsloth"
     if has_cuda and unsloth_installed():
-        return "unsloth"
+        if not weighted:
+            return "unsloth"
+        if cfg.tier3_load_in_4bit:
+            raise BackendUnavailable(
+                f"TIER3_RATIONALE_WEIGHT={cfg.tier3_rationale_weight:g} with a multitask phase needs the TRL "
+                "backend (unsloth takes no per-example weights), and TIER3_LOAD_IN_4BIT needs unsloth: unset "
+                "TIER3_LOAD_IN_4BIT, or set TIER3_RATIONALE_WEIGHT to 1 or 0")
+        log.warning("TIER3_RATIONALE_WEIGHT=%g with a multitask phase: unsloth takes no per-example loss "
+                    "weights, training with TRL + PEFT instead", cfg.tier3_rationale_weight)
+        return "trl"
     if cfg.tier3_load_in_4bit:
         raise BackendUnavailable("TIER3_LOAD_IN_4BIT needs unsloth on a CUDA GPU; this machine has "
                                  f"{'no unsloth' if has_cuda else 'no CUDA'}: unset TIER3_LOAD_IN_4BIT")
@@ -348,7 +384,12 @@ def make_trl_trainer(model: Any, tokenizer: Any, examples: list[dict[str, Any]],
 
     disable_progress_bar()  # per-map progress bars in a service log are noise; on_step reports progress
     args = _trl_args(cfg, phase, scratch, on_cuda=on_cuda, assistant_only=True)
-    cls = SFTTrainer if on_cuda else _cpu_sft_trainer_class()
+    weighted = any(WEIGHT_COLUMN in ex for ex in examples)
+    if weighted and cfg.tier3_packing:
+        raise ConfigError("TIER3_PACKING cannot keep per-example loss weights (a multitask phase with "
+                          "TIER3_RATIONALE_WEIGHT not 0 or 1): unset TIER3_PACKING")
+    # TRL's own loss (a fused kernel) knows no per-example weights: a weighted phase uses target_only_loss on CUDA too
+    cls = SFTTrainer if on_cuda and not weighted else _cpu_sft_trainer_class()
     try:
         return cls(model=model, args=args, train_dataset=Dataset.from_list(examples),
                           processing_class=tokenizer, callbacks=callbacks)
@@ -360,27 +401,83 @@ def make_trl_trainer(model: Any, tokenizer: Any, examples: list[dict[str, Any]],
         raise
 
 
+class _WeightCollator:
+    """Wraps a collator: the examples' ``weight`` values become a float tensor ``weight`` of the batch (one per
+    row); the wrapped collator never sees them."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __call__(self, features: list[dict[str, Any]]) -> Any:
+        import torch
+
+        if not any(WEIGHT_COLUMN in f for f in features):
+            return self.inner(features)
+        weights = [float(f.get(WEIGHT_COLUMN, 1.0)) for f in features]
+        batch = self.inner([{k: v for k, v in f.items() if k != WEIGHT_COLUMN} for f in features])
+        batch[WEIGHT_COLUMN] = torch.tensor(weights, dtype=torch.float32)
+        return batch
+
+
+def _target_counts(batch: dict[str, Any]) -> tuple[Any, Any]:
+    """(targets, weighted targets) of a collated batch: next-token targets (labels shifted by one, as the
+    trainer counts them) and the same with each row's count times its ``weight``."""
+    per_row = (batch["labels"][..., 1:] != IGNORE_INDEX).sum(-1)
+    weights = batch.get(WEIGHT_COLUMN)
+    weighted = per_row.float() if weights is None else per_row.float() * weights.to(per_row.device).float()
+    return per_row.sum(), weighted.sum()
+
+
 def _cpu_sft_trainer_class() -> Any:
-    """TRL's SFTTrainer with the plain transformers loss.
+    """TRL's SFTTrainer with :func:`target_only_loss` (the plain causal-LM loss) and per-example loss weights.
 
     TRL 1.15 computes the loss with a fused, chunked LM head whose kernel is written in Triton, and Triton has no
     CPU driver ("0 active drivers"), so on CPU every training step fails. The model's own causal-LM loss over the
     same labels (assistant tokens only, -100 elsewhere) is the same quantity; only TRL's entropy/accuracy
-    metrics are lost.
+    metrics are lost. Also used on CUDA for a phase whose examples carry weights (:data:`WEIGHT_COLUMN`): the
+    column is kept through TRL's preparation, collated into a per-row tensor, and the loss is the weighted mean
+    over the target tokens, normalised by the weighted target count of the whole accumulation window (the
+    trainer's ``num_items_in_batch``, weighted here), so that every weight 1 gives exactly the unweighted loss.
     """
     from transformers import Trainer
     from trl import SFTTrainer
 
     class CpuSFTTrainer(SFTTrainer):  # type: ignore[misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            ds = self.train_dataset
+            if ds is not None and WEIGHT_COLUMN in (getattr(ds, "column_names", None) or ()):
+                self.data_collator = _WeightCollator(self.data_collator)
+
+        def _set_signature_columns_if_needed(self) -> None:
+            super()._set_signature_columns_if_needed()
+            if self._signature_columns is not None and WEIGHT_COLUMN not in self._signature_columns:
+                self._signature_columns = [*self._signature_columns, WEIGHT_COLUMN]  # kept for the collator
+
+        def _get_num_items_in_batch(self, batch_samples: list[Any], device: Any) -> Any:
+            n = super()._get_num_items_in_batch(batch_samples, device)
+            if n is None or not batch_samples or WEIGHT_COLUMN not in batch_samples[0]:
+                return n
+            # the weighted count of the window (exact on one device; scaled like the trainer's count elsewhere)
+            counts = [_target_counts(b) for b in batch_samples]
+            plain = sum(int(c) for c, _ in counts)
+            weighted = sum(float(w) for _, w in counts)
+            return n * (weighted / plain) if plain else n
+
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
+            weights = inputs.get(WEIGHT_COLUMN)
             inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids",
                                                                   "labels")}
             if not return_outputs:
                 # the trainer divides by the accumulation steps itself when the model takes no loss kwargs
-                loss = target_only_loss(model, inputs, num_items_in_batch if self.model_accepts_loss_kwargs else None)
+                loss = target_only_loss(model, inputs, num_items_in_batch if self.model_accepts_loss_kwargs else None,
+                                        weights=weights)
                 if loss is not None:
                     return loss
+            if weights is not None:
+                raise TrainingFailed("per-example loss weights (a multitask phase) need a model with a separate LM "
+                                     "head; set TIER3_RATIONALE_WEIGHT to 1 or 0")
             inputs["use_cache"] = False
             return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
@@ -457,7 +554,8 @@ def _prefix_sharing_ok(causal: Any) -> bool:
     return not getattr(causal, "is_gradient_checkpointing", False)
 
 
-def target_only_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
+def target_only_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None, *,
+                     weights: Any = None) -> Any:
     """The causal-LM loss with the LM head applied only at the positions that have a target.
 
     The same number as the model's own loss (mean cross-entropy of next-token targets, labels shifted by one,
@@ -469,8 +567,15 @@ def target_only_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any
     - the rows' shared prefix (:func:`shared_prefix_len`, typically the system prompt) is run once per batch, not
       once per row (:func:`_shared_prefix_hidden`).
 
+    ``weights``: one loss weight per row (a multitask phase's rationale examples weigh ``TIER3_RATIONALE_WEIGHT``,
+    the answer examples 1): every target token of a row counts that much, and the loss is the weighted mean,
+    ``sum(w_row * ce) / sum(w_row)`` over the target tokens (or over ``num_items_in_batch``, which the trainer then
+    counts weighted too). All weights 1 give the unweighted loss; a row of weight 0 adds nothing to the sum nor to
+    the count.
+
     None when the model has no separate LM head.
     """
+    import torch
     import torch.nn.functional as F
 
     causal = _causal_lm(model)
@@ -487,8 +592,16 @@ def target_only_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any
         targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
     logits = causal.lm_head(hidden[:, :-1][mask]).float()
-    loss = F.cross_entropy(logits, targets[mask], reduction="sum")
-    denom = num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1)
+    if weights is None:
+        loss = F.cross_entropy(logits, targets[mask], reduction="sum")
+        denom = num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1)
+    else:
+        token_w = weights.to(logits.device, torch.float32).unsqueeze(1).expand(mask.shape)[mask]
+        loss = (F.cross_entropy(logits, targets[mask], reduction="none") * token_w).sum()
+        denom = num_items_in_batch if num_items_in_batch is not None else token_w.sum()
+        if not torch.is_tensor(denom):
+            denom = torch.tensor(float(denom))
+        denom = torch.where(denom > 0, denom, torch.ones_like(denom))  # only weight-0 rows: a loss of 0
     if hasattr(denom, "to"):
         denom = denom.to(loss.device)
     return loss / denom
@@ -552,6 +665,9 @@ def _train_unsloth(dataset: BuiltDataset, cfg: SFTConfig, scratch: Path, on_step
         from datasets import Dataset
         from trl import SFTTrainer
 
+        if any(WEIGHT_COLUMN in ex for ex in examples):  # choose_backend keeps weighted phases away from here
+            raise BackendUnavailable(f"phase {phase}: unsloth takes no per-example loss weights; set "
+                                     "TIER3_RATIONALE_WEIGHT to 1 or 0, or TIER3_BACKEND=trl")
         texts = []
         for ex in examples:
             text = tokenizer.apply_chat_template(ex["messages"], tokenize=False)
@@ -575,7 +691,8 @@ def _run_phases(model: Any, tokenizer: Any, dataset: BuiltDataset, cfg: SFTConfi
     """Train the curriculum phases in order on the same LoRA model; return counters for TrainResult."""
     from transformers import PrinterCallback
 
-    examples = {p.kind: phase_examples(dataset, p.kind) for p in dataset.phases}
+    examples = {p.kind: phase_examples(dataset, p.kind, rationale_weight=cfg.tier3_rationale_weight)
+                for p in dataset.phases}
     total = sum(_steps_per_phase(len(examples[p.kind]), p, cfg) for p in dataset.phases)
     steps = 0
     tokens = 0
@@ -665,6 +782,8 @@ def _hyperparameters(cfg: SFTConfig, backend: str, run: dict[str, Any], dataset:
         "dtype": str(_torch_dtype(run["on_cuda"])).removeprefix("torch."),
         "phases": [{"kind": p.kind, "epochs": p.epochs} for p in dataset.phases],
         "prompt_format": prompt_format(dataset.phases),  # the instruction the student is to be prompted with
+        **({"rationale_weighting": _rationale_weighting(cfg, backend)}
+           if any(p.kind == "multitask" for p in dataset.phases) else {}),
         "n_examples": run["n_examples"],
         "assistant_only_loss": True,
         "eot_in_loss_checked": run["eot_checked"],
@@ -676,10 +795,22 @@ def _hyperparameters(cfg: SFTConfig, backend: str, run: dict[str, Any], dataset:
 # ---------------------------------------------------------------------------------------------------- inference
 
 
+def _rationale_weighting(cfg: SFTConfig, backend: str) -> str:
+    """How a multitask phase's rationale weight was applied (for the manifest)."""
+    w = cfg.tier3_rationale_weight
+    if w == 0:
+        return "rationale examples left out (weight 0)"
+    if w == 1:
+        return "equal (weight 1, plain SFT)"
+    return f"per-example loss weight {w:g} ({backend}: target_only_loss)"
+
+
 def prompt_format(phases: tuple[Phase, ...]) -> str:
     """``reasoning`` or ``answer``: the output format the student learnt last, hence the prompt (instruction) it is
-    to be given at inference (``inference_messages(..., reasoning=...)``); recorded in ``tier3_adapter.json``."""
-    return phases[-1].kind if phases else "reasoning"
+    to be given at inference (``inference_messages(..., reasoning=...)``); recorded in ``tier3_adapter.json``.
+    A ``multitask`` phase trains a rationale task too but is served answer-only: ``answer``
+    (:data:`trainer.sft_config.PROMPT_FORMAT_OF`)."""
+    return PROMPT_FORMAT_OF[phases[-1].kind] if phases else "reasoning"
 
 
 def adapter_prompt_format(adapter_dir: Path) -> str:

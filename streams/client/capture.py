@@ -35,6 +35,7 @@ from schemas.codec import encode
 from schemas.errors import MessageTooLarge, SchemaError
 from schemas.messages import Experience
 from schemas.settings import RELIABLE_PRODUCER, KafkaSettings
+from streams.client._settings import build_settings
 from streams.errors import CaptureError
 
 log = logging.getLogger("tier3.capture")
@@ -53,6 +54,11 @@ class CaptureSettings(KafkaSettings):
     tier3_capture_linger_ms: float = Field(5.0, ge=0, description="batching delay before a send")
     tier3_capture_strict: bool = Field(False, description="raise CaptureError on an invalid experience")
     tier3_capture_flush_timeout_s: float = Field(10.0, ge=0, description="flush wait on close / exit")
+
+    def __init__(self, **values: Any) -> None:
+        # the secrets registered and the log filter installed first; a refusal is InvalidSettings naming the
+        # settings, never pydantic's ValidationError (whose text holds the input, secrets included)
+        build_settings(super().__init__, self, values)
 
 
 @dataclass

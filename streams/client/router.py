@@ -44,6 +44,7 @@ from schemas import ChatMessage, Experience, SchemaError, ServedBy, TrainingRun,
 from schemas import kafka_io as kio
 from schemas.runs import RunsFold
 from schemas.tasks import parse_json_answer
+from streams.client._settings import build_settings
 from streams.errors import StreamsError, TeacherError
 from streams.settings import StreamsSettings
 
@@ -87,6 +88,12 @@ class RouterSettings(StreamsSettings):
     tier3_student_fallback: bool = Field(True, description="serve the teacher when the student call fails "
                                          "(recorded as a teacher arm with metadata.fallback)")
     tier3_router_follow: bool = Field(True, description="follow promoted/rollback events on training-runs")
+
+    def __init__(self, **values: Any) -> None:
+        # the secrets registered and the log filter installed first; a bad combination (TIER3_TEACHER=recorded
+        # without TIER3_TEACHER_RECORDED_PATH) is InvalidSettings naming the settings, never pydantic's
+        # ValidationError, whose text holds the input (TIER3_STUDENT_API_KEY included)
+        build_settings(super().__init__, self, values)
 
 
 # ----------------------------------------------------------------------------------------------- the split
@@ -258,7 +265,8 @@ class StudentClient:
         from streams.openai_client import OpenAIClient
         from streams.redaction import register_secret
 
-        register_secret(settings.tier3_student_api_key)  # error texts never carry it
+        if settings.tier3_student_api_key is not None:  # error texts and log records never carry it
+            register_secret(settings.tier3_student_api_key, name="TIER3_STUDENT_API_KEY")
         key = settings.tier3_student_api_key.get_secret_value() if settings.tier3_student_api_key else "local"
         self._base_url = settings.tier3_student_base_url
         self._client = OpenAIClient(settings.tier3_student_base_url, key, settings.tier3_student_timeout_s,
