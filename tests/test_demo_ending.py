@@ -271,3 +271,23 @@ def test_the_summary_names_the_base_model_of_each_run_and_of_the_demo(tmp_path: 
     with display.console.capture() as cap:
         summary.print_summary(built)
     assert "other/base" in cap.get()
+
+
+def test_the_summary_shows_what_the_gate_saw() -> None:
+    from tier3.demo.display import served_line
+    from tier3.demo.summary import served_figures
+
+    m = {"primary_metric": "task_f1", "contamination_rate": 0.0, "pytorch": {"task_f1": 0.74, "f1": 0.82},
+         "slices": {"holdout": {"served": {"n_examples": 21, "task_f1": 0.744, "baseline_task_f1": 0.806,
+                                           "set_f1_widgets": 0.69, "f1": 0.82, "json_valid_rate": 1.0},
+                                "constant": {"task_f1": 0.232}, "f16": {"task_f1": 0.744}},
+                    "golden": {"served": {"n_examples": 54, "task_f1": 0.65}, "constant": {"task_f1": 0.222}}},
+         "paired": {"vs_production": {"mean_diff": -0.062, "ci_low": -0.268, "ci_high": 0.156,
+                                      "verdict": "not_enough_evidence"}}}
+    text = served_figures(m)
+    assert "holdout (n 21): served task_f1 0.74" in text and "production 0.81" in text
+    assert "constant answer 0.23" in text and "golden (n 54): served task_f1 0.65" in text
+    assert "PyTorch (diagnostic)" in text and "not_enough_evidence" in text
+    line = served_line(m)
+    assert "vs production not_enough_evidence [-0.27, 0.16]" in line and "constant 0.22" in line
+    assert served_figures({"f1": 0.5}) == "" and served_line({"f1": 0.5}) == ""

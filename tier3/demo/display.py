@@ -242,7 +242,8 @@ def narrate(display: Display, obs: Observed, told: set[tuple[str, int]]) -> None
             told.add((r.run_id, n))
             text = f"{r.run_id[:24]}: {version_label(r)} {ev}"
             if ev == "evaluated" and r.metrics:
-                text += " · " + ", ".join(f"{k} {v:.2f}" for k, v in headline_metrics(r.metrics).items())
+                text += " · " + (served_line(r.metrics) or ", ".join(
+                    f"{k} {v:.2f}" for k, v in headline_metrics(r.metrics).items()))
             if ev in VERDICTS and r.reasons:
                 text += f" · {'; '.join(map(str, r.reasons))[:160]}" if isinstance(r.reasons, list) else ""
             if ev == "failed" and r.error:
@@ -272,3 +273,28 @@ def headline_metrics(metrics: dict[str, Any]) -> dict[str, float]:
                 out[k] = v
                 break
     return out
+
+
+def served_line(m: dict[str, Any]) -> str:
+    """One line of what the gate saw: the served GGUF's primary metric on the holdout and the golden set, beside
+    production and the constant answer, and the paired verdict (empty for an evaluation without slices)."""
+    slices = m.get("slices")
+    if not isinstance(slices, dict):
+        return ""
+    key = str(m.get("primary_metric") or "task_f1")
+
+    def num(v: Any) -> str:
+        return f"{v:.2f}" if isinstance(v, int | float) else "–"
+
+    parts = []
+    for name, sl in slices.items():
+        served, const = sl.get("served") or {}, sl.get("constant") or {}
+        text = f"{name} (n {served.get('n_examples')}): served {key} {num(served.get(key))}"
+        if name == "holdout":
+            text += f", production {num(served.get('baseline_' + key))}"
+        parts.append(text + f", constant {num(const.get(key))}")
+    paired = (m.get("paired") or {}).get("vs_production") or {}
+    if paired:
+        lo, hi = num(paired.get("ci_low")), num(paired.get("ci_high"))
+        parts.append(f"vs production {paired.get('verdict')} [{lo}, {hi}]")
+    return " · ".join(parts)
