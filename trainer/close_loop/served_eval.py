@@ -43,7 +43,7 @@ from typing import Any
 import orjson
 
 from schemas import TaskDefinition, get_task
-from schemas.runs import fold_runs
+from schemas.runs import RunsFold, fold_runs
 from schemas.tasks import InvalidAnswer, score_output
 from trainer.close_loop.evaluate import (
     EvalResult,
@@ -141,8 +141,9 @@ def score_constant(task: TaskDefinition, answer: Mapping[str, Any] | None,
 # ------------------------------------------------------------------------------------------- serving
 
 
-def _served(settings: CloseLoopSettings, run_id: str, events: Sequence[Any], outtype: str) -> Path | None:
-    ev = fold_runs(events).exported.get(run_id)
+def _exported_gguf(view: RunsFold, run_id: str, outtype: str) -> Path | None:
+    """The run's exported GGUF of ``outtype`` when its file is on this machine."""
+    ev = view.exported.get(run_id)
     files = (ev.details.get("files") if ev is not None else None) or {}
     info = files.get(outtype) if isinstance(files, dict) else None
     path = Path(str(info.get("path"))) if isinstance(info, dict) and info.get("path") else None
@@ -206,10 +207,9 @@ def evaluate_served_run(settings: CloseLoopSettings, run_id: str, *, publish: bo
 
     run_dir = settings.runs_dir / run_id
     manifest = find_manifest(settings.runs_dir, run_id)
-    events = read_run_events(settings)
-    view = fold_runs(events)
+    view = fold_runs(read_run_events(settings))
     quant = settings.tier3_gguf_quant
-    gguf = _served(settings, run_id, events, quant)
+    gguf = _exported_gguf(view, run_id, quant)
     if gguf is None:
         raise EvaluationError(f"run {run_id} has no exported {quant} GGUF on this machine: the gate judges what "
                               f"is served, so the run must be exported first (`tier3 export {run_id}`)")
@@ -231,12 +231,12 @@ def evaluate_served_run(settings: CloseLoopSettings, run_id: str, *, publish: bo
     current = view.current
     also = None
     if current is not None and current.run_id != run_id and current.model_version is not None:
-        prev = _served(settings, current.run_id, events, quant)
+        prev = _exported_gguf(view, current.run_id, quant)
         if prev is not None:
             also = (f"{settings.tier3_student_name}:v{current.model_version}", prev)
     served, in_force = ask_served(settings, gguf, alias, task, slices, also=also)
     f16: dict[str, EvalResult] = {}
-    f16_path = _served(settings, run_id, events, "f16") if settings.tier3_eval_f16 and quant != "f16" else None
+    f16_path = _exported_gguf(view, run_id, "f16") if settings.tier3_eval_f16 and quant != "f16" else None
     if f16_path is not None:
         f16, _ = ask_served(settings, f16_path, f"{alias}-f16", task, slices)
 
