@@ -303,7 +303,7 @@ def pytorch_diagnostic(model: Any, tokenizer: Any, slices: Slices, prompt_format
     """The merged PyTorch model, batched, greedy, with the KV cache (what ``trainer.close_loop.evaluate`` does):
     the figure this script reported before it evaluated what is served. Its latency is not a served one."""
     from trainer.close_loop.evaluate import evaluate_examples
-    from trainer.sft_trainer import cached_generators
+    from trainer.inference import cached_generators
 
     gen, gen_batch = cached_generators(model, tokenizer, settings.tier3_student_max_tokens)
     out: dict[str, Any] = {}
@@ -341,8 +341,9 @@ def row_student(kind: str, n: int, pool: Sequence[Any], slices: Slices, base: st
                 a: argparse.Namespace) -> dict[str, Any]:
     from trainer.close_loop.export import merge_adapter
     from trainer.dataset import build_dataset
+    from trainer.inference import load_merged_student, prompt_format
     from trainer.sft_config import SFTConfig
-    from trainer.sft_trainer import load_merged_student, prompt_format, train
+    from trainer.sft_trainer import train
     from trainer.split import user_text
 
     if n > len(pool):

@@ -40,8 +40,9 @@ def main() -> None:
     from schemas import get_task
     from trainer.close_loop.evaluate import evaluate_examples, examples_from_traces
     from trainer.dataset import build_dataset, inference_messages, phase_examples
+    from trainer.inference import generate_batch
     from trainer.sft_config import SFTConfig
-    from trainer.sft_trainer import generate_batch, load_base_for_training, make_lora_model, make_trl_trainer
+    from trainer.sft_trainer import load_base_for_training, make_lora_model, make_trl_trainer
 
     pool, hold = split(load_traces(), 24)
     cfg = SFTConfig(tier3_phases=f"{a.kind}:{a.epochs}", tier3_holdout_fraction=0.0, tier3_backend="trl",

@@ -40,9 +40,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from schemas.files import move_into_place
+from trainer.chat_tokens import end_of_turn_ids, training_features
 from trainer.dataset import BuiltDataset, phase_examples
 from trainer.errors import (
     AdapterError,
@@ -53,18 +54,20 @@ from trainer.errors import (
     TrainerError,
     TrainingFailed,
 )
-from trainer.sft_config import PROMPT_FORMAT_OF, Phase, SFTConfig
-
-if TYPE_CHECKING:  # imported lazily at run time: torch/transformers take seconds to import
-    import torch
+from trainer.inference import (
+    ADAPTER_DIR,
+    ADAPTER_META,
+    MIN_SHARED_PREFIX,
+    cuda_available,
+    prompt_format,
+)
+from trainer.inference import torch_dtype as _torch_dtype
+from trainer.sft_config import Phase, SFTConfig
 
 log = logging.getLogger("tier3.trainer.sft")
 
-ADAPTER_DIR = "adapter"
-ADAPTER_META = "tier3_adapter.json"
 IGNORE_INDEX = -100  # label value that the loss skips (transformers' convention)
 WEIGHT_COLUMN = "weight"  # per-example loss weight of a multitask phase (trainer.dataset.phase_examples)
-MAX_NEW_TOKENS_LIMIT = 4096  # generate() never runs longer than this, whatever it is asked
 
 OnStep = Callable[[int, int], None]
 
@@ -95,12 +98,6 @@ class TrainResult:
 def unsloth_installed() -> bool:
     """Whether unsloth can be imported, without importing it (importing it patches other libraries)."""
     return importlib.util.find_spec("unsloth") is not None
-
-
-def cuda_available() -> bool:
-    import torch
-
-    return bool(torch.cuda.is_available())
 
 
 def weighted_examples(cfg: SFTConfig) -> bool:
@@ -186,14 +183,6 @@ def _steps_per_phase(n_examples: int, phase: Phase, cfg: SFTConfig) -> int:
     return max(1, math.ceil(math.ceil(batches / cfg.tier3_grad_accum) * phase.epochs))
 
 
-def _torch_dtype(on_cuda: bool) -> torch.dtype:
-    import torch
-
-    if on_cuda:
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32  # CPU: bf16 matmuls are slow or missing on many CPUs
-
-
 def _trl_args(cfg: SFTConfig, phase: Phase, scratch: Path, *, on_cuda: bool, assistant_only: bool,
               text_field: str | None = None, unsloth: bool = False) -> Any:
     from trl import SFTConfig as TRLSFTConfig
@@ -272,25 +261,6 @@ class _Progress:
                     bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
 
         return Cb()
-
-
-#: tokens that end an assistant turn in a chat template besides the tokenizer's eos (Gemma writes
-#: ``<end_of_turn>`` and keeps ``<eos>`` for the end of the document; ChatML, Llama 3 and Phi-3 likewise)
-END_OF_TURN_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>")
-
-
-def end_of_turn_ids(tokenizer: Any) -> dict[int, str]:
-    """Token id -> text of every token that ends an assistant turn: eos, plus the template's own end-of-turn
-    token when the chat template writes one."""
-    out: dict[int, str] = {}
-    if tokenizer.eos_token_id is not None:
-        out[int(tokenizer.eos_token_id)] = str(tokenizer.eos_token)
-    template = tokenizer.chat_template or ""
-    vocab = tokenizer.get_vocab()
-    for tok in END_OF_TURN_TOKENS:
-        if tok in template and tok in vocab:
-            out[int(vocab[tok])] = tok
-    return out
 
 
 def eot_label_check(trainer: Any, tokenizer: Any) -> bool | None:
@@ -383,22 +353,29 @@ def make_trl_trainer(model: Any, tokenizer: Any, examples: list[dict[str, Any]],
     from trl import SFTTrainer
 
     disable_progress_bar()  # per-map progress bars in a service log are noise; on_step reports progress
-    args = _trl_args(cfg, phase, scratch, on_cuda=on_cuda, assistant_only=True)
+    # the examples arrive tokenized (tokenized_examples): TRL truncates them and keeps their labels
+    args = _trl_args(cfg, phase, scratch, on_cuda=on_cuda, assistant_only=False)
     weighted = any(WEIGHT_COLUMN in ex for ex in examples)
     if weighted and cfg.tier3_packing:
         raise ConfigError("TIER3_PACKING cannot keep per-example loss weights (a multitask phase with "
                           "TIER3_RATIONALE_WEIGHT not 0 or 1): unset TIER3_PACKING")
     # TRL's own loss (a fused kernel) knows no per-example weights: a weighted phase uses target_only_loss on CUDA too
     cls = SFTTrainer if on_cuda and not weighted else _cpu_sft_trainer_class()
-    try:
-        return cls(model=model, args=args, train_dataset=Dataset.from_list(examples),
-                          processing_class=tokenizer, callbacks=callbacks)
-    except ValueError as exc:
-        if "chat template" in str(exc).lower():
-            raise BaseModelError(f"the base model's chat template cannot mask the assistant turn: {exc}. Use a "
-                                 "template with {% generation %} markers (TRL knows Qwen2.5/3, Llama 3, Gemma, "
-                                 "Phi, ...)") from exc
-        raise
+    return cls(model=model, args=args, train_dataset=Dataset.from_list(tokenized_examples(tokenizer, examples)),
+               processing_class=tokenizer, callbacks=callbacks)
+
+
+def tokenized_examples(tokenizer: Any, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Chat examples (``{"messages": [...]}`` and maybe a ``weight``) as ``{"input_ids", "labels"}`` rows: special
+    tokens from the chat template only, message text as plain text, labels on the assistant turns and their end of
+    turn (:func:`trainer.chat_tokens.training_features`; both backends train on these rows)."""
+    rows = []
+    for ex in examples:
+        row: dict[str, Any] = training_features(tokenizer, ex["messages"])
+        if WEIGHT_COLUMN in ex:
+            row[WEIGHT_COLUMN] = ex[WEIGHT_COLUMN]
+        rows.append(row)
+    return rows
 
 
 class _WeightCollator:
@@ -495,9 +472,6 @@ def _causal_lm(model: Any) -> Any:
         return None
     return inner
 
-
-#: shorter shared prefixes are not worth a second forward call
-MIN_SHARED_PREFIX = 32
 
 
 def shared_prefix_len(inputs: dict[str, Any]) -> int:
@@ -619,28 +593,9 @@ def _train_trl(dataset: BuiltDataset, cfg: SFTConfig, scratch: Path, on_step: On
 # ---------------------------------------------------------------------------------------------------- unsloth
 
 
-#: (instruction_part, response_part) for unsloth's train_on_responses_only, by a marker of the chat template
-_TURN_MARKERS = (
-    ("<|im_start|>", ("<|im_start|>user\n", "<|im_start|>assistant\n")),  # ChatML: Qwen2/2.5/3, the tiny model
-    ("<|start_header_id|>", ("<|start_header_id|>user<|end_header_id|>\n\n",
-                             "<|start_header_id|>assistant<|end_header_id|>\n\n")),  # Llama 3.x
-    ("<start_of_turn>", ("<start_of_turn>user\n", "<start_of_turn>model\n")),  # Gemma
-    ("<|user|>", ("<|user|>\n", "<|assistant|>\n")),  # Phi-3
-)
-
-
-def turn_markers(chat_template: str) -> tuple[str, str]:
-    for marker, parts in _TURN_MARKERS:
-        if marker in chat_template:
-            return parts
-    raise BaseModelError("unsloth backend: unknown chat template, cannot find the user/assistant turn markers; "
-                         "use a ChatML, Llama 3, Gemma or Phi-3 model, or TIER3_BACKEND=trl")
-
-
 def _train_unsloth(dataset: BuiltDataset, cfg: SFTConfig, scratch: Path, on_step: OnStep | None) -> dict[str, Any]:
     _import_unsloth()  # first: it patches transformers/TRL/PEFT
     from unsloth import FastLanguageModel
-    from unsloth.chat_templates import train_on_responses_only
 
     base = _resolve_base(cfg.tier3_base_model)
     try:
@@ -658,9 +613,6 @@ def _train_unsloth(dataset: BuiltDataset, cfg: SFTConfig, scratch: Path, on_step
         target_modules=cfg.target_modules, bias="none",
         use_gradient_checkpointing="unsloth" if cfg.tier3_gradient_checkpointing else False,
         random_state=cfg.tier3_seed)
-    instruction_part, response_part = turn_markers(tokenizer.chat_template or "")
-    bos = tokenizer.bos_token or ""
-
     def make(examples: list[dict[str, Any]], phase: Phase, cbs: list[Any]) -> Any:
         from datasets import Dataset
         from trl import SFTTrainer
@@ -668,16 +620,12 @@ def _train_unsloth(dataset: BuiltDataset, cfg: SFTConfig, scratch: Path, on_step
         if any(WEIGHT_COLUMN in ex for ex in examples):  # choose_backend keeps weighted phases away from here
             raise BackendUnavailable(f"phase {phase}: unsloth takes no per-example loss weights; set "
                                      "TIER3_RATIONALE_WEIGHT to 1 or 0, or TIER3_BACKEND=trl")
-        texts = []
-        for ex in examples:
-            text = tokenizer.apply_chat_template(ex["messages"], tokenize=False)
-            # the tokenizer adds its own BOS when it tokenizes; a template that writes one too would double it
-            texts.append(text.removeprefix(bos) if bos else text)
-        args = _trl_args(cfg, phase, scratch, on_cuda=True, assistant_only=False, text_field="text", unsloth=True)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list([{"text": t} for t in texts]),
-                             processing_class=tokenizer, callbacks=cbs)
-        # masks everything outside the assistant turns; the turn's end-of-turn token stays a target
-        return train_on_responses_only(trainer, instruction_part=instruction_part, response_part=response_part)
+        # the same tokenized rows as the TRL path: the response mask comes from the template's own token
+        # positions (chat_tokens), not from searching the text for a turn header as train_on_responses_only does
+        args = _trl_args(cfg, phase, scratch, on_cuda=True, assistant_only=False, unsloth=True)
+        return SFTTrainer(model=model, args=args,
+                          train_dataset=Dataset.from_list(tokenized_examples(tokenizer, examples)),
+                          processing_class=tokenizer, callbacks=cbs)
 
     return _run_phases(model, tokenizer, dataset, cfg, scratch, on_step, on_cuda=True, make=make)
 
@@ -792,7 +740,7 @@ def _hyperparameters(cfg: SFTConfig, backend: str, run: dict[str, Any], dataset:
     }
 
 
-# ---------------------------------------------------------------------------------------------------- inference
+# ---------------------------------------------------------------------------------------------------- manifest
 
 
 def _rationale_weighting(cfg: SFTConfig, backend: str) -> str:
@@ -803,201 +751,3 @@ def _rationale_weighting(cfg: SFTConfig, backend: str) -> str:
     if w == 1:
         return "equal (weight 1, plain SFT)"
     return f"per-example loss weight {w:g} ({backend}: target_only_loss)"
-
-
-def prompt_format(phases: tuple[Phase, ...]) -> str:
-    """``reasoning`` or ``answer``: the output format the student learnt last, hence the prompt (instruction) it is
-    to be given at inference (``inference_messages(..., reasoning=...)``); recorded in ``tier3_adapter.json``.
-    A ``multitask`` phase trains a rationale task too but is served answer-only: ``answer``
-    (:data:`trainer.sft_config.PROMPT_FORMAT_OF`)."""
-    return PROMPT_FORMAT_OF[phases[-1].kind] if phases else "reasoning"
-
-
-def adapter_prompt_format(adapter_dir: Path) -> str:
-    """The prompt format recorded with an adapter (``reasoning`` for adapters written before it was recorded)."""
-    try:
-        meta = json.loads((Path(adapter_dir) / ADAPTER_META).read_text())
-    except (OSError, ValueError):
-        return "reasoning"
-    fmt = meta.get("prompt_format") if isinstance(meta, dict) else None
-    return fmt if fmt in ("answer", "reasoning") else "reasoning"
-
-
-def load_student(adapter_dir: Path) -> tuple[Any, Any]:
-    """Base model + LoRA adapter (not merged) and the tokenizer saved with it, ready for :func:`generate`."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    adapter_dir = Path(adapter_dir)
-    try:
-        meta_path = adapter_dir / ADAPTER_META
-        if meta_path.exists():
-            base = json.loads(meta_path.read_text())["base_model"]
-        else:  # an adapter written by something else: PEFT records its base
-            base = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
-        on_cuda = cuda_available()
-        model: Any = AutoModelForCausalLM.from_pretrained(base, dtype=_torch_dtype(on_cuda))
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
-        tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
-    except (OSError, KeyError, ValueError) as exc:
-        raise AdapterError(f"cannot load the student from {adapter_dir}: {exc}", retryable=False) from exc
-    if on_cuda:
-        model = model.to("cuda")
-    model.eval()
-    return model, tokenizer
-
-
-def common_prefix_len(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-class PromptCache:
-    """The KV cache of the prompt prefix that requests share, reused by the next single-request generation.
-
-    A server keeps the keys and values of the prompts it evaluated and starts a request from the longest common
-    prefix (llama.cpp does): with a task whose system prompt is most of every prompt, a request then computes only
-    its own question. This does the same for :func:`generate`, so the latency it measures is what a serving
-    student costs. Greedy outputs are the same with or without it (checked by a test).
-    """
-
-    def __init__(self) -> None:
-        self.ids: list[int] = []  # the cached prefix
-        self.cache: Any = None
-        self.last: list[int] = []  # the previous prompt seen
-
-    def reusable(self, ids: list[int]) -> Any:
-        """A copy of the cached prefix's KV cache when the prefix starts ``ids`` (and is shorter), else None."""
-        import copy
-
-        if self.cache is None or len(self.ids) >= len(ids) or ids[: len(self.ids)] != self.ids:
-            return None
-        return copy.deepcopy(self.cache)
-
-    def observe(self, model: Any, prompts: list[list[int]]) -> None:
-        """Note prompts that were evaluated; cache the prefix they share with each other (and the previous one)
-        when it is longer than the cached one (one forward pass, no gradients)."""
-        import torch
-
-        seen = [self.last, *prompts] if self.last else list(prompts)
-        if len(seen) < 2:
-            self.last = list(prompts[-1]) if prompts else self.last
-            return
-        n = min(common_prefix_len(seen[0], p) for p in seen[1:])
-        self.last = list(prompts[-1])
-        n = min(n, min(len(p) for p in seen) - 1)  # a request always computes at least its last token
-        if n < MIN_SHARED_PREFIX or n <= len(self.ids):
-            return
-        prefix = seen[0][:n]
-        with torch.inference_mode():
-            out = model(input_ids=torch.tensor([prefix], device=model.device), use_cache=True)
-        self.ids, self.cache = prefix, out.past_key_values
-
-
-def prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """The token ids of ``messages`` with the generation prompt, as :func:`generate` feeds them."""
-    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
-    return list(out["input_ids"])
-
-
-def generate(model: Any, tokenizer: Any, messages: list[dict[str, str]], max_new_tokens: int,
-             prompt_cache: PromptCache | None = None) -> tuple[str, int, float]:
-    """Greedy decoding of the assistant turn for ``messages`` (the chat template with a generation prompt).
-
-    Stops at the eos (end-of-turn) token or after ``max_new_tokens``. Returns (text without special tokens,
-    number of new tokens including the end-of-turn token, latency in seconds). With ``prompt_cache`` the prompt
-    prefix it holds is not computed again (:class:`PromptCache`).
-    """
-    import torch
-    from transformers import GenerationConfig
-
-    max_new_tokens = max(1, min(int(max_new_tokens), MAX_NEW_TOKENS_LIMIT))
-    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                           return_dict=True)
-    inputs = {k: v.to(model.device) for k, v in inputs.items()}
-    eos = tokenizer.eos_token_id
-    gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos,
-                           pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos)
-    extra: dict[str, Any] = {}
-    ids: list[int] = inputs["input_ids"][0].tolist()
-    if prompt_cache is not None:
-        cached = prompt_cache.reusable(ids)
-        if cached is not None:
-            extra["past_key_values"] = cached
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(**inputs, generation_config=gen, **extra)
-    latency_s = time.perf_counter() - t0
-    new_ids = out[0, inputs["input_ids"].shape[1]:].tolist()
-    if eos in new_ids:  # anything after eos would be padding
-        new_ids = new_ids[: new_ids.index(eos) + 1]
-    text = tokenizer.decode(new_ids, skip_special_tokens=True)
-    if prompt_cache is not None:
-        prompt_cache.observe(model, [ids])
-    return text, len(new_ids), latency_s
-
-
-def cached_generators(model: Any, tokenizer: Any, max_new_tokens: int) -> tuple[Any, Any]:
-    """(one request at a time, a batch at a time) greedy generators sharing one :class:`PromptCache`: the prompt
-    prefix the batches share (the system prompt) is kept, as a serving llama.cpp keeps it, so a single request's
-    latency is what the served student costs. The cache is filled after a batch's timing."""
-    cache = PromptCache()
-
-    def gen(messages: list[dict[str, str]]) -> tuple[str, int, float]:
-        return generate(model, tokenizer, messages, max_new_tokens, prompt_cache=cache)
-
-    def gen_batch(prompts: list[list[dict[str, str]]]) -> tuple[list[tuple[str, int]], float]:
-        out = generate_batch(model, tokenizer, prompts, max_new_tokens)
-        cache.observe(model, [prompt_ids(tokenizer, p) for p in prompts[:2]])
-        return out
-
-    return gen, gen_batch
-
-
-def load_merged_student(adapter_dir: Path) -> tuple[Any, Any]:
-    """The student as it ships: base + LoRA adapter merged into plain weights (``merge_and_unload``), eval mode.
-    Generation then runs the dense model with its KV cache, without PEFT's per-layer adapter detour."""
-    model, tokenizer = load_student(adapter_dir)
-    try:
-        merged = model.merge_and_unload()
-    except (ValueError, RuntimeError) as exc:
-        raise AdapterError(f"cannot merge the adapter in {adapter_dir}: {exc}", retryable=False) from exc
-    merged.eval()
-    return merged, tokenizer
-
-
-def generate_batch(model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], max_new_tokens: int
-                   ) -> tuple[list[tuple[str, int]], float]:
-    """Greedy decoding of a batch of prompts at once (left padding, KV cache); returns ([(text, n_new_tokens
-    including the end of turn)], wall seconds of the batch). Each sequence stops at eos; finished ones are padded
-    until the longest is done."""
-    import torch
-    from transformers import GenerationConfig
-
-    max_new_tokens = max(1, min(int(max_new_tokens), MAX_NEW_TOKENS_LIMIT))
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # new tokens must follow each prompt directly
-    try:
-        inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    finally:
-        tokenizer.padding_side = old_side
-    inputs = {k: v.to(model.device) for k, v in inputs.items()}
-    gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos,
-                           pad_token_id=pad, use_cache=True)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(**inputs, generation_config=gen)
-    wall_s = time.perf_counter() - t0
-    results: list[tuple[str, int]] = []
-    for row in out[:, inputs["input_ids"].shape[1]:].tolist():
-        if eos in row:
-            row = row[: row.index(eos) + 1]
-        results.append((tokenizer.decode(row, skip_special_tokens=True), len(row)))
-    return results, wall_s

@@ -128,7 +128,7 @@ def test_tiny_greedy_outputs_match_pytorch_without_repeat_penalty(trained_tiny_e
     sequence as U+FFFD where llama-cpp-python drops it, and at ``max_tokens`` llama-cpp-python goes on for up to 3
     tokens to complete a multi-byte character, so the served text may be longer by those."""
     from trainer.close_loop.serve import LlamaServer, ServedModel, chat_generator
-    from trainer.sft_trainer import generate_batch, load_merged_student
+    from trainer.inference import generate_batch, load_merged_student
 
     adapter, gguf = trained_tiny_export
     prompts = [p for p in _prompts() if p[0]["role"] == "system"][:8]

@@ -113,7 +113,7 @@ def test_a_full_run_trains_the_tiny_model_and_commits_exactly_what_it_read(
     # the committed model is a trained LoRA adapter (lora_B starts at zero) that loads and generates
     from safetensors.torch import load_file
 
-    from trainer.sft_trainer import generate, load_student
+    from trainer.inference import generate, load_student
 
     weights = load_file(str(run_dir / m.adapter_dir / "adapter_model.safetensors"))
     assert any("lora_B" in k and t.abs().sum() > 0 for k, t in weights.items())

@@ -196,7 +196,7 @@ def test_batched_generation_matches_one_at_a_time() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trainer.dataset import inference_messages
-    from trainer.sft_trainer import generate, generate_batch
+    from trainer.inference import generate, generate_batch
     from trainer.synthetic import synthetic_traces
 
     base = cached_tiny_model()
@@ -215,7 +215,8 @@ def test_prompt_cache_keeps_outputs_and_skips_the_shared_prefix() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trainer.dataset import inference_messages
-    from trainer.sft_trainer import MIN_SHARED_PREFIX, PromptCache, generate, prompt_ids
+    from trainer.inference import PromptCache, generate, prompt_ids
+    from trainer.sft_trainer import MIN_SHARED_PREFIX
     from trainer.synthetic import synthetic_traces
 
     base = cached_tiny_model()
@@ -301,8 +302,9 @@ def test_smollm2_lora_steps_lower_the_loss_then_save_load_and_merge(smollm2: Pat
     import torch
 
     from trainer.dataset import build_dataset
+    from trainer.inference import load_merged_student, load_student
     from trainer.sft_config import SFTConfig
-    from trainer.sft_trainer import load_merged_student, load_student, target_only_loss, train
+    from trainer.sft_trainer import target_only_loss, train
 
     sys.path.insert(0, str(ROOT / "bench"))
     from quality import load_traces

@@ -25,15 +25,14 @@ from trainer.dataset import (
     training_messages,
 )
 from trainer.errors import BackendUnavailable
+from trainer.inference import adapter_prompt_format, prompt_format
 from trainer.sft_config import PHASE_KINDS, PROMPT_FORMAT_OF, Phase, SFTConfig, parse_phases
 from trainer.sft_trainer import (
     IGNORE_INDEX,
     WEIGHT_COLUMN,
-    adapter_prompt_format,
     choose_backend,
     make_lora_model,
     make_trl_trainer,
-    prompt_format,
     target_only_loss,
     train,
 )
@@ -266,7 +265,7 @@ def test_a_short_multitask_training_lowers_the_loss(tiny: dict[str, Any], tmp_pa
     """multitask:2 on the tiny model: both tasks' loss falls, the student is served answer-only."""
     import torch
 
-    from trainer.sft_trainer import load_student
+    from trainer.inference import load_student
 
     cfg = _cfg(tier3_base_model=str(tiny["base"]), tier3_learning_rate=1e-2, tier3_batch_size=4,
                tier3_holdout_fraction=0.2)

@@ -16,19 +16,16 @@ import pytest
 
 from trainer.dataset import BuiltDataset, build_dataset, inference_messages, phase_examples
 from trainer.errors import BackendUnavailable, EmptyDataset
+from trainer.inference import adapter_prompt_format, generate, load_student, prompt_format
 from trainer.sft_config import Phase, SFTConfig
 from trainer.sft_trainer import (
     ADAPTER_DIR,
     IGNORE_INDEX,
     TrainResult,
-    adapter_prompt_format,
     choose_backend,
-    generate,
-    load_student,
     make_lora_model,
     make_trl_trainer,
     preload_backend,
-    prompt_format,
     train,
 )
 from trainer.synthetic import synthetic_traces
@@ -296,7 +293,8 @@ def test_unsloth_path_end_to_end_with_a_stand_in(monkeypatch: pytest.MonkeyPatch
     assert kw["model_name"] == str(base) and kw["load_in_4bit"] is True and kw["max_seq_length"] == 1024
     assert kw["use_exact_model_name"] is True  # never swapped for unsloth's own re-upload of a hub model
     assert calls["get_peft_model"]["target_modules"] == "all-linear"  # as is: unsloth resolves it per arch
-    assert calls["train_on_responses_only"] == ("<|im_start|>user\n", "<|im_start|>assistant\n")
+    # the response mask comes from the template's token positions (chat_tokens), not from searching the text
+    assert "train_on_responses_only" not in calls
     assert result.backend == "unsloth" and result.eot_in_loss is True
     assert result.steps >= 1 and result.train_loss > 0
     assert (result.adapter_dir / "adapter_config.json").is_file()
@@ -304,19 +302,27 @@ def test_unsloth_path_end_to_end_with_a_stand_in(monkeypatch: pytest.MonkeyPatch
 
 
 def test_unsloth_path_refuses_a_mask_without_end_of_turn(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """The end-of-turn label check runs on the labels unsloth's masking wrote: a response_part that never
-    matches leaves no target at all, and the run is refused before training."""
+    """The end-of-turn label check runs on the labels the unsloth path trains on: rows whose end of turn is not a
+    target are refused before training."""
     from trainer import sft_trainer
+    from trainer.chat_tokens import end_of_turn_ids
     from trainer.errors import BaseModelError
 
     calls: dict[str, Any] = {}
     _use_stand_in(monkeypatch, calls)
-    monkeypatch.setattr(sft_trainer, "turn_markers", lambda _t: ("<|im_start|>user\n", "NO SUCH TURN"))
+    real = sft_trainer.tokenized_examples
+
+    def without_eot(tokenizer: Any, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        eot = set(end_of_turn_ids(tokenizer))
+        rows = real(tokenizer, examples)
+        return [{**r, "labels": [IGNORE_INDEX if t in eot else t for t in r["labels"]]} for r in rows]
+
+    monkeypatch.setattr(sft_trainer, "tokenized_examples", without_eot)
     cfg = SFTConfig(tier3_base_model=str(cached_tiny_model()), tier3_phases="answer:1")  # type: ignore[call-arg]
     ds = build_dataset(synthetic_traces(8), cfg, tmp_path / "data")
     with pytest.raises(BaseModelError, match="end-of-turn"):
         train(ds, cfg, tmp_path)
-    assert "train_on_responses_only" in calls and not (tmp_path / ADAPTER_DIR).exists()
+    assert not (tmp_path / ADAPTER_DIR).exists()
 
 
 @pytest.mark.parametrize("exc", [OSError("no such model"), ValueError("bad config"),
@@ -357,12 +363,3 @@ def test_end_of_turn_tokens_of_the_template() -> None:
     assert eot_label_check(trainer, plain) is False
 
 
-def test_turn_markers_for_responses_only_loss() -> None:
-    from trainer.errors import BaseModelError
-    from trainer.sft_trainer import turn_markers
-
-    assert turn_markers(cached_tiny_model_template()) == ("<|im_start|>user\n", "<|im_start|>assistant\n")
-    assert turn_markers("{{ '<|start_header_id|>' + role }}")[1] == "<|start_header_id|>assistant<|end_header_id|>\n\n"
-    assert turn_markers("{{ '<start_of_turn>' }}")[1] == "<start_of_turn>model\n"
-    with pytest.raises(BaseModelError):
-        turn_markers("{{ messages }}")

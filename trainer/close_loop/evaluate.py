@@ -51,7 +51,7 @@ from trainer.manifest import write_atomic
 
 log = logging.getLogger("tier3.trainer.close_loop.evaluate")
 
-#: ``generate(messages) -> (text, n_generated_tokens, latency_s)``; the trainer's ``sft_trainer.generate`` bound
+#: ``generate(messages) -> (text, n_generated_tokens, latency_s)``; the trainer's ``inference.generate`` bound
 #: to a loaded model, or a stub in tests.
 Generate = Callable[[list[dict[str, str]]], tuple[str, int, float]]
 #: ``generate_batch([messages, ...]) -> ([(text, n_generated_tokens), ...], wall_s of the batch)``
@@ -212,7 +212,7 @@ def model_generator(adapter_dir: Path, max_new_tokens: int) -> Generate:
 
 def model_generators(adapter_dir: Path, max_new_tokens: int) -> tuple[Generate, BatchGenerate]:
     """Load the merged student once: (one request at a time, a batch at a time), both greedy with the KV cache."""
-    from trainer.sft_trainer import cached_generators, load_merged_student
+    from trainer.inference import cached_generators, load_merged_student
 
     model, tokenizer = load_merged_student(adapter_dir)
     return cached_generators(model, tokenizer, max_new_tokens)  # type: ignore[no-any-return]
@@ -372,7 +372,7 @@ def evaluate_and_report(settings: CloseLoopSettings, run_id: str, model_version:
                         holdout_path: Path, *, generate: Generate | None = None, read_history: bool = True
                         ) -> tuple[dict[str, Any], dict[str, Path]]:
     """Evaluate an adapter on a holdout file and write the report folder; return (metrics, report paths)."""
-    from trainer.sft_trainer import adapter_prompt_format
+    from trainer.inference import adapter_prompt_format
 
     generate_batch: BatchGenerate | None = None
     if generate is None:

@@ -1,6 +1,6 @@
 """Export a promoted student: merge LoRA, write GGUF (f16 and a quantised type), register it with Ollama.
 
-1. **Merge**: base + adapter (``sft_trainer.load_student``), ``merge_and_unload()``, saved with its tokenizer as
+1. **Merge**: base + adapter (``inference.load_student``), ``merge_and_unload()``, saved with its tokenizer as
    safetensors into ``<exports>/<run_id>/merged``.
 2. **GGUF**: llama.cpp's ``convert_hf_to_gguf.py`` writes ``<name>-v<N>-f16.gguf`` and ``<name>-v<N>-<quant>.gguf``
    (default q8_0, the converter's own ``--outtype``; no compiled llama.cpp is needed). The converter and its
@@ -212,7 +212,7 @@ def plain_byte_level_bpe(model_dir: Path) -> bool:
 
 def merge_adapter(adapter_dir: Path, out_dir: Path) -> Path:
     """Merge the LoRA adapter into its base model and save both model and tokenizer to ``out_dir``."""
-    from trainer.sft_trainer import load_student
+    from trainer.inference import load_student
 
     model, tokenizer = load_student(adapter_dir)
     merged = model.merge_and_unload()

@@ -11,7 +11,7 @@ configured differently. This module computes both sides with the libraries' own 
   chat template TRL uses (the tokenizer's, or TRL's training template when it has no ``{% generation %}``
   markers), ``apply_chat_template(..., return_assistant_tokens_mask=True)``, labels and truncation. The prompt is
   every id before the first label that is not ``-100``. :func:`eval_prompt_ids` is what the evaluator feeds the
-  PyTorch model (``sft_trainer.prompt_ids``: ``apply_chat_template(add_generation_prompt=True)``).
+  PyTorch model (``inference.prompt_ids``: ``apply_chat_template(add_generation_prompt=True)``).
 - :func:`served_prompt_ids`: what ``llama_cpp.server`` evaluates for ``POST /v1/chat/completions`` on a GGUF with
   the config :class:`~trainer.close_loop.serve.LlamaServer` writes (no ``chat_format``): ``llama_cpp.Llama``
   picks the chat handler itself (a format guessed from the GGUF's ``tokenizer.chat_template`` when it is one of a
@@ -69,14 +69,14 @@ class _PrepareStub:
 def trainer_examples(model_dir_or_tokenizer: Any, examples: Sequence[Mapping[str, Any]], *,
                      max_seq_len: int | None = None) -> list[dict[str, list[int]]]:
     """``{"input_ids", "labels"}`` of chat examples (``{"messages": [...]}``) exactly as the TRL backend prepares
-    them (``SFTTrainer._prepare_dataset`` with the trainer's own arguments, assistant-only loss, no packing)."""
+    them: ``sft_trainer.tokenized_examples`` (template special tokens only, labels on the assistant turns), then
+    ``SFTTrainer._prepare_dataset`` with the trainer's own arguments (truncation, no packing)."""
     from datasets import Dataset
     from datasets.utils.logging import disable_progress_bar
     from trl import SFTTrainer
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
     from trainer.sft_config import Phase, SFTConfig
-    from trainer.sft_trainer import _trl_args
+    from trainer.sft_trainer import _trl_args, tokenized_examples
 
     disable_progress_bar()
     tok = load_tokenizer(model_dir_or_tokenizer)
@@ -85,12 +85,10 @@ def trainer_examples(model_dir_or_tokenizer: Any, examples: Sequence[Mapping[str
         overrides["tier3_max_seq_len"] = max_seq_len
     cfg = SFTConfig(**overrides)  # type: ignore[arg-type]
     with tempfile.TemporaryDirectory(prefix="tier3-parity-") as scratch:
-        args = _trl_args(cfg, Phase("answer", 1.0), Path(scratch), on_cuda=False, assistant_only=True)
-        # SFTTrainer.__init__: TRL's training template only when the tokenizer's has no {% generation %} markers
-        template = (None if has_generation_markers(tok.chat_template) else get_training_chat_template(tok))
-        stub = _PrepareStub(_tokenizer=tok, chat_template=template,
-                            completion_only_loss=args.completion_only_loss)
-        ds = SFTTrainer._prepare_dataset(stub, Dataset.from_list([dict(e) for e in examples]), tok, args,  # type: ignore[arg-type]
+        args = _trl_args(cfg, Phase("answer", 1.0), Path(scratch), on_cuda=False, assistant_only=False)
+        stub = _PrepareStub(_tokenizer=tok, chat_template=None, completion_only_loss=args.completion_only_loss)
+        rows = tokenized_examples(tok, [dict(e) for e in examples])
+        ds = SFTTrainer._prepare_dataset(stub, Dataset.from_list(rows), tok, args,  # type: ignore[arg-type]
                                          packing=False, formatting_func=None, dataset_name="parity")
         return [{"input_ids": list(r["input_ids"]), "labels": list(r["labels"])} for r in ds]
 
@@ -115,9 +113,9 @@ def trainer_prompt_ids(model_dir_or_tokenizer: Any, messages: Sequence[Mapping[s
 
 
 def eval_prompt_ids(model_dir_or_tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
-    """The ids the PyTorch evaluator feeds the model (``sft_trainer.prompt_ids``: the chat template with the
+    """The ids the PyTorch evaluator feeds the model (``inference.prompt_ids``: the chat template with the
     generation prompt)."""
-    from trainer.sft_trainer import prompt_ids
+    from trainer.inference import prompt_ids
 
     return prompt_ids(load_tokenizer(model_dir_or_tokenizer), [dict(m) for m in messages])
 
@@ -169,7 +167,9 @@ def load_vocab(gguf_path: Path | str) -> Any:
     if llm is None:
         from llama_cpp import Llama
 
-        llm = Llama(model_path=key, vocab_only=True, verbose=False)
+        from trainer.chat_tokens import content_as_text
+
+        llm = content_as_text(Llama(model_path=key, vocab_only=True, verbose=False))  # as tier3 serve installs it
         _VOCABS[key] = llm
     return llm
 

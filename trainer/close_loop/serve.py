@@ -47,37 +47,9 @@ from trainer.close_loop.settings import CloseLoopSettings
 from trainer.errors import ServeError
 
 SERVER_MODULE = "llama_cpp.server"
-#: ``python -m llama_cpp.server`` with llama.cpp's "extra buffer types" (weight repacking) turned off. A build
-#: with ``-march=native`` (pip's default for the sdist) on a CPU with AMX (Sapphire Rapids and later) puts
-#: quantised weights (q8_0, Q4_1, ...) in ggml's AMX buffer, and ``ggml_backend_amx_mul_mat`` dies with SIGSEGV on
-#: its first ``ldtilecfg`` in a KVM guest that does not grant the AMX tile state (this machine): every prompt of a
-#: quantised model crashed the server, f16 models ran. Without repacking the same build runs the plain CPU
-#: kernels (same outputs, no AMX speed-up). llama-cpp-python builds ``llama_model_params`` from
-#: ``llama_model_default_params()`` and exposes no option for this field, so the launcher wraps that function.
-#: It also makes ``repeat_penalty`` default to 1.0 (no penalty) in the server's request models. llama-cpp-python's
-#: server defaults it to 1.1 and applies it *before* greedy selection (``add_penalties`` then ``add_greedy``), so a
-#: request with ``temperature`` 0 that names no ``repeat_penalty`` (the router's, :func:`chat_generator`'s) was not
-#: the greedy decoding the student was evaluated with in transformers: on SmolLM2-135M the f16 GGUF's outputs
-#: matched PyTorch's on 0/10 holdout prompts with the default and on 10/10 with 1.0 (``trainer/close_loop/parity.py``).
-#: The request models are patched before ``llama_cpp.server.app`` builds its routes from them; a request naming a
-#: ``repeat_penalty`` still gets it.
-_SERVER_LAUNCHER = """\
-import sys
-import llama_cpp.llama_cpp as _c
-_defaults = _c.llama_model_default_params
-def _no_repack():
-    params = _defaults()
-    params.use_extra_bufts = False
-    return params
-_c.llama_model_default_params = _no_repack
-import llama_cpp.server.types as _t
-for _request in (_t.CreateCompletionRequest, _t.CreateChatCompletionRequest):
-    _request.model_fields["repeat_penalty"].default = 1.0  # greedy decoding as transformers does it
-    _request.model_rebuild(force=True)
-from llama_cpp.server.__main__ import main
-sys.argv[0] = "llama_cpp.server"
-main()
-"""
+#: the server tier3 runs: ``python -m llama_cpp.server`` with weight repacking off, greedy decoding by default and
+#: message content tokenized as plain text (``trainer/close_loop/llama_server.py`` says why)
+LAUNCHER_MODULE = "trainer.close_loop.llama_server"
 #: what ``python -m llama_cpp.server`` imports besides llama_cpp (the ``[server]`` extra of llama-cpp-python)
 _SERVER_DEPS = ("llama_cpp", "fastapi", "uvicorn", "sse_starlette", "starlette_context")
 _ENV_KEEP = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "LD_LIBRARY_PATH", "OMP_NUM_THREADS", "VIRTUAL_ENV",
@@ -202,7 +174,7 @@ class LlamaServer:
         else:
             self._log = open(Path(self._tmp.name) / "server.log", "w+b")
         env = {k: v for k, v in os.environ.items() if k in _ENV_KEEP}
-        self.proc = subprocess.Popen([sys.executable, "-c", _SERVER_LAUNCHER, "--config_file", str(cfg_path)],
+        self.proc = subprocess.Popen([sys.executable, "-m", LAUNCHER_MODULE, "--config_file", str(cfg_path)],
                                      stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
                                      env=env, start_new_session=True)
         try:

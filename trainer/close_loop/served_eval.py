@@ -202,8 +202,8 @@ def _read_rows(path: Path) -> dict[str, str]:
 def evaluate_served_run(settings: CloseLoopSettings, run_id: str, *, publish: bool = True) -> RunEvaluation:
     """Evaluate a run's exported quantised GGUF through the server (see the module docstring), write the report
     and the manifest's ``metrics["served_evaluation"]``, and publish the ``evaluated`` event the gate decides on."""
+    from trainer.inference import adapter_prompt_format
     from trainer.manifest import find_manifest, write_manifest
-    from trainer.sft_trainer import adapter_prompt_format
 
     run_dir = settings.runs_dir / run_id
     manifest = find_manifest(settings.runs_dir, run_id)
