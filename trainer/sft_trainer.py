@@ -4,12 +4,15 @@
 into ``out_dir/adapter`` only when training succeeded. Backends, chosen at run time (:func:`choose_backend`):
 
 - **unsloth** (the production path) when CUDA is available and unsloth is installed (the ``gpu`` extra):
-  ``FastLanguageModel`` + LoRA, optional 4-bit (QLoRA), loss on the assistant turns via unsloth's
-  ``train_on_responses_only``. unsloth is imported only on that path: on a machine without CUDA it would refuse
-  or fall back to a slow CPU mode, and it patches transformers/TRL/PEFT globally when imported.
-- **TRL ``SFTTrainer`` + PEFT** otherwise (CPU, tests, laptops; also CUDA without unsloth), with
-  ``assistant_only_loss=True``: the chat template's ``{% generation %}`` markers (the tiny model's own, or TRL's
-  training variant of a known template such as Qwen2.5's) select the assistant tokens, end-of-turn included.
+  ``FastLanguageModel`` + LoRA, optional 4-bit (QLoRA). unsloth is imported only on that path: on a machine
+  without CUDA it would refuse or fall back to a slow CPU mode, and it patches transformers/TRL/PEFT globally when
+  imported.
+- **TRL ``SFTTrainer`` + PEFT** otherwise (CPU, tests, laptops; also CUDA without unsloth).
+
+Both train on the same rows (:func:`tokenized_examples`, built by :mod:`trainer.chat_tokens`): the chat template
+alone inserts special tokens, message text (the application's and the teacher's) is tokenized as plain text, and
+the labels are the assistant turns and their end of turn, taken from the template's own token positions (never by
+searching the text for a turn header, which an injected fake turn in user content would fool).
 
 Both check before training that an end-of-turn token (eos, or the template's own such as Gemma's
 ``<end_of_turn>``) is inside the loss mask, because a student that is never trained on it never learns to stop,

@@ -7,20 +7,20 @@ configured differently. This module computes both sides with the libraries' own 
 
 - :func:`trainer_prompt_ids`: the ids the TRL backend trains on before the first assistant token. A training
   example (``{"messages": prompt + [assistant]}``, as ``trainer.dataset.phase_examples`` writes them) goes through
-  TRL's own ``SFTTrainer._prepare_dataset`` with the trainer's own TRL arguments (``sft_trainer._trl_args``): the
-  chat template TRL uses (the tokenizer's, or TRL's training template when it has no ``{% generation %}``
-  markers), ``apply_chat_template(..., return_assistant_tokens_mask=True)``, labels and truncation. The prompt is
-  every id before the first label that is not ``-100``. :func:`eval_prompt_ids` is what the evaluator feeds the
-  PyTorch model (``inference.prompt_ids``: ``apply_chat_template(add_generation_prompt=True)``).
-- :func:`served_prompt_ids`: what ``llama_cpp.server`` evaluates for ``POST /v1/chat/completions`` on a GGUF with
-  the config :class:`~trainer.close_loop.serve.LlamaServer` writes (no ``chat_format``): ``llama_cpp.Llama``
-  picks the chat handler itself (a format guessed from the GGUF's ``tokenizer.chat_template`` when it is one of a
-  few known strings, else ``Jinja2ChatFormatter`` over that template, registered as ``chat_template.default``),
-  and the handler renders the prompt and calls ``llama.tokenize(prompt, add_bos=not added_special,
-  special=True)``, then ``create_completion(prompt=<ids>)`` (a list prompt gets no BOS added there). The model is
-  loaded ``vocab_only`` and the handler is run on a stand-in ``llama`` that tokenizes with the real vocabulary and
-  captures what would be passed to ``create_completion`` — the same handler object, no template re-implemented.
-  :func:`server_prompt_tokens` reads a real server's ``usage.prompt_tokens`` to cross-check it.
+  ``sft_trainer.tokenized_examples`` (``trainer.chat_tokens``: template text with special tokens, message text
+  without) and TRL's own ``SFTTrainer._prepare_dataset`` with the trainer's own TRL arguments (truncation). The
+  prompt is every id before the first label that is not ``-100``. :func:`eval_prompt_ids` is what the evaluator
+  feeds the PyTorch model (``inference.prompt_ids``).
+- :func:`served_prompt_ids`: what ``tier3 serve``'s server (``trainer/close_loop/llama_server.py``) evaluates for
+  ``POST /v1/chat/completions`` on a GGUF with the config :class:`~trainer.close_loop.serve.LlamaServer` writes (no
+  ``chat_format``): ``llama_cpp.Llama`` picks the chat handler itself (the GGUF's ``tokenizer.chat_template`` through
+  ``Jinja2ChatFormatter``, registered as ``chat_template.default``), and the server wraps it in
+  ``chat_tokens.ContentAsText``: the handler renders the prompt around slot markers, and its
+  ``llama.tokenize(prompt, add_bos=..., special=True)`` tokenizes the template text with special tokens and each
+  message's content without, then ``create_completion(prompt=<ids>)``. The model is loaded ``vocab_only`` and the
+  handler is run on a stand-in ``llama`` that tokenizes with the real vocabulary and captures what would be passed
+  to ``create_completion``: the same handler objects, no template re-implemented. :func:`server_prompt_tokens`
+  reads a real server's ``usage.prompt_tokens`` to cross-check it.
 
 Found with it (tests/close_loop/test_parity.py): the ids agree for the tiny test model and for SmolLM2-135M-Instruct
 (the wheel's GGUF and tier3's own export), answer-only and reasoned prompts, special-token strings in message text,
