@@ -56,6 +56,14 @@ class UnsafeText(SchemaError):
     kind = "unsafe_text"
 
 
+class MarkupLookalike(UnsafeText):
+    """Model output with something that looks like a format tag or a special token but is not one as written
+    (spaces or attributes in a tag, another case, fullwidth or zero-width characters, HTML entities): the output
+    grammar of ``schemas.tasks`` does not accept it."""
+
+    kind = "tag_lookalike"
+
+
 class UnknownTask(SchemaError):
     """No task definition with that name is registered."""
 

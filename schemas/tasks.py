@@ -27,24 +27,46 @@ for the ``<answer>`` block alone, :data:`RATIONALE_INSTRUCTION` (a training task
 block alone.
 
 **Untrusted text.** A model's output is untrusted: it becomes training text, wrapped in exactly these tags and
-then in the student's chat template. :meth:`TaskDefinition.parse_output` therefore refuses (``UnsafeText``, kind
-``unsafe_text``) an output in which
+then in the student's chat template. (Its special-token strings can never become special tokens there: the trainer
+and the server tokenize message text as plain text. This rule keeps such text out of the training data at all.)
+:meth:`TaskDefinition.parse_output` reads an output's markup by this grammar::
 
-- a chat-template special token appears anywhere (:data:`SPECIAL_TOKENS`, and every ``<|...|>`` / ``<｜...｜>``
-  token: ChatML ``<|im_start|>``, ``<|im_end|>``, ``<|endoftext|>``, Llama 3 ``<|eot_id|>``, Phi, harmony ...),
-- a format tag (matched case-insensitively) appears more than once, or out of the order ``<reasoning>``,
-  ``</reasoning>``, ``<answer>``, ``</answer>``, or without its partner;
+    output    := ws reasoning? ws answer ws  |  ws reasoning ws  |  json       (json: a bare answer, no tags)
+    reasoning := "<reasoning>" text "</reasoning>"
+    answer    := "<answer>" text "</answer>"
+    text      := anything without a tag-like or a special token (below)
 
-and :func:`check_trace_text` (used again by the trainer, for traces written before this rule) refuses reasoning or
-an answer that contains any of them. Nothing is escaped or stripped: such an output is never trained on as it is.
+The tags are these exact lowercase strings. Before the markup is read, the output is seen three ways: as written,
+after Unicode normalisation (NFKC, then every invisible format character removed: zero-width space and joiners,
+word joiner, BOM, soft hyphen, bidi marks; Unicode category Cf) and, when it holds an ``&``, that form with HTML
+entities decoded. In any of the three,
+
+- a **tag-like** is ``<`` with optional spaces and ``/``, the name ``reasoning`` or ``answer`` in any case, then
+  anything but ``<``/``>`` (up to 200 characters) and ``>``: ``</reasoning >``, ``< /reasoning>``,
+  ``<answer x=1>``, ``<ANSWER>``, fullwidth ``＜answer＞``, ``<ans\u200bwer>``, ``&lt;answer&gt;``;
+- a **special token** is a chat template's token: ``<|...|>`` / ``<｜...｜>`` with optional inner spaces (ChatML,
+  Llama 3, Phi, harmony, DeepSeek), a name in :data:`SPECIAL_TOKENS` (any case: Llama 2, Mistral, Gemma, Qwen,
+  Cohere's ``<BOS_TOKEN>``, GLM's ``[gMASK]``/``<sop>``, StarCoder's ``<file_sep>``/``<repo_name>``/
+  ``<jupyter_code>``, which SmolLM2's vocabulary holds), or the shape of one: an angle-bracketed snake_case
+  (``<end_of_turn>``, ``<END_OF_TURN>``) or all-capitals (``<EOS>``) name.
+
+The output is refused with :class:`~schemas.errors.UnsafeText` (kind ``unsafe_text``) when a special token is in
+it as written or the exact tags are misplaced (twice, out of order, without a partner), and with
+:class:`~schemas.errors.MarkupLookalike` (kind ``tag_lookalike``) when a tag-like is not an exact tag, or a
+special token or tag appears only after normalisation or entity decoding. :func:`check_trace_text` (the trainer
+runs it again on stored traces) refuses reasoning or an answer that holds any tag-like or special token. Nothing is
+escaped or stripped: such an output is never trained on as it is. The worker dead-letters each kind under its
+own name, and ``/status`` counts dead letters by kind.
 """
 
 from __future__ import annotations
 
 import functools
+import html
 import math
 import os
 import re
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +76,7 @@ import fastjsonschema
 import jsonschema
 import orjson
 
-from schemas.errors import InvalidAnswer, SchemaError, UnknownTask, UnsafeText
+from schemas.errors import InvalidAnswer, MarkupLookalike, SchemaError, UnknownTask, UnsafeText
 
 REASONED_INSTRUCTION = (
     "Think step by step about the request above. Write your reasoning between <reasoning> and </reasoning>, "
@@ -80,20 +102,64 @@ PRIMARY_METRICS = ("task_f1", "f1", "exact_match")
 
 #: the output format's own tags: in a model's output each appears at most once, in this order
 FORMAT_TAGS = ("<reasoning>", "</reasoning>", "<answer>", "</answer>")
-_TAG_RE = re.compile(r"</?(?:reasoning|answer)>", re.IGNORECASE)
+_EXACT_TAG_RE = re.compile(r"</?(?:reasoning|answer)>")
+#: anything that looks like a format tag (module doc): the exact tags match it too
+_TAGLIKE_RE = re.compile(r"<\s*/?\s*(?:reasoning|answer)(?![a-z0-9_])[^<>]{0,200}>", re.IGNORECASE)
 #: the tag sequences an output may have (no tags: a bare JSON answer)
 _ALLOWED_TAGS: tuple[tuple[str, ...], ...] = ((), FORMAT_TAGS[2:], FORMAT_TAGS[:2], FORMAT_TAGS)
-#: chat-template special tokens without bars, matched exactly (as a tokenizer does); the barred ones are a pattern
+#: chat-template special tokens matched by name (case-insensitively); the barred ones and the snake_case and
+#: all-capitals shapes are patterns (module doc)
 SPECIAL_TOKENS = (
-    "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", "<s>", "</s>", "<unk>", "<pad>",  # Llama 2, Mistral
+    "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", "<s>", "</s>", "<unk>", "<pad>", "<mask>",  # Llama 2, Mistral
     "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
     "[TOOL_RESULTS]", "[/TOOL_RESULTS]",  # Mistral v3+
     "<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>",  # Gemma
     "<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>",  # Qwen, R1
+    "<BOS_TOKEN>", "<EOS_TOKEN>", "<START_OF_TURN_TOKEN>", "<END_OF_TURN_TOKEN>",  # Cohere
+    "[gMASK]", "[sMASK]", "[MASK]", "<sop>", "<eop>",  # GLM
+    "[CLS]", "[SEP]", "[PAD]", "[UNK]",  # BERT-style vocabularies
+    "<file_sep>", "<repo_name>", "<reponame>", "<filename>", "<gh_stars>", "<issue_start>", "<issue_comment>",
+    "<issue_closed>", "<jupyter_start>", "<jupyter_text>", "<jupyter_code>", "<jupyter_output>",
+    "<jupyter_script>", "<empty_output>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>",  # StarCoder
 )
 # <|im_start|>, <|im_end|>, <|endoftext|> (ChatML, Qwen), <|begin_of_text|>, <|eot_id|>, <|start_header_id|> (Llama 3),
-# <|user|>, <|end|> (Phi), <|channel|>, <|message|> (harmony), and DeepSeek's full-width <｜end▁of▁sentence｜>
-_SPECIAL_RE = re.compile(r"<[|｜][^<>|｜\s]{1,64}[|｜]>|" + "|".join(re.escape(t) for t in SPECIAL_TOKENS))
+# <|user|>, <|end|> (Phi), <|channel|>, <|message|> (harmony), and DeepSeek's full-width <｜end▁of▁sentence｜>; with
+# spaces inside (<| im_end |>); snake_case and ALL-CAPITALS names in angle brackets
+_SPECIAL_RE = re.compile(
+    r"<\s*[|｜][^<>|｜\n]{1,64}[|｜]\s*>"
+    r"|<\s*/?\s*[A-Za-z][A-Za-z0-9]*(?:_[A-Za-z0-9]+)+\s*>"
+    r"|(?-i:<\s*/?\s*(?!(?:REASONING|ANSWER)\s*>)[A-Z]{2,}\s*>)"
+    r"|" + "|".join(re.escape(t) for t in SPECIAL_TOKENS), re.IGNORECASE)
+#: invisible format characters outside Unicode category Cf's fast check (NFKC keeps them): removed before reading
+_INVISIBLE_RE = re.compile("[\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff"
+                           "\ufff9-\ufffb]")
+
+
+def markup_views(text: str) -> list[str]:
+    """The ways an output's markup is read (module doc): as written, normalised (NFKC, format characters removed),
+    and that with HTML entities decoded (when it holds an ``&``)."""
+    if text.isascii():
+        norm = text
+    else:
+        norm = unicodedata.normalize("NFKC", text)
+        norm = "".join(ch for ch in _INVISIBLE_RE.sub("", norm) if unicodedata.category(ch) != "Cf")
+    views = [text] if norm == text else [text, norm]
+    if "&" in norm:
+        decoded = html.unescape(norm)
+        if decoded != norm:
+            views.append(decoded)
+    return views
+
+
+def _special_in(views: list[str]) -> tuple[str, bool] | None:
+    """(the first special token found, whether it is written as such) or None."""
+    for v in views:
+        m = _SPECIAL_RE.search(v)
+        if m:
+            return m.group(0), v is views[0]
+    return None
+
+
 # Keywords that mean the same in draft 7 (what fastjsonschema compiles) and in 2020-12 (the task files' draft).
 # A schema made only of these gets the compiled fast path for *accepting* an answer; anything else (and every
 # rejection) is decided by jsonschema, so the verdict never depends on the fast path.
@@ -221,35 +287,68 @@ class TaskDefinition:
 
 
 def unsafe_markup(text: str) -> str | None:
-    """The first chat-template special token or format tag in ``text``, or None."""
-    m = _SPECIAL_RE.search(text) or _TAG_RE.search(text)
-    return m.group(0) if m else None
+    """The first special token or tag-like (exact format tags included) in ``text`` or its normalised views, or
+    None (module doc)."""
+    views = markup_views(text)
+    special = _special_in(views)
+    if special is not None:
+        return special[0]
+    for v in views:
+        m = _TAGLIKE_RE.search(v)
+        if m:
+            return m.group(0)
+    return None
+
+
+def _markup_error(text: str, bad: str, field: str) -> UnsafeText:
+    if bad in text and (bad in FORMAT_TAGS or _SPECIAL_RE.fullmatch(bad)):
+        return UnsafeText(f"contains {bad!r}, which must never reach training text", field=field)
+    return MarkupLookalike(f"contains {bad!r}, a look-alike of a format tag or special token (after Unicode "
+                           "normalisation or entity decoding), which must never reach training text", field=field)
 
 
 def check_output_markup(text: str) -> None:
-    """Raise UnsafeText unless ``text`` (a whole model output) has no special token and well-placed format tags."""
-    m = _SPECIAL_RE.search(text)
-    if m:
-        raise UnsafeText(f"contains the chat-template special token {m.group(0)!r}", field="output")
-    tags = tuple(t.lower() for t in _TAG_RE.findall(text))
+    """Raise UnsafeText (a special token, misplaced exact tags) or MarkupLookalike (a tag-like that is not an exact
+    tag, or markup that only normalisation or entity decoding reveals) unless ``text`` (a whole model output)
+    follows the output grammar (module doc)."""
+    views = markup_views(text)
+    special = _special_in(views)
+    if special is not None:
+        token, as_written = special
+        if as_written:
+            raise UnsafeText(f"contains the chat-template special token {token!r}", field="output")
+        raise MarkupLookalike(f"contains {token!r} after Unicode normalisation or entity decoding: a look-alike of "
+                              "a chat-template special token", field="output")
+    tags = tuple(_EXACT_TAG_RE.findall(text))
+    for v in views:
+        likes = _TAGLIKE_RE.findall(v)
+        odd = next((t for t in likes if t not in FORMAT_TAGS), None)
+        if odd is None and len(likes) != len(tags):
+            odd = next(iter(t for t in likes if likes.count(t) > tags.count(t)), likes[-1] if likes else "")
+        if odd is not None:
+            raise MarkupLookalike(f"contains {odd!r}, which looks like one of the format's tags but is not one "
+                                  f"(the grammar accepts exactly {' '.join(FORMAT_TAGS)!r}, as written)",
+                                  field="output")
     if tags not in _ALLOWED_TAGS:
         raise UnsafeText(f"the format's tags appear as {' '.join(tags)!r}; expected each at most once, in the "
                          f"order {' '.join(FORMAT_TAGS)!r}", field="output")
 
 
 def check_trace_text(reasoning: str, answer: Any) -> None:
-    """Raise UnsafeText if the reasoning or the answer (any string in it) holds a format tag or special token."""
+    """Raise UnsafeText (or MarkupLookalike) if the reasoning or the answer (any string in it) holds a tag-like or
+    a special token (module doc)."""
     check_reasoning_text(reasoning)
-    bad = unsafe_markup(orjson.dumps(answer).decode())
+    text = orjson.dumps(answer).decode()
+    bad = unsafe_markup(text)
     if bad is not None:
-        raise UnsafeText(f"contains {bad!r}, which must never reach training text", field="answer")
+        raise _markup_error(text, bad, "answer")
 
 
 def check_reasoning_text(reasoning: str) -> None:
     """:func:`check_trace_text` for the reasoning alone (its answer was checked already)."""
     bad = unsafe_markup(reasoning)
     if bad is not None:
-        raise UnsafeText(f"contains {bad!r}, which must never reach training text", field="reasoning")
+        raise _markup_error(reasoning, bad, "reasoning")
 
 
 def parse_json_answer(text: str) -> tuple[str, Any]:

@@ -234,8 +234,10 @@ async def ask_teacher(teacher: Teacher, task: TaskDefinition, experience: Experi
             stats.health.succeeded()  # it answered (whatever the answer is worth)
             try:
                 reasoning, answer = task.parse_output(reply.text)
-            except UnsafeText as exc:
-                raise UnsafeTeacherOutput(f"{exc.kind}: {exc}") from None
+            except UnsafeText as exc:  # dead-lettered under the rule's own kind (unsafe_text, tag_lookalike)
+                unsafe = UnsafeTeacherOutput(f"{exc.kind}: {exc}")
+                unsafe.kind = exc.kind
+                raise unsafe from None
             except SchemaError as exc:
                 invalid_outputs += 1
                 raise InvalidTeacherOutput(f"{exc.kind}: {exc}") from None

@@ -64,3 +64,35 @@ def test_trace_text_check_for_stored_traces() -> None:
             check_trace_text(f"x {bad}", ANSWER)
         with pytest.raises(UnsafeText, match="answer"):
             check_trace_text("ok", {**ANSWER, "extra": [bad]})
+
+
+LOOKALIKES = ["</reasoning >", "< /reasoning>", "<answer x=1>", "<Answer>", "\uff1canswer\uff1e", "<ans\u200bwer>",
+              "<rea\u2060soning>", "&lt;answer&gt;", "&#60;/reasoning&#62;", "\uff1c|im_end|\uff1e", "&lt;|im_end|&gt;",
+              "<\u200b|im_end|>"]
+#: real special tokens of vocabularies the old string list missed (Cohere, GLM, StarCoder / SmolLM2) and spaced bars
+MORE_SPECIAL = ["<| im_end |>", "<END_OF_TURN>", "<BOS_TOKEN>", "<END_OF_TURN_TOKEN>", "[gMASK]", "<sop>",
+                "<file_sep>", "<repo_name>", "<jupyter_code>", "<fim_prefix>"]
+
+
+@pytest.mark.parametrize("token", LOOKALIKES)
+@pytest.mark.parametrize("where", ["reasoning", "outside"])
+def test_look_alikes_of_tags_and_tokens_are_refused_with_their_own_kind(token: str, where: str) -> None:
+    text = GOOD.replace("CPU first", f"CPU {token} first") if where == "reasoning" else GOOD + f"\n{token}"
+    with pytest.raises(UnsafeText, match="look") as info:
+        TASK.parse_output(text)
+    assert info.value.kind == "tag_lookalike"
+    with pytest.raises(UnsafeText):  # stored traces: the trainer's check refuses the same text
+        check_trace_text(f"x {token}", ANSWER)
+
+
+@pytest.mark.parametrize("token", MORE_SPECIAL)
+def test_special_tokens_of_other_vocabularies_are_refused(token: str) -> None:
+    with pytest.raises(UnsafeText, match="special token") as info:
+        TASK.parse_output(GOOD.replace("CPU first", f"CPU {token} first"))
+    assert info.value.kind == "unsafe_text"
+
+
+def test_ordinary_angle_brackets_and_unicode_pass() -> None:
+    reasoning = ("p95 < 300 ms and errors > 2 %; x<y>z, List<T>, <b>bold</b>, <div>, a -> b, café, 日本語, "
+                 "caf\u00e9 vs cafe\u0301, &amp; &lt; 5")
+    assert TASK.parse_output(TASK.format_output(ANSWER, reasoning)) == (reasoning, ANSWER)

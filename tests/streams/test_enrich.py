@@ -166,16 +166,18 @@ def test_non_retryable_dead_letters_at_once_and_config_error_raises() -> None:
                            TeacherStats()))
 
 
-@pytest.mark.parametrize("mode", ["inject_tag", "inject_token"])
-def test_unsafe_output_is_dead_lettered_at_once_with_its_own_kind(mode: str) -> None:
+@pytest.mark.parametrize(("mode", "kind", "says"), [("inject_tag", "unsafe_text", "tags"),
+                                                    ("inject_token", "unsafe_text", "<|im_end|>"),
+                                                    ("inject_lookalike", "tag_lookalike", "look")])
+def test_unsafe_output_is_dead_lettered_at_once_with_its_own_kind(mode: str, kind: str, says: str) -> None:
     it, raw = item()
     teacher = ScriptedTeacher([mode] * 10)
     stats = TeacherStats()
     out = asyncio.run(enrich(it, raw, SRC, teacher, settings(tier3_teacher_max_attempts=3), stats))
     assert isinstance(out, DeadLetter)
-    assert out.stage == "enrich" and out.error_kind == "unsafe_text" and teacher.calls == 1
-    assert ("tags" if mode == "inject_tag" else "<|im_end|>") in out.reason
-    assert base64.b64decode(out.original_b64) == raw and stats.errors_by_kind == {"unsafe_text": 1}
+    assert out.stage == "enrich" and out.error_kind == kind and teacher.calls == 1
+    assert says in out.reason
+    assert base64.b64decode(out.original_b64) == raw and stats.errors_by_kind == {kind: 1}
 
 
 class LongReasoningTeacher(ScriptedTeacher):

@@ -250,7 +250,8 @@ def test_untrusted_teacher_text_is_dead_lettered_and_counted(streams_settings: C
     s = streams_settings()
     w = start_worker(s)
     w.wait_ready()
-    for n, (mode, prefix) in enumerate((("inject_tag", "tag"), ("inject_token", "tok")), 1):
+    for n, (mode, prefix) in enumerate((("inject_tag", "tag"), ("inject_token", "tok"), ("inject_lookalike", "like")),
+                                       1):
         teacher_server.set_mode(mode)
         produce_values(s, s.experiences_topic, as_records([make_experience(i, 0.95, prefix=prefix)
                                                            for i in range(5)]))
@@ -259,13 +260,16 @@ def test_untrusted_teacher_text_is_dead_lettered_and_counted(streams_settings: C
     teacher_server.set_mode("ok")
     produce_values(s, s.experiences_topic, as_records([make_experience(0, 0.95, prefix="clean")]))
     st = w.wait_for(lambda st: st["counts"]["enriched"] == 1, 60)
-    assert st["dead_letters"]["by_reason"] == {"unsafe_text": 10}
-    assert st["teacher"]["calls"] == 11  # dead-lettered at once: a retry would get the same text
+    assert st["dead_letters"]["by_reason"] == {"unsafe_text": 10, "tag_lookalike": 5}  # each kind its own reason
+    assert st["teacher"]["calls"] == 16  # dead-lettered at once: a retry would get the same text
     metrics = httpx.get(f"{w.url}/metrics", timeout=5).text
     assert metric_value(metrics, "tier3_worker_dead_letters_total", worker_id="w1", reason="unsafe_text") == 10
-    dls = [decode(m.value() or b"", DeadLetter) for m in consume_values(s, s.dead_letters_topic, 10, 30)]
-    assert len(dls) == 10 and {(d.stage, d.error_kind) for d in dls} == {("enrich", "unsafe_text")}
-    assert sum("<|im_end|>" in d.reason for d in dls) == 5 and sum("tags" in d.reason for d in dls) == 5
+    assert metric_value(metrics, "tier3_worker_dead_letters_total", worker_id="w1", reason="tag_lookalike") == 5
+    dls = [decode(m.value() or b"", DeadLetter) for m in consume_values(s, s.dead_letters_topic, 15, 30)]
+    assert len(dls) == 15 and {(d.stage, d.error_kind) for d in dls} == {("enrich", "unsafe_text"),
+                                                                        ("enrich", "tag_lookalike")}
+    assert sum("<|im_end|>" in d.reason for d in dls) == 5
+    assert sum("tags appear as" in d.reason for d in dls) == 5 and sum("look" in d.reason for d in dls) == 5
     [trace] = [decode(m.value() or b"", EnrichedTrace) for m in consume_values(s, s.traces_topic, 1, 30)]
     assert trace.experience_id == "clean-000000"
 
