@@ -33,31 +33,74 @@ def _fail(exc: Exception) -> typer.Exit:
     return typer.Exit(1)
 
 
+def _principal_names(trainer_group: str) -> broker_mod.PrincipalNames:
+    """The names the ACLs use, from this environment: TIER3_TOPIC_PREFIX, TIER3_APP_ID, TIER3_TRAINER_GROUP."""
+    from streams.settings import StreamsSettings
+
+    streams = load_settings(StreamsSettings)
+    return broker_mod.PrincipalNames(streams, streams.faust_app_id, trainer_group)
+
+
+TrainerGroupOption = Annotated[str, typer.Option(envvar="TIER3_TRAINER_GROUP", show_envvar=True,
+                                                 help="the trainer's consumer group (its ACLs name it)")]
+
+
 @broker_app.command("up")
 def broker_up(
     secure: Annotated[bool, typer.Option("--secure", help="SASL_SSL (SCRAM-SHA-512) with a CA made at the first "
                                          "start, and ACLs (TIER3_BROKER_SECURE); needs its own TIER3_BROKER_DIR "
                                          "if a plain broker was started there")] = False,
+    trainer_group: TrainerGroupOption = broker_mod.DEFAULT_TRAINER_GROUP,
 ) -> None:
-    """Start the local broker (idempotent); wait until it answers."""
+    """Start the local broker (idempotent); wait until it answers. Secured, it also makes one principal per
+    service (app, worker, trainer, watcher) with only the ACLs it needs (`tier3 broker principal`)."""
     s = broker_mod.BrokerSettings()
     if secure:
         s = s.model_copy(update={"tier3_broker_secure": True})
+    names = _principal_names(trainer_group) if s.tier3_broker_secure else None
     try:
         st = broker_mod.up(s)
-        if s.tier3_broker_secure:
-            experiences = KafkaSettings().experiences_topic
-            broker_mod.ensure_app_principal(s, experiences)
+        if names is not None:
+            broker_mod.ensure_principals(s, names)
     except StreamsError as exc:
         raise _fail(exc) from None
     console.print(f"Kafka {st.version} is up at [bold]{st.bootstrap}[/] (pid {st.pid})")
-    if s.tier3_broker_secure:
+    if names is not None:
         folder = s.tier3_broker_dir.resolve()
         # the files hold passwords (mode 0600); their contents are never printed
         console.print(f"secured: SASL_SSL, SCRAM-SHA-512, ACLs. Client settings of the super user `admin` "
-                      f"(worker, trainer, topics): {folder / 'client.env'}; of the application's principal "
-                      f"`app`, which may only write {experiences} (capture): {folder / 'app.env'}. "
-                      f"Load one with: set -a; . {folder / 'client.env'}; set +a")
+                      f"(`tier3 topics create`, operators): {folder / 'client.env'}; of each service's principal "
+                      f"(`tier3 broker principal SERVICE` shows its ACLs): "
+                      + "; ".join(f"{svc}: {folder / (svc + '.env')}" for svc in broker_mod.SERVICES)
+                      + f". The application's principal `app` may only write {names.topics.experiences_topic} "
+                      f"and read {names.topics.training_runs_topic}. Load one with: set -a; . "
+                      f"{folder / 'worker.env'}; set +a")
+
+
+@broker_app.command("principal")
+def broker_principal(
+    service: Annotated[str, typer.Argument(help=f"one of {', '.join(broker_mod.SERVICES)}")],
+    user: Annotated[str | None, typer.Option(help="the SCRAM user's name (default: the service's)")] = None,
+    trainer_group: TrainerGroupOption = broker_mod.DEFAULT_TRAINER_GROUP,
+) -> None:
+    """On the secured local broker: (re)make a service's principal with only the ACLs it needs, for this
+    TIER3_TOPIC_PREFIX, TIER3_APP_ID and trainer group (idempotent; ACLs are added, never removed). Its client
+    settings, password included, go to <broker dir>/<user>.env (mode 0600), never to the terminal."""
+    if service not in broker_mod.SERVICES:
+        raise UserError(f"no such service: {service!r} (one of {', '.join(broker_mod.SERVICES)})")
+    s = broker_mod.BrokerSettings()
+    s = s.model_copy(update={"tier3_broker_secure": True})
+    try:
+        names = _principal_names(trainer_group)
+        broker_mod.ensure_principal(s, service, names, user=user)
+        grants = broker_mod.acl_table(names)[service]
+    except StreamsError as exc:
+        raise _fail(exc) from None
+    table = Table("allowed", "on", "why", title=f"ACLs of User:{user or service} (*: every name with this prefix)")
+    for g in grants:
+        table.add_row("+".join(g.operations), g.target, g.why)
+    console.print(table)
+    console.print(f"client settings: {s.tier3_broker_dir.resolve() / ((user or service) + '.env')}")
 
 
 @broker_app.command("down")
