@@ -1,33 +1,66 @@
 """tier3's message contracts: the types on each topic, their codec, task definitions, shared settings.
 
-Imports nothing of tier3's and nothing of Faust or torch.
+Imports nothing of tier3's and nothing of Faust or torch. The names below are loaded on first use (PEP 562): a
+command that needs only :mod:`schemas.preflight` or :mod:`schemas.redaction` (``tier3 --help``) does not pay for
+pydantic's models, pydantic-settings and jsonschema. ``from schemas import X`` works as before.
 """
 
-from schemas.codec import decode, encode
-from schemas.errors import (
-    InvalidAnswer,
-    InvalidMessage,
-    MessageTooLarge,
-    NotJSON,
-    SchemaError,
-    UnknownSchemaVersion,
-    UnknownTask,
-    UnsafeText,
-)
-from schemas.messages import (
-    ChatMessage,
-    DeadLetter,
-    EnrichedTrace,
-    Experience,
-    OnlineEval,
-    ServedBy,
-    SourceOffset,
-    TeacherInfo,
-    TrainerControl,
-    TrainingRun,
-)
-from schemas.settings import RELIABLE_CONSUMER, RELIABLE_PRODUCER, KafkaSettings, TopicSpec
-from schemas.tasks import TaskDefinition, get_task, load_tasks
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from schemas.codec import decode, encode
+    from schemas.errors import (
+        InvalidAnswer,
+        InvalidMessage,
+        MessageTooLarge,
+        NotJSON,
+        SchemaError,
+        UnknownSchemaVersion,
+        UnknownTask,
+        UnsafeText,
+    )
+    from schemas.messages import (
+        ChatMessage,
+        DeadLetter,
+        EnrichedTrace,
+        Experience,
+        OnlineEval,
+        ServedBy,
+        SourceOffset,
+        TeacherInfo,
+        TrainerControl,
+        TrainingRun,
+    )
+    from schemas.settings import RELIABLE_CONSUMER, RELIABLE_PRODUCER, KafkaSettings, TopicSpec
+    from schemas.tasks import TaskDefinition, get_task, load_tasks
+
+#: name -> the submodule that defines it
+_WHERE = {
+    **dict.fromkeys(("decode", "encode"), "codec"),
+    **dict.fromkeys(("InvalidAnswer", "InvalidMessage", "MessageTooLarge", "NotJSON", "SchemaError",
+                     "UnknownSchemaVersion", "UnknownTask", "UnsafeText"), "errors"),
+    **dict.fromkeys(("ChatMessage", "DeadLetter", "EnrichedTrace", "Experience", "OnlineEval", "ServedBy",
+                     "SourceOffset", "TeacherInfo", "TrainerControl", "TrainingRun"), "messages"),
+    **dict.fromkeys(("RELIABLE_CONSUMER", "RELIABLE_PRODUCER", "KafkaSettings", "TopicSpec"), "settings"),
+    **dict.fromkeys(("TaskDefinition", "get_task", "load_tasks"), "tasks"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module 'schemas' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"schemas.{where}"), name)
+    globals()[name] = value  # once: later look-ups do not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_WHERE})
+
 
 __all__ = [
     "RELIABLE_CONSUMER", "RELIABLE_PRODUCER", "ChatMessage", "DeadLetter", "EnrichedTrace", "Experience",

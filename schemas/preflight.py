@@ -27,10 +27,9 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pydantic import ValidationError
-
 if TYPE_CHECKING:
     from confluent_kafka.admin import ClusterMetadata
+    from pydantic import ValidationError
 
     from schemas.settings import KafkaSettings, TopicSpec
 
@@ -80,8 +79,23 @@ def validation_problems(exc: ValidationError) -> list[str]:
     return lines or ["invalid settings"]
 
 
+def _settings_exceptions() -> tuple[type[Exception], ...]:
+    """pydantic's ValidationError and pydantic-settings' SettingsError, of those already imported: nothing else can
+    raise them. This module is imported by every command, ``tier3 --help`` included: it imports neither."""
+    out: list[type[Exception]] = []
+    core = sys.modules.get("pydantic_core")
+    if core is not None:
+        out.append(core.ValidationError)  # pydantic.ValidationError is this class
+    ps = sys.modules.get("pydantic_settings")
+    if ps is not None:
+        out.append(ps.SettingsError)
+    return tuple(out)
+
+
 def settings_error(exc: Exception) -> UserError:
     """The :class:`UserError` for a settings class that refused the environment (no value in the message)."""
+    from pydantic import ValidationError
+
     if isinstance(exc, ValidationError):
         return UserError("\n".join(validation_problems(exc)))
     # pydantic-settings' SettingsError names the field and the source, not the value
@@ -91,6 +105,7 @@ def settings_error(exc: Exception) -> UserError:
 def load_settings(cls: Callable[..., S], **overrides: Any) -> S:
     """``cls(**overrides)`` (the rest from the environment), or a :class:`UserError` naming each bad setting
     (for Kafka settings, the TLS / SASL ones too: :func:`check_security`)."""
+    from pydantic import ValidationError
     from pydantic_settings import SettingsError
 
     from schemas.settings import KafkaSettings
@@ -277,17 +292,15 @@ def print_error(message: str) -> None:
 def run_cli(app: Callable[[], Any]) -> None:
     """Run a Typer/Click app; a :class:`UserError` (or a settings class refusing the environment) anywhere in
     a command becomes its one line on stderr and exit code 2, not a traceback."""
-    from pydantic_settings import SettingsError
-
     try:
         app()
     except UserError as exc:
         print_error(str(exc))
         sys.exit(exc.exit_code)
-    except (ValidationError, SettingsError) as exc:
-        print_error(str(settings_error(exc)))
-        sys.exit(EXIT_USAGE)
     except Exception as exc:
+        if isinstance(exc, _settings_exceptions()):
+            print_error(str(settings_error(exc)))
+            sys.exit(EXIT_USAGE)
         refused = client_refused(exc)  # a client librdkafka would not create: its settings, not a bug
         if refused is None:
             raise

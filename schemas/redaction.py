@@ -45,9 +45,10 @@ import urllib.parse
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, SecretStr
+if TYPE_CHECKING:  # pydantic is not imported here: every command installs the redaction, `tier3 --help` too
+    from pydantic import BaseModel, SecretStr
 
 REDACTED = "[REDACTED]"
 #: shorter configured values are not redacted by value (they would blank common words); patterns still apply
@@ -95,8 +96,8 @@ def register_secret(value: str | SecretStr | None, name: str | None = None) -> N
     With ``name`` (a setting's name), the value replaces whatever that name held (``None`` forgets it); without,
     it joins the bounded set of unnamed secrets."""
     global _version
-    if isinstance(value, SecretStr):
-        value = value.get_secret_value()
+    if _is_secret_str(value):
+        value = value.get_secret_value()  # type: ignore[union-attr]
     if value is not None and not isinstance(value, str):
         value = str(value)
     usable = bool(value) and len(value or "") >= MIN_SECRET_LEN
@@ -122,9 +123,17 @@ def register_secret(value: str | SecretStr | None, name: str | None = None) -> N
             _version += 1
 
 
+def _is_secret_str(value: Any) -> bool:
+    """A pydantic ``SecretStr`` (there is none unless pydantic's types are imported already)."""
+    types = sys.modules.get("pydantic.types")
+    return types is not None and isinstance(value, types.SecretStr)
+
+
 def register_secrets(settings: BaseModel) -> None:
     """Register every secret field of ``settings`` (``SecretStr`` ones, and any whose name says it is secret)
     under its setting's name, replacing the value that name held."""
+    from pydantic import SecretStr
+
     for name in type(settings).model_fields:
         value = getattr(settings, name, None)
         if isinstance(value, SecretStr) or (is_secret_name(name) and isinstance(value, str)):

@@ -167,9 +167,6 @@ def replay_cmd(
 ) -> None:
     """Rebuild a dataset from enriched-traces (from the beginning, --since a time, or --run's offsets) and print
     its sha256. Uses assign() and never commits: the trainer group's offsets are untouched."""
-    from trainer.manifest import find_manifest, read_manifest
-    from trainer.replay import ranges_from_beginning, ranges_from_time, replay
-
     _setup_logging(log_level)
     settings, cfg = _settings()
     if sum(x is not None for x in (run, manifest, since)) > 1:
@@ -180,12 +177,19 @@ def replay_cmd(
     if run is not None and not (settings.runs_dir / run).is_dir():
         raise UserError(f"--run {run}: no such run in {settings.runs_dir} (TIER3_RUNS_DIR)")
     try:
-        m = find_manifest(settings.runs_dir, run) if run else read_manifest(manifest) if manifest else None
+        m = None
+        if run or manifest:
+            from trainer.manifest import find_manifest, read_manifest
+
+            m = find_manifest(settings.runs_dir, run) if run else read_manifest(manifest) if manifest else None
         topic = m.topic if m else settings.traces_topic
         if topic == settings.traces_topic:
             check_topics(settings, settings.specs_of(topic))
         else:  # a run recorded under another prefix: its topic must still be there
             _require_topic(settings, topic)
+        # the reader, the codec and the dataset code once a broker has answered (`tier3 replay` starts sooner)
+        from trainer.replay import ranges_from_beginning, ranges_from_time, replay
+
         if m is not None:
             ranges = dict(m.dataset_offsets)
             # the run's own dataset settings (holdout fraction, phases, ...) are what its sha256 depends on
