@@ -126,13 +126,15 @@ def _beyond_64_bits(value: Any) -> bool:
 def decode_trace(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> TraceLike:
     """``data`` as an enriched trace: the fast view when msgspec accepts it, else :func:`schemas.codec.decode`'s
     result or error (a :class:`schemas.errors.SchemaError`: the canonical reason, dead-letter ready)."""
-    check_size(data, max_bytes)
+    if len(data) > max_bytes:
+        check_size(data, max_bytes)  # raises
     try:
         view = _TRACE_DECODER.decode(data)
     except (msgspec.ValidationError, msgspec.DecodeError):
         pass  # the canonical path says why (or accepts what only msgspec refused)
     else:
-        if not (_beyond_64_bits(view.answer) or _beyond_64_bits(view.student_answer)):
+        student = view.student_answer
+        if not (_beyond_64_bits(view.answer) or (student is not None and _beyond_64_bits(student))):
             return view
     return decode(data, EnrichedTrace, max_bytes=max_bytes)
 
