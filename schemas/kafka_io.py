@@ -55,11 +55,22 @@ def is_transient(exc: BaseException) -> bool:
     return bool(err.retriable()) or err.code() in _TRANSIENT_CODES
 
 
+#: the one retry policy's pauses: the first one, doubled after each failure up to the last one
+RETRY_FIRST_S = 0.05
+RETRY_MAX_S = 1.0
+
+
 def transient_retry(deadline_s: float) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """The one retry policy for broker round trips: exponential 50 ms → 1 s, transient errors only, until
     ``deadline_s`` has passed; then the last error is raised as it was."""
     return retry(retry=retry_if_exception(is_transient), stop=stop_after_delay(max(deadline_s, 0.0)),
-                 wait=wait_exponential(multiplier=0.05, max=1.0), reraise=True)
+                 wait=wait_exponential(multiplier=RETRY_FIRST_S, max=RETRY_MAX_S), reraise=True)
+
+
+def retry_pause_s(failures: int) -> float:
+    """The policy's pause after ``failures`` failures in a row (1: 50 ms, 2: 100 ms, ... at most 1 s): what
+    :func:`transient_retry` waits between attempts, for loops that retry on their own (a reconnect)."""
+    return min(RETRY_FIRST_S * 2.0 ** max(failures - 1, 0), RETRY_MAX_S)
 
 
 # ---------------------------------------------------------------------------------------------- clients

@@ -41,7 +41,6 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, SecretStr
 
 from schemas import ChatMessage, Experience, SchemaError, ServedBy, TrainingRun, decode, get_task
-from schemas import kafka_io as kio
 from schemas.runs import RunsFold
 from schemas.tasks import parse_json_answer
 from streams.client._settings import build_settings
@@ -184,46 +183,36 @@ class PromotionFollower:
         self._thread.join(10)
 
     def _run(self) -> None:
-        from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+        from confluent_kafka import KafkaException
+
+        from schemas.follow import TopicFollower
 
         topic = self.settings.training_runs_topic
         missing_said = False
-        while not self._stop.is_set():
-            consumer = Consumer({**self.settings.client_config(), "group.id": f"tier3-router-{uuid.uuid4().hex}",
-                                 "enable.auto.commit": False, "isolation.level": "read_committed"})
-            try:
-                md = consumer.list_topics(topic, timeout=10)
-                if topic not in md.topics or md.topics[topic].error is not None:
-                    # never created on the side (no auto-creation): say what to run, serve the teacher meanwhile
-                    if not missing_said:
-                        log.warning("router: topic %s does not exist; run `tier3 topics create`. Serving the "
-                                    "teacher until it does", topic)
-                        missing_said = True
-                    self._stop.wait(5.0)
+        # the one follower: catch-up, offset gaps, and reconnects after the retry policy's pause
+        follower = TopicFollower(self.settings, topic, "router", missing="wait")
+        try:
+            while not self._stop.is_set():
+                try:
+                    records = follower.poll(0.5)
+                except KafkaException as exc:
+                    log.warning("router: reading training-runs failed (%s); retrying", exc)
                     continue
-                parts = sorted(md.topics[topic].partitions)
-                ends = {p: hi for p, (_lo, hi) in kio.watermarks(consumer, topic, parts, 10).items()}
-                consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
-                positions = {p: 0 for p in parts}
-                if all(e == 0 for e in ends.values()):
-                    self.caught_up.set()
-                while not self._stop.is_set():
-                    msg = consumer.poll(0.5)
-                    if msg is None or msg.error() is not None:
-                        continue
-                    positions[msg.partition() or 0] = (msg.offset() or 0) + 1
+                if follower.missing and not missing_said:
+                    # never created on the side (no auto-creation): say what to run, serve the teacher meanwhile
+                    log.warning("router: topic %s does not exist; run `tier3 topics create`. Serving the "
+                                "teacher until it does", topic)
+                    missing_said = True
+                for msg in records:
                     try:
                         self.view.apply(decode(msg.value() or b"", TrainingRun,
                                                max_bytes=self.settings.max_record_bytes))
                     except SchemaError as exc:
                         log.warning("router: skipping bad training-runs record: %s", exc)
-                    if not self.caught_up.is_set() and all(positions[p] >= ends[p] for p in parts):
-                        self.caught_up.set()
-            except KafkaException as exc:
-                log.warning("router: reading training-runs failed (%s); retrying", exc)
-                self._stop.wait(2.0)
-            finally:
-                consumer.close()
+                if not self.caught_up.is_set() and follower.caught_up:
+                    self.caught_up.set()
+        finally:
+            follower.close()
 
 
 # ----------------------------------------------------------------------------------------------- serving

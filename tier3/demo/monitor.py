@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from schemas import DeadLetter, EnrichedTrace, TrainingRun, decode
 from schemas import kafka_io as kio
 from schemas.errors import SchemaError
+from schemas.follow import TopicFollower
 from schemas.runs import RunsFold
 from schemas.settings import KafkaSettings
 
@@ -123,37 +124,30 @@ class Monitor(threading.Thread):
         return Consumer({**self.s.client_config(), "group.id": self.group, "enable.auto.commit": False})
 
     def run(self) -> None:
-        conf = {**self.s.client_config(), "group.id": f"{self.s.tier3_topic_prefix}demo-monitor",
-                "enable.auto.commit": False, "auto.offset.reset": "earliest", "isolation.level": "read_committed"}
-        consumer = Consumer(conf)
+        topics = [self.s.experiences_topic, self.s.traces_topic, self.s.dead_letters_topic,
+                  self.s.training_runs_topic, self.s.trainer_status_topic]
+        # the one follower (schemas/follow.py): from the beginning, a topic not there yet read once it is
+        follower = TopicFollower(self.s, topics, "demo-monitor", missing="wait",
+                                 config={"group.id": f"{self.s.tier3_topic_prefix}demo-monitor"})
         probe = self.make_probe()
         http = httpx.Client(timeout=2.0)
         try:
-            topics = [self.s.experiences_topic, self.s.traces_topic, self.s.dead_letters_topic,
-                      self.s.training_runs_topic, self.s.trainer_status_topic]
-            md = consumer.list_topics(timeout=10)
-            assignment = [TopicPartition(t, p, OFFSET_BEGINNING) for t in topics if t in md.topics
-                          for p in md.topics[t].partitions]
-            trace_parts = sorted(md.topics[self.s.traces_topic].partitions) if self.s.traces_topic in md.topics else []
-            consumer.assign(assignment)
             next_probe = 0.0
             while not self.stop_event.is_set():
-                for msg in consumer.consume(500, timeout=0.2):
-                    err = msg.error()
-                    if err is not None:
-                        # transient ones (a broker reconnect) are the client's business; report what is not
-                        if err.code() != KafkaError._PARTITION_EOF and not err.retriable():
-                            self._error(f"monitor: {err}")
-                        continue
-                    self._apply(msg.topic() or "", msg.value() or b"")
+                try:
+                    for msg in follower.poll(0.2, 500):
+                        self._apply(msg.topic() or "", msg.value() or b"")
+                except KafkaException as exc:
+                    # transient ones (a broker reconnect) are the follower's business; report what is not
+                    self._error(f"monitor: {exc.args[0] if exc.args else exc}")
                 if time.monotonic() >= next_probe:
                     next_probe = time.monotonic() + 1.0
-                    self._probe(probe, trace_parts)
+                    self._probe(probe, sorted(p for t, p in follower.positions if t == self.s.traces_topic))
                     self._poll_status(http)
         except Exception as exc:  # the display must go on: say what broke
             self._error(f"monitor stopped: {exc!r}")
         finally:
-            consumer.close()
+            follower.close()
             probe.close()
             http.close()
 

@@ -47,17 +47,17 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from confluent_kafka import KafkaException
 
 from schemas import OnlineEval, TrainingRun, decode, get_task
 from schemas import kafka_io as kio
 from schemas.errors import SchemaError
+from schemas.follow import TopicFollower
 from schemas.runs import RunsFold, fold_runs, metrics_of
 from schemas.settings import KafkaSettings
 from trainer.close_loop.settings import CloseLoopSettings
@@ -284,44 +284,23 @@ def rollback_event(runs: RunsFold, j: Judgement) -> TrainingRun:
 
 
 class TopicTail:
-    """Every record of a topic from the beginning, then only the new ones (no group, nothing committed)."""
+    """Every record of a topic from the beginning, then only the new ones (no group, nothing committed): the
+    one follower (:class:`schemas.follow.TopicFollower`), read in steps."""
 
     def __init__(self, settings: KafkaSettings, topic: str) -> None:
         self.topic = topic
-        self._consumer = Consumer({**settings.client_config(), "group.id": f"tier3-watch-{uuid.uuid4().hex}",
-                                   "enable.auto.commit": False, "enable.partition.eof": False,
-                                   "isolation.level": "read_committed"})
-        self._pos: dict[int, int] | None = None
+        self._follower = TopicFollower(settings, topic, "watch")
 
     def read_new(self, timeout_s: float = 10.0) -> list[bytes]:
-        c = self._consumer
         try:
-            if self._pos is None:
-                meta = c.list_topics(self.topic, timeout=timeout_s).topics.get(self.topic)
-                if meta is None or meta.error is not None:
-                    raise EventLogError(f"topic {self.topic} does not exist (run `tier3 topics create`)")
-                self._pos = {p: 0 for p in sorted(meta.partitions)}
-                c.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in self._pos])
-            ends = {p: hi for p, (_lo, hi) in kio.watermarks(c, self.topic, self._pos, timeout_s).items()}
+            return [msg.value() or b"" for msg in self._follower.read_new(timeout_s)]
+        except kio.TopicMissing as exc:
+            raise EventLogError(exc.args[0].str() if exc.args else str(exc)) from None
         except KafkaException as exc:
             raise EventLogError(f"cannot read {self.topic}: {exc}") from None
-        out: list[bytes] = []
-        deadline = time.monotonic() + timeout_s
-        while any(self._pos[p] < e for p, e in ends.items()) and time.monotonic() < deadline:
-            msg = c.poll(0.2)
-            if msg is None:
-                for tp in c.position([TopicPartition(self.topic, p) for p in self._pos]):
-                    if tp.offset >= 0:  # compaction leaves gaps: the fetch position is past them
-                        self._pos[tp.partition] = max(self._pos[tp.partition], tp.offset)
-                continue
-            if msg.error() is not None:
-                continue
-            self._pos[msg.partition() or 0] = (msg.offset() or 0) + 1
-            out.append(msg.value() or b"")
-        return out
 
     def close(self) -> None:
-        self._consumer.close()
+        self._follower.close()
 
 
 @dataclass
