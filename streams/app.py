@@ -484,41 +484,33 @@ def records_between(settings: StreamsSettings, topic: str, partition: int, start
 
 async def _follow_training_runs(settings: StreamsSettings, apply: Sequence[Callable[[TrainingRun], None]]) -> None:
     """Read training-runs and trainer-status (heartbeats) from the beginning, outside the consumer group: every
-    worker sees every event, and hands each to every function of ``apply``."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-    from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
+    worker sees every event, and hands each to every function of ``apply``: the one follower
+    (:class:`schemas.follow.TopicFollower`, reconnecting after the retry policy's pause), its blocking reads on a
+    thread of their own, ``apply`` on the event loop."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    # security exactly as Faust's own consumer gets it (SASL_SSL needs the TLS context as well as the SASL user)
-    kwargs: dict[str, Any] = {"bootstrap_servers": settings.kafka_bootstrap_servers, "group_id": None,
-                              "enable_auto_commit": False, "auto_offset_reset": "earliest",
-                              "max_partition_fetch_bytes": settings.topic_max_message_bytes,
-                              **credentials_to_aiokafka_auth(settings.faust_credentials())}
-    while True:
-        consumer = AIOKafkaConsumer(**kwargs)
-        try:
-            await consumer.start()
-            topics = [settings.training_runs_topic, settings.trainer_status_topic]
-            consumer.assign([TopicPartition(t, p) for t in topics
-                             for p in sorted(consumer.partitions_for_topic(t) or {0})])
-            await consumer.seek_to_beginning()
-            while True:
-                batch = await consumer.getmany(timeout_ms=1000)
-                for records in batch.values():
-                    for rec in records:
-                        try:
-                            run = decode(rec.value or b"", TrainingRun, max_bytes=settings.max_record_bytes)
-                        except SchemaError as exc:  # not ours to dead-letter (the trainer owns the topic)
-                            log.warning("skipping bad training-runs record at offset %s: %s", rec.offset, exc)
-                            continue
-                        for fn in apply:
-                            fn(run)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.warning("training-runs reader: %s: %s; retrying in 5 s", type(exc).__name__, exc)
-            await asyncio.sleep(5)
-        finally:
-            await consumer.stop()
+    from schemas.follow import TopicFollower
+
+    follower = TopicFollower(settings, [settings.training_runs_topic, settings.trainer_status_topic],
+                             "worker-runs", missing="wait")
+    reads = ThreadPoolExecutor(1, thread_name_prefix="tier3-runs-reader")
+    try:
+        while True:
+            try:
+                records = await asyncio.get_running_loop().run_in_executor(reads, follower.poll, 1.0)
+                for rec in records:
+                    try:
+                        run = decode(rec.value() or b"", TrainingRun, max_bytes=settings.max_record_bytes)
+                    except SchemaError as exc:  # not ours to dead-letter (the trainer owns the topic)
+                        log.warning("skipping bad training-runs record at offset %s: %s", rec.offset(), exc)
+                        continue
+                    for fn in apply:
+                        fn(run)
+            except Exception as exc:
+                log.warning("training-runs reader: %s: %s; retrying", type(exc).__name__, exc)
+    finally:
+        reads.submit(follower.close)  # after the read in flight, on the thread that reads
+        reads.shutdown(wait=False)
 
 
 __all__ = ["WorkerState", "changelog_spec", "create_app"]
