@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from streams.redaction import redact
 from streams.router_stats import no_router_block
 from streams.runs_view import RunHistory
 from streams.settings import StreamsSettings
+from streams.stall import StallWatch
 from streams.teachers import Teacher, make_teacher
 from streams.topics import ensure_topics
 
@@ -140,6 +141,11 @@ class WorkerState:
         self.windows: Callable[[], dict[str, Any]] = lambda: {}
         self.online_eval: Callable[[], dict[str, Any]] = dict  # streams/online_eval.py
         self.router: Callable[[], dict[str, Any]] = no_router_block  # streams/router_stats.py
+        self.guard = OffsetGuard()  # outlives the agent instance: what was delivered before a restart still counts
+        self.stalls = StallWatch(settings.tier3_stall_s)
+        # work in flight per partition, and whether the agent waits for room (set by the agent)
+        self.pending: Callable[[], Mapping[Any, int]] = dict
+        self.blocked: Callable[[], bool] = lambda: False
 
     def status(self) -> dict[str, Any]:
         ts = self.teacher_stats
@@ -155,6 +161,9 @@ class WorkerState:
                         "calls": ts.calls, "errors": ts.errors, "error_rate": ts.error_rate,
                         "latency_ms_p50": ts.percentile_ms(0.50), "latency_ms_p95": ts.percentile_ms(0.95)},
             "dead_letters": {"count": self.counts["dead_lettered"], "by_reason": dict(self.dead_by_reason)},
+            # holes in the delivered offsets recovered in place by a seek back (streams.inflight.OffsetGuard)
+            "offset_guard": {"rewinds": self.guard.rewinds, "dropped_while_rewinding": self.guard.dropped,
+                             "stalls_recovered": self.stalls.recovered},
             "trainer": self.trainer.block(now_ms),
             "router": None,
             "online_eval": self.online_eval(),
@@ -233,13 +242,15 @@ def create_app(settings: StreamsSettings, teacher: Teacher | None = None) -> tup
     router = router_stats.RouterStats(app, settings)
     state.router = router.block
 
-    guard = OffsetGuard()  # outlives the agent instance: what was delivered before a restart of it still counts
-
     @app.agent(experiences, concurrency=1)
     async def process_experiences(stream: StreamT) -> None:
         # concurrency=1 on purpose: this one instance acknowledges in offset order (streams/inflight.py)
         await _process(app, stream.noack(), settings, state,  # type: ignore[attr-defined]
-                       observers=[router.observe], guard=guard)
+                       observers=[router.observe], guard=state.guard)
+
+    @app.timer(settings.tier3_stall_s / 3)
+    async def watch_stalls() -> None:
+        await _watch_stalls(app, settings, state)
 
     @app.agent(traces)
     async def count_traces(stream: StreamT) -> None:
@@ -331,6 +342,48 @@ def _lag(app: faust.App, settings: StreamsSettings, state: WorkerState) -> dict[
     return out
 
 
+async def _watch_stalls(app: faust.App, settings: StreamsSettings, state: WorkerState) -> None:
+    """One look of the stall watch (streams/stall.py): recover the stalled partitions in place."""
+    topic = settings.experiences_topic
+    try:
+        assigned = frozenset(tp.partition for tp in app.consumer.assignment() if tp.topic == topic)
+    except Exception:  # not started yet
+        return
+    now = time.monotonic()
+    state.stalls.assigned(assigned, now)
+    if not assigned or app.rebalancing or now - state.stalls.assigned_at < state.stalls.stall_s:
+        return
+    committed = {tp.partition: off for tp, off in faust_adapter.committed_offsets(app).items() if tp.topic == topic}
+    nxt = {p: state.guard.next_expected(p, committed.get(p)) for p in assigned}
+    try:
+        high = await asyncio.get_running_loop().run_in_executor(None, high_watermarks, settings, sorted(assigned))
+    except Exception as exc:  # the broker away: the next look tries again
+        log.debug("stall watch: no watermarks (%s)", type(exc).__name__)
+        return
+    pending = {int(p): n for p, n in state.pending().items()}
+    for p in state.stalls.stalled(time.monotonic(), next_expected=nxt, high=high, pending=pending,
+                                  blocked=state.blocked()):
+        offset = nxt[p]
+        assert offset is not None
+        log.warning("partition %d: %d record(s) from offset %d wait in the log and none was delivered for %.0f s "
+                    "(fetcher state %s); resuming it and seeking back to %d in place", p, high[p] - offset, offset,
+                    state.stalls.stall_s, faust_adapter.fetch_state(app, topic, p), offset)
+        state.stalls.recovering(p, time.monotonic())
+        try:
+            await faust_adapter.unstick(app, topic, p, offset)
+        except Exception as exc:  # revoked meanwhile: its new owner reads it from the committed offset
+            log.warning("partition %d: the recovery failed (%s: %s)", p, type(exc).__name__, exc)
+
+
+def high_watermarks(settings: StreamsSettings, partitions: Sequence[int]) -> dict[int, int]:
+    """The experiences topic's high watermark per partition, asked of the broker."""
+    c = kio.reader(settings, "stall-watch")
+    try:
+        return {p: hi for p, (_lo, hi) in kio.watermarks(c, settings.experiences_topic, list(partitions)).items()}
+    finally:
+        c.close()
+
+
 async def _process(app: faust.App, stream: StreamT, settings: StreamsSettings, state: WorkerState,
                    observers: Sequence[Callable[[Experience, int], None]] = (),
                    guard: OffsetGuard | None = None) -> None:
@@ -354,6 +407,7 @@ async def _process(app: faust.App, stream: StreamT, settings: StreamsSettings, s
     out = DeliveryProducer(settings, client_id=f"tier3-worker-{settings.worker_id}")
     acker: InOrderAcker[EventT] = InOrderAcker(stream.ack, settings.max_pending, fatal, on_acked)
     acker_task = asyncio.ensure_future(acker.run())
+    state.pending, state.blocked = acker.pending_by_partition, lambda: acker.full
 
     async def write_dead_letter(dl: DeadLetter, source: Source) -> None:
         # built to fit (schemas.dead_letters: bounded key, value within letter_budget). A write refused anyway (a
@@ -425,17 +479,26 @@ async def _process(app: faust.App, stream: StreamT, settings: StreamsSettings, s
     try:
         async for event in stream.events():
             msg = event.message
+            state.stalls.delivered(msg.partition)
+            if guard.stale(msg.partition, msg.offset):
+                continue  # fetched before a seek back: not processed, not acknowledged; it is delivered again
             skipped_from = guard.check(msg.partition, msg.offset, committed)
             if skipped_from is not None:
-                n = await loop.run_in_executor(None, records_between, settings, msg.topic, msg.partition,
-                                               skipped_from, msg.offset)
-                if n:
-                    # never acknowledge past records that were not processed: stop, the restart re-reads them
-                    await fatal(SkippedRecords(
-                        f"partition {msg.partition}: records {skipped_from}..{msg.offset - 1} ({n} of them) were "
-                        f"never delivered to the worker, which got offset {msg.offset} next; stopping before "
-                        f"acknowledging anything after them (the restart reads them again)"))
-                    return
+                first = await loop.run_in_executor(None, first_record, settings, msg.topic, msg.partition,
+                                                   skipped_from, msg.offset)
+                if first is not None:
+                    # never acknowledge past records that were not processed: re-read them in place
+                    what = (f"partition {msg.partition}: records from {first} to {msg.offset - 1} were never "
+                            f"delivered to the worker, which got offset {msg.offset} next")
+                    try:
+                        await faust_adapter.seek_back(app, msg.topic, msg.partition, first)
+                    except Exception as exc:  # e.g. revoked meanwhile: stop, the restart re-reads them
+                        await fatal(SkippedRecords(f"{what}; the seek back failed ({type(exc).__name__}: {exc}), "
+                                                   "stopping before acknowledging anything after them"))
+                        return
+                    guard.rewind(msg.partition, first)
+                    log.warning("%s; sought back to %d, nothing after it is acknowledged before it", what, first)
+                    continue
                 guard.accept(msg.partition, msg.offset)  # only markers, or records deleted by retention
             raw: bytes = msg.value if isinstance(msg.value, bytes) else bytes(msg.value or b"")
             source = Source(msg.topic, msg.partition, msg.offset, msg.key)
@@ -465,19 +528,22 @@ async def _process(app: faust.App, stream: StreamT, settings: StreamsSettings, s
 
 
 class SkippedRecords(Exception):
-    """Faust delivered a later offset while records before it were never delivered (see OffsetGuard)."""
+    """Faust delivered a later offset while records before it were never delivered, and the seek back to them
+    failed (see OffsetGuard)."""
 
 
-def records_between(settings: StreamsSettings, topic: str, partition: int, start: int, end: int) -> int:
-    """How many records ``[start, end)`` of one partition holds now (read_uncommitted, as the worker reads):
-    0 when the range is only transaction markers or was deleted by retention."""
+def first_record(settings: StreamsSettings, topic: str, partition: int, start: int, end: int) -> int | None:
+    """The offset of the first record in ``[start, end)`` of one partition now (read_uncommitted, as the worker
+    reads), or None when the range is only transaction markers or was deleted by retention."""
     c = kio.reader(settings, "offset-guard", **{"isolation.level": "read_uncommitted"})
     try:
         lo, hi = kio.watermarks(c, topic, [partition])[partition]
         start, end = max(start, lo), min(end, hi)
         if start >= end:
-            return 0
-        return sum(1 for _ in kio.iter_slice(c, topic, {partition: kio.Range(start, end)}, timeout_s=60))
+            return None
+        for m in kio.iter_slice(c, topic, {partition: kio.Range(start, end)}, timeout_s=60):
+            return int(m.offset() or 0)
+        return None
     finally:
         c.close()
 

@@ -67,6 +67,15 @@ class InOrderAcker(Generic[E]):
     def _wake_up(self, _fut: asyncio.Future[Any]) -> None:
         self._wake.set()
 
+    def pending_by_partition(self) -> dict[Hashable, int]:
+        """Work registered and not yet acknowledged, per partition."""
+        return {p: len(q) for p, q in self._queues.items() if q}
+
+    @property
+    def full(self) -> bool:
+        """Whether :meth:`add` is waiting for room (``max_pending`` reached)."""
+        return self.pending >= self.max_pending
+
     async def run(self) -> None:
         """Acknowledge finished heads of each partition's queue; runs as a task beside the agent."""
         while True:
@@ -105,7 +114,8 @@ class InOrderAcker(Generic[E]):
 
 
 class OffsetGuard:
-    """Notices records skipped by the consumer, before anything after them is acknowledged.
+    """Notices records skipped by the consumer, before anything after them is acknowledged, and tracks the seek
+    back that recovers them in place.
 
     Why: Faust's consumer treats a forward jump in the offsets it delivers as a gap (transaction markers,
     compaction) and commits across it once a later offset is acknowledged; around rebalances it can deliver a
@@ -114,12 +124,46 @@ class OffsetGuard:
     on a partition is one past the last one delivered here (in this or an earlier assignment: records delivered
     before a rebalance are still being worked on), or the group's committed offset (``baseline``) when that is
     further. A jump of more than one offset past it (one is a transaction marker) is reported; the caller reads the
-    range to see whether records were really there (``streams.app`` then stops the worker without acknowledging
-    the record: nothing after the hole is committed, and a restart reads it again).
+    range to see whether records were really there. If they are, ``streams.app`` seeks the partition back to the
+    first missing record and calls :meth:`rewind`: from then on, until that record arrives, every later offset of
+    the partition (fetched before the seek) is :meth:`stale`: dropped without being processed or acknowledged, as
+    it is delivered again after the seek. Nothing past the hole is acknowledged before the hole is processed.
     """
 
     def __init__(self) -> None:
         self._next: dict[int, int] = {}
+        self._rewind: dict[int, int] = {}  # partition -> the first missing record, sought back to
+        self.rewinds = 0  # holes recovered by a seek back (for /status)
+        self.dropped = 0  # records dropped while rewinding (delivered again after the seek)
+
+    def stale(self, partition: int, offset: int) -> bool:
+        """Whether the record is past a hole being re-read (:meth:`rewind`): drop it, it comes again. The record
+        sought back to (or any earlier one: a seek to the committed offset after a rebalance) ends the rewind."""
+        target = self._rewind.get(partition)
+        if target is None:
+            return False
+        if offset <= target:
+            del self._rewind[partition]
+            self._next[partition] = offset
+            return False
+        self.dropped += 1
+        return True
+
+    def rewinding(self, partition: int) -> int | None:
+        """The offset a partition was sought back to and has not reached yet, or None."""
+        return self._rewind.get(partition)
+
+    def rewind(self, partition: int, first_missing: int) -> None:
+        """The partition was sought back to ``first_missing`` (the first record of a hole)."""
+        self._rewind[partition] = first_missing
+        self._next[partition] = first_missing
+        self.rewinds += 1
+
+    def next_expected(self, partition: int, committed: int | None) -> int | None:
+        """The next offset expected of a partition: one past the last delivered here or the group's committed
+        offset, whichever is further (None when neither is known)."""
+        known = self._next.get(partition)
+        return max((x for x in (known, committed) if x is not None), default=None)
 
     def check(self, partition: int, offset: int, baseline: Callable[[int], int | None]) -> int | None:
         """The first offset that was skipped before ``offset`` (a jump of more than one), or None."""

@@ -79,6 +79,8 @@ class StreamsSettings(KafkaSettings):
     tier3_session_timeout_s: float = Field(30.0, ge=3, description="consumer group session timeout (s): how "
                                            "soon the group gives a dead worker's partitions to the others")
     tier3_commit_interval_s: float = Field(1.0, gt=0, description="how often Faust commits acknowledged offsets")
+    tier3_stall_s: float = Field(30.0, gt=0, description="an assigned partition with records waiting and nothing "
+                                 "delivered for this long is resumed and sought back in place (streams/stall.py)")
     tier3_window_s: int = Field(1800, ge=1, description="tumbling window of the trace count table (s); default "
                                 "is the original trainer's 30 min check interval")
     tier3_recent_windows: int = Field(5, ge=1, le=100, description="closed windows shown on /status")

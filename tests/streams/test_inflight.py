@@ -167,3 +167,42 @@ def test_offset_guard_across_rebalances() -> None:
     committed[3] = 500
     assert g.check(3, 500, committed.get) is None
     assert g.check(3, 520, committed.get) == 501
+
+
+def test_offset_guard_rewind_drops_what_was_fetched_before_the_seek_back() -> None:
+    from streams.inflight import OffsetGuard
+
+    g = OffsetGuard()
+    base: dict[int, int | None] = {0: 0}
+    for off in range(0, 5):
+        assert not g.stale(0, off) and g.check(0, off, base.get) is None
+    assert g.check(0, 9, base.get) == 5  # 5..8 never delivered
+    g.rewind(0, 5)  # the worker sought back to the first missing record
+    assert g.rewinding(0) == 5 and g.rewinds == 1
+    assert g.stale(0, 10) and g.stale(0, 11)  # fetched before the seek: dropped, delivered again later
+    assert g.dropped == 2
+    assert not g.stale(0, 5) and g.rewinding(0) is None  # the hole's first record ends the rewind
+    for off in range(5, 12):  # then everything in order, the dropped ones included
+        assert not g.stale(0, off) and g.check(0, off, base.get) is None
+    g.rewind(0, 20)
+    assert not g.stale(0, 12) and g.rewinding(0) is None  # a seek to an earlier offset (rebalance) ends it too
+
+
+# ------------------------------------------------------------------------------------------------ StallWatch
+
+def test_stall_watch_names_a_partition_with_records_waiting_and_no_delivery() -> None:
+    from streams.stall import StallWatch
+
+    w = StallWatch(stall_s=30)
+    w.assigned(frozenset({0, 1, 2}), now=0)
+    kw = {"next_expected": {0: 10, 1: 50, 2: None}, "high": {0: 20, 1: 50, 2: 99}, "pending": {}, "blocked": False}
+    assert w.stalled(20, **kw) == []  # too soon after the assignment
+    w.delivered(0, now=25)
+    assert w.stalled(40, **kw) == []  # partition 0 delivered 15 s ago; 1 has nothing waiting; 2 unknown
+    assert w.stalled(56, **kw) == [0]
+    assert w.stalled(56, **{**kw, "pending": {0: 3}}) == []  # work in flight on it: waiting for the teacher
+    assert w.stalled(56, **{**kw, "blocked": True}) == []  # the agent waits for room: nobody is delivered
+    w.recovering(0, now=56)
+    assert w.recovered == 1 and w.stalled(60, **kw) == []  # its clock restarts
+    w.assigned(frozenset({0, 1}), now=100)  # a rebalance restarts every clock
+    assert w.stalled(120, **kw) == [] and w.stalled(131, **kw) == [0]

@@ -274,12 +274,13 @@ def test_untrusted_teacher_text_is_dead_lettered_and_counted(streams_settings: C
     assert trace.experience_id == "clean-000000"
 
 
-def test_records_between_counts_what_the_range_holds(streams_settings: Callable[..., StreamsSettings]) -> None:
-    """The offset guard's check against the log: records in a range, clamped to what the partition holds."""
-    from streams.app import records_between
+def test_first_record_finds_what_the_range_holds(streams_settings: Callable[..., StreamsSettings]) -> None:
+    """The offset guard's check against the log: the first record in a range, clamped to what the partition
+    holds (None: nothing there, e.g. only transaction markers or past the end)."""
+    from streams.app import first_record
 
     s = streams_settings(tier3_partitions=1)
     produce_values(s, s.experiences_topic, [(f"k{i}", b"{}") for i in range(10)])
-    assert records_between(s, s.experiences_topic, 0, 2, 7) == 5
-    assert records_between(s, s.experiences_topic, 0, 8, 50) == 2  # up to the high watermark
-    assert records_between(s, s.experiences_topic, 0, 10, 12) == 0
+    assert first_record(s, s.experiences_topic, 0, 2, 7) == 2
+    assert first_record(s, s.experiences_topic, 0, 8, 50) == 8  # up to the high watermark
+    assert first_record(s, s.experiences_topic, 0, 10, 12) is None

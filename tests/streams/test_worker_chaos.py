@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections import Counter
@@ -127,8 +128,13 @@ def test_wrong_api_key_stops_the_worker_without_committing(streams_settings: Cal
     assert {decode(m.value() or b"", EnrichedTrace).experience_id for m in traces} == {e.experience_id for e in exps}
 
 
+#: runs of the scale-out test: 1 in the suite; ``TIER3_CHAOS_RUNS=20 pytest -m chaos -k scale_out`` is the loop
+CHAOS_RUNS = int(os.environ.get("TIER3_CHAOS_RUNS", "1"))
+
+
 @pytest.mark.chaos
-def test_scale_out_three_workers_one_killed_one_added(streams_settings: Callable[..., StreamsSettings],
+@pytest.mark.parametrize("run", range(CHAOS_RUNS))
+def test_scale_out_three_workers_one_killed_one_added(run: int, streams_settings: Callable[..., StreamsSettings],
                                                       start_worker: Callable[..., WorkerProcess],
                                                       teacher_server: FakeTeacherServer,
                                                       record_property: Callable[[str, object], None]) -> None:
@@ -170,50 +176,22 @@ def test_scale_out_three_workers_one_killed_one_added(streams_settings: Callable
             time.sleep(2)
         return ids
 
-    ids = wait_all_traced(180)
+    # no restart, no supervisor: a partition that stops being delivered is recovered in place by the worker's
+    # stall watch (streams/stall.py, TIER3_STALL_S) and a hole in the delivered offsets by the offset guard's seek back
+    ids = wait_all_traced(180 + 3 * s.tier3_stall_s)
     missing = expected - set(ids)
+    guards = [w.status()["offset_guard"] for w in (*workers, w4) if w.proc.poll() is None]
+    record_property("offset_guard", guards)
+    print(f"\nscale-out: offset guard of the live workers {guards}")
     if missing:
-        # A known stall (README, "Not done"): rarely, a partition that a survivor keeps across the rebalance
-        # stops being processed, its committed offset held before the unprocessed messages. The guarantee is
-        # at-least-once, so check that it is a stall and not a loss: the group's committed offset is at or before
-        # every missing experience, and a restart of the workers redelivers them.
         where = {exp_id: (p, off) for p, off, exp_id in experience_positions(s)}
         committed = group_committed(s)
         lost = sorted(where[e] for e in missing if committed.get(where[e][0], -1) > where[e][1])
         assert not lost, f"committed past unprocessed experiences (a loss): {lost[:10]}"
         stalled = sorted({where[e][0] for e in missing})
-        record_property("stalled_partitions", stalled)
-        print(f"\nscale-out: {len(missing)} sampled experiences not traced on partitions {stalled} "
-              f"(committed {committed}); restarting the workers")
-        for w in [*workers, w4]:
-            if w.proc.poll() is None:
-                w.stop()
-        restarted = [start_worker(s, f"r{i}") for i in (1, 2)]
-        for w in restarted:
-            w.wait_ready(180)
-        # the supervisor's part (docs/guarantees.md item 7; the stall is README "Not done"): a worker whose offset
-        # guard finds a hole stops and is restarted; a worker that makes no progress for 60 s while sampled
-        # experiences are untraced (the stall, seen again after a restart here) is restarted too, up to four times
-        deadline = time.monotonic() + 480
-        spare, progress_at, seen = 4, time.monotonic(), len(traced())
-        while time.monotonic() < deadline:
-            ids = wait_all_traced(20)
-            if set(ids) >= expected:
-                break
-            if len(ids) > seen:
-                seen, progress_at = len(ids), time.monotonic()
-            exited = [w for w in restarted if w.proc.poll() is not None]
-            if spare > 0 and (exited or time.monotonic() - progress_at > 60):
-                spare -= 1
-                print(f"scale-out: {len(exited)} restarted worker(s) exited, no progress for "
-                      f"{time.monotonic() - progress_at:.0f} s: restarting them ({4 - spare} of 4)")
-                for w in restarted:
-                    if w.proc.poll() is None:
-                        w.stop()
-                restarted = [start_worker(s, f"r{i}-{4 - spare}") for i in (1, 2)]
-                for w in restarted:
-                    w.wait_ready(180)
-                progress_at = time.monotonic()
+        raise AssertionError(f"a stall: {len(missing)} sampled experiences not traced on partitions {stalled} "
+                             f"(committed {committed}); worker logs:\n" + "\n".join(
+                                 w.log_tail(3000) for w in (*workers, w4)))
     assert set(ids) == expected, f"missing {len(expected - set(ids))}, extra {len(set(ids) - expected)}"
     duplicates = sum(ids.values()) - len(ids)
     record_property("duplicates", duplicates)
