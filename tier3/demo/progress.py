@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+from schemas import TrainingRun
 from tier3.demo.display import version_label
 from tier3.demo.monitor import Observed, RunInfo
 from tier3.demo.options import REPO_ROOT, DemoOptions, Session
@@ -32,10 +33,17 @@ def finished(obs: Observed, session: Session, opts: DemoOptions, state: DemoStat
         return False, ""
     if any(run_pending(r, state.closers.get(r.run_id), opts) for r in obs.runs.values()):
         return False, ""
-    hb = obs.heartbeat
-    if hb is not None and hb.training_in_progress:
+    if trainer_busy(obs.heartbeat):
         return False, ""
     return True, "complete"
+
+
+def trainer_busy(hb: TrainingRun | None) -> bool:
+    """The trainer's heartbeat says a run trains or a committed run's close loop runs (its partitions are held
+    for ``run`` or ``close_loop``, trainer/hold.py); ``training_in_progress`` alone is true only while training."""
+    if hb is None:
+        return False
+    return bool(hb.training_in_progress) or bool({"run", "close_loop"} & set(hb.details.get("held_for") or ()))
 
 
 def run_pending(r: RunInfo, closer: Child | None, opts: DemoOptions) -> bool:
@@ -75,7 +83,7 @@ def maybe_train_now(obs: Observed, session: Session, state: DemoState) -> None:
     if total == 0 or obs.traces_committed >= total or total in requested:
         return
     hb = obs.heartbeat
-    if hb is None or hb.training_in_progress:
+    if hb is None or trainer_busy(hb):
         return
     # only once the trainer has read every trace it has not trained on (else the run would take a few of them
     # and the rest would wait for the next trigger)
