@@ -146,7 +146,8 @@ class TrainerEvents:
                   details: dict[str, Any]) -> None:
         """The live status, on the compacted trainer-status topic (never on training-runs). ``details`` carry what
         the trainer does: ``stage``, ``stage_since_ms``, ``step``, ``total_steps``, ``loss``, ``eta_s``
-        (trainer/stage.py; ``training_in_progress`` only says that the partitions are held)."""
+        (trainer/stage.py) and ``held_for`` (why its partitions are paused); ``training_in_progress`` is true while
+        a run trains or is evaluated before its commit, not while its close loop runs (trainer/heartbeat.py)."""
         hb = TrainingRun(run_id=self.heartbeat_run_id, event="heartbeat", at_ms=now_ms(),
                          model_name=self.settings.tier3_student_name, training_in_progress=training_in_progress,
                          last_check_time_ms=last_check_time_ms, check_interval_s=self.settings.tier3_check_interval_s,

@@ -1,7 +1,8 @@
 """The commit protocol: a model first, then its manifest, then the offsets, then the news. Nothing else commits.
 
 :func:`train_and_commit` is the whole protocol, as numbered steps. The consumer (``trainer/consumer.py``) decides
-*when* to run it and what to do when it raises (publish ``failed``, commit nothing, seek back, back off, retry);
+*when* to run it and what to do when it raises (publish ``failed`` with :func:`publish_failed`, commit nothing,
+seek back, back off, retry);
 this module decides *in which order* things become durable, because that order is what makes the guarantee:
 
     committed offsets of the trainer group  ==  traces inside a successfully trained, recorded model.
@@ -27,12 +28,13 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from trainer.dataset import BuiltDataset
-from trainer.errors import AdapterError, CommitFailed, ManifestError
+from trainer.errors import AdapterError, CommitFailed, DatasetError, ManifestError, TrainerError
 from trainer.events import TrainerEvents, now_ms
 from trainer.manifest import ADAPTER_NAME, DatasetInfo, OffsetRange, RunManifest, list_manifests, write_manifest
 from trainer.replay import TraceRecord, install_dir, project_dataset, read_ranges
 from trainer.settings import TrainerSettings
 from trainer.sft_config import SFTConfig
+from trainer.trigger import backoff_s
 
 log = logging.getLogger("tier3.trainer.protocol")
 
@@ -211,6 +213,29 @@ def publish_succeeded(manifest: RunManifest, ctx: RunContext) -> RunManifest:
     except ManifestError as exc:  # the next start publishes `succeeded` again: harmless, readers key on run_id
         log.error("run %s: could not record that `succeeded` was published: %s", manifest.run_id, exc)
     return manifest
+
+
+def publish_failed(batch: Batch, run_id: str, exc: Exception, ctx: RunContext, *, failures: int) -> float:
+    """A run failed before its commit: log it, publish ``failed`` (with the retry's wait) and wait for it to be
+    acknowledged. Returns how long to back off before the retry: none after an empty dataset (retrying the same
+    traces cannot help; the trigger waits for more of them), the trainer's back-off after ``failures``
+    consecutive failures when the error is retryable (an unexpected exception is assumed transient), the longest
+    back-off otherwise (it needs an operator: retry rarely)."""
+    s = ctx.settings
+    retryable = bool(getattr(exc, "retryable", True))
+    if isinstance(exc, DatasetError):
+        wait_s = 0.0
+    elif retryable:
+        wait_s = backoff_s(failures, s.tier3_trainer_backoff_initial_s, s.tier3_trainer_backoff_max_s)
+    else:
+        wait_s = s.tier3_trainer_backoff_max_s
+    log.error("run %s failed (%s, retryable=%s): %s; nothing committed, retry in %.1f s", run_id,
+              type(exc).__name__, retryable, exc, wait_s, exc_info=not isinstance(exc, TrainerError))
+    ctx.events.failed(run_id, model_version=None, base_model=ctx.cfg.tier3_base_model, details={
+        **batch.describe(), "error": str(exc)[:2000], "error_type": type(exc).__name__,
+        "retryable": retryable, "retry_in_s": wait_s})
+    ctx.events.flush(5.0)
+    return wait_s
 
 
 def succeeded_details(m: RunManifest, s: TrainerSettings) -> dict[str, Any]:

@@ -5,7 +5,7 @@ A trainer that stopped in between finds the manifest at its next start:
 
 - committed but not announced (or the group's offsets already cover it): announce it (:meth:`Recovery.reconcile`);
 - trained, not committed: remember it and commit it, without training again, once the batch it describes is
-  back in memory in full (:meth:`Recovery.ready`); a manifest whose offsets the group moved past (another
+  back in memory in full (:meth:`Recovery.commit_ready`); a manifest whose offsets the group moved past (another
   trainer took a partition over), or whose batch does not come back in time, is stale and forgotten: its traces
   train again.
 
@@ -17,9 +17,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 from trainer.accumulation import Accumulator
-from trainer.manifest import RunManifest
+from trainer.errors import ManifestError
+from trainer.manifest import RunManifest, read_manifest
 
 log = logging.getLogger("tier3.trainer.recovery")
 
@@ -55,6 +57,16 @@ class Recovery:
     def remember(self, manifest: RunManifest) -> None:
         """A recorded run to commit (not retrain) once its batch is back (its commit was refused)."""
         self.uncommitted.append(manifest)
+
+    def remember_recorded(self, run_dir: Path) -> None:
+        """A run whose commit was refused: if its model and manifest are durable (state ``trained``), commit it
+        once its batch is back in full, do not train it again."""
+        try:
+            m = read_manifest(run_dir)
+        except ManifestError:
+            return
+        if m.state == "trained":
+            self.remember(m)
 
     def ready(self, assigned: set[int], pending: Accumulator) -> Iterator[RunManifest]:
         """The remembered manifests whose batch is back in memory in full, to commit now (call :meth:`done`
@@ -92,3 +104,18 @@ class Recovery:
     def done(self, manifest: RunManifest) -> None:
         """``manifest`` (from :meth:`ready`) is committed."""
         self.uncommitted.remove(manifest)
+
+    def commit_ready(self, assigned: set[int], pending: Accumulator,
+                     commit: Callable[[RunManifest], object]) -> Iterator[RunManifest]:
+        """:meth:`ready`, then for each: ``commit`` it, drop its traces from ``pending`` (their ids join
+        ``pending.known``: a later duplicate of one is not new) and yield it. A failed commit raises out of the
+        iteration; that manifest and the rest wait for the next call."""
+        for m in self.ready(assigned, pending):
+            commit(m)
+            ids = set().union(*(pending.ids_below(p, r.end) for p, r in m.offsets.items()))
+            for p, r in m.offsets.items():
+                pending.trim(p, r.end)
+            pending.known.update(ids)
+            pending.recount()
+            self.done(m)
+            yield m

@@ -1,19 +1,20 @@
 """What the trainer is doing right now, for its heartbeat: the stage, the step, the latest loss, an ETA.
 
-The consumer (``trainer/consumer.py``) owns one :class:`StageHolder`, sets the stages it sees itself (``training``,
-``evaluating`` in the commit protocol's evaluation hook, ``close_loop`` for the whole after-run step, ``idle``) and
-reads the holder whenever it builds a heartbeat. Code that runs *inside* those steps reports through the
-module-level functions, without importing the consumer:
+The consumer (``trainer/consumer.py``) owns one :class:`StageHolder` and sets the stages it sees itself
+(``training``, ``evaluating`` in the commit protocol's evaluation hook, ``idle``); its close-loop queue
+(``trainer/close_loop_queue.py``) sets ``close_loop`` for the whole after-run step; its heartbeat
+(``trainer/heartbeat.py``) reads the holder whenever it sends one. Code that runs *inside* those steps reports
+through the module-level functions, without importing the consumer:
 
 - :func:`set_stage` — the close loop's ``after_run`` says which of its steps runs (``exporting``,
-  ``evaluating_served``, ``gating``, ``registering``); the consumer sets ``idle`` when ``after_run`` returns, so a
+  ``evaluating_served``, ``gating``, ``registering``); the queue sets ``idle`` when ``after_run`` returns, so a
   sub-stage never outlives the step;
 - :func:`record_loss` — the training callback (``trainer.sft_trainer._Progress``) passes on every logged loss.
 
-They reach the holder that the consumer bound to the current thread (:func:`bound`: the consumer binds its holder
-in each worker thread it starts, so two consumers in one process never mix). Outside such a thread (``tier3
-close-loop``, ``tier3 eval``, tests) they go to a process-wide holder that nothing reads: calling them is always
-safe and cheap. Thread-safe: the worker thread writes, the consumer's loop thread reads.
+They reach the holder that the consumer bound to the current thread (:func:`bound`: trainer/worker.py binds the
+consumer's holder in each worker thread it starts, so two consumers in one process never mix). Outside such a
+thread (``tier3 close-loop``, ``tier3 eval``, tests) they go to a process-wide holder that nothing reads: calling
+them is always safe and cheap. Thread-safe: the worker thread writes, the consumer's loop thread reads.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ Stage = Literal["idle", "training", "evaluating", "close_loop", "exporting", "ev
                 "registering"]
 #: every stage a heartbeat may report, in the order a run goes through them
 STAGES: tuple[str, ...] = get_args(Stage)
+#: the stages of a run before its commit: the heartbeat's ``training_in_progress`` is true in these only
+RUN_STAGES = ("training", "evaluating")
 #: the steps of the close loop (``trainer.close_loop.gate.after_run``), inside the consumer's ``close_loop``
 CLOSE_LOOP_STAGES = ("exporting", "evaluating_served", "gating", "registering")
 

@@ -499,7 +499,8 @@ def test_heartbeats_say_the_stage_with_step_loss_and_eta_while_training_then_idl
         make_settings: Callable[..., Any], tiny_model: Path) -> None:
     """The heartbeat's ``details.stage`` follows the run: training (step, total, the latest loss, an ETA),
     evaluating (the commit protocol's hook), close_loop and the steps ``after_run`` reports with
-    ``trainer.stage.set_stage``, then idle. A stage change is sent at once, not at the next interval (here 30 s)."""
+    ``trainer.stage.set_stage``, then idle. A stage change is sent at once, not at the next interval (here 30 s).
+    ``training_in_progress`` is true while training and evaluating only, not while the gate and export run."""
     import time
 
     from trainer.stage import record_loss, set_stage
@@ -510,7 +511,7 @@ def test_heartbeats_say_the_stage_with_step_loss_and_eta_while_training_then_idl
     def beat_sent() -> None:
         """Wait (in the worker thread) until the loop thread sent a heartbeat after the last stage change."""
         deadline = time.monotonic() + 20
-        while tc._stage_sent < tc.stage.changes:
+        while tc.heartbeat.sent < tc.stage.changes:
             assert time.monotonic() < deadline, "no heartbeat after a stage change"
             time.sleep(0.02)
 
@@ -521,9 +522,9 @@ def test_heartbeats_say_the_stage_with_step_loss_and_eta_while_training_then_idl
             record_loss(1.0 / step)
             time.sleep(0.4)
         # a periodic heartbeat while training (forced here: the interval is long)
-        tc._next_status_mono = 0.0
+        tc.heartbeat.next_mono = 0.0
         deadline = time.monotonic() + 20
-        while tc._next_status_mono == 0.0:
+        while tc.heartbeat.next_mono == 0.0:
             assert time.monotonic() < deadline, "no heartbeat while training"
             time.sleep(0.02)
         adapter = out_dir / "adapter"
@@ -556,6 +557,14 @@ def test_heartbeats_say_the_stage_with_step_loss_and_eta_while_training_then_idl
     late = training[-1].details
     assert late["step"] == 3 and late["total_steps"] == 8 and late["loss"] == pytest.approx(1 / 3, abs=1e-3)
     assert 0.0 < late["eta_s"] <= 5.0, late  # 5 steps left at about 0.4 s a step
-    assert all(b.training_in_progress for b in beats if b.details["stage"] in ("evaluating", "gating"))
+    assert all(b.training_in_progress and b.details["held_for"] == ["run"] for b in beats
+               if b.details["stage"] in ("training", "evaluating"))
+    # the gate and the export are not training: the heartbeat says which step runs, and that the partitions are
+    # held for the close loop (the next batch waits for it)
+    closing = [b for b in beats if b.details["stage"] in ("close_loop", "exporting", "evaluating_served", "gating",
+                                                          "registering")]
+    assert closing and all(b.training_in_progress is False and b.details["held_for"] == ["close_loop"]
+                           and b.details["run_id"] == stats.last_run_id for b in closing), closing
     assert beats[-1].details["stage"] == "idle" and beats[-1].training_in_progress is False
+    assert beats[-1].details["held_for"] == []
     assert beats[-1].details["eta_s"] is None and beats[-1].details["stage_since_ms"] <= beats[-1].at_ms
