@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import faust
-import msgspec
 from faust.types import EventT, StreamT
 from prometheus_client.exposition import generate_latest
 
@@ -215,26 +214,35 @@ def create_app(settings: StreamsSettings, teacher: Teacher | None = None) -> tup
     # raw bytes in: bad input must reach schemas.decode (and the dead letter) exactly as it was written
     experiences = app.topic(settings.experiences_topic, partitions=settings.tier3_partitions, key_type=bytes,
                             value_type=bytes, key_serializer="raw", value_serializer="raw")
-    traces = app.topic(settings.traces_topic, partitions=settings.tier3_partitions, key_type=bytes,
-                       value_type=bytes, key_serializer="raw", value_serializer="raw")
 
-    # the count table: partitions = the traces topic's, so its changelog matches its source (Faust's rule)
+    # Traces are counted where they are written: inside the experience's event, when its trace is acknowledged
+    # (count_trace below), so the worker never reads enriched-traces back. The changelog partition of both tables is
+    # the event's, the experience's partition number, which is also the trace's (traces keep their experience's
+    # partition number): co-partitioned with the experiences the agent reads, as Faust requires.
     counts_table = app.Table(COUNT_TABLE, default=int, partitions=settings.tier3_partitions, key_type=str,
                              value_type=int)
     tally = WindowCounts(settings.tier3_window_s, keep_windows=settings.tier3_recent_windows + 1)
-    state.windows = lambda: tally.view(counts_table, _assigned(app, settings.traces_topic), time.time(),
+    state.windows = lambda: tally.view(counts_table, _assigned(app, settings.experiences_topic), time.time(),
                                        settings.tier3_recent_windows)
     state.lag = lambda: _lag(app, settings, state)
 
     # online evaluation of the served student (streams/online_eval.py): a table keyed by task, arm, model version,
-    # window and partition; the traces agent (count_traces) scores shadow traces into it; a timer publishes closed
-    # windows
+    # window and partition; count_trace scores each shadow trace into it; a timer publishes closed windows
     ensure_topics(settings, [online_eval.changelog_spec(settings)])
     online_table = app.Table(online_eval.ONLINE_TABLE, default=dict, partitions=settings.tier3_partitions,
                              key_type=str)
-    online = online_eval.install(app, settings, traces, online_table, lambda: _assigned(app, settings.traces_topic),
-                                 agent=False)  # count_traces below scores each trace too: one read of the traces
+    online = online_eval.install(app, settings, online_table, lambda: _assigned(app, settings.experiences_topic))
     state.online_eval = lambda: online.block(time.time())
+
+    def count_trace(trace: EnrichedTrace, partition: int) -> None:
+        """A trace was written to ``partition``: count it and score it (runs in the experience's event)."""
+        now = time.time()
+        online.observe_trace(trace, partition, now, now)
+        due = tally.add(trace.task, partition, now, now, counts_table)
+        if due is not None:
+            counts_table[due[0]] = due[1]
+            for old in tally.expired(partition, now, list(counts_table.keys())):
+                del counts_table[old]
 
     # the router's per-arm statistics (streams/router_stats.py): a table over the experiences, fed by the
     # experiences agent; the promoted version, fed by the training-runs reader
@@ -246,27 +254,11 @@ def create_app(settings: StreamsSettings, teacher: Teacher | None = None) -> tup
     async def process_experiences(stream: StreamT) -> None:
         # concurrency=1 on purpose: this one instance acknowledges in offset order (streams/inflight.py)
         await _process(app, stream.noack(), settings, state,  # type: ignore[attr-defined]
-                       observers=[router.observe], guard=state.guard)
+                       observers=[router.observe], guard=state.guard, on_trace=count_trace)
 
     @app.timer(settings.tier3_stall_s / 3)
     async def watch_stalls() -> None:
         await _watch_stalls(app, settings, state)
-
-    @app.agent(traces)
-    async def count_traces(stream: StreamT) -> None:
-        # one agent over the traces feeds both tables, each write inside the trace's event (its partition)
-        async for event in stream.events():
-            msg = event.message
-            now = time.time()
-            online.observe(msg.value, msg.partition, msg.timestamp or now, now)
-            task = _task_of(event.value)
-            if task is None:
-                continue
-            due = tally.add(task, msg.partition, msg.timestamp or now, now, counts_table)
-            if due is not None:  # written in this event's context: the changelog partition is msg.partition
-                counts_table[due[0]] = due[1]
-                for old in tally.expired(msg.partition, now, list(counts_table.keys())):
-                    del counts_table[old]
 
     @app.task
     async def follow_training_runs() -> None:
@@ -293,24 +285,6 @@ def create_app(settings: StreamsSettings, teacher: Teacher | None = None) -> tup
             return web.html(page.read_text(encoding="utf-8"))
         return web.json({"app": "tier3-worker", "views": ["/status", "/metrics"]})
     return app, state
-
-
-class _TaskOnly(msgspec.Struct):
-    task: Any = None
-
-
-# the count agent needs one field of each trace: msgspec reads it without building the rest (a quarter of the cost
-# of a full parse of a ~3 KB trace)
-_TASK_ONLY = msgspec.json.Decoder(_TaskOnly)
-
-
-def _task_of(value: bytes | None) -> str | None:
-    """The ``task`` of a trace, or None when the value is not a JSON object or its task is not a string."""
-    try:
-        task = _TASK_ONLY.decode(value or b"").task
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
-    return task if isinstance(task, str) else None
 
 
 def _assigned(app: faust.App, topic: str) -> set[int] | None:
@@ -386,7 +360,8 @@ def high_watermarks(settings: StreamsSettings, partitions: Sequence[int]) -> dic
 
 async def _process(app: faust.App, stream: StreamT, settings: StreamsSettings, state: WorkerState,
                    observers: Sequence[Callable[[Experience, int], None]] = (),
-                   guard: OffsetGuard | None = None) -> None:
+                   guard: OffsetGuard | None = None,
+                   on_trace: Callable[[EnrichedTrace, int], None] | None = None) -> None:
     """Read experiences; start each one's work; acknowledge in order when its output is written.
 
     ``observers`` see every valid experience with its partition, inside that event's context (so a Faust table
@@ -458,6 +433,11 @@ async def _process(app: faust.App, stream: StreamT, settings: StreamsSettings, s
                     await (await out.send(settings.traces_topic, result.experience_id.encode(), value,
                                           source.partition))
                     counts["enriched"] += 1
+                    if on_trace is not None:
+                        try:  # the count and online tables: a failure there must not fail the trace
+                            on_trace(result, source.partition)
+                        except Exception:
+                            log.exception("counting the trace of %s failed", result.experience_id)
                     return
                 except DeliveryError as exc:
                     if not exc.too_large:  # e.g. the broker is away: fatal, redelivered after the restart

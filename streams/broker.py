@@ -420,7 +420,7 @@ def acl_table(names: PrincipalNames) -> dict[str, tuple[Grant, ...]]:
         ),
         "worker": (
             Grant("topic", t.experiences_topic, ("READ",), why="sampled and enriched (its group)"),
-            Grant("topic", t.traces_topic, ("READ", "WRITE"), why="writes traces; its count table reads them"),
+            Grant("topic", t.traces_topic, ("WRITE",), why="writes traces (counted as they are written)"),
             Grant("topic", t.dead_letters_topic, ("WRITE",), why="dead letters"),
             Grant("topic", t.online_eval_topic, ("WRITE",), why="closed online-eval windows"),
             Grant("topic", t.training_runs_topic, ("READ",), why="/status and the router statistics"),

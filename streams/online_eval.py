@@ -214,21 +214,26 @@ class OnlineEvaluator:
         return int(ts_s // self.size_s) * self.size_s
 
     def observe(self, value: bytes | None, partition: int, ts_s: float, now_s: float) -> None:
-        """Score one trace into the table. Must run inside the trace's event (the changelog partition is its)."""
+        """Score one encoded trace into the table (:meth:`observe_trace`)."""
         if not _peek(value):
             return
         try:
             trace = decode(value or b"", EnrichedTrace, max_bytes=self.settings.tier3_max_message_bytes)
-            series = arm_of(trace)
-            if series is None:
-                return
-            key = window_key(trace.task, series[0], series[1], self.window_start(ts_s), partition)
-            self.table[key] = add_trace(self.table[key], trace)
-            self.scored += 1
-        except SchemaError as exc:  # the worker wrote it; a bad one is the count agent's business, not ours
+        except SchemaError as exc:
             self.errors += 1
             log.warning("online eval: skipping an undecodable trace on partition %s: %s", partition, exc)
             return
+        self.observe_trace(trace, partition, ts_s, now_s)
+
+    def observe_trace(self, trace: EnrichedTrace, partition: int, ts_s: float, now_s: float) -> None:
+        """Score one trace into the table. Must run inside the event the trace was written for (the changelog
+        partition is its partition: the worker writes a trace to its experience's partition number)."""
+        series = arm_of(trace)
+        if series is None:
+            return
+        key = window_key(trace.task, series[0], series[1], self.window_start(ts_s), partition)
+        self.table[key] = add_trace(self.table[key], trace)
+        self.scored += 1
         cur = self.window_start(now_s)
         if self._swept.get(partition) == cur:
             return  # old keys are removed once per window and partition, not on every trace
@@ -329,24 +334,12 @@ def _old(key: Any, partition: int, cutoff: int) -> bool:
     return parsed is not None and parsed[4] == partition and parsed[3] < cutoff
 
 
-def install(app: faust.App, settings: StreamsSettings, traces_topic: Any, table: Any, assigned: Any, *,
-            agent: bool = True) -> OnlineEvaluator:
-    """Add the scoring agent (over enriched-traces) and the publishing timer to ``app``; return the logic.
-
-    ``agent=False``: no agent of its own; the caller's agent over the traces calls :meth:`OnlineEvaluator.observe`
-    for every trace, inside that trace's event (the worker does: one agent reads the traces once for the count
-    table and this table, instead of two streams each paying Faust's per-event cost)."""
+def install(app: faust.App, settings: StreamsSettings, table: Any, assigned: Any) -> OnlineEvaluator:
+    """Add the publishing timer to ``app``; return the logic. The worker scores each trace it writes
+    (:meth:`OnlineEvaluator.observe_trace`, inside the experience's event): no second read of enriched-traces."""
     online = OnlineEvaluator(settings, table, assigned)
     out_topic = app.topic(settings.online_eval_topic, key_type=bytes, value_type=bytes, key_serializer="raw",
                           value_serializer="raw")
-
-    if agent:
-        @app.agent(traces_topic)
-        async def score_traces(stream: Any) -> None:
-            async for event in stream.events():
-                msg = event.message
-                now = time.time()
-                online.observe(msg.value, msg.partition, msg.timestamp or now, now)
 
     @app.timer(min(1.0, settings.tier3_window_s / 4))
     async def publish_closed_windows() -> None:

@@ -12,7 +12,7 @@ from streams.teachers import RecordedTeacher
 from tests.streams.helpers import metric_value
 
 SHAPE = {"app", "worker_id", "uptime_s", "counts", "windows", "lag", "teacher", "dead_letters", "trainer", "router",
-         "online_eval"}
+         "online_eval", "offset_guard"}
 
 
 def state(tmp_path) -> WorkerState:  # type: ignore[no-untyped-def]
