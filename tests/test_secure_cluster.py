@@ -368,7 +368,8 @@ def test_each_service_principal_is_refused_what_it_must_not_do(principals: dict[
                  "trainer": {k.training_runs_topic, k.trainer_status_topic, k.trainer_control_topic,
                              k.dead_letters_topic},
                  "watcher": {k.training_runs_topic}}
-    may_read = {"worker": {k.experiences_topic, k.traces_topic, k.training_runs_topic, k.trainer_status_topic},
+    # the worker only writes traces: it counts them as it writes them, never reading them back
+    may_read = {"worker": {k.experiences_topic, k.training_runs_topic, k.trainer_status_topic},
                 "trainer": {k.traces_topic, k.training_runs_topic, k.trainer_control_topic},
                 "watcher": {k.online_eval_topic, k.training_runs_topic}}
     for svc, allowed in may_write.items():
@@ -381,8 +382,8 @@ def test_each_service_principal_is_refused_what_it_must_not_do(principals: dict[
             code = _read_error(principals[svc], topic)
             assert code == (None if topic in allowed else DENIED), (svc, topic, code)
 
-    # the worker may read traces, but neither join the trainer's groups nor commit for them (the trainer group's
-    # offsets say which traces are inside a model)
+    # the worker may neither join the trainer's groups nor commit for them (the trainer group's offsets say which
+    # traces are inside a model)
     worker = KafkaSettings(**_fields(principals["worker"]))
     admin = AdminClient({**worker.client_config(), "logger": _QUIET})
     for group in (trainer_group, f"{trainer_group}.control"):
