@@ -74,7 +74,8 @@ class RouterSettings(StreamsSettings):
     tier3_ab_salt: str = Field("tier3-ab-v1", description="salt of the A/B hash; changing it reshuffles users")
     tier3_student_base_url: str = Field("http://127.0.0.1:8088/v1", description="OpenAI-compatible endpoint "
                                         "serving the student (`tier3 serve`: llama-cpp-python's server; or "
-                                        "Ollama's /v1, vLLM)")
+                                        "Ollama's /v1, vLLM); several, comma-separated (`tier3 serve "
+                                        "--replicas N`): each call goes to the least busy")
     tier3_student_model: str = Field("cc-widget-selector:v{version}", description="student model name at that "
                                      "endpoint; {version} is replaced by the promoted version in force")
     tier3_student_api_key: SecretStr | None = Field(None, description="API key of the student endpoint (local "
@@ -242,58 +243,104 @@ class RoutedReply:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class _Endpoint:
+    """One student server: its client, its model list (cached) and the calls in flight on it."""
+
+    def __init__(self, base_url: str, key: str, settings: RouterSettings) -> None:
+        from streams.openai_client import OpenAIClient
+
+        self.base_url = base_url
+        self.client = OpenAIClient(base_url, key, settings.tier3_student_timeout_s, label="student", retries=1)
+        self.models: frozenset[str] | None = None  # None: the endpoint has no model list (not checked)
+        self.models_at = -math.inf
+        self.in_flight = 0
+
+
 class StudentClient:
-    """The student over an OpenAI-compatible endpoint (``tier3 serve`` by default), greedy, through
-    :class:`streams.openai_client.OpenAIClient` (the teacher's client; one retry of a retryable failure); the
-    model name is checked against the endpoint's ``GET /models`` first (cached for ``MODELS_TTL_S``, re-read on
-    a miss)."""
+    """The student over one or more OpenAI-compatible endpoints (``tier3 serve`` by default; ``tier3 serve
+    --replicas N`` and any list of servers in ``TIER3_STUDENT_BASE_URL``, comma-separated), greedy, through
+    :class:`streams.openai_client.OpenAIClient` (the teacher's client; one retry of a retryable failure). Each
+    call goes to the endpoint with the fewest calls in flight (the first such in the list's rotation), so
+    concurrent calls spread over the servers, each of which answers one request at a time; an endpoint that
+    fails is skipped for the next one in the same call. The model name is checked against the endpoint's
+    ``GET /models`` first (cached for ``MODELS_TTL_S``, re-read on a miss)."""
 
     MODELS_TTL_S = 5.0
 
     def __init__(self, settings: RouterSettings) -> None:
-        from streams.openai_client import OpenAIClient
         from streams.redaction import register_secret
 
         if settings.tier3_student_api_key is not None:  # error texts and log records never carry it
             register_secret(settings.tier3_student_api_key, name="TIER3_STUDENT_API_KEY")
         key = settings.tier3_student_api_key.get_secret_value() if settings.tier3_student_api_key else "local"
-        self._base_url = settings.tier3_student_base_url
-        self._client = OpenAIClient(settings.tier3_student_base_url, key, settings.tier3_student_timeout_s,
-                                    label="student", retries=1)
+        urls = [u.strip() for u in settings.tier3_student_base_url.split(",") if u.strip()]
+        if not urls:
+            raise RouterError("TIER3_STUDENT_BASE_URL names no endpoint")
+        self._endpoints = [_Endpoint(u, key, settings) for u in urls]
+        self._base_url = ", ".join(urls)
         self._max_tokens = settings.tier3_student_max_tokens
         self._verify = settings.tier3_student_verify_model
-        self._models: frozenset[str] | None = None  # None: the endpoint has no model list (not checked)
-        self._models_at = -math.inf
+        self._turn = 0
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [e.base_url for e in self._endpoints]
+
+    def _order(self) -> list[_Endpoint]:
+        """The endpoints to try, the least busy first (ties broken by a rotation)."""
+        n = len(self._endpoints)
+        self._turn = (self._turn + 1) % n
+        rotated = self._endpoints[self._turn:] + self._endpoints[:self._turn]
+        return sorted(rotated, key=lambda e: e.in_flight)
+
+    async def _models_of(self, ep: _Endpoint, refresh: bool = False) -> frozenset[str] | None:
+        if refresh or time.monotonic() - ep.models_at > self.MODELS_TTL_S:
+            try:
+                ep.models = await ep.client.models()
+            except TeacherError as exc:
+                raise RouterError(f"student endpoint {ep.base_url}: {type(exc).__name__}: {exc}") from None
+            ep.models_at = time.monotonic()
+        return ep.models
 
     async def served_models(self, refresh: bool = False) -> frozenset[str] | None:
-        """The model names the endpoint lists (None when it has no ``/models`` route)."""
-        if refresh or time.monotonic() - self._models_at > self.MODELS_TTL_S:
-            try:
-                self._models = await self._client.models()
-            except TeacherError as exc:
-                raise RouterError(f"student endpoint {self._base_url}: {type(exc).__name__}: {exc}") from None
-            self._models_at = time.monotonic()
-        return self._models
+        """The model names the first endpoint lists (None when it has no ``/models`` route)."""
+        return await self._models_of(self._endpoints[0], refresh)
 
-    async def check_served(self, model: str) -> None:
-        models = await self.served_models()
+    async def _check_served(self, ep: _Endpoint, model: str) -> None:
+        models = await self._models_of(ep)
         if models is not None and model not in models:
-            models = await self.served_models(refresh=True)  # a version exported a moment ago
+            models = await self._models_of(ep, refresh=True)  # a version exported a moment ago
         if models is not None and model not in models:
-            raise RouterError(f"student {model} is not served at {self._base_url} (it serves "
+            raise RouterError(f"student {model} is not served at {ep.base_url} (it serves "
                               f"{', '.join(sorted(models)) or 'nothing'}): start or restart `tier3 serve`")
 
+    async def check_served(self, model: str) -> None:
+        for ep in self._endpoints:
+            await self._check_served(ep, model)
+
     async def complete(self, model: str, messages: list[dict[str, str]]) -> str:
-        if self._verify:
-            await self.check_served(model)
-        try:
-            reply = await self._client.chat(model, messages, max_tokens=self._max_tokens, temperature=0.0)
-        except TeacherError as exc:
-            raise RouterError(f"student {model}: {type(exc).__name__}: {exc}") from None
-        return reply.text
+        errors: list[RouterError] = []
+        for ep in self._order():
+            ep.in_flight += 1
+            try:
+                if self._verify:
+                    await self._check_served(ep, model)
+                reply = await ep.client.chat(model, messages, max_tokens=self._max_tokens, temperature=0.0)
+                return reply.text
+            except TeacherError as exc:
+                where = f" at {ep.base_url}" if len(self._endpoints) > 1 else ""
+                errors.append(RouterError(f"student {model}{where}: {type(exc).__name__}: {exc}"))
+            except RouterError as exc:
+                errors.append(exc)
+            finally:
+                ep.in_flight -= 1
+        if len(errors) == 1:
+            raise errors[0]
+        raise RouterError(f"every student endpoint failed: {'; '.join(map(str, errors))}")
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        for ep in self._endpoints:
+            await ep.client.aclose()
 
 
 class Router:

@@ -215,22 +215,25 @@ def serve_cmd(
     follow: Annotated[bool, typer.Option(help="restart the server when the exported versions or the version "
                                          "in force change")] = True,
     poll_s: Annotated[float, typer.Option(help="how often --follow reads training-runs (s)")] = 5.0,
+    replicas: Annotated[int | None, typer.Option(help="servers on consecutive ports, the threads shared out "
+                                                  "(TIER3_SERVE_REPLICAS): each answers one request at a time")
+                        ] = None,
 ) -> None:
     """Serve the exported students with llama-cpp-python's OpenAI-compatible server, until Ctrl-C / SIGTERM."""
     import signal
     import threading
 
-    from trainer.close_loop.serve import models_to_serve, server_for
+    from trainer.close_loop.serve import models_to_serve, pool_for
     from trainer.events import read_run_events
 
-    s = _settings(tier3_serve_host=host, tier3_serve_port=port)
+    s = _settings(tier3_serve_host=host, tier3_serve_port=port, tier3_serve_replicas=replicas)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     srv = None
     try:
         models = models_to_serve(s, read_run_events(s), version or ())
-        srv = server_for(s, models).start(s.tier3_serve_start_timeout_s)
+        srv = pool_for(s, models).start(s.tier3_serve_start_timeout_s)
         _announce(srv)
         while not stop.wait(poll_s):
             if not srv.running():
@@ -245,7 +248,8 @@ def serve_cmd(
             if now != srv.models:
                 typer.echo(f"exported versions changed: restarting with {[m.alias for m in now]}", err=True)
                 srv.stop()
-                srv = server_for(s, now, port=srv.port).start(s.tier3_serve_start_timeout_s)
+                srv = pool_for(s, now, port=srv.port if s.tier3_serve_port else 0).start(
+                    s.tier3_serve_start_timeout_s)
                 _announce(srv)
     except TrainerError as exc:
         raise _fail(exc) from None
@@ -256,7 +260,8 @@ def serve_cmd(
 
 def _announce(srv: Any) -> None:
     _print({"base_url": srv.base_url, "models": {m.alias: str(m.gguf) for m in srv.models},
-            "default": srv.models[0].alias, "pid": srv.proc.pid if srv.proc else None})
+            "default": srv.models[0].alias,
+            "pids": [x.proc.pid for x in srv.servers if x.proc is not None]})
     typer.echo(f"serving; point the router here: TIER3_STUDENT_BASE_URL={srv.base_url}", err=True)
     sys.stdout.flush()
 

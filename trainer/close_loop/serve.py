@@ -1,7 +1,15 @@
 """Serve exported students with a real local inference server: llama-cpp-python's OpenAI-compatible server.
 
 ``tier3 export`` writes ``<name>-v<N>-f16.gguf`` and ``<name>-v<N>-<quant>.gguf``; ``tier3 serve`` starts
-``python -m llama_cpp.server`` (the ``serve`` extra: ``llama-cpp-python[server]``) on those files:
+``python -m llama_cpp.server`` (the ``serve`` extra: ``llama-cpp-python[server]``, run through
+``trainer/close_loop/llama_server.py``) on those files:
+
+- **One request at a time per server**: llama-cpp-python's server evaluates one request at a time (one model
+  context, behind a lock). ``tier3 serve --replicas N`` (``TIER3_SERVE_REPLICAS``) starts N servers on
+  consecutive ports, the threads shared out among them (:class:`ServerPool`); the router sends each call to the
+  least busy URL of ``TIER3_STUDENT_BASE_URL`` (comma-separated), so N concurrent calls are answered at once.
+  Other ways: a llama.cpp ``llama-server`` with ``--parallel`` slots, or Ollama (``OLLAMA_NUM_PARALLEL``), each an
+  OpenAI-compatible URL the router takes as it is.
 
 - **Which versions**: every exported version whose quantised GGUF is on disk (read from the ``exported``
   events on training-runs), each under the alias ``<TIER3_STUDENT_NAME>:v<N>`` — exactly the model name the
@@ -254,6 +262,75 @@ def server_for(settings: CloseLoopSettings, models: Sequence[ServedModel], *, po
     return LlamaServer(models, host=settings.tier3_serve_host,
                        port=settings.tier3_serve_port if port is None else port, n_ctx=settings.tier3_serve_n_ctx,
                        threads=settings.tier3_serve_threads, log_path=log_path)
+
+
+class ServerPool:
+    """``replicas`` servers of the same models on consecutive ports (``port``, ``port + 1``, ...; every port free
+    when ``port`` is 0), the CPU threads shared out among them: each llama-cpp-python server answers one request
+    at a time, so concurrent router calls need several (the router spreads them, least busy first)."""
+
+    def __init__(self, models: Sequence[ServedModel], *, replicas: int = 1, host: str = "127.0.0.1",
+                 port: int = 0, n_ctx: int = 4096, threads: int = 0, log_path: Path | None = None) -> None:
+        if replicas < 1:
+            raise ServeError("a server pool needs at least one replica")
+        total = threads or (os.cpu_count() or 1)
+        per = max(1, total // replicas)
+        self.servers = [
+            LlamaServer(models, host=host, port=(port + i) if port else 0, n_ctx=n_ctx, threads=per,
+                        log_path=None if log_path is None or replicas == 1
+                        else log_path.with_name(f"{log_path.stem}-{i}{log_path.suffix}"))
+            for i in range(replicas)]
+        if replicas == 1 and log_path is not None:
+            self.servers[0].log_path = log_path
+
+    @property
+    def models(self) -> list[ServedModel]:
+        return self.servers[0].models
+
+    @property
+    def base_urls(self) -> list[str]:
+        return [s.base_url for s in self.servers]
+
+    @property
+    def base_url(self) -> str:
+        """What ``TIER3_STUDENT_BASE_URL`` is set to: every server's URL, comma-separated."""
+        return ",".join(self.base_urls)
+
+    @property
+    def port(self) -> int:
+        return self.servers[0].port
+
+    def start(self, timeout_s: float = 180.0) -> ServerPool:
+        try:
+            for s in self.servers:
+                s.start(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def running(self) -> bool:
+        return all(s.running() for s in self.servers)
+
+    def log_tail(self, n: int = 2000) -> str:
+        return "\n".join(s.log_tail(n) for s in self.servers if not s.running()) or self.servers[0].log_tail(n)
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        for s in self.servers:
+            s.stop(grace_s)
+
+    def __enter__(self) -> ServerPool:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+
+def pool_for(settings: CloseLoopSettings, models: Sequence[ServedModel], *, port: int | None = None,
+             replicas: int | None = None, log_path: Path | None = None) -> ServerPool:
+    return ServerPool(models, replicas=replicas or settings.tier3_serve_replicas, host=settings.tier3_serve_host,
+                      port=settings.tier3_serve_port if port is None else port, n_ctx=settings.tier3_serve_n_ctx,
+                      threads=settings.tier3_serve_threads, log_path=log_path)
 
 
 # ------------------------------------------------------------------------------------------------ evaluation

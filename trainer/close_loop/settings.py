@@ -95,7 +95,11 @@ class CloseLoopSettings(TrainerSettings):
     tier3_serve_port: int = Field(8088, ge=0, le=65535, description="port of `tier3 serve` (0 = a free one); "
                                   "the router's TIER3_STUDENT_BASE_URL points here by default")
     tier3_serve_n_ctx: int = Field(4096, ge=256, description="context length (tokens) of the served model")
-    tier3_serve_threads: int = Field(0, ge=0, description="CPU threads of the server (0 = all cores)")
+    tier3_serve_threads: int = Field(0, ge=0, description="CPU threads of the server (0 = all cores), shared out "
+                                     "among the replicas")
+    tier3_serve_replicas: int = Field(1, ge=1, le=64, description="servers `tier3 serve` starts on consecutive "
+                                      "ports (each answers one request at a time; the router spreads its calls "
+                                      "over every URL of TIER3_STUDENT_BASE_URL)")
     tier3_serve_start_timeout_s: float = Field(180.0, gt=0.0, description="wait this long for the server to "
                                                "load the model and answer")
 
