@@ -6,8 +6,8 @@
   each value: the least a reader of JSON records does, and the anchor of the goal (replay >= 0.7x raw_json);
 - **replay**: :func:`trainer.replay.replay` in-process (what ``tier3 replay`` runs after its imports): read the
   slice, decode and validate every trace, project the dataset, write it and its sha256; and its two phases
-  apart: **read** (:func:`trainer.replay.read_ranges`: read, decode and validate every trace) and **project**
-  (:func:`trainer.replay.project_dataset`: the dataset's lines, split, files, fsync, sha256);
+  apart: **read** (:func:`trainer.projection.read_ranges`: read, decode and validate every trace) and **project**
+  (:func:`trainer.projection.project_dataset`: the dataset's lines, split, files, fsync, sha256);
 - **cli**: ``tier3 replay`` as a subprocess, wall time including the interpreter start and its imports.
 
 Each phase has its wall rate and its CPU time per trace in the measuring thread (``*_cpu_us``: the Python side;
@@ -47,7 +47,8 @@ from schemas.settings import RELIABLE_CONSUMER, RELIABLE_PRODUCER  # noqa: E402
 from streams import broker  # noqa: E402
 from streams.topics import ensure_topics  # noqa: E402
 from trainer.dataset import build_dataset  # noqa: E402
-from trainer.replay import project_dataset, ranges_from_beginning, read_ranges, replay  # noqa: E402
+from trainer.projection import project_dataset, read_ranges  # noqa: E402
+from trainer.replay import ranges_from_beginning, replay  # noqa: E402
 from trainer.settings import TrainerSettings  # noqa: E402
 from trainer.sft_config import SFTConfig  # noqa: E402
 from trainer.synthetic import synthetic_traces  # noqa: E402

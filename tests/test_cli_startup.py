@@ -75,8 +75,8 @@ def test_replay_imports_no_dataset_code_before_a_broker_answers() -> None:
     assert code == 2
     assert "confluent_kafka" in modules and "trainer.settings" in modules
     assert _loaded(modules, tuple(s for s in SIDES if s != "trainer.cli")) == []
-    assert _loaded(modules, (*HEAVY, "trainer.replay", "trainer.dataset", "trainer.manifest", "schemas.tasks",
-                             "jsonschema", "msgspec")) == []
+    assert _loaded(modules, (*HEAVY, "trainer.replay", "trainer.projection", "trainer.dataset", "trainer.manifest",
+                             "schemas.tasks", "jsonschema", "msgspec")) == []
 
 
 def _eager_app() -> typer.Typer:

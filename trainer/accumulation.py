@@ -10,8 +10,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from trainer.manifest import OffsetRange
+from trainer.projection import TraceRecord
 from trainer.protocol import Batch
-from trainer.replay import TraceRecord
 
 
 @dataclass

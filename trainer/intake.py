@@ -14,7 +14,7 @@ from trainer.accumulation import Accumulator
 from trainer.events import TrainerEvents
 from trainer.heartbeat import TrainerStats
 from trainer.offsets import TopicOffsets
-from trainer.replay import TraceRecord, decode_trace, read_ids
+from trainer.projection import TraceRecord, decode_trace, read_ids
 from trainer.settings import TrainerSettings
 from trainer.worker import Background, RunAborted
 

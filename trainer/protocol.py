@@ -27,11 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from schemas.files import move_into_place
 from trainer.dataset import BuiltDataset
 from trainer.errors import AdapterError, CommitFailed, DatasetError, ManifestError, TrainerError
 from trainer.events import TrainerEvents, now_ms
 from trainer.manifest import ADAPTER_NAME, DatasetInfo, OffsetRange, RunManifest, list_manifests, write_manifest
-from trainer.replay import TraceRecord, install_dir, project_dataset, read_ranges
+from trainer.projection import TraceRecord, project_dataset, read_ranges
 from trainer.settings import TrainerSettings
 from trainer.sft_config import SFTConfig
 from trainer.trigger import backoff_s
@@ -138,7 +139,7 @@ def train_and_commit(batch: Batch, run_id: str, ctx: RunContext) -> RunManifest:
     # (2) Put the adapter in place with one rename (train() wrote it into a scratch folder), so run_dir/adapter
     #     is either absent or complete: a manifest must never point at half a model.
     try:
-        adapter = install_dir(Path(result.adapter_dir), run_dir / ADAPTER_NAME)
+        adapter = move_into_place(Path(result.adapter_dir), run_dir / ADAPTER_NAME)
     except OSError as exc:
         raise AdapterError(f"could not move the adapter into {run_dir / ADAPTER_NAME}: {exc}") from exc
     finally:

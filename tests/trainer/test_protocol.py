@@ -13,8 +13,8 @@ from trainer.accumulation import Accumulator
 from trainer.dataset import BuiltDataset
 from trainer.errors import CommitFailed, EvaluationError, TrainingFailed
 from trainer.manifest import OffsetRange, list_manifests, read_manifest, write_atomic
+from trainer.projection import TraceRecord
 from trainer.protocol import Batch, RunContext, check_commit_result, commit_recognised, train_and_commit
-from trainer.replay import TraceRecord
 from trainer.settings import TrainerSettings
 from trainer.sft_config import SFTConfig
 from trainer.synthetic import synthetic_traces

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from trainer.accumulation import Accumulator
 from trainer.manifest import DatasetInfo, OffsetRange, RunManifest
+from trainer.projection import TraceRecord
 from trainer.recovery import Recovery
-from trainer.replay import TraceRecord
 from trainer.synthetic import synthetic_traces
 
 

@@ -112,7 +112,7 @@ def test_read_ranges_exact_slices_over_transaction_gaps_with_bad_records_counted
     from schemas import encode, kafka_io
     from schemas.settings import RELIABLE_PRODUCER
     from trainer.manifest import OffsetRange
-    from trainer.replay import read_ranges
+    from trainer.projection import read_ranges
 
     monkeypatch.setattr(kafka_io, "SLICE_BATCH", batch)  # records per consume(): batch boundaries anywhere
     s = trainer_settings(make_settings, tier3_partitions=1)
