@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[dev]"
-	$(BIN)/python -m trainer.close_loop.export fetch-converter  # llama.cpp's GGUF converter, so exports run offline
+	$(BIN)/python -m trainer.close_loop.gguf_converter fetch  # llama.cpp's GGUF converter, so exports run offline
 	touch $(STAMP)
 
 setup: $(STAMP)

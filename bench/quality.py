@@ -262,7 +262,7 @@ def servable_base_copy(base: str, out: Path) -> Path:
 
 def to_gguf(settings: Any, model_dir: Path, out_dir: Path, stem: str, outtypes: Sequence[str]) -> dict[str, Path]:
     """llama.cpp's converter (what ``tier3 export`` runs) on a Hugging Face folder, one GGUF per type."""
-    from trainer.close_loop.export import convert_to_gguf, declared_pre_tokenizer, ensure_converter
+    from trainer.close_loop.gguf_converter import convert_to_gguf, declared_pre_tokenizer, ensure_converter
 
     converter = ensure_converter(settings)
     pre = declared_pre_tokenizer(settings.tier3_gguf_pre_tokenizer, model_dir)

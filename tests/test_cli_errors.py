@@ -482,7 +482,7 @@ def test_repository_cites_only_its_own_docs() -> None:
 
 
 def test_converter_folder_is_documented_where_the_code_puts_it() -> None:
-    from trainer.close_loop.export import default_tools_dir
+    from trainer.close_loop.gguf_converter import default_tools_dir
 
     doc = (ROOT / "docs" / "settings.md").read_text()
     row = next(line for line in doc.splitlines() if line.startswith("| `TIER3_LLAMA_CPP_DIR`"))

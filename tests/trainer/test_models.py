@@ -255,7 +255,8 @@ def test_smollm2_exported_tokenizer_is_what_llama_cpp_reads(smollm2: Path, tmp_p
     from llama_cpp import Llama
     from transformers import AutoTokenizer
 
-    from trainer.close_loop.export import convert_to_gguf, ensure_converter, plain_byte_level_bpe
+    from trainer.close_loop.export import plain_byte_level_bpe
+    from trainer.close_loop.gguf_converter import convert_to_gguf, ensure_converter
     from trainer.close_loop.settings import CloseLoopSettings
 
     folder = tmp_path / "tok"

@@ -3,16 +3,9 @@
 1. **Merge**: base + adapter (``inference.load_student``), ``merge_and_unload()``, saved with its tokenizer as
    safetensors into ``<exports>/<run_id>/merged``.
 2. **GGUF**: llama.cpp's ``convert_hf_to_gguf.py`` writes ``<name>-v<N>-f16.gguf`` and ``<name>-v<N>-<quant>.gguf``
-   (default q8_0, the converter's own ``--outtype``; no compiled llama.cpp is needed). The converter and its
-   ``gguf-py`` are taken from the llama-cpp-python *source* distribution on PyPI (``vendor/llama.cpp``):
-   ``pip download --no-deps --no-binary :all:`` once, only those files extracted into a cache, never built
-   (building llama-cpp-python takes ~10 min on 2 cores). ``make setup`` fetches it at install time
-   (``python -m trainer.close_loop.export fetch-converter``), so an export itself needs no network; the cache is
-   ``~/.cache/tier3/tools`` (``XDG_CACHE_HOME``). PyPI's ``gguf`` package is too old for the current
-   converter, so the converter runs in a subprocess with its own ``gguf-py`` first on ``sys.path``.
-   A tokenizer trained locally has a pre-tokenizer hash the converter does not know; the model may declare a
-   known name (``tier3_gguf_pre_tokenizer`` in its tokenizer_config.json / config.json, or the setting
-   ``TIER3_GGUF_PRE_TOKENIZER``), used only when the converter's own detection fails.
+   (default q8_0, the converter's own ``--outtype``; no compiled llama.cpp is needed), fetched once from the
+   llama-cpp-python source distribution and run in its own process (:mod:`trainer.close_loop.gguf_converter`, with
+   the declared pre-tokenizer of a locally trained tokenizer as its fallback).
 3. **Ollama**: when a server answers at ``TIER3_OLLAMA_HOST``, the quantised GGUF is uploaded with the ``ollama``
    client (``create_blob``: ``POST /api/blobs/sha256:<hex>``) and created as ``<name>:v<N>`` (``create`` with
    ``files={file name: digest}``), then the stable tag ``<name>:<TIER3_OLLAMA_STABLE_TAG>`` is moved to the same
@@ -32,10 +25,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
-import tarfile
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,138 +32,22 @@ from typing import Any
 
 os.environ.setdefault("UNSLOTH_AUTO_INSTALL", "0")  # never let unsloth apt-get / git clone on our behalf
 
-from filelock import FileLock
 
 from schemas import TrainingRun
 from schemas.runs import fold_runs
+from trainer.close_loop.gguf_converter import (
+    PRE_TOKENIZER_KEY,
+    convert_to_gguf,
+    declared_pre_tokenizer,
+    ensure_converter,
+)
 from trainer.close_loop.settings import CloseLoopSettings
 from trainer.errors import ExportError
-
-PRE_TOKENIZER_KEY = "tier3_gguf_pre_tokenizer"
-CONVERTER_SCRIPT = "convert_hf_to_gguf.py"
-_VENDOR = "vendor/llama.cpp/"
-_CONVERTER_PARTS = (CONVERTER_SCRIPT, "conversion/", "gguf-py/")
-CONVERT_TIMEOUT_S = 3600.0  # a 7B model takes minutes; a hung converter must not hang the trainer forever
 
 # ChatML in Ollama's Go-template syntax (Ollama does not run Jinja chat templates)
 CHATML_OLLAMA_TEMPLATE = (
     "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
 )
-
-
-def default_tools_dir() -> Path:
-    """A per-user cache shared by every data dir and test (the converter is ~2 MB, its sdist ~75 MB)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "tier3" / "tools"
-
-
-def ensure_converter(settings: CloseLoopSettings) -> Path:
-    """The folder holding convert_hf_to_gguf.py, conversion/ and gguf-py/ (fetched and extracted once)."""
-    if settings.tier3_llama_cpp_dir is not None:
-        d = Path(settings.tier3_llama_cpp_dir)
-        if not (d / CONVERTER_SCRIPT).is_file():
-            raise ExportError(f"TIER3_LLAMA_CPP_DIR={d} has no {CONVERTER_SCRIPT}")
-        return d
-    version = settings.tier3_llama_cpp_python_version
-    tools = default_tools_dir()
-    target = tools / f"llama.cpp-converter-{version}"
-    if (target / CONVERTER_SCRIPT).is_file():
-        return target
-    tools.mkdir(parents=True, exist_ok=True)
-    # concurrent exports / test workers fetch the converter once
-    with FileLock(tools / f".llama.cpp-converter-{version}.lock"):
-        if (target / CONVERTER_SCRIPT).is_file():
-            return target
-        with tempfile.TemporaryDirectory(dir=tools, prefix=".fetch-") as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                   "--disable-pip-version-check", "-q", "-d", tmp, f"llama-cpp-python=={version}"]
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-            sdists = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
-            if proc.returncode != 0 or not sdists:
-                raise ExportError(f"could not download the llama-cpp-python {version} source distribution "
-                                  f"(it carries llama.cpp's GGUF converter): {proc.stderr.strip()[-800:]}; "
-                                  "fetch it once while online (`python -m trainer.close_loop.export fetch-converter`, "
-                                  "which `make setup` runs) or set TIER3_LLAMA_CPP_DIR to a llama.cpp checkout",
-                                  retryable=True)
-            staging = Path(tmp) / "converter"
-            with tarfile.open(sdists[0]) as tar:
-                members = []
-                for m in tar.getmembers():
-                    _, _, rel = m.name.partition(_VENDOR)
-                    if rel and (m.isfile() or m.isdir()) and rel.startswith(_CONVERTER_PARTS):
-                        m.name = rel
-                        members.append(m)
-                tar.extractall(staging, members=members, filter="data")
-            if not (staging / CONVERTER_SCRIPT).is_file():
-                raise ExportError(f"{sdists[0].name} has no {_VENDOR}{CONVERTER_SCRIPT}")
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staging, target)  # atomic: a half-extracted converter is never used
-    return target
-
-
-# The converter runs in its own process: its gguf-py must shadow the installed (older) gguf package, and a
-# pre-tokenizer the converter does not know is replaced by the declared one only when detection fails.
-_RUNNER = r"""
-import runpy, sys
-conv_dir, pre = sys.argv[1], sys.argv[2]
-sys.argv = [conv_dir + "/convert_hf_to_gguf.py", *sys.argv[3:]]
-sys.path[:0] = [conv_dir + "/gguf-py", conv_dir]
-import conversion.base as base
-_orig = base.TextModel.get_vocab_base_pre
-def _declared(self, tokenizer):
-    try:
-        return _orig(self, tokenizer)
-    except NotImplementedError:
-        if not pre:
-            raise
-        print(f"tier3: tokenizer hash unknown to the converter; using the declared pre-tokenizer {pre!r}",
-              file=sys.stderr)
-        return pre
-base.TextModel.get_vocab_base_pre = _declared
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
-def declared_pre_tokenizer(override: str | None, *dirs: Path) -> str:
-    """The setting when given, else ``tier3_gguf_pre_tokenizer`` from the first model folder declaring it."""
-    if override:
-        return override
-    for d in dirs:
-        for name in ("tokenizer_config.json", "config.json"):
-            p = d / name
-            if p.is_file():
-                with contextlib.suppress(ValueError, OSError):
-                    value = json.loads(p.read_text()).get(PRE_TOKENIZER_KEY)
-                    if value:
-                        return str(value)
-    return ""
-
-
-def convert_to_gguf(model_dir: Path, outfile: Path, outtype: str, converter_dir: Path, *,
-                    pre_tokenizer: str = "", model_name: str | None = None, vocab_only: bool = False) -> Path:
-    """Run llama.cpp's converter on a Hugging Face model folder; write ``outfile`` atomically (``vocab_only``:
-    the tokenizer alone, no weights)."""
-    outfile.parent.mkdir(parents=True, exist_ok=True)
-    tmp = outfile.with_name(f".{outfile.name}.tmp")
-    cmd = [sys.executable, "-c", _RUNNER, str(converter_dir), pre_tokenizer, str(model_dir),
-           "--outfile", str(tmp), "--outtype", outtype]
-    if model_name:
-        cmd += ["--model-name", model_name]
-    if vocab_only:
-        cmd.append("--vocab-only")
-    env = {**os.environ, "NO_LOCAL_GGUF": "1"}  # we put gguf-py on the path ourselves, first
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=CONVERT_TIMEOUT_S, env=env)
-    except subprocess.TimeoutExpired:
-        tmp.unlink(missing_ok=True)
-        raise ExportError(f"GGUF conversion ({outtype}) took longer than {CONVERT_TIMEOUT_S:.0f} s",
-                          retryable=True) from None
-    if proc.returncode != 0 or not tmp.is_file():
-        tmp.unlink(missing_ok=True)
-        raise ExportError(f"GGUF conversion ({outtype}) of {model_dir} failed: {proc.stderr.strip()[-1500:]}")
-    os.replace(tmp, outfile)
-    return outfile
 
 
 def plain_byte_level_bpe(model_dir: Path) -> bool:
@@ -461,22 +334,3 @@ def register_run(settings: CloseLoopSettings, run_id: str, *, publish: bool = Tr
 def _export_and_event(settings: CloseLoopSettings, run_id: str, publish: bool) -> tuple[Registration, TrainingRun]:
     res = export_run(settings, run_id, publish=publish)  # the candidate's files are gone: export it again
     return res.ollama, res.event
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m trainer.close_loop.export fetch-converter``: fetch llama.cpp's converter into the cache now (install
-    time, while online), so that exports never need the network."""
-    args = sys.argv[1:] if argv is None else argv
-    if args != ["fetch-converter"]:
-        print("usage: python -m trainer.close_loop.export fetch-converter", file=sys.stderr)
-        return 2
-    try:
-        print(ensure_converter(CloseLoopSettings()))
-    except ExportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -296,7 +296,8 @@ def export_gguf(adapter_dir: Path, out_dir: Path, outtypes: Sequence[str] = ("f1
                 settings: Any = None) -> dict[str, Path]:
     """``tier3 export``'s merge and GGUF steps alone (no Ollama, no event): ``merge_adapter`` into
     ``out_dir/merged``, then llama.cpp's converter once per ``outtype`` with the declared pre-tokenizer."""
-    from trainer.close_loop.export import convert_to_gguf, declared_pre_tokenizer, ensure_converter, merge_adapter
+    from trainer.close_loop.export import merge_adapter
+    from trainer.close_loop.gguf_converter import convert_to_gguf, declared_pre_tokenizer, ensure_converter
     from trainer.close_loop.settings import CloseLoopSettings
 
     s = settings or CloseLoopSettings()
