@@ -30,11 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout
 
 from bench import cleanup
 from schemas import Experience, encode, get_task
-from schemas.preflight import kafka_metadata, load_settings, run_cli
+from schemas.runtime.preflight import kafka_metadata, load_settings, run_cli
 from schemas.settings import RELIABLE_PRODUCER
-from streams import broker
 from streams.client.capture import Capture, CaptureSettings
 from streams.topics import ensure_topics
+from tier3.devbroker import server as broker
 
 TASK = get_task("widget_selector")
 

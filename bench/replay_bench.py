@@ -44,8 +44,8 @@ sys.path.insert(0, str(ROOT))
 from bench import cleanup  # noqa: E402
 from schemas import encode  # noqa: E402
 from schemas.settings import RELIABLE_CONSUMER, RELIABLE_PRODUCER  # noqa: E402
-from streams import broker  # noqa: E402
 from streams.topics import ensure_topics  # noqa: E402
+from tier3.devbroker import server as broker  # noqa: E402
 from trainer.dataset import build_dataset  # noqa: E402
 from trainer.projection import project_dataset, read_ranges  # noqa: E402
 from trainer.replay import ranges_from_beginning, replay  # noqa: E402

@@ -46,7 +46,6 @@ os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ
 from bench import cleanup  # noqa: E402
 from schemas import EnrichedTrace, Experience, decode, encode, get_task  # noqa: E402
 from schemas.settings import RELIABLE_PRODUCER  # noqa: E402
-from streams import broker  # noqa: E402
 from streams.app import changelog_spec  # noqa: E402
 from streams.sampling import sample_reason  # noqa: E402
 from streams.settings import StreamsSettings  # noqa: E402
@@ -56,6 +55,7 @@ from tests.conftest import settings_env  # noqa: E402
 from tests.fakes.teacher_server import answer_text, question_of  # noqa: E402
 from tests.kafka_utils import consume_values  # noqa: E402
 from tests.streams.helpers import WorkerProcess, free_port, make_experience  # noqa: E402
+from tier3.devbroker import server as broker  # noqa: E402
 
 TASK = get_task("widget_selector")
 
@@ -449,6 +449,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from schemas.preflight import run_cli
+    from schemas.runtime.preflight import run_cli
 
     run_cli(main)  # no broker, missing settings: one line, exit 2

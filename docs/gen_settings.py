@@ -14,7 +14,7 @@ from pydantic.fields import FieldInfo
 SECTIONS = [
     ("Kafka connection and topics (every process)", "schemas.settings", "KafkaSettings", None),
     ("Capture library (your application)", "streams.client.capture", "CaptureSettings", "KafkaSettings"),
-    ("Local broker (`tier3 broker`)", "streams.broker", "BrokerSettings", None),
+    ("Local broker (`tier3 broker`)", "tier3.devbroker.server", "BrokerSettings", None),
     ("Streams worker (`tier3 worker`)", "streams.settings", "StreamsSettings", "KafkaSettings"),
     ("Router (your application)", "streams.client.router", "RouterSettings", "StreamsSettings"),
     ("Trainer (`tier3 trainer`)", "trainer.settings", "TrainerSettings", "KafkaSettings"),

@@ -1,8 +1,13 @@
 """tier3's message contracts: the types on each topic, their codec, task definitions, shared settings.
 
+Besides the contracts, the shared core both sides run on, each in a package named for what it is:
+:mod:`schemas.kafka` (Kafka I/O: slices and watermarks, the follower, the access check, dead letters that fit) and
+:mod:`schemas.runtime` (what every command needs around its work: preflight and one-line errors, redaction of
+secrets, atomic file moves, percentiles).
+
 Imports nothing of tier3's and nothing of Faust or torch. The names below are loaded on first use (PEP 562): a
-command that needs only :mod:`schemas.preflight` or :mod:`schemas.redaction` (``tier3 --help``) does not pay for
-pydantic's models, pydantic-settings and jsonschema. ``from schemas import X`` works as before.
+command that needs only :mod:`schemas.runtime.preflight` or :mod:`schemas.runtime.redaction` (``tier3 --help``)
+does not pay for pydantic's models, pydantic-settings and jsonschema. ``from schemas import X`` works as before.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The message types on tier3's topics (docs/design.md, "Topics"), plus the worker's ``online-eval`` summaries.
 
 They are frozen pydantic models: typed, validated on construction, and the source of the JSON Schema files in
-``schemas/json/`` (``python -m schemas.export`` writes them; a test checks they are up to date).
+``schemas/json/`` (``python -m schemas.write_json_schemas`` writes them; a test checks they are up to date).
 
 Times are Unix epoch milliseconds (``*_ms``); durations carry their unit in the name.
 
@@ -110,7 +110,7 @@ class DeadLetter(_Frozen):
     The original is kept whole when the dead letter fits the record limit with it; otherwise ``original_b64``
     holds only a prefix (``original_truncated``) and ``original_sha256`` / ``original_size`` identify the record at
     ``source_topic/source_partition/source_offset``, from which it is re-driven while that topic retains it.
-    Built by :func:`schemas.dead_letters.make_dead_letter`, which guarantees the size.
+    Built by :func:`schemas.kafka.dead_letters.make_dead_letter`, which guarantees the size.
     """
 
     schema_version: Literal[1] = SCHEMA_VERSION

@@ -120,7 +120,7 @@ class KafkaSettings(BaseSettings):
         """The largest record a tier3 producer writes (librdkafka ``message.max.bytes``) and a tier3 reader decodes.
 
         Room for a trace that embeds the largest accepted experience plus the teacher's reasoning and answer, and
-        for any dead letter (their original bytes are cut to fit it, see ``schemas.dead_letters``).
+        for any dead letter (their original bytes are cut to fit it, see ``schemas.kafka.dead_letters``).
         """
         return max(DEFAULT_MAX_RECORD_BYTES, 2 * self.tier3_max_message_bytes)
 

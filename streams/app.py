@@ -25,9 +25,9 @@ from faust.types import EventT, StreamT
 from prometheus_client.exposition import generate_latest
 
 from schemas import DeadLetter, EnrichedTrace, Experience, SchemaError, TrainingRun, decode, encode
-from schemas import kafka_io as kio
-from schemas.dead_letters import backoff_s as dl_backoff_s
-from schemas.dead_letters import fallbacks, letter_budget, write_failure
+from schemas.kafka import reading as kio
+from schemas.kafka.dead_letters import backoff_s as dl_backoff_s
+from schemas.kafka.dead_letters import fallbacks, letter_budget, write_failure
 from schemas.settings import TopicSpec
 from streams import faust_adapter, metrics, online_eval, router_stats
 from streams.counts import WindowCounts
@@ -385,7 +385,7 @@ async def _process(app: faust.App, stream: StreamT, settings: StreamsSettings, s
     state.pending, state.blocked = acker.pending_by_partition, lambda: acker.full
 
     async def write_dead_letter(dl: DeadLetter, source: Source) -> None:
-        # built to fit (schemas.dead_letters: bounded key, value within letter_budget). A write refused anyway (a
+        # built to fit (schemas.kafka.dead_letters: bounded key, value within letter_budget). A write refused anyway (a
         # topic stricter than ours) is degraded: the letter without the original bytes (sha256, size and source
         # coordinates stay, to re-drive from the source), then the smallest letter; a transient failure (an
         # outage past librdkafka's own retries) is written again after a back-off, holding the partition's
@@ -531,11 +531,11 @@ def first_record(settings: StreamsSettings, topic: str, partition: int, start: i
 async def _follow_training_runs(settings: StreamsSettings, apply: Sequence[Callable[[TrainingRun], None]]) -> None:
     """Read training-runs and trainer-status (heartbeats) from the beginning, outside the consumer group: every
     worker sees every event, and hands each to every function of ``apply``: the one follower
-    (:class:`schemas.follow.TopicFollower`, reconnecting after the retry policy's pause), its blocking reads on a
+    (:class:`schemas.kafka.follow.TopicFollower`, reconnecting after the retry policy's pause), its blocking reads on a
     thread of their own, ``apply`` on the event loop."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from schemas.follow import TopicFollower
+    from schemas.kafka.follow import TopicFollower
 
     follower = TopicFollower(settings, [settings.training_runs_topic, settings.trainer_status_topic],
                              "worker-runs", missing="wait")

@@ -27,11 +27,11 @@ from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from rich.console import Console
 from rich.table import Table
 
-from schemas import kafka_io as kio
 from schemas.codec import decode
 from schemas.errors import SchemaError
+from schemas.kafka import reading as kio
 from schemas.messages import DeadLetter
-from schemas.preflight import KafkaUnreachable, UserError, check_topics, load_settings
+from schemas.runtime.preflight import KafkaUnreachable, UserError, check_topics, load_settings
 from schemas.settings import RELIABLE_PRODUCER, KafkaSettings
 
 console = Console()
@@ -46,7 +46,7 @@ class Letter:
 
 
 def read_dead_letters(settings: KafkaSettings, timeout_s: float = 10.0) -> list[Letter]:
-    """Every dead letter currently in the topic (:func:`schemas.kafka_io.read_until_now`: no group, no commits)."""
+    """Every dead letter currently in the topic (:func:`schemas.kafka.reading.read_until_now`: no group, no commits)."""
     out: list[Letter] = []
     try:
         for msg in kio.read_until_now(settings, settings.dead_letters_topic, "dlq", timeout_s=timeout_s):

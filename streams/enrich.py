@@ -30,10 +30,10 @@ from pydantic import ValidationError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
 
 from schemas import DeadLetter, EnrichedTrace, Experience, SchemaError, SourceOffset, TeacherInfo, decode, get_task
-from schemas.dead_letters import letter_budget, letter_key, make_dead_letter
 from schemas.errors import UnsafeText
+from schemas.kafka.dead_letters import letter_budget, letter_key, make_dead_letter
 from schemas.messages import DeadLetterStage
-from schemas.stats import percentile
+from schemas.runtime.stats import percentile
 from schemas.tasks import TaskDefinition, parse_json_answer
 from streams.errors import InvalidTeacherOutput, TeacherConfigError, TeacherError, UnsafeTeacherOutput
 from streams.redaction import redact
@@ -58,7 +58,7 @@ class Source:
     key: bytes | None = None
 
     def dead_letter_key(self) -> bytes:
-        """``<topic>/<partition>/<offset>``, bounded (``schemas.dead_letters.letter_key``)."""
+        """``<topic>/<partition>/<offset>``, bounded (``schemas.kafka.dead_letters.letter_key``)."""
         return letter_key(self.topic, self.partition, self.offset)
 
 
@@ -84,7 +84,8 @@ class TeacherStats:
     health: TeacherHealth = field(default_factory=lambda: TeacherHealth())
 
     def percentile_ms(self, q: float) -> float | None:
-        """The ``q`` quantile (0..1) of the recent latencies (:func:`schemas.stats.percentile`); None when empty."""
+        """The ``q`` quantile (0..1) of the recent latencies (:func:`schemas.runtime.stats.percentile`); None when
+        empty."""
         value = percentile(self.latencies_ms, q * 100)
         return None if value is None else round(value, 3)
 
@@ -156,7 +157,7 @@ def _clock(t: float) -> str:
 def dead_letter(raw: bytes, source: Source, *, stage: DeadLetterStage, error_kind: str, reason: str,
                 max_bytes: int, experience_id: str | None = None, attempts: int = 1) -> DeadLetter:
     """The dead letter of the message at ``source``: with its key (:meth:`Source.dead_letter_key`) a record that a
-    producer whose ``message.max.bytes`` is ``max_bytes`` accepts (``schemas.dead_letters.letter_budget``)."""
+    producer whose ``message.max.bytes`` is ``max_bytes`` accepts (``schemas.kafka.dead_letters.letter_budget``)."""
     budget = letter_budget(max_bytes, source.dead_letter_key())
     return make_dead_letter(raw, stage=stage, error_kind=error_kind, reason=redact(reason), max_bytes=budget,
                             source_topic=source.topic, source_partition=source.partition,

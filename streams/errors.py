@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from schemas.preflight import UserError
+from schemas.runtime.preflight import UserError
 from streams.redaction import redact
 
 
@@ -16,12 +16,8 @@ class InvalidSettings(StreamsError, UserError, ValueError):
     """The client library's settings refused their values: one line per bad setting, naming the setting and the
     reason, never a value (``str()`` / ``repr()`` carry no input, and it chains no pydantic error that would).
 
-    A :class:`schemas.preflight.UserError` too (a command prints its one line and exits 2), and a ``ValueError``
+    A :class:`schemas.runtime.preflight.UserError` too (a command prints its one line and exits 2), and a ``ValueError``
     (what pydantic's ``ValidationError`` was, for callers that caught that)."""
-
-
-class BrokerError(StreamsError):
-    """The local broker could not be resolved, started or stopped (the message says what to do)."""
 
 
 class CaptureError(StreamsError):

@@ -8,8 +8,8 @@ records of every logger (httpx's and httpcore's response headers at DEBUG includ
 :func:`install_log_redaction` puts on the root logger: every command's logging setup installs it, and so does the
 client library when it builds its settings.
 
-The registry and the filter live in :mod:`schemas.redaction` (the trainer's commands use them too: one registry per
-process); this module is the streams side's name for them. Configured secrets are registered by name
+The registry and the filter live in :mod:`schemas.runtime.redaction` (the trainer's commands use them too: one
+registry per process); this module is the streams side's name for them. Configured secrets are registered by name
 (:func:`register_secrets`: ``make_teacher`` and the client library's settings register their secret fields;
 :func:`install_log_redaction` the secret environment variables), so registering a setting again replaces its old
 value; key-shaped strings are caught by pattern even when they are not ours (a gateway may echo a neighbouring
@@ -18,7 +18,7 @@ credential).
 
 from __future__ import annotations
 
-from schemas.redaction import (
+from schemas.runtime.redaction import (
     LOG_FILTER,
     MAX_UNNAMED,
     MIN_SECRET_LEN,

@@ -1,7 +1,7 @@
 """Create tier3's topics up front, idempotently (Faust will not consume a topic that did not exist at start).
 
 Only ``tier3 topics create`` (and the demo, the benchmarks and the worker's own changelog topics) create topics;
-every other command checks them with :func:`schemas.preflight.check_topics` and says to run ``tier3 topics
+every other command checks them with :func:`schemas.runtime.preflight.check_topics` and says to run ``tier3 topics
 create``. No client ever creates one by asking for it (``allow.auto.create.topics`` is off in
 ``KafkaSettings.client_config``; the local broker has ``auto.create.topics.enable=false``).
 """
@@ -13,7 +13,7 @@ import time
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from schemas.preflight import TopicsNotReady, kafka_metadata
+from schemas.runtime.preflight import TopicsNotReady, kafka_metadata
 from schemas.settings import KafkaSettings, TopicSpec
 from streams.errors import StreamsError
 
@@ -24,7 +24,7 @@ def ensure_topics(settings: KafkaSettings, specs: list[TopicSpec] | None = None,
 
     An existing topic with a different partition count is an error (:class:`TopicsNotReady`), not a silent
     mismatch: a Faust table's source topic and its changelog must agree. No broker answering within
-    ``TIER3_KAFKA_TIMEOUT_S`` is :class:`schemas.preflight.KafkaUnreachable` (one line, what to do).
+    ``TIER3_KAFKA_TIMEOUT_S`` is :class:`schemas.runtime.preflight.KafkaUnreachable` (one line, what to do).
     """
     specs = specs if specs is not None else settings.topic_specs()
     existing = kafka_metadata(settings).topics

@@ -14,7 +14,7 @@ def worker(
     loglevel: Annotated[str | None, typer.Option(help="log level (TIER3_LOG_LEVEL)")] = None,
 ) -> None:
     """Run the streams worker: sample experiences, enrich them with the teacher, write traces / dead letters."""
-    from schemas.preflight import UserError, check_topics, load_settings
+    from schemas.runtime.preflight import UserError, check_topics, load_settings
     from streams.settings import StreamsSettings
 
     overrides: dict[str, object] = {}

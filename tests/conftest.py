@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from schemas.settings import KafkaSettings
-from streams import broker
 from streams.topics import ensure_topics
+from tier3.devbroker import server as broker
 
 ROOT = Path(__file__).resolve().parent.parent
 

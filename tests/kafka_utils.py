@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from confluent_kafka import Consumer, Message, Producer, TopicPartition
 
 from schemas import TrainingRun, encode
-from schemas.kafka_io import produce_and_wait
+from schemas.kafka.reading import produce_and_wait
 from schemas.settings import RELIABLE_PRODUCER, KafkaSettings
 
 

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from streams import broker
+from tier3.devbroker import server as broker
 
 pytestmark = pytest.mark.chaos
 
 
 def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "streams.cli", *args], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "tier3", *args], env=env, capture_output=True, text=True,
                           timeout=300)
 
 

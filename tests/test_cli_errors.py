@@ -27,7 +27,7 @@ from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
 from pydantic import SecretStr
 
-from schemas.preflight import KafkaUnreachable, kafka_metadata
+from schemas.runtime.preflight import KafkaUnreachable, kafka_metadata
 from schemas.settings import KafkaSettings
 from streams.topics import ensure_topics
 from tests.kafka_utils import consume_values
@@ -301,7 +301,7 @@ def test_user_mistakes_give_one_line_and_exit_2(env_base: dict[str, str], kafka_
     assert not problems, _report(rans, problems)
 
 
-#: TLS / SASL mistakes (schemas/preflight.py: security_problems), each with what its one line must say
+#: TLS / SASL mistakes (schemas/runtime/preflight.py: security_problems), each with what its one line must say
 def _security_mistakes(tmp_path: Path) -> dict[str, tuple[dict[str, str], tuple[str, ...]]]:
     not_pem = tmp_path / "not-a-ca.pem"
     not_pem.write_text("this is not a certificate\n")
@@ -354,7 +354,7 @@ def test_ssl_and_sasl_mistakes_give_one_line_and_exit_2_in_every_command(env_bas
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
 
-    from schemas.preflight import client_refused
+    from schemas.runtime.preflight import client_refused
 
     with pytest.raises(KafkaException) as info:
         AdminClient({"bootstrap.servers": "127.0.0.1:9", "security.protocol": "SSL",
@@ -399,7 +399,7 @@ def test_no_broker_is_one_line_within_10_s(tmp_path: Path) -> None:
 def test_no_client_creates_a_topic_by_asking_for_it(kafka_bootstrap: str) -> None:
     """Even on a broker that allows auto-creation (the session broker may predate the setting), a producer or
     consumer built from client_config() never makes a missing topic appear."""
-    from streams.broker import BrokerSettings, _server_properties
+    from tier3.devbroker.server import BrokerSettings, _server_properties
 
     assert "auto.create.topics.enable=false" in _server_properties(BrokerSettings(), Path("/tmp/x")).splitlines()
     settings = KafkaSettings(kafka_bootstrap_servers=kafka_bootstrap)

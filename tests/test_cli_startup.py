@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 #: never imported by a help or before a broker answers: the worker's, the models', the servers'
 HEAVY = ("faust", "torch", "transformers", "datasets", "peft", "trl", "llama_cpp", "numpy", "httpx", "aiohttp")
 #: the sides of the CLI, each imported only for its own commands
-SIDES = ("streams.cli", "trainer.cli", "trainer.close_loop.cli", "tier3.demo", "streams.dlq")
+SIDES = ("streams.cli", "trainer.cli", "trainer.close_loop.cli", "tier3.demo", "streams.dlq",
+         "tier3.devbroker.commands")
 
 _PROBE = """
 import json, sys

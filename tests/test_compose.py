@@ -150,7 +150,7 @@ def test_every_volume_is_where_its_service_keeps_its_data() -> None:
 
 
 def test_kafka_image_is_the_local_brokers_version() -> None:
-    from streams.broker import DEFAULT_KAFKA_VERSION, BrokerSettings
+    from tier3.devbroker.server import DEFAULT_KAFKA_VERSION, BrokerSettings
 
     image = _compose()["services"]["kafka"]["image"]
     assert image == f"apache/kafka:{DEFAULT_KAFKA_VERSION}"

@@ -1,5 +1,5 @@
 """Dead letters always fit the record limit: the original is kept whole up to the exact byte that still fits, and
-beyond it a prefix, the sha256, the size and the source coordinates (schemas.dead_letters)."""
+beyond it a prefix, the sha256, the size and the source coordinates (schemas.kafka.dead_letters)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import os
 import pytest
 
 from schemas import DeadLetter, decode, encode
-from schemas.dead_letters import MAX_KEY_BYTES, make_dead_letter, metadata_only
+from schemas.kafka.dead_letters import MAX_KEY_BYTES, make_dead_letter, metadata_only
 from schemas.settings import DEFAULT_MAX_RECORD_BYTES, RECORD_BATCH_SLACK_BYTES, KafkaSettings
 
 LIMIT = 64 * 1024
@@ -83,7 +83,7 @@ def test_one_limit_everywhere(max_message_bytes: int) -> None:
 
 
 def test_local_broker_default_is_the_topics_limit(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from streams.broker import BrokerSettings, _server_properties
+    from tier3.devbroker.server import BrokerSettings, _server_properties
 
     props = _server_properties(BrokerSettings(tier3_broker_dir=tmp_path), tmp_path)
     assert f"message.max.bytes={KafkaSettings().topic_max_message_bytes}\n" in props
@@ -98,7 +98,7 @@ COORDINATES = [(0, 7_654_321), (1_000, 10**12), (999_999, 10**12 + 7), (2**31 - 
 
 
 def test_budget_is_the_limit_minus_key_headers_and_the_documented_overhead() -> None:
-    from schemas.dead_letters import (
+    from schemas.kafka.dead_letters import (
         MARGIN_BYTES,
         RECORD_OVERHEAD_BYTES,
         headers_size,
@@ -115,7 +115,7 @@ def test_budget_is_the_limit_minus_key_headers_and_the_documented_overhead() -> 
 
 
 def test_keys_are_bounded_with_a_sha256_suffix() -> None:
-    from schemas.dead_letters import MAX_LETTER_KEY_BYTES, bounded_key, letter_key
+    from schemas.kafka.dead_letters import MAX_LETTER_KEY_BYTES, bounded_key, letter_key
 
     topic = "q" * 234 + "enriched-traces"  # the longest topic name Kafka allows (249)
     k1, k2 = letter_key(topic, 2**31 - 1, 2**63 - 1), letter_key(topic, 2**31 - 1, 2**63 - 2)
@@ -126,7 +126,7 @@ def test_keys_are_bounded_with_a_sha256_suffix() -> None:
 
 
 def _record(raw: bytes, topic: str, partition: int, offset: int, headers=None):  # type: ignore[no-untyped-def]
-    from schemas.dead_letters import dead_letter_record
+    from schemas.kafka.dead_letters import dead_letter_record
 
     return dead_letter_record(raw, max_record_bytes=DEFAULT_MAX_RECORD_BYTES, stage="decode", error_kind="not_json",
                               reason="undecodable", source_topic=topic, source_partition=partition,
@@ -148,8 +148,8 @@ def _largest_whole(topic: str, partition: int, offset: int, headers=None) -> int
 def test_boundary_letters_are_accepted_by_the_real_broker(make_settings) -> None:  # type: ignore[no-untyped-def]
     from confluent_kafka import KafkaException, Producer
 
-    from schemas.dead_letters import letter_budget
-    from schemas.kafka_io import produce_and_wait
+    from schemas.kafka.dead_letters import letter_budget
+    from schemas.kafka.reading import produce_and_wait
     from schemas.settings import RELIABLE_PRODUCER
 
     s = make_settings(tier3_topic_prefix=f"{LONG_PREFIX}{os.urandom(3).hex()}.", tier3_partitions=1)
@@ -210,7 +210,7 @@ def test_headers_count_against_the_budget(make_settings) -> None:  # type: ignor
 
 
 def test_fallbacks_shrink_to_a_size_no_message_controls() -> None:
-    from schemas.dead_letters import fallbacks, write_failure
+    from schemas.kafka.dead_letters import fallbacks, write_failure
 
     dl = make_dead_letter(os.urandom(100_000), stage="decode", error_kind="not_json", reason="\x01" * 20_000,
                           max_bytes=LIMIT * 4, source_topic="t" * 249, source_partition=2**31 - 1,

@@ -20,7 +20,7 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from schemas import Experience, decode
-from schemas import kafka_io as kio
+from schemas.kafka import reading as kio
 from schemas.settings import KafkaSettings
 from streams.sampling import sample_reason
 

@@ -1,4 +1,4 @@
-"""schemas.follow.TopicFollower against the real broker: catch-up then live records, offset gaps left by
+"""schemas.kafka.follow.TopicFollower against the real broker: catch-up then live records, offset gaps left by
 transactions, missing topics (raised or waited for), errors handed over after the records read before them, and
 reconnects after the one retry policy's pause, resuming at the positions read (nothing twice, nothing skipped)."""
 
@@ -13,8 +13,8 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 from tenacity import wait_exponential
 
-from schemas import kafka_io as kio
-from schemas.follow import TopicFollower
+from schemas.kafka import reading as kio
+from schemas.kafka.follow import TopicFollower
 from schemas.settings import RELIABLE_PRODUCER, KafkaSettings
 from tests.kafka_utils import produce_values
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from schemas import TrainingRun
-from schemas.redaction import (
+from schemas.runtime.redaction import (
     LOG_FILTER,
     MAX_UNNAMED,
     REDACTED,

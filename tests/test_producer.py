@@ -13,11 +13,11 @@ import pytest
 
 from schemas import Experience, decode, encode, get_task
 from schemas.settings import KafkaSettings
-from streams import broker
 from streams.client.capture import Capture, CaptureSettings
 from streams.errors import CaptureError
 from streams.topics import ensure_topics
 from tests.kafka_utils import consume_values
+from tier3.devbroker import server as broker
 
 TASK = get_task("widget_selector")
 

@@ -24,8 +24,8 @@ from schemas import (
     encode,
     get_task,
 )
-from schemas.export import JSON_DIR, render
 from schemas.tasks import TaskDefinition, field_f1, set_f1
+from schemas.write_json_schemas import JSON_DIR, render
 
 TASK = get_task("widget_selector")
 WIDGETS = sorted(TASK.catalog)
@@ -144,7 +144,7 @@ def test_other_messages_round_trip() -> None:
 
 def test_json_schema_files_are_current() -> None:
     for fname, text in render().items():
-        assert (JSON_DIR / fname).read_text() == text, f"run `python -m schemas.export` ({fname} is stale)"
+        assert (JSON_DIR / fname).read_text() == text, f"run `python -m schemas.write_json_schemas` ({fname} is stale)"
         assert json.loads(text)["type"] == "object"
 
 

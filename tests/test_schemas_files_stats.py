@@ -1,4 +1,4 @@
-"""schemas.stats (the one percentile) and schemas.files (the one atomic write / move into place)."""
+"""schemas.runtime.stats (the one percentile) and schemas.runtime.files (the one atomic write / move into place)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from schemas.files import move_into_place, write_atomic
-from schemas.stats import percentile
+from schemas.runtime.files import move_into_place, write_atomic
+from schemas.runtime.stats import percentile
 
 
 def test_percentile_interpolates_linearly_between_order_statistics() -> None:

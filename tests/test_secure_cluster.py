@@ -2,7 +2,7 @@
 
 One private broker for the module (its own ports and folder; the session broker is left alone): capture, the
 Faust worker (aiokafka), the trainer, the watcher, admin (`tier3 topics create`) and replay all work over
-SASL_SSL, each service as its own principal with only the ACLs of ``streams.broker.acl_table``; a wrong password
+SASL_SSL, each service as its own principal with only the ACLs of ``streams.acls.acl_table``; a wrong password
 stops each command at once with one line and exit code 2; the broker refuses each principal what it must not do
 (the application or the worker writing training-runs or trainer-control, the trainer writing experiences, the
 worker committing in the trainer's group, ...).
@@ -26,14 +26,15 @@ from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaError, 
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from schemas import Experience, OnlineEval, TrainingRun, decode, encode
-from schemas import kafka_io as kio
+from schemas.kafka import reading as kio
 from schemas.settings import KafkaSettings
-from streams import broker
 from streams.client.capture import Capture, CaptureSettings
 from tests.conftest import ROOT
 from tests.streams.helpers import WorkerProcess, free_port
 from tests.trainer.test_consumer import fake_train
 from tests.trainer.trainer_kafka import FAST_GROUP, sft_config
+from tier3.devbroker import acls
+from tier3.devbroker import server as broker
 from trainer.close_loop.online_watch import Watcher
 from trainer.close_loop.settings import CloseLoopSettings
 from trainer.consumer import TrainerConsumer
@@ -82,7 +83,7 @@ def secure_broker(tmp_path_factory: pytest.TempPathFactory, prefix: str, trainer
         output = " ".join((up.stdout + up.stderr).split())  # rich wraps long lines
         assert "client.env" in output and f"may only write {prefix}experiences and read {prefix}training-runs" \
             in output
-        for svc in broker.SERVICES:
+        for svc in acls.SERVICES:
             assert f"{svc}: {s.tier3_broker_dir.resolve() / (svc + '.env')}" in output
         for secret in (s.tier3_broker_dir / "secrets").iterdir():
             assert secret.read_text().strip() not in up.stdout + up.stderr
@@ -118,16 +119,16 @@ def principals(secure_broker: broker.BrokerSettings, admin_env: dict[str, str], 
                prefix: str, trainer_group: str) -> dict[str, dict[str, str]]:
     """Each service's client settings (`up --secure` made its principal and ACLs; again here: idempotent), with
     the module's topic prefix, partitions and data folder."""
-    names = broker.PrincipalNames(KafkaSettings(tier3_topic_prefix=prefix), f"{prefix}worker", trainer_group)
-    made = broker.ensure_principals(secure_broker, names)
+    names = acls.PrincipalNames(KafkaSettings(tier3_topic_prefix=prefix), f"{prefix}worker", trainer_group)
+    made = acls.ensure_principals(secure_broker, names)
     out = {}
-    for svc in broker.SERVICES:
+    for svc in acls.SERVICES:
         env = made[svc]
         assert env == _read_env(secure_broker.tier3_broker_dir / f"{svc}.env")  # what `up --secure` wrote
         assert env["KAFKA_SASL_USERNAME"] == svc
         assert env["KAFKA_SASL_PASSWORD"] != admin_env["KAFKA_SASL_PASSWORD"]
         out[svc] = {**admin_env, **env}
-    assert len({env["KAFKA_SASL_PASSWORD"] for env in out.values()}) == len(broker.SERVICES)
+    assert len({env["KAFKA_SASL_PASSWORD"] for env in out.values()}) == len(acls.SERVICES)
     return out
 
 
@@ -469,21 +470,20 @@ def test_the_principal_command_and_the_acl_table(secure_broker: broker.BrokerSet
     bad = _tier3(["broker", "principal", "admin"], env)
     assert bad.returncode == 2 and "no such service: 'admin'" in bad.stderr, bad.stdout + bad.stderr
 
-    assert broker.DEFAULT_TRAINER_GROUP == TrainerSettings.model_fields["tier3_trainer_group"].default
     k = KafkaSettings(tier3_topic_prefix=prefix)
     with pytest.raises(broker.BrokerError, match="would also name"):
-        broker.acl_table(broker.PrincipalNames(k, f"{prefix}trainer", trainer_group))
-    table = broker.acl_table(broker.PrincipalNames(k, f"{prefix}worker", trainer_group))
+        acls.acl_table(acls.PrincipalNames(k, f"{prefix}trainer", trainer_group))
+    table = acls.acl_table(acls.PrincipalNames(k, f"{prefix}worker", trainer_group))
     writers = {svc: {g.name for g in grants if "WRITE" in g.operations} for svc, grants in table.items()}
     assert {svc for svc, names in writers.items() if k.training_runs_topic in names} == {"trainer", "watcher"}
     assert {svc for svc, names in writers.items() if k.trainer_control_topic in names} == {"trainer"}
     assert {svc for svc, names in writers.items() if k.experiences_topic in names} == {"app"}
     # docs/guarantees.md shows the table for the default names, row for row
-    defaults = broker.PrincipalNames(KafkaSettings(tier3_topic_prefix="tier3."), "tier3.worker")
+    defaults = acls.PrincipalNames(KafkaSettings(tier3_topic_prefix="tier3."), "tier3.worker")
     doc = (ROOT / "docs" / "guarantees.md").read_text()
     shown = [line for line in doc.splitlines()
              if re.match(r"\| `(app|worker|trainer|watcher)` \| [A-Z+]+ \| (topic|group) `", line)]
-    assert shown == broker.acl_markdown(defaults)
+    assert shown == acls.acl_markdown(defaults)
 
 
 def test_the_broker_folder_is_secured_for_good(secure_broker: broker.BrokerSettings,

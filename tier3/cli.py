@@ -1,9 +1,10 @@
 """``tier3``: the one command-line entry point, assembled from the commands of each side.
 
-- ``streams/cli.py``: ``broker``, ``topics``, ``publish``, ``worker``, ``dlq``;
+- ``streams/cli.py``: ``topics``, ``publish``, ``worker``, ``dlq``;
 - ``trainer/cli.py``: ``trainer``, ``train-now``, ``replay``, ``models``;
 - ``trainer/close_loop/cli.py``: ``eval``, ``promote``, ``rollback``, ``export``, ``close-loop``, ``watch``,
   ``serve``;
+- ``tier3/devbroker/commands.py``: ``broker`` (the development broker);
 - ``tier3/demo``: ``demo``, which runs all of them together.
 
 Each side is imported only when one of its commands runs (or its help is asked for): ``tier3 replay`` does not
@@ -21,14 +22,20 @@ from typing import Any
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from schemas.preflight import run_cli
-from schemas.redaction import install_excepthook, install_log_redaction, redact
+from schemas.runtime.preflight import run_cli
+from schemas.runtime.redaction import install_excepthook, install_log_redaction, redact
 
 
 def _streams(app: typer.Typer) -> None:
     from streams import cli as streams_cli
 
     streams_cli.register(app)
+
+
+def _broker(app: typer.Typer) -> None:
+    from tier3.devbroker import commands as broker_commands
+
+    broker_commands.register(app)
 
 
 def _demo(app: typer.Typer) -> None:
@@ -80,9 +87,9 @@ COMMANDS: dict[str, tuple[Callable[[typer.Typer], None], str]] = {
                            "teacher drifts."),
     "serve": (_close_loop, "Serve the exported students with llama-cpp-python's OpenAI-compatible server, until "
                            "Ctrl-C / SIGTERM."),
-    "broker": (_streams, "A local single-node Kafka broker (KRaft), no Docker."),
     "topics": (_streams, "tier3's topics."),
     "models": (_trainer, "named base models: pulled once, cached, checksummed (trainer/models.py)"),
+    "broker": (_broker, "A local single-node Kafka broker (KRaft), no Docker."),
 }
 
 

@@ -25,8 +25,8 @@ from typing import Annotated, Any
 import orjson
 import typer
 
-from schemas.preflight import UserError, check_topics, load_settings, run_cli
-from schemas.redaction import install_excepthook, install_log_redaction, redact
+from schemas.runtime.preflight import UserError, check_topics, load_settings, run_cli
+from schemas.runtime.redaction import install_excepthook, install_log_redaction, redact
 from trainer.errors import TrainerError
 
 
@@ -211,7 +211,7 @@ def replay_cmd(
 
 
 def _require_topic(settings: Any, topic: str) -> None:
-    from schemas.preflight import TopicsNotReady, kafka_metadata
+    from schemas.runtime.preflight import TopicsNotReady, kafka_metadata
 
     if topic not in kafka_metadata(settings).topics:
         raise TopicsNotReady(f"topic {topic} (from the run's manifest) does not exist on "

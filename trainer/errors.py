@@ -7,7 +7,7 @@ in a ``failed`` event and needs an operator, because retrying would fail the sam
 
 from __future__ import annotations
 
-from schemas.preflight import UserError
+from schemas.runtime.preflight import UserError
 
 
 class TrainerError(Exception):

@@ -25,9 +25,9 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from schemas import TrainerControl, TrainingRun, decode, encode
-from schemas.dead_letters import LetterRecord, dead_letter_record, fallbacks, write_failure
 from schemas.errors import SchemaError
-from schemas.kafka_io import ReadTimeout, TopicMissing, read_until_now
+from schemas.kafka.dead_letters import LetterRecord, dead_letter_record, fallbacks, write_failure
+from schemas.kafka.reading import ReadTimeout, TopicMissing, read_until_now
 from schemas.settings import RELIABLE_PRODUCER, KafkaSettings
 from trainer.errors import TrainerError
 from trainer.settings import TrainerSettings
@@ -170,7 +170,7 @@ class TrainerEvents:
         the batch, so it is committed (skipped) with the next successful run.
 
         Never raises, whatever the record's size, key or coordinates: the letter is built to fit
-        (``schemas.dead_letters.dead_letter_record``); one refused anyway, at once or by the broker, is written
+        (``schemas.kafka.dead_letters.dead_letter_record``); one refused anyway, at once or by the broker, is written
         again smaller (without the original, then the smallest letter); a transient failure is written again,
         up to :data:`DEAD_LETTER_ATTEMPTS` times; what still fails is logged with the source coordinates and
         counted in :attr:`dead_letters_failed` (the source record stays on enriched-traces, kept forever)."""

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from schemas.files import write_atomic as write_atomic  # defined once in schemas.files; re-exported
+from schemas.runtime.files import write_atomic as write_atomic  # defined once in schemas.runtime.files; re-exported
 from trainer.errors import ManifestError
 
 MANIFEST_NAME = "manifest.json"

@@ -13,7 +13,7 @@ import time
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from schemas import kafka_io as kio
+from schemas.kafka import reading as kio
 from trainer.accumulation import Accumulator
 from trainer.manifest import OffsetRange
 from trainer.protocol import Batch

@@ -22,7 +22,7 @@ from pathlib import Path
 from confluent_kafka import Consumer, KafkaException, Message
 
 from schemas import SchemaError, fastcodec
-from schemas import kafka_io as kio
+from schemas.kafka import reading as kio
 from schemas.settings import KafkaSettings
 from trainer.dataset import BuiltDataset, build_dataset
 from trainer.errors import TrainerError
@@ -61,7 +61,7 @@ def decode_trace(value: bytes | None, max_bytes: int) -> fastcodec.TraceLike:
 
 
 def slice_reader(settings: KafkaSettings) -> Consumer:
-    """A consumer for assign()-based reads (schemas.kafka_io.reader): never commits, read_committed like the
+    """A consumer for assign()-based reads (schemas.kafka.reading.reader): never commits, read_committed like the
     trainer, and says when a partition has nothing more to give. Its throw-away group id is ``tier3-replay-...``
     (the name the trainer principal's ACLs grant, tier3/devbroker/acls.py), for the live trainer's reads too."""
     return kio.reader(settings, "replay", **{"enable.partition.eof": True})
@@ -69,14 +69,14 @@ def slice_reader(settings: KafkaSettings) -> Consumer:
 
 def iter_slice(settings: KafkaSettings, topic: str, ranges: dict[int, OffsetRange], *, timeout_s: float = 300.0
                ) -> Iterator[Message]:
-    """Yield the records of exactly ``[start, end)`` of each partition (:func:`schemas.kafka_io.iter_slice`)."""
+    """Yield the records of exactly ``[start, end)`` of each partition (:func:`schemas.kafka.reading.iter_slice`)."""
     for batch in iter_slice_batches(settings, topic, ranges, timeout_s=timeout_s):
         yield from batch
 
 
 def iter_slice_batches(settings: KafkaSettings, topic: str, ranges: dict[int, OffsetRange], *,
                        timeout_s: float = 300.0) -> Iterator[list[Message]]:
-    """:func:`iter_slice` in lists of records (:func:`schemas.kafka_io.iter_slice_batches`)."""
+    """:func:`iter_slice` in lists of records (:func:`schemas.kafka.reading.iter_slice_batches`)."""
     c = slice_reader(settings)
     try:
         yield from kio.iter_slice_batches(c, topic, ranges, timeout_s=timeout_s)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from schemas.files import move_into_place
+from schemas.runtime.files import move_into_place
 from trainer.dataset import BuiltDataset
 from trainer.errors import AdapterError, CommitFailed, DatasetError, ManifestError, TrainerError
 from trainer.events import TrainerEvents, now_ms

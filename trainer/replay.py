@@ -23,8 +23,8 @@ from typing import Any
 
 from confluent_kafka import OFFSET_END, KafkaException, TopicPartition
 
-from schemas import kafka_io as kio
-from schemas.files import move_into_place, write_atomic
+from schemas.kafka import reading as kio
+from schemas.runtime.files import move_into_place, write_atomic
 from schemas.settings import KafkaSettings
 from trainer.dataset import BuiltDataset
 from trainer.manifest import OffsetRange, RunManifest

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from schemas.files import move_into_place
+from schemas.runtime.files import move_into_place
 from trainer.chat_tokens import end_of_turn_ids, training_features
 from trainer.dataset import BuiltDataset, phase_examples
 from trainer.errors import (

@@ -22,7 +22,7 @@ def build_settings(init: Callable[..., None], settings: BaseModel, values: dict[
     """Run the settings class's ``__init__`` (``init``, bound) on ``values``, the client library's way."""
     from pydantic_settings import SettingsError
 
-    from schemas.preflight import settings_error
+    from schemas.runtime.preflight import settings_error
 
     install_log_redaction()  # the secret environment variables registered, every log record filtered
     for name, value in values.items():

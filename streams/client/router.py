@@ -186,7 +186,7 @@ class PromotionFollower:
     def _run(self) -> None:
         from confluent_kafka import KafkaException
 
-        from schemas.follow import TopicFollower
+        from schemas.kafka.follow import TopicFollower
 
         topic = self.settings.training_runs_topic
         missing_said = False

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from schemas import get_task
-from schemas.stats import percentile
+from schemas.runtime.stats import percentile
 from trainer.close_loop.evaluate import HoldoutExample, evaluate_examples, score_output, write_report
 from trainer.errors import EvaluationError
 

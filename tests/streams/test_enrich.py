@@ -118,7 +118,7 @@ def test_teacher_latency_percentiles_interpolate_like_the_evaluation() -> None:
     stats = TeacherStats()
     assert stats.percentile_ms(0.95) is None
     stats.latencies_ms.extend([40.0, 10.0, 30.0, 20.0])
-    # schemas.stats.percentile (linear interpolation), the same definition as the offline evaluation's p95
+    # schemas.runtime.stats.percentile (linear interpolation), the same definition as the offline evaluation's p95
     assert stats.percentile_ms(0.50) == 25.0 and stats.percentile_ms(0.95) == 38.5
 
 

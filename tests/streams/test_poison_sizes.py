@@ -14,7 +14,7 @@ from confluent_kafka import Consumer, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from schemas import DeadLetter, EnrichedTrace, decode, encode
-from schemas import kafka_io as kio
+from schemas.kafka import reading as kio
 from schemas.settings import RELIABLE_PRODUCER
 from streams.app import changelog_spec
 from streams.dlq import Letter, read_source, redrive

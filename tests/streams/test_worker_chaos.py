@@ -205,7 +205,7 @@ def test_scale_out_three_workers_one_killed_one_added(run: int, streams_settings
 def experience_positions(s: StreamsSettings) -> list[tuple[int, int, str]]:
     """(partition, offset, experience id) of every experience in the topic."""
     from schemas import Experience
-    from schemas import kafka_io as kio
+    from schemas.kafka import reading as kio
 
     return [(m.partition() or 0, m.offset() or 0, decode(m.value() or b"", Experience).experience_id)
             for m in kio.read_until_now(s, s.experiences_topic, "test")]

@@ -109,7 +109,8 @@ def test_read_ranges_exact_slices_over_transaction_gaps_with_bad_records_counted
 
     from confluent_kafka import Producer
 
-    from schemas import encode, kafka_io
+    from schemas import encode
+    from schemas.kafka import reading as kafka_io
     from schemas.settings import RELIABLE_PRODUCER
     from trainer.manifest import OffsetRange
     from trainer.projection import read_ranges

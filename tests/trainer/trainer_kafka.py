@@ -13,7 +13,7 @@ from typing import Any
 from confluent_kafka import Consumer, TopicPartition
 
 from schemas import EnrichedTrace, TrainerControl, TrainingRun, decode, encode
-from schemas import kafka_io as kio
+from schemas.kafka import reading as kio
 from tests.conftest import ROOT, settings_env
 from tests.kafka_utils import consume_values, produce_values
 from trainer.settings import TrainerSettings

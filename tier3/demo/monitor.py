@@ -13,9 +13,9 @@ import httpx
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from schemas import DeadLetter, EnrichedTrace, TrainingRun, decode
-from schemas import kafka_io as kio
 from schemas.errors import SchemaError
-from schemas.follow import TopicFollower
+from schemas.kafka import reading as kio
+from schemas.kafka.follow import TopicFollower
 from schemas.runs import RunsFold
 from schemas.settings import KafkaSettings
 
@@ -103,7 +103,7 @@ PROBE_GIVE_UP_S = 60.0  # a "transient" error that lasts this long is reported a
 
 
 def transient(exc: BaseException) -> bool:
-    """Whether a Kafka client exception is worth retrying: the one rule, :func:`schemas.kafka_io.is_transient`."""
+    """Whether a Kafka client exception is worth retrying: the one rule, :func:`schemas.kafka.reading.is_transient`."""
     return kio.is_transient(exc)
 
 
@@ -126,7 +126,7 @@ class Monitor(threading.Thread):
     def run(self) -> None:
         topics = [self.s.experiences_topic, self.s.traces_topic, self.s.dead_letters_topic,
                   self.s.training_runs_topic, self.s.trainer_status_topic]
-        # the one follower (schemas/follow.py): from the beginning, a topic not there yet read once it is
+        # the one follower (schemas/kafka/follow.py): from the beginning, a topic not there yet read once it is
         follower = TopicFollower(self.s, topics, "demo-monitor", missing="wait",
                                  config={"group.id": f"{self.s.tier3_topic_prefix}demo-monitor"})
         probe = self.make_probe()

@@ -238,18 +238,18 @@ def _kafka(state: DemoState, settings: KafkaSettings) -> KafkaSettings:
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
         console.print(f"Kafka: the configured cluster at [bold]{settings.kafka_bootstrap_servers}[/]")
     else:
-        from streams import broker as broker_mod
+        from tier3.devbroker import server as devbroker
 
-        state.broker_settings = broker_mod.BrokerSettings()
-        st = broker_mod.status(state.broker_settings)
+        state.broker_settings = devbroker.BrokerSettings()
+        st = devbroker.status(state.broker_settings)
         if st.running:  # ours from an earlier `tier3 broker up`, or another broker on that port: use it, leave it
             console.print(f"Kafka: a broker already answers at [bold]{st.bootstrap}[/]; using it")
         else:
             state.started_broker = True  # before up(): a Ctrl-C while it starts must still stop it
             with console.status("starting the local Kafka broker (the first time resolves its jars with Maven)…"):
                 try:
-                    st = broker_mod.up(state.broker_settings)
-                except StreamsError as exc:
+                    st = devbroker.up(state.broker_settings)
+                except devbroker.BrokerError as exc:
                     raise DemoError(f"the local broker did not start: {exc}") from None
             console.print(f"Kafka {st.version}: started a local broker at [bold]{st.bootstrap}[/]")
         settings = settings.model_copy(update={"kafka_bootstrap_servers": st.bootstrap})

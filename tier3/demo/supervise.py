@@ -193,7 +193,7 @@ def stop_everything(state: DemoState, keep_running: bool) -> None:
     for child in children:
         child.stop(timeout_s=max(0.1, deadline - time.monotonic()))
     if state.started_broker:
-        from streams import broker as broker_mod
+        from tier3.devbroker import server as devbroker
 
         say("stopping the local broker the demo started")
-        broker_mod.down(state.broker_settings)
+        devbroker.down(state.broker_settings)

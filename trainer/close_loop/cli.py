@@ -26,7 +26,7 @@ from typing import Annotated, Any
 
 import typer
 
-from schemas.preflight import UserError, check_topics, load_settings, run_cli
+from schemas.runtime.preflight import UserError, check_topics, load_settings, run_cli
 from trainer.errors import TrainerError
 
 

@@ -42,7 +42,7 @@ import orjson
 
 from schemas import EnrichedTrace, TaskDefinition, TrainingRun, get_task
 from schemas.runs import fold_runs
-from schemas.stats import percentile
+from schemas.runtime.stats import percentile
 from schemas.tasks import OutputScore, score_output  # the one scoring rule, shared with the worker's online eval
 from trainer.close_loop.settings import CloseLoopSettings
 from trainer.errors import EvaluationError, TrainerError

@@ -55,9 +55,9 @@ from typing import Any
 from confluent_kafka import KafkaException
 
 from schemas import OnlineEval, TrainingRun, decode, get_task
-from schemas import kafka_io as kio
 from schemas.errors import SchemaError
-from schemas.follow import TopicFollower
+from schemas.kafka import reading as kio
+from schemas.kafka.follow import TopicFollower
 from schemas.runs import RunsFold, fold_runs, metrics_of
 from schemas.settings import KafkaSettings
 from trainer.close_loop.settings import CloseLoopSettings
@@ -285,7 +285,7 @@ def rollback_event(runs: RunsFold, j: Judgement) -> TrainingRun:
 
 class TopicTail:
     """Every record of a topic from the beginning, then only the new ones (no group, nothing committed): the
-    one follower (:class:`schemas.follow.TopicFollower`), read in steps."""
+    one follower (:class:`schemas.kafka.follow.TopicFollower`), read in steps."""
 
     def __init__(self, settings: KafkaSettings, topic: str) -> None:
         self.topic = topic

@@ -252,7 +252,7 @@ def check_topics(settings: KafkaSettings, specs: Iterable[TopicSpec] | None = No
     Raises :class:`KafkaUnreachable` or :class:`TopicsNotReady` (saying to run ``tier3 topics create``); creates
     nothing. Returns the metadata it read.
     """
-    from schemas.kafka_access import KafkaAccessError, check_kafka_access
+    from schemas.kafka.access import KafkaAccessError, check_kafka_access
 
     check_security(settings)
     wanted = list(specs if specs is not None else settings.topic_specs())

@@ -12,9 +12,9 @@ SASL_SSL with SCRAM-SHA-512 only, its certificate is signed by a CA made at the 
 broker folder; the CA's key is not kept), ACLs are enforced (KRaft's StandardAuthorizer, super user ``admin``,
 nothing allowed to anyone else unless an ACL says so) and the controller port (loopback) needs SASL/PLAIN. The
 admin's SCRAM credential is written into the metadata when the storage is formatted. ``client.env`` in the broker
-folder (mode 0600) holds the admin's client settings; :func:`ensure_principals` adds one principal per service
-(``app``, ``worker``, ``trainer``, ``watcher``) with only the ACLs of :func:`acl_table`, its settings in
-``<user>.env``.
+folder (mode 0600) holds the admin's client settings; :func:`tier3.devbroker.acls.ensure_principals` adds one
+principal per service (``app``, ``worker``, ``trainer``, ``watcher``) with only the ACLs of
+:func:`tier3.devbroker.acls.acl_table`, its settings in ``<user>.env``.
 """
 
 from __future__ import annotations
@@ -34,14 +34,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from schemas.files import move_into_place, write_atomic
-from schemas.settings import DEFAULT_MAX_RECORD_BYTES, RECORD_BATCH_SLACK_BYTES, KafkaSettings
-from streams.errors import BrokerError
+from schemas.runtime.files import move_into_place, write_atomic
+from schemas.settings import DEFAULT_MAX_RECORD_BYTES, RECORD_BATCH_SLACK_BYTES
+
+
+class BrokerError(Exception):
+    """The local broker could not be resolved, started or stopped (the message says what to do)."""
+
 
 # Kafka 4.4 is the newest 4.x, and faust-streaming (aiokafka 0.14) passes our end-to-end tests on it.
 DEFAULT_KAFKA_VERSION = "4.4.0"
@@ -102,7 +105,7 @@ class BrokerSettings(BaseSettings):
         env = {"KAFKA_BOOTSTRAP_SERVERS": self.bootstrap}
         if self.tier3_broker_secure:
             data = self.tier3_broker_dir.resolve()
-            env.update(_secure_client_env(data / "tls" / "ca.pem", ADMIN_USER, _read_secret(data, ADMIN_USER)))
+            env.update(secure_client_env(data / "tls" / "ca.pem", ADMIN_USER, _read_secret(data, ADMIN_USER)))
         return env
 
     def client_config(self) -> dict[str, Any]:
@@ -214,12 +217,12 @@ ADMIN_USER = "admin"
 SCRAM = "SCRAM-SHA-512"
 
 
-def _secure_client_env(ca: Path, user: str, password: str) -> dict[str, str]:
+def secure_client_env(ca: Path, user: str, password: str) -> dict[str, str]:
     return {"KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "KAFKA_SASL_MECHANISM": SCRAM, "KAFKA_SASL_USERNAME": user,
             "KAFKA_SASL_PASSWORD": password, "KAFKA_SSL_CA_LOCATION": str(ca)}
 
 
-def _write_private(path: Path, text: str | bytes) -> None:
+def write_private(path: Path, text: str | bytes) -> None:
     """Write a file only its owner can read (created 0600, never world-readable in between)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     write_atomic(path, text.encode() if isinstance(text, str) else text)  # its temp file is created 0600
@@ -238,7 +241,7 @@ def _read_secret(data: Path, user: str) -> str:
     return path.read_text().strip()
 
 
-def _password(data: Path, user: str, given: SecretStr | None) -> str:
+def user_password(data: Path, user: str, given: SecretStr | None) -> str:
     """The user's password: the one kept in the broker folder, else the given one, else a new random one."""
     path = data / "secrets" / f"{user}.password"
     if path.exists():
@@ -251,7 +254,7 @@ def _password(data: Path, user: str, given: SecretStr | None) -> str:
     if not password or any(c in password for c in ',[]="\\\n\r '):
         raise BrokerError("TIER3_BROKER_ADMIN_PASSWORD must be non-empty, without spaces, commas, brackets, "
                           "quotes or backslashes")
-    _write_private(path, password + "\n")
+    write_private(path, password + "\n")
     return password
 
 
@@ -291,8 +294,8 @@ def _make_tls(tls: Path, validity_days: int = 825) -> str:
     store_password = secrets.token_hex(16)
     p12 = pkcs12.serialize_key_and_certificates(b"broker", key, cert, [ca], serialization.BestAvailableEncryption(
         store_password.encode()))
-    _write_private(tls / "broker.p12", p12)
-    _write_private(tls / "broker.p12.password", store_password + "\n")
+    write_private(tls / "broker.p12", p12)
+    write_private(tls / "broker.p12.password", store_password + "\n")
     (tls / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))  # public: every client reads it
     return store_password
 
@@ -358,182 +361,6 @@ def _mode(s: BrokerSettings) -> str:
     return "sasl_ssl" if s.tier3_broker_secure else "plaintext"
 
 
-# --------------------------------------------------------------------------------- principals and their ACLs
-
-#: the services that get a principal of their own on the secured broker (each its SCRAM user of the same name)
-SERVICES = ("app", "worker", "trainer", "watcher")
-#: TIER3_TRAINER_GROUP's default (trainer/settings.py; streams never imports trainer, a test checks they agree)
-DEFAULT_TRAINER_GROUP = "tier3-trainer"
-#: the throw-away group ids of assign()-based readers (``schemas.kafka_io.reader``: ``tier3-<purpose>-<uuid>``,
-#: and the router's, the watcher's and train-now's): never joined, never committed, but librdkafka names them
-READER_GROUP = "tier3-{purpose}-"
-
-
-@dataclass(frozen=True)
-class Grant:
-    """One row of the ACL table: ``operations`` allowed on a topic or group, by literal name or name prefix."""
-
-    resource: str  # "topic" | "group"
-    name: str
-    operations: tuple[str, ...]  # "READ", "WRITE", "CREATE", "DESCRIBE" (AclOperation names)
-    prefixed: bool = False
-    why: str = ""
-
-    @property
-    def target(self) -> str:
-        """``topic tier3.experiences``; a prefix ends with ``*``."""
-        return f"{self.resource} {self.name}{'*' if self.prefixed else ''}"
-
-
-@dataclass(frozen=True)
-class PrincipalNames:
-    """What the ACLs name: the topics (``TIER3_TOPIC_PREFIX``), the worker's group (``<prefix><TIER3_APP_ID>``,
-    also the prefix of its tables' changelog topics) and the trainer's group (``TIER3_TRAINER_GROUP``)."""
-
-    topics: KafkaSettings
-    worker_group: str
-    trainer_group: str = DEFAULT_TRAINER_GROUP
-
-
-def _reader(purpose: str) -> Grant:
-    # DESCRIBE lets librdkafka find the group's coordinator; READ (join, commit, fetch committed offsets) it needs not
-    return Grant("group", READER_GROUP.format(purpose=purpose), ("DESCRIBE",), prefixed=True,
-                 why="assign()-based reader: never joins, never commits")
-
-
-def acl_table(names: PrincipalNames) -> dict[str, tuple[Grant, ...]]:
-    """Everything each service's principal may do on the secured broker, and nothing more (docs/guarantees.md,
-    "Least privilege"). WRITE implies DESCRIBE and, since Kafka 3.0, the idempotent producer (KIP-679); READ
-    implies DESCRIBE. No service has any cluster permission; none but the worker may create a topic (its own
-    changelogs); only the trainer and the watcher write training-runs, only the trainer trainer-control."""
-    t = names.topics
-    changelogs = f"{names.worker_group}-"
-    clash = [spec.name for spec in t.topic_specs() if spec.name.startswith(changelogs)]
-    if clash:  # the worker's prefixed grant would cover them (TIER3_APP_ID=trainer -> <prefix>trainer-control)
-        raise BrokerError(f"the worker's changelog prefix {changelogs} would also name {', '.join(clash)}: choose "
-                          "another TIER3_APP_ID")
-    return {
-        "app": (
-            Grant("topic", t.experiences_topic, ("WRITE",), why="capture publishes experiences"),
-            Grant("topic", t.training_runs_topic, ("READ",), why="the router follows promotions and rollbacks"),
-            _reader("router"),
-        ),
-        "worker": (
-            Grant("topic", t.experiences_topic, ("READ",), why="sampled and enriched (its group)"),
-            Grant("topic", t.traces_topic, ("WRITE",), why="writes traces (counted as they are written)"),
-            Grant("topic", t.dead_letters_topic, ("WRITE",), why="dead letters"),
-            Grant("topic", t.online_eval_topic, ("WRITE",), why="closed online-eval windows"),
-            Grant("topic", t.training_runs_topic, ("READ",), why="/status and the router statistics"),
-            Grant("topic", t.trainer_status_topic, ("READ",), why="trainer heartbeats in /status"),
-            Grant("topic", t.trainer_control_topic, ("DESCRIBE",), why="`tier3 worker` checks every topic exists"),
-            Grant("topic", changelogs, ("CREATE", "READ", "WRITE"), prefixed=True,
-                  why="its tables' changelog topics, which it creates"),
-            Grant("group", names.worker_group, ("READ",), why="the Faust consumer group (join, commit)"),
-            _reader("offset-guard"), _reader("worker-runs"),
-        ),
-        "trainer": (
-            Grant("topic", t.traces_topic, ("READ",), why="its consumer group; replay"),
-            Grant("topic", t.training_runs_topic, ("READ", "WRITE"), why="run events; the gate reads them back"),
-            Grant("topic", t.trainer_status_topic, ("WRITE",), why="heartbeats"),
-            Grant("topic", t.trainer_control_topic, ("READ", "WRITE"), why="train_now requests and answers"),
-            Grant("topic", t.dead_letters_topic, ("WRITE",), why="traces it cannot read"),
-            Grant("group", names.trainer_group, ("READ",), why="the trainer group (join, commit)"),
-            Grant("group", f"{names.trainer_group}.control", ("READ",), why="its group on trainer-control"),
-            _reader("gate-reader"), _reader("replay"), _reader("train-now"),
-        ),
-        "watcher": (
-            Grant("topic", t.online_eval_topic, ("READ",), why="the worker's closed windows"),
-            Grant("topic", t.training_runs_topic, ("READ", "WRITE"), why="promotions; publishes rollbacks"),
-            _reader("watch"),
-        ),
-    }
-
-
-def acl_markdown(names: PrincipalNames) -> list[str]:
-    """:func:`acl_table` as the rows of a Markdown table (docs/guarantees.md shows it for the default names)."""
-    return [f"| `{svc}` | {'+'.join(g.operations)} | {g.resource} `{g.name}{'*' if g.prefixed else ''}` | {g.why} |"
-            for svc, grants in acl_table(names).items() for g in grants]
-
-
-def _bindings(user: str, grants: tuple[Grant, ...]) -> list[Any]:
-    from confluent_kafka.admin import AclBinding, AclOperation, AclPermissionType, ResourcePatternType, ResourceType
-
-    return [AclBinding(ResourceType[g.resource.upper()], g.name,
-                       ResourcePatternType.PREFIXED if g.prefixed else ResourcePatternType.LITERAL,
-                       f"User:{user}", "*", AclOperation[op], AclPermissionType.ALLOW)
-            for g in grants for op in g.operations]
-
-
-def ensure_principals(s: BrokerSettings, names: PrincipalNames, services: tuple[str, ...] = SERVICES,
-                      users: dict[str, str] | None = None, timeout_s: float = 60.0) -> dict[str, dict[str, str]]:
-    """On the secured broker: for each of ``services``, a SCRAM user (named as the service unless ``users``
-    says otherwise) with the ACLs of :func:`acl_table` and nothing else it did not have before (ACLs are only
-    added: a user made for two topic prefixes holds both sets). Idempotent. Returns each service's client
-    settings, also written to ``<broker dir>/<user>.env`` (mode 0600; a password never goes on a command line)."""
-    from confluent_kafka.admin import (
-        ScramCredentialInfo,
-        ScramMechanism,
-        UserScramCredentialAlteration,
-        UserScramCredentialUpsertion,
-    )
-
-    if not s.tier3_broker_secure:
-        raise BrokerError("principals and ACLs need the secured broker (TIER3_BROKER_SECURE=true)")
-    unknown = [svc for svc in services if svc not in SERVICES]
-    if unknown:
-        raise BrokerError(f"no such service: {', '.join(unknown)} (one of {', '.join(SERVICES)})")
-    table = acl_table(names)
-    who = {svc: (users or {}).get(svc, svc) for svc in services}
-    if ADMIN_USER in who.values():
-        raise BrokerError(f"`{ADMIN_USER}` is the super user: a service's principal needs another name")
-    odd = [user for user in who.values() if not user.replace("-", "").replace("_", "").replace(".", "").isalnum()
-           or user.startswith(".")]
-    if odd:  # the name is a file name (<user>.env, secrets/<user>.password) and a SCRAM user name
-        raise BrokerError(f"a principal's name is letters, digits, '.', '-' and '_' (not starting with '.'): "
-                          f"{', '.join(repr(u) for u in odd)}")
-    data = s.tier3_broker_dir.resolve()
-    # the super user first (its password kept in the folder, the broker answering): nothing is written before
-    if list_topics(s.bootstrap, timeout_s=min(10.0, timeout_s), conf=s.client_config()) is None:
-        raise BrokerError(f"no secured broker answers the super user at {s.bootstrap}: start it with `tier3 broker "
-                          "up --secure` (same TIER3_BROKER_DIR and TIER3_BROKER_PORT)")
-    passwords = {svc: _password(data, user, None) for svc, user in who.items()}
-    admin = AdminClient({**s.client_config(), "logger": _silent_logger()})
-    info = ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, 8192)
-    upserts: list[UserScramCredentialAlteration] = [
-        UserScramCredentialUpsertion(user, info, passwords[svc].encode()) for svc, user in who.items()]
-    acls = [b for svc, user in who.items() for b in _bindings(user, table[svc])]
-    try:
-        for fut in admin.alter_user_scram_credentials(upserts, request_timeout=timeout_s).values():
-            fut.result()
-        for fut in admin.create_acls(acls, request_timeout=timeout_s).values():
-            fut.result()
-    except KafkaException as exc:
-        raise BrokerError(f"the secured broker at {s.bootstrap} (TIER3_BROKER_PORT) did not make the principals: "
-                          f"{exc.args[0].str()}; is it running (`tier3 broker up --secure`)?") from None
-    ca = data / "tls" / "ca.pem"
-    out: dict[str, dict[str, str]] = {}
-    for svc, user in who.items():
-        env = {"KAFKA_BOOTSTRAP_SERVERS": s.bootstrap, **_secure_client_env(ca, user, passwords[svc])}
-        _write_private(data / f"{user}.env", "".join(f"{k}={v}\n" for k, v in env.items()))
-        out[svc] = env
-    # a new credential reaches the broker through the metadata log: wait until each one authenticates
-    deadline = time.monotonic() + timeout_s
-    for svc, user in who.items():
-        conf = {"bootstrap.servers": s.bootstrap, "security.protocol": "SASL_SSL", "sasl.mechanism": SCRAM,
-                "sasl.username": user, "sasl.password": passwords[svc], "ssl.ca.location": str(ca)}
-        while list_topics(s.bootstrap, timeout_s=2.0, conf=conf) is None:
-            if time.monotonic() > deadline:
-                raise BrokerError(f"the new principal `{user}` could not sign in within {timeout_s:.0f} s")
-            time.sleep(0.5)
-    return out
-
-
-def ensure_principal(s: BrokerSettings, service: str, names: PrincipalNames, user: str | None = None,
-                     timeout_s: float = 60.0) -> dict[str, str]:
-    """One service's principal (:func:`ensure_principals`); its client settings."""
-    return ensure_principals(s, names, (service,), {service: user or service}, timeout_s)[service]
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -571,7 +398,7 @@ def list_topics(bootstrap: str, timeout_s: float = 3.0, conf: dict[str, Any] | N
     """Topic names if a broker answers a metadata request at ``bootstrap``, else None. ``conf``: more client
     settings (security)."""
     admin = AdminClient({**(conf or {}), "bootstrap.servers": bootstrap, "socket.connection.setup.timeout.ms": 1000,
-                         "log_level": 0, "logger": _silent_logger()})
+                         "log_level": 0, "logger": silent_logger()})
     try:
         md = admin.list_topics(timeout=timeout_s)
     except Exception:
@@ -581,7 +408,7 @@ def list_topics(bootstrap: str, timeout_s: float = 3.0, conf: dict[str, Any] | N
     return sorted(t for t in md.topics if not t.startswith("__"))
 
 
-def _silent_logger() -> Any:
+def silent_logger() -> Any:
     import logging
 
     log = logging.getLogger("tier3.broker.librdkafka")
@@ -617,12 +444,12 @@ def up(s: BrokerSettings | None = None) -> BrokerStatus:
     props = data / "server.properties"
     extra_format: list[str] = []
     if s.tier3_broker_secure:
-        admin_password = _password(data, ADMIN_USER, s.tier3_broker_admin_password)
+        admin_password = user_password(data, ADMIN_USER, s.tier3_broker_admin_password)
         # holds passwords: written 0600
-        _write_private(props, _override(_server_properties(s, data), _secure_properties(s, data, admin_password)))
+        write_private(props, _override(_server_properties(s, data), _secure_properties(s, data, admin_password)))
         # SCRAM credentials live in the metadata log: the admin's is written when the storage is formatted
         extra_format = ["--add-scram", f"{SCRAM}=[name={ADMIN_USER},password={admin_password}]"]
-        _write_private(data / "client.env", "".join(f"{k}={v}\n" for k, v in s.client_env().items()))
+        write_private(data / "client.env", "".join(f"{k}={v}\n" for k, v in s.client_env().items()))
         conf = _probe_conf(s, data)
     else:
         props.write_text(_server_properties(s, data))
@@ -636,7 +463,7 @@ def up(s: BrokerSettings | None = None) -> BrokerStatus:
         # the tool's arguments (the admin's SCRAM password among them) go in a java @argfile, written 0600 and
         # removed after: never on a command line, which every user of the host can read (ps, /proc/<pid>/cmdline)
         argfile = data / "secrets" / "format.args"
-        _write_private(argfile, _java_argfile(["kafka.tools.StorageTool", "format", "-t", cluster_id,
+        write_private(argfile, _java_argfile(["kafka.tools.StorageTool", "format", "-t", cluster_id,
                                                "-c", str(props), "--ignore-formatted", *extra_format]))
         try:
             fmt = subprocess.run([*jvm, f"@{argfile}"], capture_output=True, text=True)
@@ -711,3 +538,4 @@ def status(s: BrokerSettings | None = None, bootstrap: str | None = None,
     version = version_file.read_text().strip() if version_file.exists() and pid else None
     return BrokerStatus(bootstrap=addr, running=topics is not None, pid=pid, version=version,
                         topics=topics or [], managed=pid is not None)
+

@@ -1,4 +1,5 @@
-"""Write the versioned JSON Schema files: ``python -m schemas.export`` (a test checks they are current)."""
+"""Write the versioned JSON Schema files of the message types into ``schemas/json/`` (a developer tool, internal:
+``python -m schemas.write_json_schemas`` after a change to ``schemas/messages.py``; a test checks they are current)."""
 
 from __future__ import annotations
 

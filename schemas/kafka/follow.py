@@ -10,16 +10,16 @@ The one "catch up on a topic, then keep following it" of tier3: the router's pro
   means (:attr:`TopicFollower.caught_up`).
 - **Offset gaps** (transaction markers, compaction): positions, not message counts, decide. When a read returns
   nothing, the client's position (past any gap it skipped) is taken as the next offset, as in
-  :func:`schemas.kafka_io.iter_slice`.
-- **Reconnects** use the one retry policy (:mod:`schemas.kafka_io`): round trips retry transient answers until
-  ``setup_timeout_s``; after a failure the next read waits :func:`schemas.kafka_io.retry_pause_s` (50 ms doubling
+  :func:`schemas.kafka.reading.iter_slice`.
+- **Reconnects** use the one retry policy (:mod:`schemas.kafka.reading`): round trips retry transient answers until
+  ``setup_timeout_s``; after a failure the next read waits :func:`schemas.kafka.reading.retry_pause_s` (50 ms doubling
   to 1 s) and starts a fresh client at the positions already read, so nothing is read twice or skipped.
 - **Errors**: transient ones (a broker away, a leader moving) are the client's business and never raised;
   anything else (an authorisation failure, a fatal client error, a missing topic unless ``missing="wait"``) is
-  raised as :class:`confluent_kafka.KafkaException` (:class:`schemas.kafka_io.TopicMissing` for a missing topic),
+  raised as :class:`confluent_kafka.KafkaException` (:class:`schemas.kafka.reading.TopicMissing` for a missing topic),
   never before the records read ahead of it have been handed over. The caller decides what to say; it may
   simply read again.
-- **Security**: the client is :func:`schemas.kafka_io.reader` (``KafkaSettings.client_config()``: SASL_SSL and
+- **Security**: the client is :func:`schemas.kafka.reading.reader` (``KafkaSettings.client_config()``: SASL_SSL and
   all), ``read_committed``.
 
 Not thread-safe: one thread reads (an asyncio caller runs :meth:`TopicFollower.poll` on one executor thread).
@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from schemas import kafka_io as kio
+from schemas.kafka import reading as kio
 from schemas.settings import KafkaSettings
 
 Missing = Literal["raise", "wait"]
@@ -42,9 +42,9 @@ Missing = Literal["raise", "wait"]
 class TopicFollower:
     """Every record of ``topics`` from the beginning, then the new ones as they come.
 
-    ``missing="raise"``: a topic not in the cluster is :class:`~schemas.kafka_io.TopicMissing` (from every read
+    ``missing="raise"``: a topic not in the cluster is :class:`~schemas.kafka.reading.TopicMissing` (from every read
     until it exists); ``"wait"``: it is listed in :attr:`missing`, asked for again every ``recheck_s``, and read
-    from its beginning once it exists. ``config``: librdkafka settings over :func:`schemas.kafka_io.reader`'s
+    from its beginning once it exists. ``config``: librdkafka settings over :func:`schemas.kafka.reading.reader`'s
     (a group id, say: none is joined and nothing is committed).
     """
 

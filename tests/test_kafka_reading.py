@@ -1,4 +1,4 @@
-"""schemas.kafka_io against the real broker: read "until now" right after a topic is created, gaps, a missing
+"""schemas.kafka.reading against the real broker: read "until now" right after a topic is created, gaps, a missing
 topic, produce-and-wait, and which errors the one retry policy treats as transient."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from schemas import kafka_io as kio
+from schemas.kafka import reading as kio
 from schemas.settings import RELIABLE_PRODUCER, KafkaSettings
 from tests.kafka_utils import produce_values
 
