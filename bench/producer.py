@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import queue
 import sys
@@ -132,11 +131,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("-n", type=int, default=200_000)
     args = ap.parse_args()
-    if not os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
-        bs = broker.BrokerSettings()
-        if broker.list_topics(bs.bootstrap) is None:  # one already answering is used and left running
-            broker.up(bs)
-        os.environ["KAFKA_BOOTSTRAP_SERVERS"] = bs.bootstrap
+    broker.ensure_running()  # KAFKA_BOOTSTRAP_SERVERS's cluster, else the local broker (left running)
     base = load_settings(CaptureSettings)
     kafka_metadata(base)  # no broker: one line saying where it looked and what to do, exit 2 (not a flood)
     exps = experiences(args.n)

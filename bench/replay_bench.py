@@ -45,21 +45,13 @@ from bench import cleanup  # noqa: E402
 from schemas import encode  # noqa: E402
 from schemas.settings import RELIABLE_CONSUMER, RELIABLE_PRODUCER  # noqa: E402
 from streams.topics import ensure_topics  # noqa: E402
+from tests.synthetic import synthetic_traces  # noqa: E402
 from tier3.devbroker import server as broker  # noqa: E402
 from trainer.dataset import build_dataset  # noqa: E402
 from trainer.projection import project_dataset, read_ranges  # noqa: E402
 from trainer.replay import ranges_from_beginning, replay  # noqa: E402
 from trainer.settings import TrainerSettings  # noqa: E402
 from trainer.sft_config import SFTConfig  # noqa: E402
-from trainer.synthetic import synthetic_traces  # noqa: E402
-
-
-def ensure_broker() -> None:
-    if not os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
-        bs = broker.BrokerSettings()
-        if broker.list_topics(bs.bootstrap) is None:
-            broker.up(bs)
-        os.environ["KAFKA_BOOTSTRAP_SERVERS"] = bs.bootstrap
 
 
 class Timed:
@@ -104,7 +96,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--partitions", type=int, default=6)
     args = ap.parse_args()
-    ensure_broker()
+    broker.ensure_running()  # KAFKA_BOOTSTRAP_SERVERS's cluster, else the local broker (left running)
 
     settings = TrainerSettings(tier3_topic_prefix=cleanup.track(f"bench{uuid.uuid4().hex[:8]}."),
                                tier3_partitions=args.partitions)

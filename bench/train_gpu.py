@@ -108,9 +108,9 @@ def run_backend(backend: str, base: Path, traces: int, batch_size: int, load_in_
     t_process = time.perf_counter()
     import torch
 
+    from tests.synthetic import synthetic_traces
     from trainer.dataset import build_dataset
     from trainer.sft_trainer import train
-    from trainer.synthetic import synthetic_traces
 
     cfg = backend_config(backend, base, batch_size, load_in_4bit)
     with tempfile.TemporaryDirectory() as tmp:

@@ -12,7 +12,7 @@ does not pay for pydantic's models, pydantic-settings and jsonschema. ``from sch
 
 from __future__ import annotations
 
-import importlib
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from schemas.settings import RELIABLE_CONSUMER, RELIABLE_PRODUCER, KafkaSettings, TopicSpec
     from schemas.tasks import TaskDefinition, get_task, load_tasks
 
-#: name -> the submodule that defines it
+#: name -> the submodule that defines it (imported by :func:`_module`)
 _WHERE = {
     **dict.fromkeys(("decode", "encode"), "codec"),
     **dict.fromkeys(("InvalidAnswer", "InvalidMessage", "MessageTooLarge", "NotJSON", "SchemaError",
@@ -54,11 +54,34 @@ _WHERE = {
 }
 
 
+def _module(where: str) -> ModuleType:
+    """The submodule named ``where``, imported now (plain imports: the import graph shows them)."""
+    if where == "codec":
+        from schemas import codec
+
+        return codec
+    if where == "errors":
+        from schemas import errors
+
+        return errors
+    if where == "messages":
+        from schemas import messages
+
+        return messages
+    if where == "settings":
+        from schemas import settings
+
+        return settings
+    from schemas import tasks
+
+    return tasks
+
+
 def __getattr__(name: str) -> Any:
     where = _WHERE.get(name)
     if where is None:
         raise AttributeError(f"module 'schemas' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"schemas.{where}"), name)
+    value = getattr(_module(where), name)
     globals()[name] = value  # once: later look-ups do not come here
     return value
 

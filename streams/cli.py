@@ -1,13 +1,11 @@
 """The streams side's commands: ``topics``, ``publish``, ``worker``, ``dlq``.
 
-:func:`register` adds them to the root ``tier3`` command (``tier3/cli.py``, the composition root, which adds the
-trainer's too), so ``streams`` never imports ``trainer``. ``python -m streams.cli`` runs them alone.
+:func:`register` adds them to the one command line, ``tier3`` (``tier3/cli.py``, the composition root, which adds
+the trainer's too), so ``streams`` never imports ``trainer``.
 """
 
 from __future__ import annotations
 
-import importlib
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -15,13 +13,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from schemas.runtime.preflight import UserError, check_topics, load_settings, run_cli
+from schemas.runtime.preflight import UserError, check_topics, load_settings
 from schemas.settings import KafkaSettings
+from streams.dlq import dlq
 from streams.errors import StreamsError
-from streams.redaction import install_excepthook, install_log_redaction, redact
+from streams.worker_cli import worker
 
-app = typer.Typer(help="tier3's streams commands (the broker, topics, capture, the worker, dead letters); "
-                  "`tier3` has these and the trainer's.", no_args_is_help=True, pretty_exceptions_enable=False)
 topics_app = typer.Typer(help="tier3's topics.", no_args_is_help=True)
 console = Console()
 
@@ -79,36 +76,10 @@ def publish_file(
         raise UserError(f"no line of {path} is an Experience (see the warnings above)")
 
 
-def _register_optional(app: typer.Typer, module: str, name: str, attr: str) -> None:
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name != module:
-            raise
-        return
-    app.command(name)(getattr(mod, attr))
-
-
 def register(app: typer.Typer) -> None:
     """Add the streams side's commands to a ``tier3`` command line (``tier3/cli.py``)."""
     app.add_typer(topics_app, name="topics")
     app.command("publish")(publish_file)
-    _register_optional(app, "streams.worker_cli", "worker", "worker")
-    _register_optional(app, "streams.dlq", "dlq", "dlq")
+    app.command("worker")(worker)
+    app.command("dlq")(dlq)
 
-
-register(app)
-
-
-def main() -> None:
-    install_log_redaction()  # no secret in any log record, whatever logger or handler
-    install_excepthook()
-    try:
-        run_cli(app)  # a user's mistake (settings, arguments, no broker, missing topics): one line, exit 2
-    except StreamsError as exc:
-        console.print(f"[bold red]error:[/] {redact(str(exc))}")
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    main()

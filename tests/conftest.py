@@ -27,16 +27,10 @@ def broker_settings() -> broker.BrokerSettings:
 
 @pytest.fixture(scope="session")
 def kafka_bootstrap(broker_settings: broker.BrokerSettings) -> Iterator[str]:
-    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    if external and external != broker_settings.bootstrap:
-        yield external
-        return
-    # a broker already answering (e.g. `tier3 broker up` by the developer) is used and left running
-    started_here = broker.list_topics(broker_settings.bootstrap) is None
-    if started_here:
-        broker.up(broker_settings)  # raises BrokerError (a failure) if it cannot start
-    os.environ["KAFKA_BOOTSTRAP_SERVERS"] = broker_settings.bootstrap  # subprocesses inherit it
-    yield broker_settings.bootstrap
+    # another cluster named by KAFKA_BOOTSTRAP_SERVERS, or the local broker: one already answering (e.g. `tier3
+    # broker up` by the developer) is used and left running, else it is started here (BrokerError: a failure)
+    started_here = broker.ensure_running(broker_settings)  # subprocesses inherit KAFKA_BOOTSTRAP_SERVERS
+    yield os.environ["KAFKA_BOOTSTRAP_SERVERS"]
     if started_here and not os.environ.get("TIER3_KEEP_BROKER"):
         broker.down(broker_settings)
 

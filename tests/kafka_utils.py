@@ -6,11 +6,40 @@ import time
 import uuid
 from collections.abc import Iterable
 
-from confluent_kafka import Consumer, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from schemas import TrainingRun, encode
-from schemas.kafka.reading import produce_and_wait
 from schemas.settings import RELIABLE_PRODUCER, KafkaSettings
+
+
+class NotDelivered(Exception):
+    """Some records were not acknowledged by the broker before the deadline."""
+
+
+def produce_and_wait(producer: Producer, topic: str, records: Iterable[tuple[bytes | None, bytes]],
+                     timeout_s: float = 30.0) -> int:
+    """Produce ``(key, value)`` records and wait for every delivery report; :class:`NotDelivered` (with the first
+    errors) unless all were acknowledged. Returns how many were delivered."""
+    errors: list[str] = []
+    n = 0
+
+    def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+        if err is not None:
+            errors.append(err.str())
+
+    for key, value in records:
+        while True:
+            try:
+                producer.produce(topic, key=key, value=value, on_delivery=on_delivery)
+                break
+            except BufferError:  # local queue full: let deliveries drain, then go on
+                producer.poll(0.1)
+        n += 1
+    left = producer.flush(timeout_s)
+    if left or errors:
+        raise NotDelivered(f"{topic}: {left} record(s) still pending, {len(errors)} refused"
+                           + (f": {'; '.join(errors[:3])}" if errors else ""))
+    return n
 
 
 def produce_values(settings: KafkaSettings, topic: str, items: Iterable[tuple[bytes | str | None, bytes]],

@@ -149,8 +149,8 @@ def test_boundary_letters_are_accepted_by_the_real_broker(make_settings) -> None
     from confluent_kafka import KafkaException, Producer
 
     from schemas.kafka.dead_letters import letter_budget
-    from schemas.kafka.reading import produce_and_wait
     from schemas.settings import RELIABLE_PRODUCER
+    from tests.kafka_utils import produce_and_wait
 
     s = make_settings(tier3_topic_prefix=f"{LONG_PREFIX}{os.urandom(3).hex()}.", tier3_partitions=1)
     assert s.max_record_bytes == DEFAULT_MAX_RECORD_BYTES and len(s.tier3_topic_prefix) == 207

@@ -67,7 +67,7 @@ def test_demo_runs_the_whole_flywheel(kafka_bootstrap: str, tmp_path: Path) -> N
     assert summary_path.exists(), out[-4000:]
     s: dict[str, Any] = orjson.loads(summary_path.read_bytes())
     assert rc == 0, out[-4000:]
-    assert s["result"] == "complete" and s["missing"] == [] and s["errors"] == []
+    assert s["result"] == "complete" and s["errors"] == []
 
     # published and sampled exactly as the sampling rule says
     examples = [decode(line, Experience) for line in EXAMPLES.read_bytes().splitlines()[:120]]

@@ -120,7 +120,7 @@ def test_summary_prints_the_urls_only_while_they_answer(keep_running: bool, tmp_
     s = KafkaSettings(tier3_topic_prefix=f"t{uuid.uuid4().hex[:8]}.")
     url = "http://127.0.0.1:6123/status"
     session = Session(settings=s, run_name="demo-x", demo_dir=tmp_path, web_port=6123, trainer_group="g",
-                      n_examples=10, expected_sampled=3, have_worker=True, have_trainer=True)
+                      n_examples=10, expected_sampled=3)
     assert session.status_url == url
     built = summary.build_summary(monitor.Observed(), session, DemoOptions(keep_running=keep_running), DemoState(),
                                   capture_stats={"sent": 10, "delivered": 10}, done_reason="complete", wall_s=1.0)
@@ -177,20 +177,20 @@ def test_the_ab_phase_is_skipped_with_a_reason_when_nothing_can_be_served(tmp_pa
 
     s = KafkaSettings(tier3_topic_prefix=f"t{uuid.uuid4().hex[:8]}.")
     session = Session(settings=s, run_name="demo-x", demo_dir=tmp_path, web_port=6123, trainer_group="g",
-                      n_examples=10, expected_sampled=3, have_worker=True, have_trainer=True)
+                      n_examples=10, expected_sampled=3)
     obs = monitor.Observed()
     state = DemoState(monitor=monitor.Monitor(s, "g", session.status_url, obs))
-    disp = display.Display(10, 3, True, True)
-    out = ab.run_ab_phase(state, session, DemoOptions(), obs, disp, [], {"serve"})
+    disp = display.Display(10, 3)
+    out = ab.run_ab_phase(state, session, DemoOptions(), obs, disp, [])
     assert out["status"] == "skipped" and "--promote" in out["reason"]
     run = monitor.RunInfo("run-1", events=["started", "succeeded", "evaluated", "promoted"], model_version=2,
                           seen_mono={"promoted": time.monotonic()})
     obs.runs[run.run_id] = run
     assert state.monitor is not None
     state.monitor.fold.apply(TrainingRun(run_id="run-1", event="promoted", at_ms=1, model_version=2))
-    out = ab.run_ab_phase(state, session, DemoOptions(), obs, disp, [], {"serve"})
+    out = ab.run_ab_phase(state, session, DemoOptions(), obs, disp, [])
     assert out["status"] == "skipped" and "v2" in out["reason"] and "no exported" in out["reason"]
-    assert ab.run_ab_phase(state, session, DemoOptions(ab_prompts=0), obs, disp, [], {"serve"})["status"] == \
+    assert ab.run_ab_phase(state, session, DemoOptions(ab_prompts=0), obs, disp, [])["status"] == \
         "skipped"
 
 
@@ -206,7 +206,7 @@ def test_the_training_row_shows_the_trainers_stage_step_loss_and_eta() -> None:
     steps, the latest loss and the ETA (counted from the heartbeat's time); in the close loop, which step runs and
     for how long; idle, what it waits for. The log line (text_line) says the same."""
     now = int(time.time() * 1000)  # Display.update counts the ETA from the heartbeat's time to the clock's
-    disp = display.Display(10, 3, True, True)
+    disp = display.Display(10, 3)
     obs = monitor.Observed(traces_end={0: 100, 1: 68}, committed={0: 0, 1: 0})
     obs.heartbeat = _beat("training", now - 10_000, True, step=37, total_steps=168, loss=0.41234, eta_s=380.0,
                           stage_since_ms=now - 600_000)
@@ -253,7 +253,7 @@ def test_the_training_row_shows_the_trainers_stage_step_loss_and_eta() -> None:
 def test_the_summary_names_the_base_model_of_each_run_and_of_the_demo(tmp_path: Path) -> None:
     s = KafkaSettings(tier3_topic_prefix=f"t{uuid.uuid4().hex[:8]}.")
     session = Session(settings=s, run_name="demo-x", demo_dir=tmp_path, web_port=6123, trainer_group="g",
-                      n_examples=10, expected_sampled=3, have_worker=True, have_trainer=True)
+                      n_examples=10, expected_sampled=3)
     mon = monitor.Monitor(s, "g", session.status_url, monitor.Observed())
     for ev in ("started", "succeeded"):
         mon._apply_run(TrainingRun(run_id="run-1", event=ev, at_ms=1, model_version=1, base_model="tiny/base"))

@@ -29,9 +29,9 @@ from schemas.fastcodec import (
     _beyond_64_bits,
     decode_trace,
 )
+from tests.synthetic import synthetic_traces
 from trainer.dataset import build_dataset
 from trainer.sft_config import SFTConfig
-from trainer.synthetic import synthetic_traces
 
 PAIRS: list[tuple[type[msgspec.Struct], type[BaseModel]]] = [
     (ChatMessageView, m.ChatMessage), (ServedByView, m.ServedBy), (ExperienceView, m.Experience),

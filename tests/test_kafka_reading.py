@@ -12,7 +12,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from schemas.kafka import reading as kio
 from schemas.settings import RELIABLE_PRODUCER, KafkaSettings
-from tests.kafka_utils import produce_values
+from tests.kafka_utils import NotDelivered, produce_and_wait, produce_values
 
 
 def test_read_until_now_reads_every_partition_to_the_end_and_stops(make_settings: Callable[..., KafkaSettings]
@@ -64,11 +64,11 @@ def test_watermarks_of_a_topic_created_a_moment_ago(make_settings: Callable[...,
 def test_produce_and_wait_counts_and_refuses_loudly(make_settings: Callable[..., KafkaSettings]) -> None:
     s = make_settings(tier3_partitions=1)
     producer = Producer({**s.client_config(), **RELIABLE_PRODUCER})
-    assert kio.produce_and_wait(producer, s.traces_topic, [(b"k", b"x" * 10)] * 7) == 7
+    assert produce_and_wait(producer, s.traces_topic, [(b"k", b"x" * 10)] * 7) == 7
     assert len(list(kio.read_until_now(s, s.traces_topic, "test"))) == 7
     too_big = b"x" * (s.topic_max_message_bytes + 1024)
-    with pytest.raises((kio.NotDelivered, KafkaException)):
-        kio.produce_and_wait(producer, s.traces_topic, [(None, too_big)], timeout_s=20)
+    with pytest.raises((NotDelivered, KafkaException)):
+        produce_and_wait(producer, s.traces_topic, [(None, too_big)], timeout_s=20)
 
 
 def test_only_transient_errors_are_retried() -> None:

@@ -30,6 +30,7 @@ from schemas.kafka import reading as kio
 from schemas.settings import KafkaSettings
 from streams.client.capture import Capture, CaptureSettings
 from tests.conftest import ROOT
+from tests.kafka_utils import produce_and_wait
 from tests.streams.helpers import WorkerProcess, free_port
 from tests.trainer.test_consumer import fake_train
 from tests.trainer.trainer_kafka import FAST_GROUP, sft_config
@@ -434,7 +435,7 @@ def test_the_watcher_rolls_back_as_its_own_principal(principals: dict[str, dict[
                for i in range(1, 4)]
     producer = Producer({**worker.client_config(), "enable.idempotence": True, "acks": "all", "logger": _QUIET})
     try:  # the worker's closed windows, f1 0.1 each: below the bound three times
-        kio.produce_and_wait(producer, worker.online_eval_topic,
+        produce_and_wait(producer, worker.online_eval_topic,
                              [(f"w{w.window_start_ms}".encode(), encode(w)) for w in windows])
     finally:
         producer.flush(30)

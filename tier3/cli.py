@@ -7,6 +7,10 @@
 - ``tier3/devbroker/commands.py``: ``broker`` (the development broker);
 - ``tier3/demo``: ``demo``, which runs all of them together.
 
+The other ``python -m`` entry points are internal: ``trainer.close_loop.llama_server`` (started by ``tier3 serve``),
+``trainer.close_loop.gguf_converter`` (run by ``tier3 export``; ``fetch`` at install time by ``make setup``) and
+``schemas.write_json_schemas`` (a developer tool).
+
 Each side is imported only when one of its commands runs (or its help is asked for): ``tier3 replay`` does not
 import the streams side (pydantic-settings, confluent-kafka, rich tables...), and ``tier3 --help`` imports none of
 them. The root help lists every command with its one-paragraph summary from :data:`COMMANDS`, a copy of each
@@ -160,6 +164,3 @@ def main() -> None:
         streams_cli.console.print(f"[bold red]error:[/] {redact(str(exc))}")
         sys.exit(1)
 
-
-if __name__ == "__main__":
-    main()

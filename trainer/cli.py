@@ -6,8 +6,7 @@
   trainer answers it (``accepted`` with the run id, or ``declined`` with the reason: nothing new to train). The
   command waits for the answer and prints it; both stay on the topic (who asked, which run it started).
 - ``tier3 replay``: rebuild a dataset (``--train``: and a model) from the log without touching the trainer group.
-
-``python -m trainer.cli ...`` runs the same commands without the streams CLI (tests use it for subprocesses).
+- ``tier3 models``: named base models, pulled once and cached.
 """
 
 from __future__ import annotations
@@ -25,8 +24,8 @@ from typing import Annotated, Any
 import orjson
 import typer
 
-from schemas.runtime.preflight import UserError, check_topics, load_settings, run_cli
-from schemas.runtime.redaction import install_excepthook, install_log_redaction, redact
+from schemas.runtime.preflight import UserError, check_topics, load_settings
+from schemas.runtime.redaction import install_log_redaction, redact
 from trainer.errors import TrainerError
 
 
@@ -256,14 +255,3 @@ def register(app: typer.Typer) -> None:
     app.command("train-now")(train_now_cmd)
     app.command("replay")(replay_cmd)
 
-
-def main() -> None:
-    app = typer.Typer(help="tier3 trainer commands", no_args_is_help=True, pretty_exceptions_enable=False)
-    register(app)
-    install_log_redaction()
-    install_excepthook()
-    run_cli(app)
-
-
-if __name__ == "__main__":
-    main()

@@ -150,15 +150,6 @@ def choose_backend(cfg: SFTConfig) -> str:
     return "trl"
 
 
-def preload_backend(cfg: SFTConfig) -> str:
-    """Choose the backend and, for unsloth, import it now. Call once at process start, before anything imports
-    transformers/TRL/PEFT (e.g. an evaluation): unsloth patches them and warns when it comes second."""
-    backend = choose_backend(cfg)
-    if backend == "unsloth":
-        _import_unsloth()
-    return backend
-
-
 def _import_unsloth() -> Any:
     """Import unsloth first (it patches transformers/TRL/PEFT), never letting it install anything."""
     # Without this, unsloth's GGUF/llama.cpp helpers run apt-get as root and clone llama.cpp from the internet.

@@ -1,5 +1,5 @@
-"""One small Kafka I/O layer: read a slice, read "until now", produce and wait, and the retry policy for the
-broker's transient answers.
+"""One small Kafka I/O layer: read a slice, read "until now", watermarks, and the retry policy for the broker's
+transient answers.
 
 Every reader in tier3 that needs "the whole topic as it is now" (the gate, the dead-letter tool, replay, the
 router's and the demo's catch-up) goes through :func:`read_until_now` or :func:`iter_slice`, so they all start at
@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from tenacity import retry, retry_if_exception, stop_after_delay, wait_exponential
 
 from schemas.settings import RELIABLE_CONSUMER, KafkaSettings
@@ -226,36 +226,3 @@ def read_until_now(settings: KafkaSettings, topic: str, purpose: str, *, timeout
         yield from iter_slice(consumer, topic, ranges, timeout_s=max(deadline - time.monotonic(), 1.0))
     finally:
         consumer.close()
-
-
-# ---------------------------------------------------------------------------------------------- writing
-
-
-class NotDelivered(Exception):
-    """Some records were not acknowledged by the broker before the deadline."""
-
-
-def produce_and_wait(producer: Producer, topic: str, records: Iterable[tuple[bytes | None, bytes]],
-                     timeout_s: float = 30.0) -> int:
-    """Produce ``(key, value)`` records and wait for every delivery report; :class:`NotDelivered` (with the first
-    errors) unless all were acknowledged. Returns how many were delivered."""
-    errors: list[str] = []
-    n = 0
-
-    def on_delivery(err: KafkaError | None, _msg: Message) -> None:
-        if err is not None:
-            errors.append(err.str())
-
-    for key, value in records:
-        while True:
-            try:
-                producer.produce(topic, key=key, value=value, on_delivery=on_delivery)
-                break
-            except BufferError:  # local queue full: let deliveries drain, then go on
-                producer.poll(0.1)
-        n += 1
-    left = producer.flush(timeout_s)
-    if left or errors:
-        raise NotDelivered(f"{topic}: {left} record(s) still pending, {len(errors)} refused"
-                           + (f": {'; '.join(errors[:3])}" if errors else ""))
-    return n

@@ -37,10 +37,10 @@ class TrainedRun:
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
+    from tests.synthetic import synthetic_traces
     from trainer.dataset import build_dataset
     from trainer.sft_config import SFTConfig
     from trainer.sft_trainer import train
-    from trainer.synthetic import synthetic_traces
     from trainer.tiny_model import build_tiny_model
 
     # a private copy (a few seconds): the shared cache folder may be rebuilt by another process meanwhile

@@ -25,8 +25,6 @@ from tests.kafka_utils import consume_values, inject_run_events, produce_values
 from tests.streams.helpers import free_port
 from trainer.events import now_ms
 
-_RUN_WORKER = "import sys; from streams.cli import main; sys.exit(main())"
-
 
 def _exp(i: int, arm: str, version: str | None, confidence: float, reward: float, latency_ms: float) -> Experience:
     return Experience(experience_id=f"x{i}", task="widget_selector", created_at_ms=now_ms(),
@@ -47,7 +45,7 @@ def test_status_router_block_compares_arms(make_settings: Callable[..., RouterSe
         port = free_port()
         env = {**settings_env(s), "TIER3_WEB_PORT": str(port), "TIER3_WORKER_ID": "router-w", "PYTHONUNBUFFERED": "1"}
         log = (tmp_path / "worker.log").open("ab")
-        proc = subprocess.Popen([sys.executable, "-c", _RUN_WORKER, "worker"], cwd=ROOT, env=env, stdout=log,
+        proc = subprocess.Popen([sys.executable, "-m", "tier3", "worker"], cwd=ROOT, env=env, stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         try:
             # teacher: conf 0.9/0.7 -> 0.8, reward 1/0 -> 0.5, latency 100/300 -> 200; student v3: 0.6, 1.0, 20

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from tests.synthetic import synthetic_traces
 from tests.trainer.trainer_kafka import (
     committed,
     control_log,
@@ -27,7 +28,6 @@ from trainer.dataset import BuiltDataset, read_jsonl
 from trainer.errors import TrainingFailed
 from trainer.manifest import find_manifest, list_manifests
 from trainer.sft_config import SFTConfig
-from trainer.synthetic import synthetic_traces
 from trainer.tiny_model import cached_tiny_model
 
 INVALID = -1001  # librdkafka's OFFSET_INVALID: the group has no committed offset
@@ -448,7 +448,7 @@ def test_train_now_is_a_kafka_request_answered_by_the_trainer(make_settings: Cal
     env = {**settings_env(s), "TIER3_RUNS_DIR": "/nonexistent/elsewhere"}
 
     def train_now() -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "trainer.cli", "train-now", "--wait", "60"], cwd=ROOT, env=env,
+        return subprocess.run([sys.executable, "-m", "tier3", "train-now", "--wait", "60"], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=120)
 
     try:

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 import pytest
 
+from tests.synthetic import synthetic_traces
 from tests.trainer.trainer_kafka import (
     committed,
     end_offsets,
@@ -30,7 +31,6 @@ from tests.trainer.trainer_kafka import (
 )
 from trainer.consumer import FAULT_EXIT_CODE
 from trainer.manifest import list_manifests
-from trainer.synthetic import synthetic_traces
 from trainer.tiny_model import cached_tiny_model
 
 INVALID = -1001

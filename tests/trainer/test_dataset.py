@@ -12,10 +12,10 @@ from pydantic import ValidationError
 
 from schemas.messages import EnrichedTrace, SourceOffset
 from schemas.tasks import ANSWER_ONLY_INSTRUCTION, REASONED_INSTRUCTION
+from tests.synthetic import synthetic_traces
 from trainer.dataset import build_dataset, inference_messages, is_holdout, read_jsonl
 from trainer.sft_config import Phase, SFTConfig, parse_phases
 from trainer.split import split_holdout, user_text
-from trainer.synthetic import synthetic_traces
 
 
 def _cfg(**kw: object) -> SFTConfig:

@@ -195,9 +195,9 @@ def test_batched_generation_matches_one_at_a_time() -> None:
     """Left padding + KV cache in a batch gives the same greedy outputs as generating each prompt alone."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tests.synthetic import synthetic_traces
     from trainer.dataset import inference_messages
     from trainer.inference import generate, generate_batch
-    from trainer.synthetic import synthetic_traces
 
     base = cached_tiny_model()
     model = AutoModelForCausalLM.from_pretrained(base).eval()
@@ -214,10 +214,10 @@ def test_prompt_cache_keeps_outputs_and_skips_the_shared_prefix() -> None:
     twice, and a prompt that does not start with it is generated without it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tests.synthetic import synthetic_traces
     from trainer.dataset import inference_messages
     from trainer.inference import PromptCache, generate, prompt_ids
     from trainer.sft_trainer import MIN_SHARED_PREFIX
-    from trainer.synthetic import synthetic_traces
 
     base = cached_tiny_model()
     model = AutoModelForCausalLM.from_pretrained(base).eval()

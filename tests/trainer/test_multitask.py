@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from schemas.messages import SourceOffset
 from schemas.tasks import ANSWER_ONLY_INSTRUCTION, RATIONALE_INSTRUCTION, REASONED_INSTRUCTION, get_task
+from tests.synthetic import synthetic_traces
 from trainer.dataset import (
     build_dataset,
     inference_messages,
@@ -36,7 +37,6 @@ from trainer.sft_trainer import (
     target_only_loss,
     train,
 )
-from trainer.synthetic import synthetic_traces
 from trainer.tiny_model import cached_tiny_model
 
 

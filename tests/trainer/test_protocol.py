@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError, TopicPartition
 
+from tests.synthetic import synthetic_traces
 from trainer.accumulation import Accumulator
 from trainer.dataset import BuiltDataset
 from trainer.errors import CommitFailed, EvaluationError, TrainingFailed
@@ -17,7 +18,6 @@ from trainer.projection import TraceRecord
 from trainer.protocol import Batch, RunContext, check_commit_result, commit_recognised, train_and_commit
 from trainer.settings import TrainerSettings
 from trainer.sft_config import SFTConfig
-from trainer.synthetic import synthetic_traces
 
 
 class Journal:

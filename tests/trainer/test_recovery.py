@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from tests.synthetic import synthetic_traces
 from trainer.accumulation import Accumulator
 from trainer.manifest import DatasetInfo, OffsetRange, RunManifest
 from trainer.projection import TraceRecord
 from trainer.recovery import Recovery
-from trainer.synthetic import synthetic_traces
 
 
 def manifest(run_id: str, offsets: dict[int, tuple[int, int]], state: str = "trained") -> RunManifest:

@@ -13,13 +13,13 @@ import orjson
 import pytest
 
 from tests.conftest import ROOT, settings_env
+from tests.synthetic import synthetic_traces
 from tests.trainer.test_consumer import fake_train
 from tests.trainer.trainer_kafka import committed, produce_traces, sft_config, trainer_settings
 from trainer.consumer import TrainerConsumer
 from trainer.dataset import BuiltDataset, read_jsonl
 from trainer.manifest import find_manifest
 from trainer.replay import ranges_from_beginning, ranges_from_time, replay
-from trainer.synthetic import synthetic_traces
 from trainer.tiny_model import cached_tiny_model
 
 
@@ -59,11 +59,11 @@ def test_replay_to_a_past_runs_offsets_rebuilds_its_sha256(make_settings: Callab
     assert everything.dataset.n_train + everything.dataset.n_holdout == 35
     assert everything.n_messages == 36 and everything.dataset.n_duplicates == 1
 
-    # the CLI: `tier3 replay --run <id>` (here through `python -m trainer.cli`), with the run's own config
+    # the CLI: `tier3 replay --run <id>` (here through `python -m tier3`), with the run's own config
     env = settings_env(s)
     env.update({k.upper(): str(v) for k, v in cfg.model_dump(mode="json").items()})
     env["TIER3_HOLDOUT_FRACTION"] = "0.5"  # a different setting now: the run's recorded one must win
-    out = subprocess.run([sys.executable, "-m", "trainer.cli", "replay", "--run", m1.run_id, "--out",
+    out = subprocess.run([sys.executable, "-m", "tier3", "replay", "--run", m1.run_id, "--out",
                           str(tmp_path / "cli")], cwd=ROOT, env=env, capture_output=True, timeout=120)
     assert out.returncode == 0, out.stderr.decode()[-2000:]
     summary = orjson.loads(out.stdout)

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from tests.synthetic import synthetic_traces
 from trainer.dataset import BuiltDataset, build_dataset, inference_messages, phase_examples
 from trainer.errors import BackendUnavailable, EmptyDataset
 from trainer.inference import adapter_prompt_format, generate, load_student, prompt_format
@@ -25,10 +26,8 @@ from trainer.sft_trainer import (
     choose_backend,
     make_lora_model,
     make_trl_trainer,
-    preload_backend,
     train,
 )
-from trainer.synthetic import synthetic_traces
 from trainer.tiny_model import TINY_DEMO_OVERRIDES, cached_tiny_model
 
 
@@ -174,7 +173,6 @@ def test_empty_dataset_and_unavailable_backend_fail_before_training(tmp_path: Pa
         with pytest.raises(BackendUnavailable, match="CUDA"):
             choose_backend(SFTConfig(tier3_base_model="unused", tier3_backend="unsloth"))
         assert choose_backend(SFTConfig(tier3_base_model="unused")) == "trl"
-        assert preload_backend(SFTConfig(tier3_base_model="unused")) == "trl"
         with pytest.raises(BackendUnavailable, match="4BIT"):
             choose_backend(SFTConfig(tier3_base_model="unused", tier3_load_in_4bit=True))
         assert "unsloth" not in sys.modules

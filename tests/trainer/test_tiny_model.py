@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from schemas.tasks import get_task
-from trainer.synthetic import synthetic_traces
+from tests.synthetic import synthetic_traces
 from trainer.tiny_model import (
     EOT_TOKEN,
     GGUF_PRE_TOKENIZER,

@@ -126,13 +126,13 @@ def wait_for_event(settings: TrainerSettings, event: str, timeout_s: float, proc
 
 def start_trainer(settings: TrainerSettings, cfg: SFTConfig, log_path: Path, max_runs: int | None = None,
                   **env_overrides: Any) -> subprocess.Popen[bytes]:
-    """``python -m trainer.cli trainer`` in a subprocess with ``settings`` and ``cfg`` as its environment."""
+    """``python -m tier3 trainer`` in a subprocess with ``settings`` and ``cfg`` as its environment."""
     env = settings_env(settings)
     env["TIER3_TRAINER_CLOSE_LOOP"] = "false"  # these tests are about the commit protocol, not the evaluation
     for name, value in {**cfg.model_dump(mode="json"), **env_overrides}.items():
         env[name.upper()] = str(value)
     log = log_path.open("ab")
-    args = [sys.executable, "-m", "trainer.cli", "trainer", "--log-level", "INFO"]
+    args = [sys.executable, "-m", "tier3", "trainer", "--log-level", "INFO"]
     if max_runs is not None:
         args += ["--max-runs", str(max_runs)]
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

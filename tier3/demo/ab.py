@@ -118,22 +118,20 @@ def skipped(reason: str, **extra: Any) -> dict[str, Any]:
 
 
 def run_ab_phase(state: DemoState, session: Session, opts: DemoOptions, obs: Observed, display: Display,
-                 experiences: list[Experience], commands: set[str]) -> dict[str, Any]:
+                 experiences: list[Experience]) -> dict[str, Any]:
     """The phase (module docstring): its summary block, ``status`` ``done`` / ``partial`` / ``skipped``."""
     monitor = state.monitor
     assert monitor is not None
     if opts.ab_prompts <= 0:
         return {"status": "skipped", "reason": "--ab-prompts 0"}
-    if not session.have_worker:
-        return skipped("no `tier3 worker` here: nothing would score the student's answers")
     with monitor.lock:
         in_force, run = promoted_exported(obs, monitor.fold)
     if run is None or run.model_version is None:
         return skipped("no version was promoted (pass --promote to promote the newest by hand)" if in_force is None
                        else f"the version in force ({version_label(in_force)}) has no exported GGUF")
     version = run.model_version
-    if "serve" not in commands or state.closer_env is None:
-        return skipped("`tier3 serve` is not installed here", version=version)
+    if state.closer_env is None:
+        return skipped("the demo started no trainer (its settings serve the student)", version=version)
     from trainer.close_loop.serve import server_installed
 
     if not server_installed():

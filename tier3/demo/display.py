@@ -21,7 +21,7 @@ console = Console()
 class Display:
     """One progress bar per stage, plus a line of what is happening."""
 
-    def __init__(self, n_examples: int, expected_sampled: int, have_worker: bool, have_trainer: bool) -> None:
+    def __init__(self, n_examples: int, expected_sampled: int) -> None:
         self.progress = Progress(TextColumn("[bold]{task.description:>18}"), BarColumn(bar_width=36),
                                  MofNCompleteColumn(), TextColumn("{task.fields[note]}"), TimeElapsedColumn(),
                                  console=console, expand=False)
@@ -30,13 +30,7 @@ class Display:
                   "counted": expected_sampled, "training": None, "evaluated": None, "promoted/rejected": None,
                   "exported": None}
         for stage in STAGES:
-            note = ""
-            if not have_worker and stage in ("sampled", "enriched", "counted"):
-                note = "[yellow]worker not installed"
-            if not have_trainer and stage in ("training", "evaluated", "promoted/rejected", "exported"):
-                note = "[yellow]trainer not installed"
-            self.tasks[stage] = self.progress.add_task(stage, total=totals[stage], note=note)
-        self.have_worker, self.have_trainer = have_worker, have_trainer
+            self.tasks[stage] = self.progress.add_task(stage, total=totals[stage], note="")
         self.stages: list[str] = list(STAGES)  # the A/B phase adds its own (add_stage)
         self.line = ""
         self.last_events: list[str] = []
@@ -86,18 +80,15 @@ class Display:
     def update(self, published: int, obs: Observed, expected_sampled: int) -> None:
         p = self.progress
         p.update(self.tasks["published"], completed=published)
-        if self.have_worker:
-            counts = (obs.status or {}).get("counts") or {}
-            sampled = int(counts.get("sampled", 0)) if obs.status else len(obs.trace_ids) + obs.dead_letters
-            p.update(self.tasks["sampled"], completed=min(sampled, expected_sampled) if expected_sampled else sampled,
-                     note=f"{counts.get('consumed', '?')} consumed, {counts.get('not_sampled', '?')} not sampled"
-                     if obs.status else f"[yellow]/status: {obs.status_error or 'waiting'}")
-            p.update(self.tasks["enriched"], completed=len(obs.trace_ids),
-                     note=f"{obs.dead_letters} dead-lettered" if obs.dead_letters else "")
-            p.update(self.tasks["counted"], completed=obs.counted(),
-                     note=f"in {obs.windows_used()} windows of {obs.window_s()} s" if obs.status else "")
-        if not self.have_trainer:
-            return
+        counts = (obs.status or {}).get("counts") or {}
+        sampled = int(counts.get("sampled", 0)) if obs.status else len(obs.trace_ids) + obs.dead_letters
+        p.update(self.tasks["sampled"], completed=min(sampled, expected_sampled) if expected_sampled else sampled,
+                 note=f"{counts.get('consumed', '?')} consumed, {counts.get('not_sampled', '?')} not sampled"
+                 if obs.status else f"[yellow]/status: {obs.status_error or 'waiting'}")
+        p.update(self.tasks["enriched"], completed=len(obs.trace_ids),
+                 note=f"{obs.dead_letters} dead-lettered" if obs.dead_letters else "")
+        p.update(self.tasks["counted"], completed=obs.counted(),
+                 note=f"in {obs.windows_used()} windows of {obs.window_s()} s" if obs.status else "")
         hb = obs.heartbeat
         activity = trainer_note(hb)
         steps = training_steps(hb)

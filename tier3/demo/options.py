@@ -39,7 +39,7 @@ class DemoOptions:
 
 @dataclass(frozen=True)
 class Session:
-    """What the demo set up for this run: its topics and folder, which commands it has, what it expects."""
+    """What the demo set up for this run: its topics and folder, what it expects."""
 
     settings: KafkaSettings  # with the run's topic prefix, data folder and bootstrap servers
     run_name: str
@@ -48,9 +48,6 @@ class Session:
     trainer_group: str
     n_examples: int
     expected_sampled: int  # the experiences the worker will sample (the same pure function it uses)
-    have_worker: bool
-    have_trainer: bool
-    missing: tuple[str, ...] = ()  # the commands not installed here ("tier3 worker", "tier3 trainer")
 
     @property
     def status_url(self) -> str:

@@ -22,12 +22,8 @@ def finished(obs: Observed, session: Session, opts: DemoOptions, state: DemoStat
     (committed), and every run through its close-the-loop steps (see :func:`run_pending`)."""
     if not all_published or delivered < session.n_examples:
         return False, ""
-    if not session.have_worker:
-        return True, "complete"
     if len(obs.trace_ids) + obs.dead_letters < session.expected_sampled:
         return False, ""
-    if not session.have_trainer:
-        return True, "complete"
     # (the offsets probe runs every second: until it has seen every trace the consumer read, it is stale)
     if obs.traces_total == 0 or obs.traces_total < obs.trace_messages or obs.traces_committed < obs.traces_total:
         return False, ""

@@ -67,23 +67,6 @@ if TYPE_CHECKING:
     from streams.client.capture import Capture
 
 
-def _available_commands() -> set[str]:
-    """The ``tier3`` commands each side registers (the same registrations ``tier3/cli.py`` assembles; imported
-    here rather than from ``tier3.cli``, which imports this module)."""
-    from streams import cli as streams_cli
-    from trainer import cli as trainer_cli
-    from trainer.close_loop import cli as close_loop_cli
-
-    app = typer.Typer()
-    for register in (streams_cli.register, trainer_cli.register, close_loop_cli.register):
-        register(app)
-    names: set[str] = set()
-    for cmd in app.registered_commands:
-        name = cmd.name or (cmd.callback.__name__.replace("_", "-") if cmd.callback else "")
-        names.add(name)
-    return names
-
-
 def load_examples(path: Path, limit: int) -> list[Experience]:
     if not path.exists():
         raise DemoError(f"no example experiences at {path} (run examples/widget_selector/make_examples.py)")
@@ -180,23 +163,17 @@ def _run(state: DemoState, opts: DemoOptions) -> int:
     # which experiences the worker will sample: the same pure function it uses
     expected_sampled = sum(sample_reason(e.experience_id, e.confidence, rate=opts.sample_rate) is not None
                            for e in experiences)
-    commands = _available_commands()
-    have_worker, have_trainer = "worker" in commands, "trainer" in commands
-    missing = [c for c, ok in (("tier3 worker", have_worker), ("tier3 trainer", have_trainer)) if not ok]
-    if missing:
-        console.print(f"[yellow]not installed here: {', '.join(missing)} — those stages are skipped[/]")
     session = Session(settings=settings, run_name=run_name, demo_dir=demo_dir, web_port=free_port(),
                       trainer_group=f"{prefix}trainer", n_examples=len(experiences),
-                      expected_sampled=expected_sampled, have_worker=have_worker, have_trainer=have_trainer,
-                      missing=tuple(missing))
+                      expected_sampled=expected_sampled)
 
     # 2. the student, 3. the processes
-    _start_processes(state, session, opts, commands)
+    _start_processes(state, session, opts)
 
     obs = Observed()
     state.monitor = Monitor(settings, session.trainer_group, session.status_url, obs)
     state.monitor.start()
-    display = Display(len(experiences), expected_sampled, have_worker, have_trainer)
+    display = Display(len(experiences), expected_sampled)
 
     # 4. publish, 5. follow
     capture = Capture(CaptureSettings.model_validate(settings.model_dump()))
@@ -209,7 +186,7 @@ def _run(state: DemoState, opts: DemoOptions) -> int:
 
     # 7. the A/B phase: the promoted student served, prompts through the router, its online agreement
     if done_reason == "complete":
-        summary["ab"] = run_ab_phase(state, session, opts, obs, display, experiences, commands)
+        summary["ab"] = run_ab_phase(state, session, opts, obs, display, experiences)
     else:
         summary["ab"] = {"status": "skipped", "reason": f"the pipeline did not finish ({done_reason})"}
     summary["processes"] = process_list(state)
@@ -262,70 +239,61 @@ def _kafka(state: DemoState, settings: KafkaSettings) -> KafkaSettings:
     return settings
 
 
-def _start_processes(state: DemoState, session: Session, opts: DemoOptions, commands: set[str]) -> None:
+def _start_processes(state: DemoState, session: Session, opts: DemoOptions) -> None:
     """The student's base model, then ``tier3 worker`` and ``tier3 trainer`` with the demo's settings."""
-    settings, demo_dir, have_worker, have_trainer = (session.settings, session.demo_dir, session.have_worker,
-                                                     session.have_trainer)
+    settings, demo_dir = session.settings, session.demo_dir
     env = {**os.environ, **settings.as_env(), "PYTHONUNBUFFERED": "1"}
-    student = None
-    if have_trainer:
-        with console.status(f"getting the student base model {student_name()} (`tier3 models pull`, cached after "
-                            "the first time)…"):
-            student = build_student(demo_dir / "student-build.log")
-        console.print(f"student base model: [bold]{student_name()}[/] ({student})")
-    if have_worker:
-        worker_env = {**env, "TIER3_TEACHER": "recorded",
-                      "TIER3_TEACHER_RECORDED_PATH": str(opts.recorded_path.resolve()),
-                      "TIER3_WEB_HOST": "127.0.0.1", "TIER3_WEB_PORT": str(session.web_port),
-                      "TIER3_WORKER_ID": f"{session.run_name}-worker", "TIER3_SAMPLE_RATE": str(opts.sample_rate),
-                      "TIER3_WINDOW_S": str(opts.window_s), "TIER3_RECENT_WINDOWS": "40",
-                      "TIER3_SHADOW_RATE": str(opts.shadow_rate)}
-        state.children.append(start_child("worker", ["worker"], worker_env, demo_dir,
-                                          keep_running=opts.keep_running))
-    if have_trainer:
-        assert student is not None
-        # Two runs in a typical demo, so the flywheel shows two model versions: the first by count when just over
-        # half the traces are there; the rest can then never reach the count, so the second is the demo's
-        # `tier3 train-now` once every trace is in (the manual trigger). The check interval is only a fallback
-        # and long on purpose: right after a run it has always passed, and a short one would start a run for
-        # every trace that trickles in meanwhile.
-        # A real student on CPU (SmolLM2) trains once, on every trace, when all are in: two runs would not fit
-        # the demo's 20 minutes on 2 cores. The tiny test student trains twice.
-        tiny_student = student_name() == "tiny"
-        min_traces = max(8, session.expected_sampled // 2 + 1) if tiny_student else session.expected_sampled + 1
-        overrides: dict[str, str] = {}
-        if tiny_student:
-            # the random-weight student never stops: bound its evaluation; batches of 4 keep its many tiny
-            # steps few (the defaults are for real students)
-            overrides = {k: v for k, v in (("TIER3_EVAL_MAX_NEW_TOKENS", "128"), ("TIER3_BATCH_SIZE", "4"))
-                         if not os.environ.get(k)}
-        if not tiny_student and not os.environ.get("TIER3_PHASES"):
-            # four answer-only epochs: ~145 traces x 4 x ~1.25 s on 2 idle CPU cores (batches of 8 with the
-            # system prompt computed once per batch) fit the demo's 20 minutes; the product default (answer:6)
-            # takes half as long again and agrees more with the teacher (bench/quality.py)
-            overrides["TIER3_PHASES"] = "answer:4"
-        console.print(f"demo training: {'two runs' if tiny_student else 'one run, on every trace, when all are in'}"
-                      f", curriculum {overrides.get('TIER3_PHASES') or os.environ.get('TIER3_PHASES') or 'default'}; "
-                      "the gate keeps the product's thresholds (docs/settings.md)")
-        golden = EXAMPLES_DIR / "golden.jsonl"  # the example's hand-written golden set: its own slice at the gate
-        if golden.is_file() and not os.environ.get("TIER3_GOLDEN_SET"):
-            overrides["TIER3_GOLDEN_SET"] = str(golden.resolve())
-        trainer_env = {**env, **overrides, "TIER3_BASE_MODEL": student, "TIER3_TRAINER_GROUP": session.trainer_group,
-                       "TIER3_MIN_TRACES": str(min_traces),
-                       "TIER3_CHECK_INTERVAL_S": str(opts.publish_seconds + 90.0),
-                       "TIER3_TRAINER_STATUS_INTERVAL_S": "1", "TIER3_TRAINER_BACKOFF_INITIAL_S": "2",
-                       "TIER3_TRAINER_BACKOFF_MAX_S": "10"}
-        state.children.append(start_child("trainer", ["trainer"], trainer_env, demo_dir,
-                                          keep_running=opts.keep_running))
-        if "close-loop" in commands:
-            state.closer_env = trainer_env
-        if "train-now" in commands:
-            state.train_now_env = trainer_env
+    with console.status(f"getting the student base model {student_name()} (`tier3 models pull`, cached after "
+                        "the first time)…"):
+        student = build_student(demo_dir / "student-build.log")
+    console.print(f"student base model: [bold]{student_name()}[/] ({student})")
+    worker_env = {**env, "TIER3_TEACHER": "recorded",
+                  "TIER3_TEACHER_RECORDED_PATH": str(opts.recorded_path.resolve()),
+                  "TIER3_WEB_HOST": "127.0.0.1", "TIER3_WEB_PORT": str(session.web_port),
+                  "TIER3_WORKER_ID": f"{session.run_name}-worker", "TIER3_SAMPLE_RATE": str(opts.sample_rate),
+                  "TIER3_WINDOW_S": str(opts.window_s), "TIER3_RECENT_WINDOWS": "40",
+                  "TIER3_SHADOW_RATE": str(opts.shadow_rate)}
+    state.children.append(start_child("worker", ["worker"], worker_env, demo_dir,
+                                      keep_running=opts.keep_running))
+    # Two runs in a typical demo, so the flywheel shows two model versions: the first by count when just over
+    # half the traces are there; the rest can then never reach the count, so the second is the demo's
+    # `tier3 train-now` once every trace is in (the manual trigger). The check interval is only a fallback
+    # and long on purpose: right after a run it has always passed, and a short one would start a run for
+    # every trace that trickles in meanwhile.
+    # A real student on CPU (SmolLM2) trains once, on every trace, when all are in: two runs would not fit
+    # the demo's 20 minutes on 2 cores. The tiny test student trains twice.
+    tiny_student = student_name() == "tiny"
+    min_traces = max(8, session.expected_sampled // 2 + 1) if tiny_student else session.expected_sampled + 1
+    overrides: dict[str, str] = {}
+    if tiny_student:
+        # the random-weight student never stops: bound its evaluation; batches of 4 keep its many tiny
+        # steps few (the defaults are for real students)
+        overrides = {k: v for k, v in (("TIER3_EVAL_MAX_NEW_TOKENS", "128"), ("TIER3_BATCH_SIZE", "4"))
+                     if not os.environ.get(k)}
+    if not tiny_student and not os.environ.get("TIER3_PHASES"):
+        # four answer-only epochs: ~145 traces x 4 x ~1.25 s on 2 idle CPU cores (batches of 8 with the
+        # system prompt computed once per batch) fit the demo's 20 minutes; the product default (answer:6)
+        # takes half as long again and agrees more with the teacher (bench/quality.py)
+        overrides["TIER3_PHASES"] = "answer:4"
+    console.print(f"demo training: {'two runs' if tiny_student else 'one run, on every trace, when all are in'}"
+                  f", curriculum {overrides.get('TIER3_PHASES') or os.environ.get('TIER3_PHASES') or 'default'}; "
+                  "the gate keeps the product's thresholds (docs/settings.md)")
+    golden = EXAMPLES_DIR / "golden.jsonl"  # the example's hand-written golden set: its own slice at the gate
+    if golden.is_file() and not os.environ.get("TIER3_GOLDEN_SET"):
+        overrides["TIER3_GOLDEN_SET"] = str(golden.resolve())
+    trainer_env = {**env, **overrides, "TIER3_BASE_MODEL": student, "TIER3_TRAINER_GROUP": session.trainer_group,
+                   "TIER3_MIN_TRACES": str(min_traces),
+                   "TIER3_CHECK_INTERVAL_S": str(opts.publish_seconds + 90.0),
+                   "TIER3_TRAINER_STATUS_INTERVAL_S": "1", "TIER3_TRAINER_BACKOFF_INITIAL_S": "2",
+                   "TIER3_TRAINER_BACKOFF_MAX_S": "10"}
+    state.children.append(start_child("trainer", ["trainer"], trainer_env, demo_dir,
+                                      keep_running=opts.keep_running))
+    state.closer_env = trainer_env
+    state.train_now_env = trainer_env
     for child in state.children:
         console.print(f"started {child.name} (pid {child.pid}), log: {child.log_path}")
-    if have_worker:
-        console.print(f"status: [bold]{session.status_url}[/]   "
-                      f"dashboard: [bold]http://127.0.0.1:{session.web_port}/[/]")
+    console.print(f"status: [bold]{session.status_url}[/]   "
+                  f"dashboard: [bold]http://127.0.0.1:{session.web_port}/[/]")
 
 
 def _follow(state: DemoState, session: Session, opts: DemoOptions, experiences: list[Experience], obs: Observed,

@@ -15,7 +15,7 @@ from tier3.demo.supervise import DemoState
 def build_summary(obs: Observed, session: Session, opts: DemoOptions, state: DemoState, *,
                   capture_stats: dict[str, int], done_reason: str, wall_s: float) -> dict[str, Any]:
     """``summary.json``: what the demo saw, from the monitor's :class:`Observed` (read under its lock)."""
-    settings, have_worker, status_url = session.settings, session.have_worker, session.status_url
+    settings, status_url = session.settings, session.status_url
     runs = sorted(obs.runs.values(), key=lambda r: r.first_ms)
     reports = [r.report for r in runs if r.report]
     notes = []
@@ -45,10 +45,9 @@ def build_summary(obs: Observed, session: Session, opts: DemoOptions, state: Dem
         "topic_prefix": settings.tier3_topic_prefix,
         "bootstrap": settings.kafka_bootstrap_servers,
         "demo_dir": str(session.demo_dir),
-        "status_url": status_url if have_worker else None,
-        "dashboard_url": status_url.removesuffix("status") if have_worker else None,
+        "status_url": status_url,
+        "dashboard_url": status_url.removesuffix("status"),
         "wall_s": round(wall_s, 1),
-        "missing": list(session.missing),
         "published": capture_stats,
         "experiences_in_log": obs.experiences,
         "expected_sampled": session.expected_sampled,
@@ -126,8 +125,6 @@ def print_summary(s: dict[str, Any]) -> None:
     console.print(table)
     if s["result"] != "complete":
         console.print(f"[yellow]the pipeline did not finish: {s['result']}[/]")
-    if s["missing"]:
-        console.print(f"[yellow]not installed: {', '.join(s['missing'])}[/]")
     for e in [*s["notes"], *s["errors"], *ab.get("notes", []), *ab.get("errors", [])]:
         console.print(f"[yellow]{e}[/]")
     console.print(f"evaluation report: [bold]{s['evaluation_report'] or '(none yet)'}[/]")

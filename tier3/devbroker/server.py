@@ -539,3 +539,18 @@ def status(s: BrokerSettings | None = None, bootstrap: str | None = None,
     return BrokerStatus(bootstrap=addr, running=topics is not None, pid=pid, version=version,
                         topics=topics or [], managed=pid is not None)
 
+
+def ensure_running(s: BrokerSettings | None = None) -> bool:
+    """The broker that tests, benchmarks and scripts use: the cluster ``KAFKA_BOOTSTRAP_SERVERS`` names, when it
+    names another address (nothing is started then); else the local broker: one already answering (e.g. after
+    ``tier3 broker up``) is used and left running, else it is started (:func:`up`). ``KAFKA_BOOTSTRAP_SERVERS`` is
+    then set to it for this process and its subprocesses. True if the broker was started here."""
+    s = s or BrokerSettings()
+    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if external and external != s.bootstrap:
+        return False
+    started = list_topics(s.bootstrap) is None
+    if started:
+        up(s)  # BrokerError if it cannot start
+    os.environ["KAFKA_BOOTSTRAP_SERVERS"] = s.bootstrap
+    return started

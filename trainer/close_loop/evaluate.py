@@ -205,11 +205,6 @@ def _row(task: TaskDefinition, ex: HoldoutExample, text: str, n_tokens: int, lat
                    baseline=score_output(task, ex.baseline_response, ex.teacher_answer), batch_ms=batch_ms)
 
 
-def model_generator(adapter_dir: Path, max_new_tokens: int) -> Generate:
-    """Load the student (base + LoRA adapter, merged) once and return a greedy ``Generate`` bound to it."""
-    return model_generators(adapter_dir, max_new_tokens)[0]
-
-
 def model_generators(adapter_dir: Path, max_new_tokens: int) -> tuple[Generate, BatchGenerate]:
     """Load the merged student once: (one request at a time, a batch at a time), both greedy with the KV cache."""
     from trainer.inference import cached_generators, load_merged_student

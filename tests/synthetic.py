@@ -1,4 +1,4 @@
-"""Synthetic enriched traces of the widget-selector task, for tests, benchmarks and the demo (no teacher needed).
+"""Synthetic enriched traces of the widget-selector task, for tests and benchmarks (no teacher needed).
 
 Deterministic: the same (n, seed) gives the same traces. Each has a plausible question, a short reasoning and a
 schema-valid answer that follows simple rules (so a student can in principle learn them), and a source offset
