@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -72,14 +73,15 @@ def default_gguf(tmp: Path) -> Path:
     return parity.export_gguf(adapter, tmp / "export", ("q8_0",))["q8_0"]
 
 
-def bare(gguf: Path, reqs: list[list[dict[str, str]]], threads: int, n_ctx: int, max_tokens: int
-         ) -> tuple[list[float], list[str]]:
+def bare(gguf: Path, reqs: list[list[dict[str, str]]], threads: int, n_ctx: int, max_tokens: int,
+         repack: bool = False) -> tuple[list[float], list[str]]:
     from llama_cpp import Llama
 
     from trainer.chat_tokens import content_as_text
     from trainer.close_loop.llama_server import no_weight_repacking
 
-    no_weight_repacking()
+    if not repack:
+        no_weight_repacking()
     llm = content_as_text(Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                                 verbose=False))
     lat, texts = [], []
@@ -177,7 +179,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--replicas", type=int, default=2)
     ap.add_argument("--concurrency", default="1,2,4")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--bare-only", action="store_true", help="only the bare row (used for the repacking row)")
+    ap.add_argument("--repack", action="store_true", help="bare row with llama.cpp's weight repacking on")
     a = ap.parse_args(argv)
+    if a.bare_only:
+        reqs = prompts(a.requests)
+        bare(Path(a.gguf), reqs[:1], a.threads, a.n_ctx, a.max_tokens, a.repack)
+        print(json.dumps(summary(bare(Path(a.gguf), reqs, a.threads, a.n_ctx, a.max_tokens, a.repack)[0])))
+        return 0
     with tempfile.TemporaryDirectory(prefix="tier3-serve-bench-") as tmp:
         gguf = a.gguf or default_gguf(Path(tmp))
         reqs = prompts(a.requests)
@@ -185,13 +194,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         bare(gguf, reqs[:1], a.threads, a.n_ctx, a.max_tokens)  # warm the page cache
         b_lat, b_texts = bare(gguf, reqs, a.threads, a.n_ctx, a.max_tokens)
         s = served(gguf, reqs, a.threads, a.n_ctx, a.max_tokens, a.replicas, conc)
+        # the switch tier3 serve turns off: weight repacking (a child process: it may crash on this CPU)
+        rp = subprocess.run([sys.executable, __file__, "--bare-only", "--repack", "--gguf", str(gguf), "--requests",
+                             str(a.requests), "--threads", str(a.threads), "--n-ctx", str(a.n_ctx), "--max-tokens",
+                             str(a.max_tokens)], capture_output=True, text=True, timeout=1800)
+        repacked = (json.loads(rp.stdout.strip().splitlines()[-1]) if rp.returncode == 0
+                    else {"crashed": rp.returncode, "stderr_tail": rp.stderr[-300:]})
     same = sum(x == y for x, y in zip(b_texts, s.pop("served_texts"), strict=True))
     b = summary(b_lat)
     report = {
         "command": " ".join(["bench/serve_bench.py", *(argv if argv is not None else sys.argv[1:])]),
         "gguf": str(gguf), "requests": len(reqs), "threads": a.threads, "max_tokens": a.max_tokens,
         "load": os.getloadavg(), "cpus": os.cpu_count(),
-        "bare": b, **s,
+        "bare": b, "bare_weight_repacking_on": repacked, **s,
         "served_over_bare": {"p50": round(s["served"]["p50_ms"] / b["p50_ms"], 3),
                              "p95": round(s["served"]["p95_ms"] / b["p95_ms"], 3)},
         "same_text": f"{same}/{len(reqs)}",

@@ -328,12 +328,15 @@ async def _watch_stalls(app: faust.App, settings: StreamsSettings, state: Worker
     if not assigned or app.rebalancing or now - state.stalls.assigned_at < state.stalls.stall_s:
         return
     committed = {tp.partition: off for tp, off in faust_adapter.committed_offsets(app).items() if tp.topic == topic}
-    nxt = {p: state.guard.next_expected(p, committed.get(p)) for p in assigned}
     try:
-        high = await asyncio.get_running_loop().run_in_executor(None, high_watermarks, settings, sorted(assigned))
+        marks = await asyncio.get_running_loop().run_in_executor(None, watermarks, settings, sorted(assigned))
     except Exception as exc:  # the broker away: the next look tries again
         log.debug("stall watch: no watermarks (%s)", type(exc).__name__)
         return
+    high = {p: hi for p, (_lo, hi) in marks.items()}
+    # nothing delivered here and nothing committed: the consumer starts at the log's start (auto.offset.reset)
+    nxt = {p: state.guard.next_expected(p, committed.get(p)) for p in assigned}
+    nxt = {p: marks[p][0] if n is None and p in marks else n for p, n in nxt.items()}
     pending = {int(p): n for p, n in state.pending().items()}
     for p in state.stalls.stalled(time.monotonic(), next_expected=nxt, high=high, pending=pending,
                                   blocked=state.blocked()):
@@ -349,11 +352,11 @@ async def _watch_stalls(app: faust.App, settings: StreamsSettings, state: Worker
             log.warning("partition %d: the recovery failed (%s: %s)", p, type(exc).__name__, exc)
 
 
-def high_watermarks(settings: StreamsSettings, partitions: Sequence[int]) -> dict[int, int]:
-    """The experiences topic's high watermark per partition, asked of the broker."""
+def watermarks(settings: StreamsSettings, partitions: Sequence[int]) -> dict[int, tuple[int, int]]:
+    """The experiences topic's (low, high) watermarks per partition, asked of the broker."""
     c = kio.reader(settings, "stall-watch")
     try:
-        return {p: hi for p, (_lo, hi) in kio.watermarks(c, settings.experiences_topic, list(partitions)).items()}
+        return dict(kio.watermarks(c, settings.experiences_topic, list(partitions)))
     finally:
         c.close()
 

@@ -12,8 +12,10 @@ Every ``TIER3_STALL_S / 3`` seconds the worker asks the broker for the high wate
 them to :meth:`StallWatch.stalled`. A partition is stalled when, for ``TIER3_STALL_S`` seconds, the assignment did
 not change, nothing of it was delivered to the agent, none of its work is in flight, the agent is not held back by
 ``TIER3_MAX_PENDING``, and the log holds records past the next offset the worker expects of it (one past the last
-delivered, or the group's committed offset). The worker then resumes the partition in Faust's fetcher and seeks it
-back to that offset (``faust_adapter.unstick``): the records are fetched again, in order, under the offset guard.
+delivered, or the group's committed offset, or the log's start when neither exists: a partition never delivered
+since the group began, seen in the 20-run loop). The worker then resumes the partition in Faust's fetcher and
+seeks it back to that offset (``faust_adapter.unstick``): the records are fetched again, in order, under the
+offset guard.
 ``/status`` counts these recoveries (``offset_guard.stalls_recovered``).
 """
 
