@@ -110,12 +110,12 @@ def test_read_ranges_exact_slices_over_transaction_gaps_with_bad_records_counted
     from confluent_kafka import Producer
 
     from schemas import encode
-    from schemas.kafka import reading as kafka_io
+    from schemas.kafka import reading
     from schemas.settings import RELIABLE_PRODUCER
     from trainer.manifest import OffsetRange
     from trainer.projection import read_ranges
 
-    monkeypatch.setattr(kafka_io, "SLICE_BATCH", batch)  # records per consume(): batch boundaries anywhere
+    monkeypatch.setattr(reading, "SLICE_BATCH", batch)  # records per consume(): batch boundaries anywhere
     s = trainer_settings(make_settings, tier3_partitions=1)
     topic = s.traces_topic
     traces = synthetic_traces(40, partitions=1, seed=5, id_prefix="tx")
