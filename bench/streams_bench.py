@@ -427,11 +427,7 @@ def main() -> None:
     ap.add_argument("--only", choices=["sampling", "concurrency"], default=None)
     args = ap.parse_args()
 
-    if not os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
-        bs = broker.BrokerSettings()
-        if broker.list_topics(bs.bootstrap) is None:  # one already answering is used and left running
-            broker.up(bs)
-        os.environ["KAFKA_BOOTSTRAP_SERVERS"] = bs.bootstrap
+    broker.ensure_running()  # the local broker (started unless one answers), or KAFKA_BOOTSTRAP_SERVERS' cluster
     with tempfile.TemporaryDirectory(prefix="tier3-bench-") as tmp, \
             cleanup.dropped_at_exit(StreamsSettings().client_config()):
         data_dir = Path(tmp)

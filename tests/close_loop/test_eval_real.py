@@ -28,7 +28,7 @@ def test_eval_cli_on_a_trained_tiny_model_then_the_gate(trained_run: TrainedRun,
                       tier3_golden_set=ROOT / "examples" / "widget_selector" / "golden.jsonl")
     run_id = trained_run.install(s.runs_dir, model_version=4)
     env = {**settings_env(s), "TIER3_RUNS_DIR": str(s.runs_dir)}
-    proc = subprocess.run([sys.executable, "-m", "trainer.close_loop.cli", "eval", run_id], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "tier3", "eval", run_id], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
     out = json.loads(proc.stdout)

@@ -156,7 +156,7 @@ def test_cli_promote_and_rollback_exit_codes(make_settings: Callable[..., CloseL
     env = settings_env(s)
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "trainer.close_loop.cli", *args], cwd=ROOT, env=env,
+        return subprocess.run([sys.executable, "-m", "tier3", *args], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=120)
 
     bad = cli("promote", "bad")

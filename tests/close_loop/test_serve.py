@@ -72,7 +72,7 @@ def test_exported_gguf_served_by_llama_cpp_answers_the_router_and_eval(
 
     env = {**settings_env(s), "TIER3_RUNS_DIR": str(s.runs_dir), "TIER3_SERVE_PORT": "0",
            "TIER3_SERVE_THREADS": "2"}
-    serve = subprocess.Popen([sys.executable, "-m", "trainer.close_loop.cli", "serve", "--poll-s", "1"], cwd=ROOT,
+    serve = subprocess.Popen([sys.executable, "-m", "tier3", "serve", "--poll-s", "1"], cwd=ROOT,
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              start_new_session=True)
     try:
@@ -133,7 +133,7 @@ def test_exported_gguf_served_by_llama_cpp_answers_the_router_and_eval(
             serve.wait(10)
 
     # `tier3 eval --served`: the exported GGUF through a server of its own, recorded as such
-    proc = subprocess.run([sys.executable, "-m", "trainer.close_loop.cli", "eval", run_id, "--served"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "tier3", "eval", run_id, "--served"], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
     m = json.loads(proc.stdout)["metrics"]

@@ -26,7 +26,7 @@ from typing import Annotated, Any
 
 import typer
 
-from schemas.runtime.preflight import UserError, check_topics, load_settings, run_cli
+from schemas.runtime.preflight import UserError, check_topics, load_settings
 from trainer.errors import TrainerError
 
 
@@ -275,9 +275,3 @@ def register(app: typer.Typer) -> None:
     app.command("close-loop")(close_loop_cmd)
     app.command("watch")(watch_cmd)
     app.command("serve")(serve_cmd)
-
-
-if __name__ == "__main__":
-    _app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
-    register(_app)
-    run_cli(_app)
