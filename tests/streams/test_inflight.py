@@ -143,14 +143,18 @@ def test_offset_guard_reports_a_jump_and_nothing_else() -> None:
     base = committed.get
     assert g.check(0, 100, base) is None  # the first record of the assignment, at the committed offset
     assert g.check(0, 101, base) is None
-    assert g.check(0, 103, base) is None  # one offset skipped: a transaction marker
+    # one offset skipped: a transaction marker, or one record the consumer skipped: reported, the caller reads it
+    assert g.check(0, 103, base) == 102
+    g.accept(0, 103)  # the caller read the range: only a marker
     assert g.check(0, 110, base) == 104  # 104..109 never delivered: reported, nothing recorded
     assert g.check(0, 110, base) == 104  # still reported until the caller decides
     g.accept(0, 110)  # the caller read the range: only markers, or deleted
     assert g.check(0, 111, base) is None
     assert g.check(0, 50, base) is None  # a re-delivery after a seek back is fine
     assert g.check(0, 51, base) is None
-    assert g.check(1, 7, base) is None  # no committed offset: wherever the reset put it
+    assert g.check(1, 7, base) == 0  # no committed offset: from the log's start (the caller clamps and reads)
+    g.accept(1, 7)
+    assert g.check(1, 8, base) is None
     assert g.check(2, 5, base) == 0  # the first record of a partition is already past a hole
 
 
@@ -167,6 +171,7 @@ def test_offset_guard_across_rebalances() -> None:
     committed[3] = 500
     assert g.check(3, 500, committed.get) is None
     assert g.check(3, 520, committed.get) == 501
+    assert g.check(3, 502, committed.get) == 501  # even a jump of one is reported
 
 
 def test_offset_guard_rewind_drops_what_was_fetched_before_the_seek_back() -> None:
