@@ -13,6 +13,7 @@ Faust's private internals are in :mod:`streams.faust_adapter`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -340,7 +341,8 @@ async def _watch_stalls(app: faust.App, settings: StreamsSettings, state: Worker
     pending = {int(p): n for p, n in state.pending().items()}
     for p in state.stalls.stalled(time.monotonic(), next_expected=nxt, high=high, pending=pending,
                                   blocked=state.blocked()):
-        offset = nxt[p]
+        offset = state.guard.rewinding(p)  # a rewind in progress: seek to what the guard waits for
+        offset = nxt[p] if offset is None else offset
         assert offset is not None
         log.warning("partition %d: %d record(s) from offset %d wait in the log and none was delivered for %.0f s "
                     "(fetcher state %s); resuming it and seeking back to %d in place", p, high[p] - offset, offset,
@@ -464,7 +466,13 @@ async def _process(app: faust.App, stream: StreamT, settings: StreamsSettings, s
             msg = event.message
             state.stalls.delivered(msg.partition)
             if guard.stale(msg.partition, msg.offset):
-                continue  # fetched before a seek back: not processed, not acknowledged; it is delivered again
+                # fetched before a seek back: not processed, not acknowledged; it is delivered again. It moved the
+                # fetcher's read offset past the hole, so seek back once more (faust_adapter.keep_rewinding)
+                target = guard.rewinding(msg.partition)
+                if target is not None:
+                    with contextlib.suppress(Exception):  # revoked meanwhile: the new owner reads it
+                        await faust_adapter.keep_rewinding(app, msg.topic, msg.partition, target)
+                continue
             skipped_from = guard.check(msg.partition, msg.offset, committed)
             if skipped_from is not None:
                 first = await loop.run_in_executor(None, first_record, settings, msg.topic, msg.partition,

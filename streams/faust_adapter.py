@@ -1,6 +1,6 @@
 """The only place that touches Faust's private internals, and why each touch is needed.
 
-Faust (faust-streaming 0.15) offers no public way to do these four things; each function says what it reads or
+Faust (faust-streaming 0.15) offers no public way to do these five things; each function says what it reads or
 changes, and what to replace it with once Faust has an API for it. Everything else in ``streams/`` uses Faust's
 public API only.
 """
@@ -51,6 +51,23 @@ async def seek_back(app: faust.App, topic: str, partition: int, offset: int) -> 
         gaps.chop(offset, max(offset + 1, gaps.end()))
 
 
+async def keep_rewinding(app: faust.App, topic: str, partition: int, target: int) -> bool:
+    """Seek back to ``target`` again when Faust's fetcher has moved its read offset past it; True if it did.
+
+    After a seek back, records fetched before the seek still pass the fetcher and each sets its read offset
+    (``_read_offset``) to its own offset; the fetcher then drops every re-fetched record below that offset
+    ("DROPPED MESSAGE ROFF"), so the records sought back to would never arrive (seen in a full-suite run: a
+    partition sought back to 0 stalled with the read offset at 381). Called for every record dropped while
+    rewinding."""
+    from faust.types import TP
+
+    read = getattr(app.consumer, "_read_offset", {}).get(TP(topic, partition))
+    if read is None or read <= target:
+        return False
+    await seek_back(app, topic, partition, target)
+    return True
+
+
 def fetch_state(app: faust.App, topic: str, partition: int) -> dict[str, Any]:
     """What Faust's fetcher knows of one partition, for the stall watch's log line: whether it is in the set of
     partitions the fetcher asks for (``_active_partitions``), paused by Faust (``_paused_partitions``, e.g. during
@@ -77,4 +94,4 @@ async def unstick(app: faust.App, topic: str, partition: int, offset: int) -> No
     await seek_back(app, topic, partition, offset)
 
 
-__all__ = ["committed_offsets", "drop_production_index", "fetch_state", "seek_back", "unstick"]
+__all__ = ["committed_offsets", "drop_production_index", "fetch_state", "keep_rewinding", "seek_back", "unstick"]

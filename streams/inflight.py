@@ -172,15 +172,15 @@ class OffsetGuard:
         Every jump is reported, also a single offset (a transaction marker looks like that, but so does one record
         the consumer skipped: the second 20-run loop of the scale-out test lost exactly one experience that way
         while a jump of one was taken for a marker); the caller reads the range back and :meth:`accept` s it when it
-        holds no record. A partition with neither a delivery here nor a committed offset starts at the log's start
-        (offset 0, clamped to the low watermark by the caller's read)."""
+        holds no record. With neither a delivery here nor a committed offset known yet, the first record is taken as
+        it comes (Faust may not have loaded the committed offset yet; the stall watch covers a silent start)."""
         known = self._next.get(partition)
         if known is not None and offset <= known:  # in order, or a re-delivery after a seek back
             self._next[partition] = offset + 1
             return None
         committed = baseline(partition)  # asked only off the fast path
-        expected = max((x for x in (known, committed) if x is not None), default=0)
-        if offset <= expected:
+        expected = max((x for x in (known, committed) if x is not None), default=None)
+        if expected is None or offset <= expected:  # nothing known yet (the stall watch covers a silent start)
             self._next[partition] = offset + 1
             return None
         return expected
