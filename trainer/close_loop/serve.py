@@ -275,13 +275,14 @@ class ServerPool:
             raise ServeError("a server pool needs at least one replica")
         total = threads or (os.cpu_count() or 1)
         per = max(1, total // replicas)
-        self.servers = [
-            LlamaServer(models, host=host, port=(port + i) if port else 0, n_ctx=n_ctx, threads=per,
-                        log_path=None if log_path is None or replicas == 1
-                        else log_path.with_name(f"{log_path.stem}-{i}{log_path.suffix}"))
-            for i in range(replicas)]
-        if replicas == 1 and log_path is not None:
-            self.servers[0].log_path = log_path
+
+        def log_of(i: int) -> Path | None:  # one log each: <stem>-<i><suffix> when there are several
+            if log_path is None or replicas == 1:
+                return log_path
+            return log_path.with_name(f"{log_path.stem}-{i}{log_path.suffix}")
+
+        self.servers = [LlamaServer(models, host=host, port=(port + i) if port else 0, n_ctx=n_ctx, threads=per,
+                                    log_path=log_of(i)) for i in range(replicas)]
 
     @property
     def models(self) -> list[ServedModel]:
