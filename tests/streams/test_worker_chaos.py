@@ -190,40 +190,10 @@ def test_scale_out_three_workers_one_killed_one_added(run: int, streams_settings
         assert not lost, f"committed past unprocessed experiences (a loss): {lost[:10]}"
         stalled = sorted({where[e][0] for e in missing})
         record_property("stalled_partitions", stalled)
-        # not recovered in place (README, "Not done"): at-least-once still holds (checked above: nothing committed
-        # past them); the supervisor's part, as before the stall watch: restart the workers and check every
-        # sampled experience is traced then
-        print(f"\nscale-out: {len(missing)} sampled experiences not traced on partitions {stalled} "
-              f"(committed {committed}) after {180 + 3 * s.tier3_stall_s:.0f} s; restarting the workers")
-        for w in [*workers, w4]:
-            if w.proc.poll() is None:
-                w.stop()
-        restarted = [start_worker(s, f"r{i}") for i in (1, 2)]
-        for w in restarted:
-            w.wait_ready(180)
-        # the supervisor's part (docs/guarantees.md item 7; the stall is README "Not done"): a worker whose offset
-        # guard finds a hole stops and is restarted; a worker that makes no progress for 60 s while sampled
-        # experiences are untraced (the stall, seen again after a restart here) is restarted too, up to four times
-        deadline = time.monotonic() + 480
-        spare, progress_at, seen = 4, time.monotonic(), len(traced())
-        while time.monotonic() < deadline:
-            ids = wait_all_traced(20)
-            if set(ids) >= expected:
-                break
-            if len(ids) > seen:
-                seen, progress_at = len(ids), time.monotonic()
-            exited = [w for w in restarted if w.proc.poll() is not None]
-            if spare > 0 and (exited or time.monotonic() - progress_at > 60):
-                spare -= 1
-                print(f"scale-out: {len(exited)} restarted worker(s) exited, no progress for "
-                      f"{time.monotonic() - progress_at:.0f} s: restarting them ({4 - spare} of 4)")
-                for w in restarted:
-                    if w.proc.poll() is None:
-                        w.stop()
-                restarted = [start_worker(s, f"r{i}-{4 - spare}") for i in (1, 2)]
-                for w in restarted:
-                    w.wait_ready(180)
-                progress_at = time.monotonic()
+        # no supervisor's restart any more: 20 runs in a row recovered every stall and hole in place (docs/worker.md)
+        pytest.fail(f"{len(missing)} sampled experiences not traced on partitions {stalled} (committed {committed}) "
+                    f"after {180 + 3 * s.tier3_stall_s:.0f} s: a stall the worker did not recover in place "
+                    f"(offset guard {guards})")
     assert set(ids) == expected, f"missing {len(expected - set(ids))}, extra {len(set(ids) - expected)}"
     duplicates = sum(ids.values()) - len(ids)
     record_property("duplicates", duplicates)
