@@ -25,8 +25,21 @@ Rows (``--rows``, comma-separated; default all):
   students** (the base folder with llama.cpp's converter at ``--quant``) and served;
 - ``answer-N`` for N in ``--traces``: a student trained on the first N traces of the pool with the answer-only
   curriculum (``--answer-phases``), then merged (``merge_adapter``), converted to GGUF at ``--quant`` and served;
-- ``reasoning-N``: the same with the reasoning curriculum (``--reasoning-phases``, default
-  ``answer:1,reasoning:2``), prompted for reasoning then the answer.
+- ``multitask-N``: the same with Distilling Step-by-Step (``--multitask-phases``, default ``multitask:3``): each
+  trace trains the answer task and a separate rationale task (loss weight ``--rationale-weight``, default the
+  product's ``TIER3_RATIONALE_WEIGHT``), served answer-only;
+- ``rationale-N``: rationale-then-answer (``--rationale-phases``, default ``reasoning:6``): trained and prompted to
+  give the reasoning, then the answer;
+- ``reasoning-N``: the reasoning curriculum (``--reasoning-phases``, default ``answer:2,reasoning:4``), prompted for
+  reasoning then the answer.
+
+**Equal compute.** The default phases give every student row the same number of optimiser steps: six passes of
+one example per trace (``answer:6``, ``reasoning:6``, ``answer:2,reasoning:4``) or three passes of two examples per
+trace (``multitask:3``), i.e. ``6 * N / TIER3_BATCH_SIZE`` steps (rounded up per pass); the trained tokens differ
+(a rationale is longer than an answer) and are reported per row (``training.tokens``), so both halves of the
+budget are stated. A student row name may end in ``-sSEED`` (``answer-50-s43``) to train with that
+``TIER3_SEED``; ``--seeds 42,43,44`` expands the default student rows over the seeds, and ``aggregate`` in the
+report gives each (kind, N) the mean, minimum and maximum over its seeds of every slice column.
 
 How a model row is evaluated (``evaluated_via`` in each row): the GGUF is served by ``tier3 serve``'s launcher
 (:class:`trainer.close_loop.serve.LlamaServer`: llama-cpp-python's OpenAI-compatible server on a free loopback
@@ -50,7 +63,10 @@ except the curriculum and, with ``--base-model``, the base model.
     # quick (SmolLM2, one student; roughly 15-20 min on 2 idle CPU cores, most of it training)
     .venv/bin/python bench/quality.py --rows constant,teacher,production,answer-50 --traces 50 \\
         --out bench/results/quality-served-answer-50.json
-    # everything (SmolLM2: base, answer-50/100/200, reasoning-200, with the f16 and PyTorch diagnostics): hours
+    # the schedules at equal compute over three seeds (SmolLM2; about 25 min a row on 2 CPU cores)
+    .venv/bin/python bench/quality.py --rows answer-50,multitask-50,rationale-50,reasoning-50 --seeds 42,43,44 \\
+        --out bench/results/quality-schedules-50.json
+    # everything (SmolLM2: base, all four schedules at N=50/100/200, with the f16 and PyTorch diagnostics): hours
     .venv/bin/python bench/quality.py --f16 --pytorch --out bench/results/quality-served-all.json
     # the tiny random model (plumbing only, it learns nothing; under a minute; tests/test_bench_quality.py)
     .venv/bin/python bench/quality.py --base-model "$(.venv/bin/python -c \\
@@ -338,7 +354,7 @@ def row_base(base: str, slices: Slices, settings: Any, work: Path, a: argparse.N
 
 
 def row_student(kind: str, n: int, pool: Sequence[Any], slices: Slices, base: str, settings: Any, work: Path,
-                a: argparse.Namespace) -> dict[str, Any]:
+                a: argparse.Namespace, seed: int | None = None) -> dict[str, Any]:
     from trainer.close_loop.export import merge_adapter
     from trainer.dataset import build_dataset
     from trainer.inference import load_merged_student, prompt_format
@@ -348,22 +364,31 @@ def row_student(kind: str, n: int, pool: Sequence[Any], slices: Slices, base: st
 
     if n > len(pool):
         sys.exit(f"row {kind}-{n}: the training pool has only {len(pool)} traces")
-    phases = a.answer_phases if kind == "answer" else a.reasoning_phases
+    phases = {"answer": a.answer_phases, "multitask": a.multitask_phases, "rationale": a.rationale_phases,
+              "reasoning": a.reasoning_phases}[kind]
+    extra: dict[str, Any] = {}
+    if a.rationale_weight is not None:
+        extra["tier3_rationale_weight"] = a.rationale_weight
+    if seed is not None:
+        extra["tier3_seed"] = seed
     cfg = SFTConfig(tier3_phases=phases, tier3_holdout_fraction=0.0, tier3_backend="trl",
-                    tier3_base_model=base)  # type: ignore[call-arg]
-    d = work / f"{kind}-{n}"
+                    tier3_base_model=base, **extra)  # type: ignore[call-arg]
+    name = f"{kind}-{n}" + (f"-s{seed}" if seed is not None else "")
+    d = work / name
     ds = build_dataset(pool[:n], cfg, d / "data")
     r = train(ds, cfg, d)
     fmt = prompt_format(cfg.phases)
     t0 = time.perf_counter()
     merged = merge_adapter(r.adapter_dir, d / "merged")
     outtypes = [settings.tier3_gguf_quant, *(["f16"] if a.f16 else [])]
-    ggufs = to_gguf(settings, merged, d / "gguf", f"{kind}-{n}", outtypes)
+    ggufs = to_gguf(settings, merged, d / "gguf", name, outtypes)
     export_s = time.perf_counter() - t0
     trained = {t.experience_id: user_text(t.experience) for t in pool[:n]}
     row: dict[str, Any] = {
-        "row": f"{kind}-{n}", "label": f"student {kind} N={n}", "kind": "student", "base_model": base,
-        "phases": phases, "n_train": ds.n_train,
+        "row": name, "label": f"student {kind} N={n}", "kind": "student", "student_kind": kind, "n": n,
+        "seed": cfg.tier3_seed, "base_model": base, "phases": phases, "n_train": ds.n_train,
+        "n_rationale": ds.n_rationale,
+        "rationale_weight": cfg.tier3_rationale_weight if kind == "multitask" else None,
         "training": {"train_wall_s": r.train_wall_s, "wall_s": r.wall_s, "steps": r.steps, "tokens": r.tokens,
                      "tokens_per_s": r.tokens_per_s, "train_loss": r.train_loss, "phase_losses": r.phase_losses,
                      "backend": r.backend},
@@ -373,7 +398,7 @@ def row_student(kind: str, n: int, pool: Sequence[Any], slices: Slices, base: st
         "artifact": f"LoRA merged (merge_adapter), converted to {settings.tier3_gguf_quant} GGUF (llama.cpp's "
                     "converter, as tier3 export does)",
         "export_wall_s": export_s,
-        **served_row(settings, ggufs, f"student-{kind}-{n}", slices, fmt, a),
+        **served_row(settings, ggufs, f"student-{name}", slices, fmt, a),
     }
     if a.pytorch:
         model, tok = load_merged_student(r.adapter_dir)
@@ -438,6 +463,32 @@ def _f(v: Any) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
+def aggregate(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Student rows grouped by (kind, N) over their seeds: mean, min and max of every slice column and of the
+    training budget (steps, tokens, train_wall_s), so a difference between kinds can be read against the spread
+    between seeds."""
+    groups: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
+    for r in rows:
+        if r.get("kind") == "student":
+            groups.setdefault((r["student_kind"], r["n"]), []).append(r)
+    out = []
+    for (kind, n), rs in groups.items():
+        g: dict[str, Any] = {"group": f"{kind}-{n}", "student_kind": kind, "n": n, "phases": rs[0]["phases"],
+                             "seeds": [r["seed"] for r in rs], "slices": {}, "training": {}}
+        for sl in {s for r in rs for s in (r.get("slices") or {})}:
+            g["slices"][sl] = {}
+            for c in SLICE_COLUMNS:
+                vals = [r["slices"][sl][c] for r in rs if sl in r["slices"] and r["slices"][sl].get(c) is not None]
+                if vals:
+                    g["slices"][sl][c] = {"mean": sum(vals) / len(vals), "min": min(vals), "max": max(vals)}
+        for c in ("steps", "tokens", "train_wall_s", "tokens_per_s"):
+            vals = [r["training"][c] for r in rs if r["training"].get(c) is not None]
+            if vals:
+                g["training"][c] = {"mean": sum(vals) / len(vals), "min": min(vals), "max": max(vals)}
+        out.append(g)
+    return out
+
+
 def table(report: Mapping[str, Any]) -> str:
     """The rows as markdown, one table per slice."""
     lines: list[str] = []
@@ -452,13 +503,45 @@ def table(report: Mapping[str, Any]) -> str:
             lines.append(f"| {row['row']} | " + " | ".join(_f(m.get(c)) for c in SLICE_COLUMNS)
                          + f" | {_f(tr.get('train_wall_s'))} | {_f(tr.get('steps'))} | {_f(tr.get('tokens_per_s'))} |")
         lines.append("")
+    groups = report.get("aggregate") or []
+    if any(len(g["seeds"]) > 1 for g in groups):
+        lines += ["## over seeds (mean [min, max] of field F1, `f1`)", "",
+                  "| group | seeds | steps | tokens | " + " | ".join(report.get("slice_names", [])) + " |",
+                  "|---" * (4 + len(report.get("slice_names", []))) + "|"]
+        for g in groups:
+            cells = []
+            for name in report.get("slice_names", []):
+                m = g["slices"].get(name, {}).get("f1")
+                cells.append("–" if m is None else f"{m['mean']:.3f} [{m['min']:.3f}, {m['max']:.3f}]")
+            tr = g["training"]
+            lines.append(f"| {g['group']} | {len(g['seeds'])} | {_f(tr.get('steps', {}).get('mean'))} | "
+                         f"{_f(tr.get('tokens', {}).get('mean'))} | " + " | ".join(cells) + " |")
+        lines.append("")
     return "\n".join(lines)
+
+
+STUDENT_KINDS = ("answer", "multitask", "rationale", "reasoning")
+
+
+def _student(name: str) -> tuple[str, int, int | None] | None:
+    """``kind-N`` or ``kind-N-sSEED`` -> (kind, N, seed or None); anything else -> None."""
+    parts = name.split("-")
+    if len(parts) not in (2, 3) or parts[0] not in STUDENT_KINDS or not parts[1].isdigit():
+        return None
+    if len(parts) == 3:
+        if not (parts[2].startswith("s") and parts[2][1:].isdigit()):
+            return None
+        return parts[0], int(parts[1]), int(parts[2][1:])
+    return parts[0], int(parts[1]), None
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="", help="comma-separated: constant, teacher, production, base, answer-N, "
-                    "reasoning-N (default: all, with N from --traces)")
+                    "multitask-N, rationale-N, reasoning-N, each student row optionally ending in -sSEED (default: "
+                    "all, with N from --traces)")
+    ap.add_argument("--seeds", default="", help="comma-separated TIER3_SEED values: every student row without "
+                    "its own -sSEED is trained once per seed (default: the product's seed only)")
     ap.add_argument("--traces", default="50,100,200", help="N values for the default rows")
     ap.add_argument("--base-model", default=None, help="base model of the students and the base row: a name "
                     "(smollm2-135m, tiny), a local folder or a hub id (default: the product's, SFTConfig / "
@@ -471,7 +554,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--pytorch", action="store_true",
                     help="also evaluate the merged PyTorch model, batched (diagnostic column, the former path)")
     ap.add_argument("--answer-phases", default="answer:6", help="answer-only curriculum (the product default)")
-    ap.add_argument("--reasoning-phases", default="answer:1,reasoning:2", help="reasoning curriculum")
+    ap.add_argument("--multitask-phases", default="multitask:3", help="Distilling Step-by-Step (two examples "
+                    "per trace: 3 passes = the steps of answer:6)")
+    ap.add_argument("--rationale-phases", default="reasoning:6", help="rationale-then-answer")
+    ap.add_argument("--reasoning-phases", default="answer:2,reasoning:4",
+                    help="the reasoning curriculum (the steps of answer:6)")
+    ap.add_argument("--rationale-weight", type=float, default=None,
+                    help="multitask rows: the rationale examples' loss weight (default TIER3_RATIONALE_WEIGHT)")
     ap.add_argument("--max-new-tokens", type=int, default=None,
                     help="bound of one answer (default TIER3_STUDENT_MAX_TOKENS: what the router asks)")
     ap.add_argument("--serve-threads", type=int, default=None, help="server threads (default TIER3_SERVE_THREADS)")
@@ -506,7 +595,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     slices = Slices(holdout, golden, task)
     ns = [int(x) for x in a.traces.split(",") if x.strip()]
     wanted = [r.strip() for r in a.rows.split(",") if r.strip()] or [
-        "constant", "teacher", "production", "base", *[f"answer-{n}" for n in ns], f"reasoning-{max(ns)}"]
+        "constant", "teacher", "production", "base",
+        *[f"{k}-{n}" for n in ns for k in ("answer", "multitask", "rationale", "reasoning")]]
+    seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
+    if seeds:  # a student row without its own seed, once per seed
+        expanded = []
+        for w in wanted:
+            parsed = _student(w)
+            expanded += [f"{w}-s{sd}" for sd in seeds] if parsed is not None and parsed[2] is None else [w]
+        wanted = expanded
     report: dict[str, Any] = {
         "bench": "quality", "evaluated": "as served: GGUF through llama.cpp's server, asked as the router asks",
         "task": TASK_NAME, "primary_metric": task.primary_metric, "base_model": base,
@@ -518,7 +615,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "threads": settings.tier3_serve_threads or os.cpu_count()},
         "machine": {"cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0], "python": platform.python_version()},
         "goals": {"json_valid_rate": ">= 0.95", "task_f1_vs_teacher": ">= 0.85 from <= 200 traces",
-                  "reasoning": "no worse than answer-only"},
+                  "reasoning": "a schedule using the teacher's reasoning beats answer-only by >= 0.05 field F1 "
+                               "on the golden set at equal compute, served latency no worse"},
         "rows": [],
     }
     if golden is not None:
@@ -541,14 +639,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             elif name == "base":
                 row = row_base(base, slices, settings, work, a)
             else:
-                kind, _, n_s = name.partition("-")
-                if kind not in ("answer", "reasoning") or not n_s.isdigit():
+                parsed = _student(name)
+                if parsed is None:
                     sys.exit(f"unknown row {name!r}")
-                row = row_student(kind, int(n_s), pool, slices, base, settings, work, a)
+                row = row_student(parsed[0], parsed[1], pool, slices, base, settings, work, a, seed=parsed[2])
             row["row_wall_s"] = time.perf_counter() - t0
             if a.no_outputs:
                 row.pop("outputs", None)
             report["rows"].append(row)
+            report["aggregate"] = aggregate(report["rows"])
             print(json.dumps({k: v for k, v in row.items() if k != "outputs"}), file=sys.stderr, flush=True)
             if a.out:
                 a.out.write_text(json.dumps(report, indent=2))
