@@ -131,12 +131,24 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def backlog_run(w: WorkerProcess, n: int) -> dict[str, Any]:
+def backlog_run(w: WorkerProcess, n: int, profile: Path | None = None) -> dict[str, Any]:
     """One worker drains a backlog of ``n``: experiences/s, and the worker's CPU time per experience (steadier
-    than wall time on a shared machine: it does not count waiting for the CPU)."""
+    than wall time on a shared machine: it does not count waiting for the CPU). With ``profile``, py-spy samples
+    the worker while it drains (a flame graph SVG there; the figures of that run carry py-spy's overhead)."""
     w.wait_for(lambda st: bool(st["lag"]["experiences"]), 120)  # started, partitions assigned
+    spy = None
+    if profile is not None:
+        exe = Path(sys.executable).with_name("py-spy")
+        spy = subprocess.Popen([str(exe if exe.exists() else "py-spy"), "record", "--pid", str(w.proc.pid),
+                                "--output", str(profile), "--format", "flamegraph", "--rate", "250",
+                                "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     c0 = cpu_s(w.proc.pid)
-    samples = wait_counts(w, "consumed", n, 600)
+    try:
+        samples = wait_counts(w, "consumed", n, 600)
+    finally:
+        if spy is not None:
+            spy.send_signal(2)  # SIGINT: py-spy writes the flame graph and exits
+            spy.wait(60)
     rate = consume_rate(samples, n)
     return {"experiences_per_s": round(rate), "cpu_us_per_experience": round((cpu_s(w.proc.pid) - c0) / n * 1e6)}
 
@@ -262,7 +274,7 @@ def bench_scale_out(data_dir: Path, exps: list[Experience], rec: Path, workers: 
 
 
 def bench_sampling_path(data_dir: Path, backlog: int, rate_per_s: float, latency_n: int,
-                        scale_workers: int) -> dict[str, Any]:
+                        scale_workers: int, profile: Path | None = None) -> dict[str, Any]:
     exps = [make_experience(i, confidence(i), prefix="bp") for i in range(backlog)]
     lat_exps = [make_experience(i, confidence(i), prefix="lat") for i in range(latency_n)]
     rec = data_dir / "recorded.jsonl"
@@ -274,7 +286,7 @@ def bench_sampling_path(data_dir: Path, backlog: int, rate_per_s: float, latency
     env = settings_env(s)
     w = WorkerProcess(env, data_dir / "worker-sampling.log")
     try:
-        drained = backlog_run(w, backlog)
+        drained = backlog_run(w, backlog, profile)
         throughput = drained["experiences_per_s"]
         elapsed = backlog / throughput
         st = w.wait_for(lambda st: st["counts"]["enriched"] >= sampled, 120)
@@ -425,6 +437,9 @@ def main() -> None:
     ap.add_argument("--concurrency-traces", type=int, default=2000)
     ap.add_argument("--seed-traces", type=int, default=25)
     ap.add_argument("--only", choices=["sampling", "concurrency"], default=None)
+    ap.add_argument("--profile", type=Path, default=None, help="sampling path: record the worker draining the "
+                    "backlog with py-spy (the `dev` extra) into this flame graph SVG; that run's figures carry "
+                    "py-spy's overhead")
     args = ap.parse_args()
 
     broker.ensure_running()  # the local broker (started unless one answers), or KAFKA_BOOTSTRAP_SERVERS' cluster
@@ -437,7 +452,9 @@ def main() -> None:
         }
         if args.only in (None, "sampling"):
             result["sampling_path"] = bench_sampling_path(data_dir, args.backlog, args.rate, args.latency_n,
-                                                           args.scale_workers)
+                                                           args.scale_workers, args.profile)
+            if args.profile is not None:
+                result["sampling_path"]["profiled"] = str(args.profile)
         if args.only in (None, "concurrency"):
             result["concurrency"] = bench_concurrency(data_dir, args.latency_ms, args.concurrency,
                                                       args.concurrency_traces, args.seed_traces)

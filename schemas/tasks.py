@@ -125,11 +125,14 @@ SPECIAL_TOKENS = (
 # <|im_start|>, <|im_end|>, <|endoftext|> (ChatML, Qwen), <|begin_of_text|>, <|eot_id|>, <|start_header_id|> (Llama 3),
 # <|user|>, <|end|> (Phi), <|channel|>, <|message|> (harmony), and DeepSeek's full-width <｜end▁of▁sentence｜>; with
 # spaces inside (<| im_end |>); snake_case and ALL-CAPITALS names in angle brackets
+# (?=[<\[]): every alternative starts with "<" or "[", and the lookahead lets the engine skip every other position
+# at once: 9 instead of 83 us on a 600-character teacher output (the worker's profile, bench/results/issue22-s20)
 _SPECIAL_RE = re.compile(
+    r"(?=[<\[])(?:"
     r"<\s*[|｜][^<>|｜\n]{1,64}[|｜]\s*>"
     r"|<\s*/?\s*[A-Za-z][A-Za-z0-9]*(?:_[A-Za-z0-9]+)+\s*>"
     r"|(?-i:<\s*/?\s*(?!(?:REASONING|ANSWER)\s*>)[A-Z]{2,}\s*>)"
-    r"|" + "|".join(re.escape(t) for t in SPECIAL_TOKENS), re.IGNORECASE)
+    r"|" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")", re.IGNORECASE)
 #: invisible format characters outside Unicode category Cf's fast check (NFKC keeps them): removed before reading
 _INVISIBLE_RE = re.compile("[\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff"
                            "\ufff9-\ufffb]")
