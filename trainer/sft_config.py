@@ -14,8 +14,8 @@ served answer-only (:data:`PROMPT_FORMAT_OF`). Phases run in order on the same L
 
 Why ``answer:6`` is the default: it won the equal-compute comparison as served (``bench/quality.py``, 2026-12-08,
 ``bench/results/quality-schedules-50*.json``): SmolLM2-135M, 50 traces, 39-42 optimiser steps each, q8_0 through
-llama.cpp, golden-set field F1 answer-only 0.56 (2 seeds) vs ``multitask:3`` 0.49 (2 seeds), ``reasoning:6`` 0.48,
-``answer:2,reasoning:4`` 0.51, the reasoning formats at 5-6 times the served latency. The epochs come from the
+llama.cpp, golden-set field F1 answer-only 0.54 (3 seeds) vs ``multitask:3`` 0.49 (3 seeds), ``reasoning:6`` 0.48,
+``answer:2,reasoning:4`` 0.51, the reasoning formats at 3-5 times the served latency. The epochs come from the
 learning curve (``bench/quality_curve.py``: field F1 peaked at 5-6 epochs). Not measured: N = 100 and 200, and
 other rationale weights, so ``multitask`` stays a setting to measure on one's own task.
 """
