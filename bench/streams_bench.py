@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import queue
+import signal
 import statistics
 import subprocess
 import sys
@@ -147,7 +148,7 @@ def backlog_run(w: WorkerProcess, n: int, profile: Path | None = None) -> dict[s
         samples = wait_counts(w, "consumed", n, 600)
     finally:
         if spy is not None:
-            spy.send_signal(2)  # SIGINT: py-spy writes the flame graph and exits
+            spy.send_signal(signal.SIGINT)  # py-spy writes the flame graph and exits
             spy.wait(60)
     rate = consume_rate(samples, n)
     return {"experiences_per_s": round(rate), "cpu_us_per_experience": round((cpu_s(w.proc.pid) - c0) / n * 1e6)}

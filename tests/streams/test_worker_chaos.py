@@ -193,7 +193,7 @@ def test_scale_out_three_workers_one_killed_one_added(run: int, streams_settings
         # no supervisor's restart any more: 20 runs in a row recovered every stall and hole in place (docs/worker.md)
         pytest.fail(f"{len(missing)} sampled experiences not traced on partitions {stalled} (committed {committed}) "
                     f"after {180 + 3 * s.tier3_stall_s:.0f} s: a stall the worker did not recover in place "
-                    f"(offset guard {guards})")
+                    f"(offset guard {guards}); worker logs:\n" + "\n".join(w.log_tail(3000) for w in (*workers, w4)))
     assert set(ids) == expected, f"missing {len(expected - set(ids))}, extra {len(set(ids) - expected)}"
     duplicates = sum(ids.values()) - len(ids)
     record_property("duplicates", duplicates)
