@@ -1,7 +1,9 @@
 """Distillation quality on the widget-selector example data, **as served**: every row on the GGUF that would ship.
 
 Data: ``examples/widget_selector/experiences.jsonl`` joined with ``recorded_teacher.jsonl`` (the rule-based
-example teacher's answers) by experience id: 336 traces. Two slices score every row:
+example teacher's answers) by experience id: 336 traces (``--examples DIR`` reads both files from another folder,
+e.g. ``make_examples.py --variety wide --out DIR``: the same scenarios and labelling rules with more phrasings,
+entities, time phrases, framings and typing noise). Two slices score every row:
 
 - ``holdout``: the **near-twin-free holdout** of the example traces: :func:`trainer.split.split_holdout` at
   ``--holdout-fraction`` (default 0.10, the product's; about 29 of 336 traces), i.e. whole groups of near-duplicate
@@ -107,20 +109,21 @@ DECODING = "greedy (temperature 0), one request at a time, as the router asks (s
 # ------------------------------------------------------------------------------------------- the data
 
 
-def load_traces() -> list[Any]:
-    """Example experiences + the recorded teacher's answers, as enriched traces (log order = file order)."""
+def load_traces(examples: Path = EXAMPLES) -> list[Any]:
+    """Example experiences + the recorded teacher's answers (both files in ``examples``), as enriched traces (log
+    order = file order)."""
     import orjson
 
     from schemas import EnrichedTrace, Experience, decode, get_task
     from schemas.messages import SourceOffset, TeacherInfo
 
     teacher = {}
-    for line in (EXAMPLES / "recorded_teacher.jsonl").read_bytes().splitlines():
+    for line in (examples / "recorded_teacher.jsonl").read_bytes().splitlines():
         if line.strip():
             r = orjson.loads(line)
             teacher[r["experience_id"]] = r
     out = []
-    for i, line in enumerate((EXAMPLES / "experiences.jsonl").read_bytes().splitlines()):
+    for i, line in enumerate((examples / "experiences.jsonl").read_bytes().splitlines()):
         if not line.strip():
             continue
         e = decode(line, Experience)
@@ -406,7 +409,7 @@ def row_student(kind: str, n: int, pool: Sequence[Any], slices: Slices, base: st
     return row
 
 
-def row_recorded(kind: str, slices: Slices) -> dict[str, Any]:
+def row_recorded(kind: str, slices: Slices, examples: Path = EXAMPLES) -> dict[str, Any]:
     """The teacher's recorded text or production's recorded response, scored like a student's output."""
     import orjson
 
@@ -415,7 +418,7 @@ def row_recorded(kind: str, slices: Slices) -> dict[str, Any]:
     row: dict[str, Any] = {"row": kind, "kind": "recorded"}
     if kind == "teacher":
         teacher = {}
-        for line in (EXAMPLES / "recorded_teacher.jsonl").read_bytes().splitlines():
+        for line in (examples / "recorded_teacher.jsonl").read_bytes().splitlines():
             if line.strip():
                 r = orjson.loads(line)
                 teacher[r["experience_id"]] = r["text"]
@@ -548,6 +551,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "TIER3_BASE_MODEL)")
     ap.add_argument("--holdout-fraction", type=float, default=HOLDOUT_FRACTION,
                     help="target share of the near-twin-free holdout (trainer/split.py)")
+    ap.add_argument("--examples", type=Path, default=EXAMPLES,
+                    help="folder with experiences.jsonl and recorded_teacher.jsonl (default the committed example "
+                         "data; e.g. the output of make_examples.py --variety wide)")
     ap.add_argument("--golden", default=str(GOLDEN), help="golden set JSONL ('' for none)")
     ap.add_argument("--quant", default=None, help="GGUF type served (default TIER3_GGUF_QUANT, q8_0)")
     ap.add_argument("--f16", action="store_true", help="also serve the f16 GGUF (the quantisation's cost)")
@@ -589,7 +595,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     task = get_task(TASK_NAME)
     base = resolve_base_model(a.base_model or SFTConfig().tier3_base_model)
 
-    traces = load_traces()
+    traces = load_traces(a.examples)
     pool, holdout, info = twin_free_split(traces, a.holdout_fraction)
     golden = Path(a.golden) if a.golden else None
     slices = Slices(holdout, golden, task)
@@ -607,6 +613,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     report: dict[str, Any] = {
         "bench": "quality", "evaluated": "as served: GGUF through llama.cpp's server, asked as the router asks",
         "task": TASK_NAME, "primary_metric": task.primary_metric, "base_model": base,
+        "examples": str(a.examples), "traces": len(traces),
         "holdout_size": info["holdout_size"], "contamination_rate": info["contamination_rate"],
         "contamination_rate_loose": info["contamination_rate_loose"], "pool_size": len(pool), "split": info,
         "slice_names": slices.names,
@@ -633,7 +640,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for name in wanted:
             t0 = time.perf_counter()
             if name in ("teacher", "production"):
-                row = row_recorded(name, slices)
+                row = row_recorded(name, slices, a.examples)
             elif name == "constant":
                 row = row_constant(pool, slices, work)
             elif name == "base":

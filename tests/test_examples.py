@@ -106,3 +106,42 @@ def test_recorded_teacher_answers_every_example(experiences: list[Experience]) -
         return len(experiences)
 
     assert asyncio.run(ask_all()) == len(teacher) == len(experiences)
+
+
+def test_wide_variety_is_deterministic_valid_and_wider(tmp_path: Path) -> None:
+    """``--variety wide`` (issue 20, item 5): same seed, same bytes; every answer follows the example teacher's rules
+    and validates; the questions are more varied than the base variety's on the same seed and size."""
+    gen = _generator()
+    task = get_task("widget_selector")
+    a, b = tmp_path / "a", tmp_path / "b"
+    gen.write(a, 200, 5, "wide")
+    gen.write(b, 200, 5, "wide")
+    for name in ("experiences.jsonl", "recorded_teacher.jsonl"):
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+    with pytest.raises(ValueError, match="variety"):
+        gen.build(10, 5, "huge")
+
+    wide, recorded = gen.build(200, 5, "wide")
+    base, _ = gen.build(200, 5, "base")
+    by_key = {r["prompt_hash"]: r for r in recorded}
+    scenarios = {sc.name: sc for sc in gen.SCENARIOS}
+    for e in wide:
+        assert e.metadata["example_variety"] == "wide"
+        sent = task.messages_for_model([m.model_dump() for m in e.messages])
+        _, answer = task.parse_output(str(by_key[prompt_hash(sent)]["text"]))
+        sc = scenarios[e.metadata["scenario"]]
+        # the labelling rules are the base variety's: the scenario's widgets in order (trimmed), a range it allows
+        assert answer["widgets"] == list(sc.widgets[: len(answer["widgets"])]) and len(answer["widgets"]) >= 2
+        assert answer["time_range"] in sc.times
+    assert all("example_variety" not in e.metadata for e in base)
+
+    def words(exps: list[Experience]) -> set[str]:
+        return {w.casefold() for e in exps for w in e.messages[-1].content.split()}
+
+    # more distinct words (new templates, entities, time phrases, framings, typos) on the same seed and size
+    assert len(words(wide)) > 1.3 * len(words(base))
+    questions = [e.messages[-1].content for e in wide]
+    assert len(set(questions)) == len(questions)
+    framed = sum(any(f.split("{q}")[0] and q.startswith(f.split("{q}")[0]) for f in gen.WIDE_FRAMES)
+                 for q in questions)
+    assert 0.1 < framed / len(questions) < 0.6

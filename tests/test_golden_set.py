@@ -61,12 +61,14 @@ def rows() -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def generated(gen: ModuleType) -> set[str]:
-    """Every question the generator's templates make (template x entity x time phrase, no prefix/suffix)."""
+    """Every question the generator's templates make (template x entity x time phrase, no prefix/suffix), in
+    every variety (``base``, the committed files, and ``wide``)."""
     out: set[str] = set()
     phrases = [p for ps in gen.TIME_PHRASES.values() for p in ps]
+    phrases += [p for ps in gen.WIDE_TIME_PHRASES.values() for p in ps]
     for sc in gen.SCENARIOS:
-        for template in sc.templates:
-            entities = sc.entities if "{e}" in template else ("",)
+        for template in gen.scenario_templates(sc, "wide"):
+            entities = gen.scenario_entities(sc, "wide") if "{e}" in template else ("",)
             times = phrases if "{t}" in template else ("",)
             for e in entities:
                 for t in times:
@@ -110,7 +112,9 @@ def test_answers_follow_the_example_teacher(rows: list[dict[str, Any]], gen: Mod
             assert tr == sc.times[0], r["id"]
             continue
         assert phrase.casefold() in r["question"].casefold(), r["id"]
-        assert phrase not in {p for ps in gen.TIME_PHRASES.values() for p in ps}, f"{r['id']}: not own words"
+        generator_phrases = {p.casefold() for table in (gen.TIME_PHRASES, gen.WIDE_TIME_PHRASES)
+                             for ps in table.values() for p in ps}
+        assert phrase.casefold() not in generator_phrases, f"{r['id']}: not own words"
         unit = next((rng for pat, rng in PHRASE_UNITS if pat.search(phrase.casefold())), None)
         assert unit == tr, f"{r['id']}: {phrase!r} means {unit}, labelled {tr}"
         assert phrase_range.setdefault(phrase.casefold(), tr) == tr, r["id"]
@@ -129,8 +133,9 @@ def test_questions_are_not_the_generators(rows: list[dict[str, Any]], generated:
         q = _norm(r["question"])
         assert q not in generated, r["id"]
         # nor one of its questions with words around it (the generator's prefixes and suffixes, or others)
-        padded = f" {q} "
-        hit = next((g for g in generated if f" {g} " in padded), None)
+        words = q.split()  # every run of whole words in q (what " g " in " q " means for normalised text)
+        runs = (" ".join(words[i:j]) for i in range(len(words)) for j in range(i + 1, len(words) + 1))
+        hit = next((g for g in runs if g in generated), None)
         assert hit is None, f"{r['id']} contains the generated question {hit!r}"
 
 

@@ -15,6 +15,7 @@ Deterministic: the same seed writes byte-identical files. Run from the repositor
 
     .venv/bin/python examples/widget_selector/make_examples.py            # 336 experiences, seed 3
     .venv/bin/python examples/widget_selector/make_examples.py --n 500 --seed 7 --out /tmp/ex
+    .venv/bin/python examples/widget_selector/make_examples.py --variety wide --out /tmp/wide   # issue 20, item 5
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ START_MS = 1_793_001_600_000
 SPAN_MS = 30 * 24 * 3600 * 1000
 
 #: what the recorded answers say made them: the rules below, not an LLM (traces, /status, reports show this name)
+VARIETIES = ("base", "wide")
 TEACHER_MODEL = "rule-based example teacher (tier3 example data, not an LLM)"
 PROD_MODEL = "widget-selector-prod"
 PROD_VERSION = "2026.09"
@@ -332,6 +334,169 @@ def reasoning_for(task: TaskDefinition, sc: Scenario, entity: str, time_phrase: 
     return "\n".join(lines)
 
 
+# --- the wide variety (``--variety wide``): more phrasings, entities, time phrases, framings and typos ---------
+#
+# Written for issue 20's item 5 (does the example data hold generalisation back?). The base variety above is
+# unchanged (the committed files are its output); ``wide`` adds, per scenario, more templates and entities, more
+# time phrases per range, ways people frame a question (a context sentence, an indirect ask) and typing noise.
+# The labels follow the same rules: the scenario's widgets trimmed by the template's index, the named period's
+# range or the scenario's default. The golden set (golden.jsonl) stays outside: tests/test_golden_set.py checks
+# that no golden question and no golden time phrase is one this variety produces.
+
+WIDE_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "slow_service": ("{e} takes forever to respond {t}", "can you check if {e} got slower {t}",
+                     "page loads on {e} are crawling {t}", "p99 for {e} {t}", "what's dragging down {e} {t}?",
+                     "response time regression on {e} {t}?"),
+    "errors_spike": ("we're getting a lot of failures from {e} {t}", "{e} returns 5xx {t}, how bad is it",
+                     "error budget burn on {e} {t}", "count of failed calls to {e} {t}",
+                     "something is broken in {e} {t}", "is {e} erroring more than normal {t}?"),
+    "host_resources": ("are the {e} machines overloaded {t}", "utilisation of {e} {t}", "{e} box health {t}",
+                       "how much headroom is left on {e} {t}", "is {e} out of memory {t}?",
+                       "load on {e} {t}"),
+    "disk": ("{e} storage latency {t}", "are the disks on {e} maxed out {t}", "read/write throughput {e} {t}",
+             "disk queue on {e} {t}?", "why is {e} waiting on IO {t}"),
+    "network": ("how much data is {e} pushing {t}", "throughput in and out of {e} {t}",
+                "is the pipe to {e} full {t}?", "network usage {e} {t}", "traffic spike on {e} {t}?"),
+    "availability": ("was {e} up {t}?", "downtime minutes for {e} {t}", "uptime numbers {e} {t}",
+                     "did we breach the SLA on {e} {t}", "reliability of {e} {t}"),
+    "on_call": ("handing over the pager for {e}, what's open", "any active incidents on {e} {t}?",
+                "what paged {t}?", "is anything red for {e} {t}", "current alert status {e}"),
+    "incident_review": ("root cause of the {e} problem {t}", "sequence of events in the {e} incident {t}",
+                        "need the facts for the {e} retro {t}", "what broke during the {e} issue {t}?"),
+    "deploys": ("release cadence for {e} {t}", "how many releases did {e} push {t}?",
+                "lead time and deploy count for {e} {t}", "is {e} deploying less {t}?",
+                "ship rate of {e} {t}"),
+    "logs": ("what is {e} writing to its logs {t}", "{e} log lines per minute {t}",
+             "why did log ingestion from {e} jump {t}", "warn and error logs for {e} {t}",
+             "is {e} spamming the logs {t}?"),
+    "queues": ("backlog in {e} {t}", "are messages piling up in {e} {t}?", "lag of the {e} consumers {t}",
+               "{e} jobs stuck {t}?", "how far behind is {e} {t}"),
+    "cloud_cost": ("cost of {e} {t}", "where is our {e} money going {t}", "{e} spend by team {t}",
+                   "is our {e} bill under control {t}?", "breakdown of {e} charges {t}"),
+    "revenue": ("how much did {e} bring in {t}", "sales numbers for {e} {t}", "income from {e} {t}",
+                "{e} bookings trend {t}", "is {e} making more money {t}?"),
+    "funnel": ("drop-off in {e} {t}", "how many people finish {e} {t}?", "{e} completion rate {t}",
+               "which step of {e} loses the most users {t}", "conversion through {e} {t}"),
+    "engagement": ("how many people use {e} {t}", "weekly active users on {e} {t}", "adoption of {e} {t}",
+                   "is {e} getting more users {t}?", "usage numbers for {e} {t}"),
+    "churn": ("cancellation rate in {e} {t}", "how many {e} accounts left {t}?", "{e} retention {t}",
+              "are {e} subscribers leaving {t}", "logo churn for {e} {t}"),
+    "customers": ("biggest spenders {e} {t}", "list our top clients {e} {t}", "highest value accounts {e} {t}",
+                  "who pays us the most {e} {t}"),
+    "regions": ("{e} revenue per country {t}", "geographic split of {e} orders {t}",
+                "which markets buy {e} {t}?", "{e} sales by country {t}", "map of {e} sales {t}"),
+    "exec_summary": ("key metrics for {e} {t}", "one-page summary of {e} {t}", "topline for {e} {t}",
+                     "how is {e} doing overall {t}?", "KPIs for {e} {t}"),
+    "inventory": ("how much {e} is left {t}", "stock on hand for {e} {t}", "{e} below safety stock {t}?",
+                  "what {e} should we restock", "inventory status {e} {t}"),
+    "fulfillment": ("are we shipping {e} on time {t}", "delayed shipments at {e} {t}",
+                    "on-time delivery rate for {e} {t}", "how many {e} orders are stuck {t}?",
+                    "{e} dispatch performance {t}"),
+    "support": ("ticket volume for {e} {t}", "how fast are we closing {e} tickets {t}?",
+                "customer complaints about {e} {t}", "helpdesk load from {e} {t}", "{e} support SLAs {t}"),
+    "outage_impact": ("what did the {e} downtime cost {t}?", "lost orders from the {e} outage {t}",
+                      "revenue hit from the {e} incident {t}", "did customers notice the {e} outage {t}?"),
+    "launch": ("first numbers for {e} {t}", "did {e} go well {t}?", "{e} rollout health {t}",
+               "adoption and errors for {e} {t}", "how are users taking {e} {t}?"),
+    "capacity_cost": ("are we paying for idle {e} {t}?", "can {e} run on fewer machines {t}?",
+                      "cost vs utilisation for {e} {t}", "is {e} too big for its load {t}?"),
+}
+
+WIDE_ENTITIES: dict[str, tuple[str, ...]] = {
+    "slow_service": ("the booking API", "cart-service", "the admin console", "recommendations"),
+    "errors_spike": ("the image API", "shipping-svc", "the partner API", "sso"),
+    "host_resources": ("the API pods", "the reporting cluster", "worker group c", "the cache nodes"),
+    "disk": ("the MySQL primary", "the log archive", "the build servers", "clickhouse"),
+    "network": ("the transit gateway", "the media servers", "us-east-1", "the NAT gateways"),
+    "availability": ("the booking API", "the status page", "the partner API", "the admin console"),
+    "on_call": ("the checkout team", "the infra team", "the US region", "the core services"),
+    "incident_review": ("cache", "CDN", "billing", "SSO"),
+    "deploys": ("the web team", "the infra team", "the data team", "frontend"),
+    "logs": ("the API gateway", "the cron jobs", "sso", "the mobile backend"),
+    "queues": ("sms", "invoice-generation", "pdf-export", "analytics-events"),
+    "cloud_cost": ("Azure", "the CI runners", "Snowflake", "log storage"),
+    "revenue": ("the app store", "the partner channel", "the LATAM business", "services"),
+    "funnel": ("the signup flow", "the upgrade flow", "the demo-request form", "account activation"),
+    "engagement": ("the desktop client", "reports", "the chat feature", "the Android app"),
+    "churn": ("the monthly plan", "APAC", "mid-market", "the starter plan"),
+    "customers": ("in APAC", "in healthcare", "on the monthly plan", "in Germany"),
+    "regions": ("the starter kit", "refurbished devices", "the premium tier", "spare parts"),
+    "exec_summary": ("the APAC unit", "the hardware line", "the group", "the payments business"),
+    "inventory": ("SKUs in the Madrid warehouse", "printer toner", "running shoes", "the top 50 products"),
+    "fulfillment": ("the Madrid warehouse", "express orders", "the UK hub", "international orders"),
+    "support": ("refund requests", "the API", "onboarding", "VIP accounts"),
+    "outage_impact": ("cart", "CDN", "signup", "SSO"),
+    "launch": ("the loyalty programme", "the iPad app", "the new pricing", "one-click checkout"),
+    "capacity_cost": ("the reporting cluster", "the CI runners", "the cache nodes", "the GPU pool"),
+}
+
+WIDE_TIME_PHRASES: dict[str, list[str]] = {
+    "1h": ["within the last hour", "over the last 60 minutes", "this hour", "for the last hour", "in the last 60 mins",
+           "just now", "currently"],
+    "24h": ["over the last 24h", "in the last day", "since yesterday morning", "for today", "since midnight",
+            "in the past 24h", "today so far"],
+    "7d": ["in the last week", "over the last seven days", "past 7 days", "since last Monday", "this past week",
+           "for the week", "over the last 7d"],
+    "30d": ["in the last month", "past 30 days", "over the last thirty days", "since the start of the month",
+            "this calendar month", "for the month", "in the last 4 weeks"],
+    "90d": ["in the last quarter", "past 90 days", "over the last three months", "for the quarter",
+            "this fiscal quarter", "in the last 3 months", "quarter so far"],
+}
+
+# How people frame a question: a sentence of context first, or an indirect ask around it ("{q}": the question).
+WIDE_FRAMES = (
+    "We have a review tomorrow. {q}", "Context: a customer escalated this morning. {q}", "My manager asked me: {q}",
+    "I just joined the team, so bear with me. {q}", "{q} I need it for a meeting.", "{q} Keep it simple.",
+    "Can you build a dashboard for this: {q}", "I need a view that answers: {q}",
+    "Which widgets would you show for \"{q}\"", "help me set up a dashboard. {q}",
+    "Not sure where to look. {q}", "{q} (asking for the weekly report)",
+)
+
+# Typing noise: contractions without apostrophes, chat abbreviations, a letter dropped, swapped or doubled.
+WIDE_ABBREVIATIONS = (("what's", "whats"), ("don't", "dont"), ("you", "u"), ("are", "r"), ("please", "pls"),
+                      ("because", "bc"), ("with", "w/"), ("it's", "its"))
+
+
+def typo(text: str, rng: random.Random) -> str:
+    """One or two slips of the keyboard in words of four letters or more (never in the time phrase's digits)."""
+    words = text.split(" ")
+    for _ in range(rng.randint(1, 2)):
+        idx = [i for i, w in enumerate(words) if len(w) >= 4 and w.isalpha()]
+        if not idx:
+            break
+        i = rng.choice(idx)
+        w, j = words[i], rng.randrange(1, len(words[i]) - 1)
+        kind = rng.choice(("drop", "swap", "double"))
+        if kind == "drop":
+            w = w[:j] + w[j + 1:]
+        elif kind == "swap":
+            w = w[:j] + w[j + 1] + w[j] + w[j + 2:]
+        else:
+            w = w[:j] + w[j] + w[j:]
+        words[i] = w
+    return " ".join(words)
+
+
+def abbreviate(text: str, rng: random.Random) -> str:
+    """Chat-style short forms for the whole words that have one (each applied with probability one half)."""
+    for long, short in WIDE_ABBREVIATIONS:
+        if rng.random() < 0.5:
+            text = re.sub(rf"\b{re.escape(long)}\b", short, text)
+    return text
+
+
+def scenario_templates(sc: Scenario, variety: str) -> tuple[str, ...]:
+    return sc.templates + WIDE_TEMPLATES.get(sc.name, ()) if variety == "wide" else sc.templates
+
+
+def scenario_entities(sc: Scenario, variety: str) -> tuple[str, ...]:
+    return sc.entities + WIDE_ENTITIES.get(sc.name, ()) if variety == "wide" else sc.entities
+
+
+def time_phrases(time_range: str, variety: str) -> list[str]:
+    return TIME_PHRASES[time_range] + WIDE_TIME_PHRASES[time_range] if variety == "wide" else TIME_PHRASES[time_range]
+
+
 # --- production responses of mixed quality -------------------------------------------------------------------
 
 def production_response(answer: dict[str, Any], sc: Scenario, rng: random.Random) -> tuple[str, str, float]:
@@ -396,8 +561,13 @@ def production_response(answer: dict[str, Any], sc: Scenario, rng: random.Random
 
 # --- the whole file ------------------------------------------------------------------------------------------
 
-def build(n: int, seed: int) -> tuple[list[Experience], list[dict[str, Any]]]:
-    """``n`` experiences with distinct questions, and one recorded teacher answer per distinct prompt."""
+def build(n: int, seed: int, variety: str = "base") -> tuple[list[Experience], list[dict[str, Any]]]:
+    """``n`` experiences with distinct questions, and one recorded teacher answer per distinct prompt.
+
+    ``variety``: ``base`` (the committed files) or ``wide`` (more phrasings, entities, time phrases, framings and
+    typing noise; same scenarios, same labelling rules)."""
+    if variety not in VARIETIES:
+        raise ValueError(f"variety must be one of {VARIETIES}, not {variety!r}")
     task = get_task(TASK_NAME)
     rng = random.Random(seed)
     users = [f"u-{i:04d}" for i in rng.sample(range(10_000), 64)]
@@ -413,15 +583,23 @@ def build(n: int, seed: int) -> tuple[list[Experience], list[dict[str, Any]]]:
         if attempts > n * 200:
             raise SystemExit(f"could only make {len(experiences)} distinct questions; add templates or entities")
         sc = rng.choice(SCENARIOS)
-        template = rng.choice(sc.templates)
-        entity = rng.choice(sc.entities) if "{e}" in template else ""
+        templates = scenario_templates(sc, variety)
+        template = rng.choice(templates)
+        entity = rng.choice(scenario_entities(sc, variety)) if "{e}" in template else ""
         time_range = rng.choice(sc.times)
-        time_phrase = rng.choice(TIME_PHRASES[time_range]) if "{t}" in template else ""
+        time_phrase = rng.choice(time_phrases(time_range, variety)) if "{t}" in template else ""
         if not time_phrase:  # the question names no period: the scenario's first range is its natural default
             time_range = sc.times[0]
         question = template.format(e=entity, t=time_phrase).replace("  ", " ").strip()
         question = (rng.choice(PREFIXES) + question).rstrip() + rng.choice(SUFFIXES)
         question = question.replace("??", "?")
+        if variety == "wide":
+            if rng.random() < 0.35:
+                question = rng.choice(WIDE_FRAMES).format(q=question)
+            if rng.random() < 0.25:
+                question = abbreviate(question, rng)
+            if rng.random() < 0.2:
+                question = typo(question, rng)
         if rng.random() < 0.15:
             question = question.lower()
         question = question[0].upper() + question[1:] if rng.random() < 0.7 else question
@@ -431,7 +609,7 @@ def build(n: int, seed: int) -> tuple[list[Experience], list[dict[str, Any]]]:
 
         # the right answer: the scenario's widgets, trimmed for some phrasings (a narrower question needs fewer)
         # (how many depends on the phrasing, so the same kind of question always gets the same number)
-        k = max(2, len(sc.widgets) - sc.templates.index(template) % 3)
+        k = max(2, len(sc.widgets) - templates.index(template) % 3)
         widgets = list(sc.widgets[:k])
         answer = task.validate_answer({"widgets": widgets, "time_range": time_range})
         reasoning = reasoning_for(task, sc, entity, time_phrase, time_range, widgets, rng)
@@ -460,7 +638,8 @@ def build(n: int, seed: int) -> tuple[list[Experience], list[dict[str, Any]]]:
             user_id=user,
             session_id=sid,
             metadata={"app": "dashboards-web", "domain": sc.domain, "scenario": sc.name,
-                      "example_quality": quality, "example_data": "tier3"},
+                      "example_quality": quality, "example_data": "tier3",
+                      **({"example_variety": variety} if variety != "base" else {})},
         )
         experiences.append(exp)
 
@@ -481,8 +660,8 @@ def build(n: int, seed: int) -> tuple[list[Experience], list[dict[str, Any]]]:
     return experiences, list(recorded.values())
 
 
-def write(out_dir: Path, n: int, seed: int) -> tuple[Path, Path]:
-    experiences, recorded = build(n, seed)
+def write(out_dir: Path, n: int, seed: int, variety: str = "base") -> tuple[Path, Path]:
+    experiences, recorded = build(n, seed, variety)
     out_dir.mkdir(parents=True, exist_ok=True)
     exp_path, rec_path = out_dir / "experiences.jsonl", out_dir / "recorded_teacher.jsonl"
     exp_path.write_bytes(b"".join(orjson.dumps(e.model_dump(mode="json")) + b"\n" for e in experiences))
@@ -495,8 +674,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=DEFAULT_N, help="number of experiences")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="random seed (same seed, same bytes)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent, help="output folder")
+    p.add_argument("--variety", choices=VARIETIES, default="base",
+                   help="base: the committed files' phrasings; wide: more phrasings, entities, time phrases, "
+                        "framings and typing noise (same scenarios and labelling rules)")
     args = p.parse_args(argv)
-    exp_path, rec_path = write(args.out, args.n, args.seed)
+    exp_path, rec_path = write(args.out, args.n, args.seed, args.variety)
     print(f"wrote {args.n} experiences to {exp_path} and their teacher answers to {rec_path}")
 
 
