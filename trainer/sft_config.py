@@ -12,12 +12,19 @@ answer, exactly an ``answer`` example) and the rationale task (:data:`schemas.ta
 teacher's reasoning alone), the rationale examples' loss weighted by ``TIER3_RATIONALE_WEIGHT``; the student is
 served answer-only (:data:`PROMPT_FORMAT_OF`). Phases run in order on the same LoRA weights.
 
-Why ``answer:6`` is the default: it won the equal-compute comparison as served (``bench/quality.py``, 2026-12-08,
-``bench/results/quality-schedules-50*.json``): SmolLM2-135M, 50 traces, 39-42 optimiser steps each, q8_0 through
-llama.cpp, golden-set field F1 answer-only 0.54 (3 seeds) vs ``multitask:3`` 0.49 (3 seeds), ``reasoning:6`` 0.48,
-``answer:2,reasoning:4`` 0.51, the reasoning formats at 3-5 times the served latency. The epochs come from the
-learning curve (``bench/quality_curve.py``: field F1 peaked at 5-6 epochs). Not measured: N = 100 and 200, and
-other rationale weights, so ``multitask`` stays a setting to measure on one's own task.
+Why ``answer:6`` is the default (``bench/quality.py``, 2026-12-08, ``bench/results/quality-schedules-50*.json`` and
+``-100*.json``; SmolLM2-135M at equal optimiser steps, q8_0 through llama.cpp, golden-set field F1, 3 seeds):
+
+- at 50 traces it won: answer-only 0.54 vs ``multitask:3`` 0.49, ``reasoning:6`` 0.48, ``answer:2,reasoning:4``
+  0.51 (one seed each for the last two, whose served latency is 3-5 times answer-only's);
+- at 100 traces (the ``TIER3_MIN_TRACES`` default) ``multitask:3`` led, 0.673 vs 0.640, each of its seeds at or
+  above each of answer-only's, but by less than one seed's spread and less than the 0.05 the issue set as the bar,
+  at 2.3 times the CPU training time, and with the default rationale weight (0.5) it cannot train on unsloth (no
+  per-example loss weights), packing or 4-bit, none of which could be measured here without a GPU.
+
+A mixed result, with a cost, does not change the default; ``TIER3_PHASES=multitask:3`` is the setting to try with
+100 traces or more. The epochs come from the learning curve (``bench/quality_curve.py``: field F1 peaked at 5-6
+epochs). Not measured: N = 200, other rationale weights.
 """
 
 from __future__ import annotations
